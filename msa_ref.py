@@ -1,0 +1,178 @@
+"""
+MiniMax Sparse Attention (MSA), the readable reference.
+
+This file is the definition: every other implementation in the repository (msa_triton.py, the
+course kit) is tested against it. It is plain PyTorch, computes in float32 (float64 if given), and
+freely builds T x T tensors, so it is meant for reading and for short sequences.
+
+Shapes: B batch, T tokens, Hq query heads, Hkv KV heads (= GQA groups), G = Hq // Hkv,
+D head dim, Di index dim, bs block size, K blocks per query, nb = ceil(T / bs) blocks.
+
+An MSA layer attends in two steps:
+  1. the index branch (one index query per group, one index key per token, shared by all groups)
+     scores every visible token, max-pools the scores over blocks of bs tokens, and picks, for each
+     query and group, the K - 1 best earlier blocks plus the query's own ("local") block;
+  2. the main branch runs exact softmax attention over the tokens of the chosen blocks only.
+The index branch learns from a KL loss that pulls its token distribution towards the main branch's
+attention (the "teacher"); the language-model loss never reaches it.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks, shared with msa_triton.py so both reject bad input with the same message
+
+def _expect(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block_size=None, topk=None):
+    """Raise ValueError, saying what was expected, for any inconsistent argument. Returns (B, Hkv, T)."""
+    if block_size is not None:
+        _expect(isinstance(block_size, int) and block_size >= 1, f"block_size must be an int >= 1, got {block_size!r}")
+    if topk is not None:
+        _expect(isinstance(topk, int) and topk >= 1, f"topk must be an int >= 1, got {topk!r}")
+    named = [(n, t) for n, t in (("q", q), ("k", k), ("v", v), ("qi", qi), ("ki", ki), ("block_idx", block_idx)) if t is not None]
+    for name, t in named:
+        _expect(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        want = 3 if name == "ki" else 4
+        _expect(t.dim() == want, f"{name} must have {want} dims, got shape {tuple(t.shape)}")
+    devices = {t.device for _, t in named}
+    _expect(len(devices) <= 1, f"all tensors must be on one device, got {', '.join(f'{n}: {t.device}' for n, t in named)}")
+    ref = k if k is not None else qi  # the tensor that fixes (B, Hkv, T)
+    B, Hkv, T = ref.shape[:3]
+    if q is not None:
+        _expect(q.shape[0] == B and q.shape[2] == T, f"q must be [B={B}, Hq, T={T}, D], got {tuple(q.shape)}")
+        _expect(q.shape[1] % Hkv == 0, f"Hq must be a multiple of Hkv={Hkv}, got q with Hq={q.shape[1]}")
+    if k is not None:
+        _expect(q is None or k.shape[3] == q.shape[3], f"k must have head dim D={q.shape[3]} like q, got {tuple(k.shape)}")
+    if v is not None:
+        _expect(v.shape == k.shape, f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if qi is not None:
+        _expect(qi.shape[:3] == (B, Hkv, T), f"qi must be [B={B}, Hkv={Hkv}, T={T}, Di], got {tuple(qi.shape)}")
+    if ki is not None:
+        _expect(ki.shape == (B, T, qi.shape[3]), f"ki must be [B={B}, T={T}, Di={qi.shape[3]}], got {tuple(ki.shape)}")
+    if block_idx is not None:
+        _expect(block_idx.shape[:3] == (B, Hkv, T) and block_idx.shape[3] >= 1,
+                f"block_idx must be [B={B}, Hkv={Hkv}, T={T}, K>=1], got {tuple(block_idx.shape)}")
+        _expect(not block_idx.is_floating_point(), f"block_idx must be an integer tensor, got {block_idx.dtype}")
+        nb = math.ceil(T / block_size)
+        if block_idx.numel():
+            lo, hi = block_idx.min().item(), block_idx.max().item()
+            _expect(lo >= -1 and hi < nb, f"block_idx entries must be -1 (padding) or a block in [0, {nb}), got range [{lo}, {hi}]")
+    return B, Hkv, T
+
+
+# ---------------------------------------------------------------------------------------------
+# the index branch: which blocks does each query read?
+
+def block_scores(qi, ki, block_size):
+    """Max-pooled index scores. qi (B, Hkv, T, Di), ki (B, T, Di) -> (B, Hkv, T, nb) float32."""
+    B, Hkv, T, Di = qi.shape
+    nb = math.ceil(T / block_size)
+    dt = torch.promote_types(qi.dtype, torch.float32)
+    s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) / math.sqrt(Di)  # (B, Hkv, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=qi.device).tril()
+    s = s.masked_fill(~causal, float("-inf"))                                  # no peeking at the future
+    s = F.pad(s, (0, nb * block_size - T), value=float("-inf"))               # (B, Hkv, T, nb*bs)
+    return s.view(B, Hkv, T, nb, block_size).amax(-1)                          # (B, Hkv, T, nb)
+
+
+def index_topk(qi, ki, block_size, topk):
+    """
+    Block selection. Returns block_idx int32 (B, Hkv, T, K): the chosen earlier blocks by descending
+    score (ties: the lower block index first), then the local block t // bs, then -1 padding.
+    Every query gets min(K, t // bs + 1) valid entries.
+    """
+    B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
+    nb = math.ceil(T / block_size)
+    S = block_scores(qi, ki, block_size)                                       # (B, Hkv, T, nb)
+    local = torch.arange(T, device=qi.device) // block_size                    # (T,) the local block l
+    blocks = torch.arange(nb, device=qi.device)
+    S = S.masked_fill(blocks >= local[:, None], float("-inf"))                 # only earlier blocks compete
+    order = S.sort(dim=-1, descending=True, stable=True).indices               # stable: ties -> lower index
+    n_far = local.clamp(max=topk - 1)                                          # (T,) earlier blocks taken
+    slot = torch.arange(topk, device=qi.device)                                # (K,)
+    far = F.pad(order, (0, max(0, topk - nb)), value=-1)[..., :topk]           # (B, Hkv, T, K)
+    idx = torch.where(slot < n_far[:, None], far, -1)                          # keep the n_far best
+    idx = torch.where(slot == n_far[:, None], local[:, None], idx)             # local in the last valid slot
+    return idx.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the main branch: exact softmax attention over the chosen blocks
+
+def support_mask(block_idx, block_size, T):
+    """Token-level support. block_idx (B, Hkv, T, K) -> bool (B, Hkv, T, T): key j visible to query t."""
+    nb = math.ceil(T / block_size)
+    idx = block_idx.long().masked_fill(block_idx < 0, nb)                      # -1 -> a spare column
+    chosen = torch.zeros(*block_idx.shape[:3], nb + 1, dtype=torch.bool, device=block_idx.device)
+    chosen.scatter_(-1, idx, True)                                             # (B, Hkv, T, nb+1)
+    tokens = chosen[..., :nb].repeat_interleave(block_size, dim=-1)[..., :T]   # (B, Hkv, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=block_idx.device).tril()
+    return tokens & causal
+
+
+def _grouped_scores(q, k, mask):
+    """Masked attention logits per head. q (B, Hq, T, D), k (B, Hkv, T, D) -> (B, Hkv, G, T, T)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(dt).reshape(B, Hkv, Hq // Hkv, T, D)                             # heads of one group together
+    s = qg @ k.to(dt).unsqueeze(2).transpose(-1, -2) / math.sqrt(D)            # (B, Hkv, G, T, T)
+    return s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+
+
+def sparse_attention(q, k, v, block_idx, block_size):
+    """
+    q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx (B, Hkv, T, K).
+    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse float32 (B, Hq, T).
+    A row with no visible key (only possible for a hand-made block_idx) gives out 0 and lse -inf.
+    """
+    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
+    Hq, D = q.shape[1], q.shape[3]
+    s = _grouped_scores(q, k, support_mask(block_idx, block_size, T))          # (B, Hkv, G, T, T)
+    lse = s.logsumexp(-1)                                                      # (B, Hkv, G, T)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)                       # empty rows: 0, not NaN
+    out = p @ v.to(s.dtype).unsqueeze(2)                                       # (B, Hkv, G, T, D)
+    return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T).to(torch.promote_types(s.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# the KL alignment loss: teach the index branch where the main branch looks
+
+def kl_loss(q, k, qi, ki, block_idx, block_size):
+    """
+    mean over (b, g, t) of KL(p || r) on the support S(t, g) of the chosen blocks, where
+      p = the main branch's attention averaged over the G heads of group g (a target: no gradient),
+      r = softmax of the index scores qi . ki / sqrt(Di) over the same support.
+    Gradients reach qi and ki only: d kl / d s_ij = (r - p) / (B * Hkv * T).
+    """
+    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
+    mask = support_mask(block_idx, block_size, T)                              # (B, Hkv, T, T)
+    with torch.no_grad():
+        p = torch.softmax(_grouped_scores(q, k, mask), dim=-1).mean(2)         # (B, Hkv, T, T) teacher
+    dt = torch.promote_types(qi.dtype, torch.float32)
+    s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) / math.sqrt(qi.shape[-1])
+    log_r = torch.log_softmax(s.masked_fill(~mask, float("-inf")), dim=-1)     # (B, Hkv, T, T) student
+    # p log p - p log r, with 0 log 0 = 0 and nothing taken off the support
+    kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_r), 0.0).sum(-1)  # (B, Hkv, T)
+    return kl.mean()
+
+
+def dense_block_idx(B, Hkv, T, block_size, device=None):
+    """Every visible block for every query: block_idx (B, Hkv, T, nb) with the local block last."""
+    nb = math.ceil(T / block_size)
+    local = torch.arange(T, device=device)[:, None] // block_size              # (T, 1)
+    idx = torch.arange(nb, device=device).expand(T, nb)                        # (T, nb)
+    return idx.masked_fill(idx > local, -1).to(torch.int32).expand(B, Hkv, T, nb)
+
+
+def kl_loss_dense(q, k, qi, ki, block_size):
+    """Warm-up variant: the same KL with every visible token as support (no top-k)."""
+    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size)
+    return kl_loss(q, k, qi, ki, dense_block_idx(B, Hkv, T, block_size, q.device), block_size)
