@@ -70,61 +70,81 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
 # ---------------------------------------------------------------------------------------------
 # the index branch: which blocks does each query read?
 
-def block_scores(qi, ki, block_size):
-    """Max-pooled index scores. qi (B, Hkv, T, Di), ki (B, T, Di) -> (B, Hkv, T, nb) float32."""
-    B, Hkv, T, Di = qi.shape
-    nb = math.ceil(T / block_size)
+def _visible(q_pos, Tk):
+    """Causality. q_pos (...) query positions -> bool (..., Tk): key j is visible iff j <= q_pos."""
+    return torch.arange(Tk, device=q_pos.device) <= q_pos.unsqueeze(-1)
+
+
+def block_scores(qi, ki, block_size, q_pos):
+    """Max-pooled index scores. qi (B, Hkv, Tq, Di), ki (B, Tk, Di), q_pos broadcastable to (B, Hkv, Tq)
+    -> (B, Hkv, Tq, nb) float32, -inf for a block with no visible token."""
+    B, Hkv, Tq, Di = qi.shape
+    Tk = ki.shape[1]
+    nb = math.ceil(Tk / block_size)
     dt = torch.promote_types(qi.dtype, torch.float32)
-    s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) / math.sqrt(Di)  # (B, Hkv, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=qi.device).tril()
-    s = s.masked_fill(~causal, float("-inf"))                                  # no peeking at the future
-    s = F.pad(s, (0, nb * block_size - T), value=float("-inf"))               # (B, Hkv, T, nb*bs)
-    return s.view(B, Hkv, T, nb, block_size).amax(-1)                          # (B, Hkv, T, nb)
+    s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) / math.sqrt(Di)  # (B, Hkv, Tq, Tk)
+    s = s.masked_fill(~_visible(q_pos, Tk), float("-inf"))                    # no peeking at the future
+    s = F.pad(s, (0, nb * block_size - Tk), value=float("-inf"))              # (B, Hkv, Tq, nb*bs)
+    return s.view(B, Hkv, Tq, nb, block_size).amax(-1)                         # (B, Hkv, Tq, nb)
+
+
+def select_blocks(S, q_pos, block_size, topk):
+    """
+    Top-k with the local block forced. S (..., nb) block scores, q_pos broadcastable to S.shape[:-1].
+    Returns int32 (..., K): the chosen earlier blocks by descending score (ties: the lower block index
+    first), then the local block q_pos // bs in the last valid slot, then -1 padding.
+    Every query gets min(K, q_pos // bs + 1) valid entries.
+    """
+    nb = S.shape[-1]
+    local = (q_pos // block_size).unsqueeze(-1)                                # (..., 1) the local block l
+    S = S.masked_fill(torch.arange(nb, device=S.device) >= local, float("-inf"))  # only earlier blocks compete
+    order = S.sort(dim=-1, descending=True, stable=True).indices               # stable: ties -> lower index
+    far = F.pad(order, (0, max(0, topk - nb)), value=-1)[..., :topk]           # (..., K)
+    n_far = local.clamp(max=topk - 1)                                          # (..., 1) earlier blocks taken
+    slot = torch.arange(topk, device=S.device)                                 # (K,)
+    idx = torch.where(slot < n_far, far, -1)                                   # keep the n_far best
+    idx = torch.where(slot == n_far, local, idx)                               # local in the last valid slot
+    return idx.to(torch.int32)
 
 
 def index_topk(qi, ki, block_size, topk):
-    """
-    Block selection. Returns block_idx int32 (B, Hkv, T, K): the chosen earlier blocks by descending
-    score (ties: the lower block index first), then the local block t // bs, then -1 padding.
-    Every query gets min(K, t // bs + 1) valid entries.
-    """
+    """qi (B, Hkv, T, Di), ki (B, T, Di) -> block_idx int32 (B, Hkv, T, K), see select_blocks."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
-    nb = math.ceil(T / block_size)
-    S = block_scores(qi, ki, block_size)                                       # (B, Hkv, T, nb)
-    local = torch.arange(T, device=qi.device) // block_size                    # (T,) the local block l
-    blocks = torch.arange(nb, device=qi.device)
-    S = S.masked_fill(blocks >= local[:, None], float("-inf"))                 # only earlier blocks compete
-    order = S.sort(dim=-1, descending=True, stable=True).indices               # stable: ties -> lower index
-    n_far = local.clamp(max=topk - 1)                                          # (T,) earlier blocks taken
-    slot = torch.arange(topk, device=qi.device)                                # (K,)
-    far = F.pad(order, (0, max(0, topk - nb)), value=-1)[..., :topk]           # (B, Hkv, T, K)
-    idx = torch.where(slot < n_far[:, None], far, -1)                          # keep the n_far best
-    idx = torch.where(slot == n_far[:, None], local[:, None], idx)             # local in the last valid slot
-    return idx.to(torch.int32)
+    q_pos = torch.arange(T, device=qi.device)                                  # (T,)
+    return select_blocks(block_scores(qi, ki, block_size, q_pos), q_pos, block_size, topk)
 
 
 # ---------------------------------------------------------------------------------------------
 # the main branch: exact softmax attention over the chosen blocks
 
-def support_mask(block_idx, block_size, T):
-    """Token-level support. block_idx (B, Hkv, T, K) -> bool (B, Hkv, T, T): key j visible to query t."""
-    nb = math.ceil(T / block_size)
+def support_mask(block_idx, block_size, q_pos, Tk):
+    """Token-level support. block_idx (B, Hkv, Tq, K) -> bool (B, Hkv, Tq, Tk): key j visible to query t."""
+    nb = math.ceil(Tk / block_size)
     idx = block_idx.long().masked_fill(block_idx < 0, nb)                      # -1 -> a spare column
     chosen = torch.zeros(*block_idx.shape[:3], nb + 1, dtype=torch.bool, device=block_idx.device)
-    chosen.scatter_(-1, idx, True)                                             # (B, Hkv, T, nb+1)
-    tokens = chosen[..., :nb].repeat_interleave(block_size, dim=-1)[..., :T]   # (B, Hkv, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=block_idx.device).tril()
-    return tokens & causal
+    chosen.scatter_(-1, idx, True)                                             # (B, Hkv, Tq, nb+1)
+    tokens = chosen[..., :nb].repeat_interleave(block_size, dim=-1)[..., :Tk]  # (B, Hkv, Tq, Tk)
+    return tokens & _visible(q_pos, Tk)
 
 
 def _grouped_scores(q, k, mask):
-    """Masked attention logits per head. q (B, Hq, T, D), k (B, Hkv, T, D) -> (B, Hkv, G, T, T)."""
-    B, Hq, T, D = q.shape
+    """Masked attention logits per head. q (B, Hq, Tq, D), k (B, Hkv, Tk, D) -> (B, Hkv, G, Tq, Tk)."""
+    B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
-    qg = q.to(dt).reshape(B, Hkv, Hq // Hkv, T, D)                             # heads of one group together
-    s = qg @ k.to(dt).unsqueeze(2).transpose(-1, -2) / math.sqrt(D)            # (B, Hkv, G, T, T)
+    qg = q.to(dt).reshape(B, Hkv, Hq // Hkv, Tq, D)                            # heads of one group together
+    s = qg @ k.to(dt).unsqueeze(2).transpose(-1, -2) / math.sqrt(D)            # (B, Hkv, G, Tq, Tk)
     return s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+
+
+def _attend(q, k, v, mask):
+    """Softmax attention on a mask. Returns out (B, Hq, Tq, D) and lse (B, Hq, Tq), both in float32+."""
+    B, Hq, Tq, D = q.shape
+    s = _grouped_scores(q, k, mask)                                            # (B, Hkv, G, Tq, Tk)
+    lse = s.logsumexp(-1)                                                      # (B, Hkv, G, Tq)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)                       # empty rows: 0, not NaN
+    out = p @ v.to(s.dtype).unsqueeze(2)                                       # (B, Hkv, G, Tq, D)
+    return out.reshape(B, Hq, Tq, D), lse.reshape(B, Hq, Tq)
 
 
 def sparse_attention(q, k, v, block_idx, block_size):
@@ -134,12 +154,9 @@ def sparse_attention(q, k, v, block_idx, block_size):
     A row with no visible key (only possible for a hand-made block_idx) gives out 0 and lse -inf.
     """
     B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
-    Hq, D = q.shape[1], q.shape[3]
-    s = _grouped_scores(q, k, support_mask(block_idx, block_size, T))          # (B, Hkv, G, T, T)
-    lse = s.logsumexp(-1)                                                      # (B, Hkv, G, T)
-    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)                       # empty rows: 0, not NaN
-    out = p @ v.to(s.dtype).unsqueeze(2)                                       # (B, Hkv, G, T, D)
-    return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T).to(torch.promote_types(s.dtype, torch.float32))
+    q_pos = torch.arange(T, device=q.device)
+    out, lse = _attend(q, k, v, support_mask(block_idx, block_size, q_pos, T))
+    return out.to(q.dtype), lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +170,7 @@ def kl_loss(q, k, qi, ki, block_idx, block_size):
     Gradients reach qi and ki only: d kl / d s_ij = (r - p) / (B * Hkv * T).
     """
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
-    mask = support_mask(block_idx, block_size, T)                              # (B, Hkv, T, T)
+    mask = support_mask(block_idx, block_size, torch.arange(T, device=q.device), T)  # (B, Hkv, T, T)
     with torch.no_grad():
         p = torch.softmax(_grouped_scores(q, k, mask), dim=-1).mean(2)         # (B, Hkv, T, T) teacher
     dt = torch.promote_types(qi.dtype, torch.float32)
@@ -176,3 +193,25 @@ def kl_loss_dense(q, k, qi, ki, block_size):
     """Warm-up variant: the same KL with every visible token as support (no top-k)."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size)
     return kl_loss(q, k, qi, ki, dense_block_idx(B, Hkv, T, block_size, q.device), block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding: one new token per sequence against caches
+
+def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+    """
+    q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,):
+    tokens in each row's cache, the new token's k, v and ki already written at cache_lens - 1.
+    Returns out (B, Hq, D): the new token's row of sparse_attention, selected exactly as index_topk would.
+    """
+    _expect(q.dim() == 3 and qi.dim() == 3, f"q must be [B, Hq, D] and qi [B, Hkv, Di], got {tuple(q.shape)}, {tuple(qi.shape)}")
+    B, Hkv, Tmax = check_inputs(q=q.unsqueeze(2).expand(-1, -1, k_cache.shape[2], -1), k=k_cache, v=v_cache,
+                                qi=qi.unsqueeze(2).expand(-1, -1, k_cache.shape[2], -1), ki=ki_cache,
+                                block_size=block_size, topk=topk)
+    _expect(cache_lens.shape == (B,) and not cache_lens.is_floating_point(), f"cache_lens must be int [B={B}], got {cache_lens.dtype} {tuple(cache_lens.shape)}")
+    _expect(bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()), f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")
+    q_pos = (cache_lens.to(q.device).long() - 1).view(B, 1, 1)                 # (B, 1, 1) the new token's position
+    S = block_scores(qi.unsqueeze(2), ki_cache, block_size, q_pos)             # (B, Hkv, 1, nb)
+    block_idx = select_blocks(S, q_pos, block_size, topk)                      # (B, Hkv, 1, K)
+    out, _ = _attend(q.unsqueeze(2), k_cache, v_cache, support_mask(block_idx, block_size, q_pos, Tmax))
+    return out.squeeze(2).to(q.dtype)                                          # (B, Hq, D)
