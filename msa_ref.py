@@ -205,6 +205,7 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     Returns out (B, Hq, D): the new token's row of sparse_attention, selected exactly as index_topk would.
     """
     _expect(q.dim() == 3 and qi.dim() == 3, f"q must be [B, Hq, D] and qi [B, Hkv, Di], got {tuple(q.shape)}, {tuple(qi.shape)}")
+    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
     B, Hkv, Tmax = check_inputs(q=q.unsqueeze(2).expand(-1, -1, k_cache.shape[2], -1), k=k_cache, v=v_cache,
                                 qi=qi.unsqueeze(2).expand(-1, -1, k_cache.shape[2], -1), ki=ki_cache,
                                 block_size=block_size, topk=topk)
