@@ -1,0 +1,33 @@
+"""
+Shared test setup. pytest imports this file before any test module, so it is the one place that
+decides how Triton runs:
+  - with a CUDA GPU, Triton compiles real kernels;
+  - without one (CI, laptops), TRITON_INTERPRET=1 makes Triton run kernels in its numpy interpreter.
+    The variable is read when triton is imported, so it must be set here, before any test imports it.
+    The interpreter is slow (use tiny shapes) and its tl.dot is wrong for bf16: test fp32/fp16 there.
+
+Helpers for several test files (the tests directory is on sys.path, so `from conftest import ...`):
+  DEVICE         "cuda" when a GPU is present, else "cpu"
+  requires_cuda  skip marker for tests that only mean something on a GPU
+  rand_inputs    random q, k, v, qi, ki in the layout of the API (DESIGN.md section 3)
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="needs a CUDA GPU (bf16 / speed / compiled kernels); none on this machine")
+
+
+def rand_inputs(B, Hq, Hkv, T, D, Di, dtype=torch.float32, device=DEVICE, seed=0):
+    """Random (q, k, v, qi, ki) = ((B, Hq, T, D), (B, Hkv, T, D) x2, (B, Hkv, T, Di), (B, T, Di)), contiguous,
+    drawn on the CPU from a seeded generator (the same numbers on every machine), then moved."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, Hkv, T, Di), (B, T, Di)]
+    return tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes)
