@@ -1,0 +1,325 @@
+"""
+The nanoMSA model: a decoder-only Mixture-of-Experts transformer whose attention is MiniMax Sparse
+Attention (MSA), and which reads images natively (each image patch is projected into the token stream).
+
+Shapes: B batch, T tokens, C = n_embd, Hq = n_head query heads, Hkv = n_kv_head KV heads (GQA groups),
+D = C // Hq head dim, Di = index_dim, bs = msa_block_size, K = msa_topk, E = n_expert.
+
+One block is  x + attn(norm(x))  then  x + moe(norm(x)).
+- attn: GQA with RoPE. The first n_dense_layers layers attend densely (as MiniMax-M3 does); the others
+  are MSA layers: an index branch (Wqi, Wki, reading x.detach()) picks K blocks per query and group, the
+  main branch attends over those blocks only. The index branch learns from the KL loss alone.
+- moe: a router picks the top-k of E SwiGLU experts per token (plus an optional shared expert that sees
+  every token); a Switch-style auxiliary loss keeps the experts evenly loaded.
+The forward returns logits and the losses (LM, KL summed over MSA layers, balance), so train.py stays simple.
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import msa_ref
+
+BACKEND_FUNCTIONS = ("index_topk", "sparse_attention", "kl_loss", "sparse_decode")
+
+
+def get_backend(name="auto"):
+    """The one place that picks the MSA implementation: 'ref' -> msa_ref, 'triton' -> msa_triton,
+    'auto' -> msa_triton when CUDA is present and msa_triton has every function, else msa_ref."""
+    if name not in ("auto", "ref", "triton"):
+        raise ValueError(f"backend must be 'auto', 'ref' or 'triton', got {name!r}")
+    if name == "ref":
+        return msa_ref
+    if name == "auto" and not torch.cuda.is_available():
+        return msa_ref  # no GPU: the reference is the fast path (msa_triton would run in the interpreter)
+    try:
+        import msa_triton
+        missing = [f for f in BACKEND_FUNCTIONS if not hasattr(msa_triton, f)]
+        why = f"msa_triton lacks {', '.join(missing)}" if missing else None
+    except Exception as e:  # ImportError, or a kernel module that fails to build
+        msa_triton, why = None, f"import msa_triton failed: {type(e).__name__}: {e}"
+    if why is None:
+        return msa_triton
+    if name == "triton":
+        raise ValueError(f"backend='triton' asked for, but {why}")
+    print(f"msa backend: falling back to msa_ref ({why})")
+    return msa_ref
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # training context length T (RoPE itself has no length limit)
+    vocab_size: int = 50304     # padded GPT-2 vocabulary plus the image tokens (data.py)
+    n_layer: int = 6
+    n_head: int = 8             # Hq
+    n_kv_head: int = 2          # Hkv: GQA groups, and index queries per token
+    n_embd: int = 512           # C
+    index_dim: int = 64         # Di, even (RoPE rotates pairs)
+    attention: str = "msa"      # 'msa': layers past n_dense_layers are sparse; 'dense': every layer dense
+    n_dense_layers: int = 1
+    msa_block_size: int = 64    # bs
+    msa_topk: int = 4           # K blocks per query, the local block included
+    n_expert: int = 8           # E
+    expert_topk: int = 2        # experts per token (>= 2: the gates are a softmax over the chosen ones)
+    shared_expert: bool = True  # one more expert that every token goes through
+    expert_hidden: int = 512    # SwiGLU hidden width of each expert
+    rope_theta: float = 10000.0
+    patch_dim: int = 192        # flattened image patch (data.PATCH_DIM)
+    img_patch_id: int = 50259   # the token whose embedding is replaced by a projected patch (data.IMG_PATCH)
+
+    def check(self):
+        c = self
+        for ok, msg in [(c.n_embd % c.n_head == 0, f"n_embd={c.n_embd} must be a multiple of n_head={c.n_head}"),
+                        (c.n_head % c.n_kv_head == 0, f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head}"),
+                        ((c.n_embd // c.n_head) % 2 == 0 and c.index_dim % 2 == 0, "head dim and index_dim must be even (RoPE)"),
+                        (c.attention in ("msa", "dense"), f"attention must be 'msa' or 'dense', got {c.attention!r}"),
+                        (0 <= c.n_dense_layers <= c.n_layer, f"n_dense_layers must be in [0, n_layer={c.n_layer}], got {c.n_dense_layers}"),
+                        (2 <= c.expert_topk <= c.n_expert, f"expert_topk must be in [2, n_expert={c.n_expert}], got {c.expert_topk}"),
+                        (c.msa_block_size >= 1 and c.msa_topk >= 1, "msa_block_size and msa_topk must be >= 1")]:
+            if not ok:
+                raise ValueError(f"bad model config: {msg}")
+
+
+def rope(x, pos, theta):
+    """Rotary position embedding. x (..., T, d), pos (T,) -> same shape; dims i and i + d/2 rotate together."""
+    d = x.shape[-1]
+    freqs = theta ** (-torch.arange(d // 2, device=x.device, dtype=torch.float32) / (d // 2))  # (d/2,)
+    angle = pos.to(torch.float32)[:, None] * freqs                                            # (T, d/2)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA with RoPE; sparse (MSA) or dense causal. With a cache it also serves prefill and decoding."""
+
+    def __init__(self, cfg, sparse, backend):
+        super().__init__()
+        self.cfg, self.sparse, self.backend = cfg, sparse, backend
+        C, Hq, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.wq = nn.Linear(C, Hq * D, bias=False)
+        self.wk = nn.Linear(C, Hkv * D, bias=False)
+        self.wv = nn.Linear(C, Hkv * D, bias=False)
+        self.wo = nn.Linear(Hq * D, C, bias=False)
+        if sparse:  # the index branch: exactly two projections
+            self.wqi = nn.Linear(C, Hkv * cfg.index_dim, bias=False)  # one index query per group
+            self.wki = nn.Linear(C, cfg.index_dim, bias=False)        # one index key, shared by the groups
+
+    def forward(self, x, pos, cache=None, kl_support=None):
+        """x (B, T, C), pos (T,) positions. kl_support None (no KL), 'sparse' (the chosen blocks) or 'dense'
+        (every visible block: the warm-up). cache: this layer's dict, filled at pos; T == 1 decodes.
+        Returns y (B, T, C) and the KL (a scalar tensor, or None)."""
+        cfg, B, T, _ = self.cfg, *x.shape
+        Hq, Hkv, D, Di, bs, K = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim, cfg.msa_block_size, cfg.msa_topk
+        q = rope(self.wq(x).view(B, T, Hq, D).transpose(1, 2), pos, cfg.rope_theta)   # (B, Hq, T, D)
+        k = rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), pos, cfg.rope_theta)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)                             # (B, Hkv, T, D)
+        if self.sparse:
+            xd = x.detach()  # the LM loss must not reach the index branch
+            qi = rope(self.wqi(xd).view(B, T, Hkv, Di).transpose(1, 2), pos, cfg.rope_theta)  # (B, Hkv, T, Di)
+            ki = rope(self.wki(xd), pos, cfg.rope_theta)                                      # (B, T, Di)
+        kl = None
+        if cache is not None:  # write this chunk's keys into the caches (B, Hkv, Tmax, D), (B, Tmax, Di)
+            if "k" not in cache:
+                cache["k"] = k.new_zeros(B, Hkv, cache["size"], D)
+                cache["v"] = v.new_zeros(B, Hkv, cache["size"], D)
+                if self.sparse:
+                    cache["ki"] = ki.new_zeros(B, cache["size"], Di)
+            cache["k"][:, :, pos], cache["v"][:, :, pos] = k, v
+            if self.sparse:
+                cache["ki"][:, pos] = ki
+        if cache is not None and T == 1:  # decode one token against everything cached so far
+            n = int(pos[0]) + 1
+            if self.sparse:
+                lens = torch.full((B,), n, dtype=torch.int32, device=x.device)
+                y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], cache["ki"], lens, bs, K)
+                y = y.unsqueeze(2)                                                    # (B, Hq, 1, D)
+            else:
+                y = F.scaled_dot_product_attention(q, cache["k"][:, :, :n], cache["v"][:, :, :n], enable_gqa=True)
+        elif self.sparse:  # a whole sequence from position 0 (training, eval, prefill)
+            with torch.no_grad():
+                block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K)  # (B, Hkv, T, K) int32
+            y, _ = self.backend.sparse_attention(q, k, v, block_idx, bs)             # (B, Hq, T, D)
+            if kl_support is not None:
+                if kl_support == "dense":
+                    block_idx = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device)
+                kl = self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs)  # grads: qi, ki only
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), kl
+
+
+def swiglu(x, w1, w3, w2):
+    """x (N, C), w1 and w3 (C, H), w2 (H, C) -> (N, C)."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def moe_dispatch(x, idx, gate, w1, w3, w2):
+    """
+    out[n] = sum over j of gate[n, j] * expert_{idx[n, j]}(x[n]), computed expert by expert.
+    x (N, C); idx, gate (N, k); expert weights w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
+    The N*k (token, expert) assignments are sorted by expert, so each expert runs one matrix product
+    on the contiguous group of tokens that chose it: a loop over experts, never over tokens.
+    """
+    N, k = idx.shape
+    E = w1.shape[0]
+    flat = idx.reshape(-1)                                   # (N*k,) expert of each assignment
+    order = flat.argsort(stable=True)                        # assignments grouped by expert
+    tokens = (order // k).split(torch.bincount(flat, minlength=E).tolist())  # E groups of token ids
+    gates = gate.reshape(-1)[order].split([len(t) for t in tokens])
+    out = torch.zeros_like(x)
+    for e in range(E):
+        if len(tokens[e]):
+            y = swiglu(x[tokens[e]], w1[e], w3[e], w2[e]) * gates[e].unsqueeze(-1)
+            out.index_add_(0, tokens[e], y.to(out.dtype))
+    return out
+
+
+class MoE(nn.Module):
+    """
+    Top-k routing over E SwiGLU experts, plus an optional shared expert.
+    Load balancing, Switch-Transformer style: balance = E * sum_e f_e * P_e, where f_e is the fraction of
+    the N*k assignments that went to expert e and P_e the mean router probability of e. f is not
+    differentiable, P is: the gradient lowers the probability of the experts that are overloaded.
+    It is 1 when the load is uniform (its minimum), E when every token goes to one expert.
+    (We chose it over DeepSeek-V3's bias update because it is a plain loss: nothing to synchronise
+    across DDP ranks, nothing outside the optimizer to checkpoint.)
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, C, H = cfg.n_expert, cfg.n_embd, cfg.expert_hidden
+        self.k = cfg.expert_topk
+        self.router = nn.Linear(C, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, C, H) * 0.02)  # gate projection
+        self.w3 = nn.Parameter(torch.randn(E, C, H) * 0.02)  # up projection
+        self.w2 = nn.Parameter(torch.randn(E, H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # down projection
+        self.shared = nn.ParameterList([nn.Parameter(torch.randn(C, H) * 0.02), nn.Parameter(torch.randn(C, H) * 0.02),
+                                        nn.Parameter(torch.randn(H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))]) if cfg.shared_expert else None
+
+    def forward(self, x):
+        """x (B, T, C) -> out (B, T, C), balance loss (scalar), load (E,) fraction of assignments per expert."""
+        B, T, C = x.shape
+        xf = x.reshape(B * T, C)                                     # (N, C)
+        logits = self.router(xf).float()                             # (N, E)
+        top_logit, idx = logits.topk(self.k, dim=-1)                 # (N, k)
+        gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
+        out = moe_dispatch(xf, idx, gate, self.w1, self.w3, self.w2)
+        if self.shared is not None:
+            out = out + swiglu(xf, *self.shared).to(out.dtype)
+        E = logits.shape[-1]
+        load = torch.bincount(idx.reshape(-1), minlength=E).float() / idx.numel()  # f: (E,), sums to 1
+        balance = E * (load * logits.softmax(-1).mean(0)).sum()
+        return out.view(B, T, C), balance, load
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, sparse, backend):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.n_embd), nn.RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg, sparse, backend)
+        self.moe = MoE(cfg)
+
+    def forward(self, x, pos, cache=None, kl_support=None):
+        a, kl = self.attn(self.norm1(x), pos, cache, kl_support)
+        x = x + a
+        m, balance, load = self.moe(self.norm2(x))
+        return x + m, kl, balance, load
+
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg, backend="auto"):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.backend = get_backend(backend)
+        n_sparse_from = cfg.n_layer if cfg.attention == "dense" else cfg.n_dense_layers
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.patch_proj = nn.Linear(cfg.patch_dim, cfg.n_embd)  # a flattened image patch -> one token's embedding
+        self.blocks = nn.ModuleList([Block(cfg, i >= n_sparse_from, self.backend) for i in range(cfg.n_layer)])
+        self.norm_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
+        for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
+            if name.endswith((".wo.weight",)):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            elif name.endswith(".weight") and p.dim() == 2 and "norm" not in name:
+                nn.init.normal_(p, std=0.02)
+        nn.init.zeros_(self.patch_proj.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x, y=None, patches=None, kl_dense=False, cache=None, pos0=0):
+        """
+        x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
+        x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
+        cache/pos0: used by generate(); then only the last position's logits are returned.
+        Returns logits (B, T, V) and, when y is given, losses: lm, kl (summed over MSA layers), balance (mean over
+        layers), kl_layers (n_msa,), expert_load (n_layer, E); else None.
+        """
+        cfg = self.cfg
+        B, T = x.shape
+        if y is not None and y.shape != x.shape:
+            raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+        h = self.wte(x)                                                      # (B, T, C)
+        is_patch = (x == cfg.img_patch_id).unsqueeze(-1)                     # (B, T, 1)
+        if patches is not None:
+            if patches.shape != (B, T, cfg.patch_dim):
+                raise ValueError(f"patches must be [B={B}, T={T}, {cfg.patch_dim}], got {tuple(patches.shape)}")
+            h = torch.where(is_patch, self.patch_proj(patches.to(self.patch_proj.weight.dtype)).to(h.dtype), h)
+        elif bool(is_patch.any()):
+            raise ValueError("x holds image-patch tokens but no patches were given")
+        pos = torch.arange(pos0, pos0 + T, device=x.device)
+        kl_support = None if y is None else ("dense" if kl_dense else "sparse")
+        kls, balances, loads = [], [], []
+        for i, block in enumerate(self.blocks):
+            h, kl, balance, load = block(h, pos, None if cache is None else cache[i], kl_support)
+            kls += [] if kl is None else [kl]
+            balances.append(balance)
+            loads.append(load)
+        if cache is not None:
+            h = h[:, -1:]                                                    # only the next token's logits
+        logits = self.lm_head(self.norm_f(h))                                # (B, T, V)
+        if y is None:
+            return logits, None
+        kl_layers = torch.stack(kls) if kls else logits.new_zeros(0, dtype=torch.float32)
+        losses = dict(lm=F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1),
+                      kl=kl_layers.sum(), kl_layers=kl_layers.detach(), balance=torch.stack(balances).mean(),
+                      expert_load=torch.stack(loads))
+        return logits, losses
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None):
+        """
+        idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens).
+        The prompt is prefilled with the sparse forward, filling the KV and index-key caches; then each new
+        token attends through backend.sparse_decode. temperature 0 is greedy.
+        Also returns the seconds spent on the prompt and on the new tokens (for tokens/s).
+        """
+        B, T0 = idx.shape
+        cache = [dict(size=T0 + max_new_tokens) for _ in self.blocks]
+        sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+        t0 = time.time()
+        logits, _ = self(idx, patches=patches, cache=cache)                  # prefill: (B, 1, V)
+        sync()
+        t1 = time.time()
+        for i in range(max_new_tokens):
+            logits = logits[:, -1].float()                                   # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = logits.topk(min(top_k, logits.shape[-1]))
+                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if i + 1 < max_new_tokens:
+                logits, _ = self(nxt, cache=cache, pos0=T0 + i)
+        sync()
+        return idx, t1 - t0, time.time() - t1
