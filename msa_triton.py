@@ -1,0 +1,434 @@
+"""
+MiniMax Sparse Attention (MSA) in Triton: the fast path. msa_ref.py is the definition; this file
+computes the same functions (DESIGN.md section 3) without ever building a T x T tensor.
+
+Shapes: B batch, T tokens, Hq query heads, Hkv KV heads (= groups), G = Hq // Hkv, D head dim,
+bs block size, K blocks per query, nb = ceil(T / bs). A "row" is one (query token, head) pair.
+
+sparse_attention runs KV-outer (DESIGN.md section 4):
+  1. invert block_idx into a CSR: for each (batch, group, KV block), the list of (token, slot)
+     entries that chose it, sorted by token (torch sort, no host sync);
+  2. forward: one program per segment of one block's list loads that K/V block once and runs it
+     against tiles of gathered queries (rows = queries x G heads), writing a partial (out, lse) into
+     the slot the block has in each query's list; a combine kernel merges the K partials by LSE;
+  3. backward: delta = rowsum(out * dout); one program per KV block owns its dK, dV (no atomics,
+     deterministic) and writes a partial dQ per (query, slot); a combine kernel sums the K partials.
+Partial buffers are bounded by running over chunks of query tokens.
+attention_forward_query_outer is the simple baseline (one program per token and group, looping over
+its K blocks, like the public vLLM / NSA kernels); bench.py measures both.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from msa_ref import _expect, check_inputs
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+PARTIAL_ELEMS = 1 << 30   # partial buffers hold at most this many elements: chunks of T keep memory bounded
+SEG = 64                  # forward: (token, slot) entries per program, so hot blocks split over programs
+
+
+def _pow2(x, lo=16):
+    return max(lo, triton.next_power_of_2(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the selection, inverted: which queries read each KV block?
+
+def _slots(block_idx, t0, t1, nbc):
+    """The selection of tokens [t0, t1) as a slot table: block_idx (B, Hkv, T, K) -> int32 (B*Hkv, Tc, K),
+    each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1).
+    Slot s of (token, group) is where that block's partial result goes."""
+    B, Hkv, _, K = block_idx.shape
+    sl = block_idx[:, :, t0:t1].reshape(B * Hkv, t1 - t0, K).sort(-1).values   # -1 first, then ascending
+    dup = F.pad(sl[..., 1:] == sl[..., :-1], (1, 0))                           # a block chosen twice counts once
+    return sl.masked_fill(dup | (sl >= nbc), -1).to(torch.int32).contiguous()
+
+
+def _csr(slots, nbc):
+    """slots (BH, Tc, K) -> ent int32 (BH, Tc*K): entry ids e = token * K + slot grouped by block, tokens
+    ascending; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are."""
+    BH, Tc, K = slots.shape
+    key = slots.view(BH, Tc * K).long()
+    key = key.masked_fill(key < 0, nbc)                                        # padding -> a spare block nbc
+    ent = key.sort(dim=-1, stable=True).indices.to(torch.int32)                     # stable: tokens stay ascending
+    cnt = torch.zeros(BH, nbc + 1, dtype=torch.long, device=slots.device).scatter_add_(1, key, torch.ones_like(key))
+    cnt = cnt[:, :nbc].contiguous()
+    return ent, torch.cumsum(cnt, 1) - cnt, cnt
+
+
+def _segments(start, cnt, n_entries, seg):
+    """Split each block's list into segments of <= seg entries, one program each, with no host sync.
+    n_entries bounds the entries of one (batch, group). Returns seg_lo, seg_hi, seg_blk int32 (BH, n):
+    n = ceil(n_entries / seg) + nbc is an upper bound on the segments; spare programs get lo = hi."""
+    BH, nbc = cnt.shape
+    nseg = (cnt + seg - 1) // seg                                              # (BH, nbc)
+    last = torch.cumsum(nseg, 1)                                               # segments up to each block
+    n = math.ceil(n_entries / seg) + nbc
+    pid = torch.arange(n, device=cnt.device).expand(BH, n).contiguous()
+    blk = torch.searchsorted(last, pid, right=True)                            # block whose segments hold pid
+    used = blk < nbc
+    blk = blk.clamp(max=nbc - 1)
+    lo = start.gather(1, blk) + (pid - (last - nseg).gather(1, blk)) * seg
+    hi = torch.minimum(lo + seg, (start + cnt).gather(1, blk))
+    lo, hi = torch.where(used, lo, 0), torch.where(used, hi, 0)
+    return lo.to(torch.int32), hi.to(torch.int32), blk.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels. Inside them scores are in log2 units: s2 = q.k * scale * log2(e), so exp2 replaces exp.
+
+@triton.jit
+def _tile_rows(ENT, i, hi, K, t0, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr):
+    """Rows of a tile of gathered queries: row r = (entry i + r // GP of a block's list, head r % GP).
+    Returns per row: tloc (token in chunk), slot, t (token), h (head in group), rv (a real row)."""
+    r = tl.arange(0, ROWS)
+    e = i + r // GP
+    h = r % GP
+    rv = (e < hi) & (h < G)
+    ent = tl.load(ENT + e, mask=rv, other=0)                                   # ent = tloc * K + slot
+    tloc = ent // K
+    return tloc, ent % K, t0 + tloc, h, rv
+
+
+@triton.jit
+def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
+                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                   T, t0, Tc, K, NSEG, Hkv, BS, D, scale2,
+                   G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """One program = one segment of one KV block's list of (token, slot) entries, for one (batch, group).
+    Writes the block's partial out (normalised) and lse2 into OP (BH, Tc, K, G, D) and LP (BH, Tc, K, G)."""
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    g = bh % Hkv
+    lo = tl.load(SEG_LO + bh * NSEG + sid)
+    hi = tl.load(SEG_HI + bh * NSEG + sid)
+    if lo < hi:
+        kb = tl.load(SEG_BLK + bh * NSEG + sid)
+        jn = tl.arange(0, BLOCK_N)
+        n = kb * BS + jn                                                       # (BLOCK_N,) key positions
+        d = tl.arange(0, BLOCK_D)
+        kmask = (jn < BS) & (n < T)
+        dmask = d < D
+        kvm = kmask[:, None] & dmask[None, :]
+        k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+        ENTb = ENT + bh.to(tl.int64) * Tc * K
+        for i in range(lo, hi, ROWS // GP):
+            tloc, slot, t, h, rv = _tile_rows(ENTb, i, hi, K, t0, G, GP, ROWS)
+            q = tl.load(Q + b * sqb + (g * G + h)[:, None] * sqh + t[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
+                        mask=rv[:, None] & dmask[None, :], other=0.0)        # (ROWS, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2         # (ROWS, BLOCK_N)
+            vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])  # causal inside the block
+            s = tl.where(vis, s, float("-inf"))
+            m = tl.max(s, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)                           # a row seeing nothing: p = 0
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            o = tl.dot(p.to(v.dtype), v, input_precision=PREC)                # (ROWS, BLOCK_D)
+            ls = tl.where(l > 0, l, 1.0)
+            o = o / ls[:, None]
+            lse2 = tl.where(l > 0, m + tl.log2(ls), float("-inf"))
+            po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h            # (ROWS,) partial row index
+            tl.store(OP + po[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
+            tl.store(LP + po, lse2, mask=rv)
+
+
+@triton.jit
+def _combine_kernel(OP, LP, SLOTS, O, LSE, T, t0, Tc, K, Hkv, D,
+                    G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    WITH_LSE: tl.constexpr):
+    """Merge the K partials of ROWS // GP tokens of one (batch, group) into O (B, Hq, T, D), contiguous.
+    WITH_LSE: partial outs weighted by their lse2 (forward; also writes LSE (B, Hq, T) in natural log);
+    else a plain sum (dq). Slots with SLOTS < 0 were never written and are not read."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.arange(0, ROWS)
+    tloc = pid * (ROWS // GP) + r // GP
+    h = r % GP
+    d = tl.arange(0, BLOCK_D)
+    rv = (tloc < Tc) & (t0 + tloc < T) & (h < G)
+    dm = d[None, :] < D
+    row0 = (bh.to(tl.int64) * Tc + tloc) * K                                   # (ROWS,) first slot of each token
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((ROWS,), dtype=tl.float32)
+    for s in range(K):
+        ok = rv & (tl.load(SLOTS + row0 + s, mask=rv, other=-1) >= 0)
+        po = (row0 + s) * G + h
+        o = tl.load(OP + po[:, None] * D + d[None, :], mask=ok[:, None] & dm, other=0.0).to(tl.float32)
+        if WITH_LSE:
+            ls = tl.load(LP + po, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m, ls)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_ref)
+            beta = tl.exp2(ls - m_ref)
+            acc = acc * alpha[:, None] + o * beta[:, None]
+            l = l * alpha + beta
+            m = m_new
+        else:
+            acc += o
+    b = bh // Hkv
+    g = bh % Hkv
+    orow = ((b * Hkv + g) * G + h).to(tl.int64) * T + t0 + tloc               # (ROWS,) row of (B, Hq, T)
+    if WITH_LSE:
+        ls = tl.where(l > 0, l, 1.0)
+        acc = acc / ls[:, None]
+        tl.store(LSE + orow, tl.where(l > 0, (m + tl.log2(ls)) * 0.6931471805599453, float("-inf")), mask=rv)
+    tl.store(O + orow[:, None] * D + d[None, :], acc.to(O.dtype.element_ty), mask=rv[:, None] & dm)
+
+
+@triton.jit
+def _fwd_query_kernel(Q, Kc, V, O, LSE, SLOTS,
+                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                      T, K, Hkv, BS, D, scale2,
+                      G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PREC: tl.constexpr):
+    """The query-outer baseline: one program = one token t and one (batch, group); the G heads are the
+    rows (padded to GP >= 16); loop over the token's K blocks with an online softmax."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    g = bh % Hkv
+    h = tl.arange(0, GP)
+    d = tl.arange(0, BLOCK_D)
+    jn = tl.arange(0, BLOCK_N)
+    hm = h[:, None] < G
+    dm = d[None, :] < D
+    q = tl.load(Q + b * sqb + (g * G + h)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :] * sqd, mask=hm & dm, other=0.0)
+    acc = tl.zeros((GP, BLOCK_D), dtype=tl.float32)
+    m = tl.full((GP,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((GP,), dtype=tl.float32)
+    for s in range(K):
+        kb = tl.load(SLOTS + (bh.to(tl.int64) * T + t) * K + s)
+        if kb >= 0:
+            n = kb * BS + jn
+            kmask = (jn < BS) & (n <= t)
+            k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kmask[:, None] & dm, other=0.0)
+            v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kmask[:, None] & dm, other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+            sc = tl.where(kmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_ref)
+            p = tl.exp2(sc - m_ref[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m = m_new
+    ls = tl.where(l > 0, l, 1.0)
+    orow = (b * Hkv * G + g * G + h) * T + t                                   # (GP,) rows of (B, Hq, T)
+    tl.store(LSE + orow, tl.where(l > 0, (m + tl.log2(ls)) * 0.6931471805599453, float("-inf")), mask=h < G)
+    tl.store(O + orow[:, None] * D + d[None, :], (acc / ls[:, None]).to(O.dtype.element_ty), mask=hm & dm)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, N, T, Hq, sob, soh, sot, sod, sdb, sdh, sdt, sdd, D,
+                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta (B*Hq*T,) fp32 = rowsum(out * dout), the softmax-backward term of every row."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    rv = r < N
+    rr = r.to(tl.int64)
+    t = rr % T
+    bh = rr // T
+    b = bh // Hq
+    h = bh % Hq
+    msk = rv[:, None] & (d[None, :] < D)
+    o = tl.load(O + (b * sob + h * soh + t * sot)[:, None] + d[None, :] * sod, mask=msk, other=0.0)
+    do = tl.load(DO + (b * sdb + h * sdh + t * sdt)[:, None] + d[None, :] * sdd, mask=msk, other=0.0)
+    tl.store(DELTA + r, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rv)
+
+
+@triton.jit
+def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
+                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdt, sdd,
+                   T, t0, Tc, K, NBC, Hkv, BS, D, scale, scale2,
+                   G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """One program = one KV block of one (batch, group), over every (token, slot) of the chunk that chose it.
+    Adds the block's dK, dV into DK, DV (B, Hkv, T, D) fp32, which this program alone owns in this launch,
+    and writes each row's partial dQ into DQP (BH, Tc, K, G, D) fp32."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    g = bh % Hkv
+    lo = tl.load(BSTART + bh * NBC + kb).to(tl.int32)
+    hi = lo + tl.load(BCNT + bh * NBC + kb).to(tl.int32)
+    if lo < hi:
+        jn = tl.arange(0, BLOCK_N)
+        n = kb * BS + jn
+        d = tl.arange(0, BLOCK_D)
+        kmask = (jn < BS) & (n < T)
+        dmask = d < D
+        kvm = kmask[:, None] & dmask[None, :]
+        k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        ENTb = ENT + bh.to(tl.int64) * Tc * K
+        for i in range(lo, hi, ROWS // GP):
+            tloc, slot, t, h, rv = _tile_rows(ENTb, i, hi, K, t0, G, GP, ROWS)
+            rm = rv[:, None] & dmask[None, :]
+            tt = t[:, None].to(tl.int64)
+            q = tl.load(Q + b * sqb + (g * G + h)[:, None] * sqh + tt * sqt + d[None, :] * sqd, mask=rm, other=0.0)
+            do = tl.load(DO + b * sdb + (g * G + h)[:, None] * sdh + tt * sdt + d[None, :] * sdd, mask=rm, other=0.0)
+            row = ((b * Hkv + g) * G + h) * T + t                              # (ROWS,) row of (B, Hq, T)
+            lse2 = tl.load(LSE + row, mask=rv, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row, mask=rv, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2          # (ROWS, BLOCK_N)
+            vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)                 # the forward's probabilities
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)                # (ROWS, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale      # (ROWS, BLOCK_D)
+            po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h
+            tl.store(DQP + po[:, None] * D + d[None, :], dq, mask=rm)
+        kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
+        tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
+        tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+def _check(q, k, v, block_idx, block_size):
+    """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T)."""
+    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
+    _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
+            f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
+    _expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
+    _expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
+    _expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+            f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
+    return B, Hkv, T
+
+
+def _consts(q, block_size):
+    """Compile-time shape constants shared by every kernel of one call."""
+    D = q.shape[3]
+    return dict(BLOCK_N=_pow2(block_size), BLOCK_D=_pow2(D),
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _chunk(B, Hkv, G, K, D):
+    """Tokens per chunk so that a partial buffer (B*Hkv, Tc, K, G, D) stays under PARTIAL_ELEMS."""
+    return max(1, PARTIAL_ELEMS // (B * Hkv * K * G * D))
+
+
+def _forward(q, k, v, block_idx, block_size):
+    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype and lse fp32 (B, Hq, T)."""
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], block_idx.shape[3]
+    G = Hq // Hkv
+    GP = triton.next_power_of_2(G)
+    c = _consts(q, block_size)
+    ROWS = max(GP, 64 if D > 64 else 128)
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    Tc = min(T, _chunk(B, Hkv, G, K, D))
+    for t0 in range(0, T, Tc):
+        t1 = min(T, t0 + Tc)
+        nbc = math.ceil(t1 / block_size)
+        slots = _slots(block_idx, t0, t1, nbc)
+        ent, start, cnt = _csr(slots, nbc)
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
+        op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
+        lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
+        _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
+            q, k, v, op, lp, ent, lo, hi, blk, *q.stride(), *k.stride(), *v.stride(),
+            T, t0, t1 - t0, K, lo.shape[1], Hkv, block_size, D, LOG2E / math.sqrt(D),
+            G=G, GP=GP, ROWS=ROWS, num_warps=8 if ROWS * c["BLOCK_D"] >= 128 * 128 else 4, num_stages=2, **c)
+        CR = max(GP, 32)
+        _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
+            op, lp, slots, out, lse, T, t0, t1 - t0, K, Hkv, D,
+            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=True, num_warps=4)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, block_idx, block_size):
+    """KV-outer backward: dK, dV owned by their block, dQ from per-slot partials. Returns dq, dk, dv."""
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], block_idx.shape[3]
+    G = Hq // Hkv
+    GP = triton.next_power_of_2(G)
+    c = _consts(q, block_size)
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(B * Hq * T, 64),)](out, dout, delta, B * Hq * T, T, Hq, *out.stride(), *dout.stride(), D,
+                                                  ROWS=64, BLOCK_D=c["BLOCK_D"])
+    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    ROWS = max(GP, 64)
+    Tc = min(T, _chunk(B, Hkv, G, K, D))
+    for t0 in range(0, T, Tc):
+        t1 = min(T, t0 + Tc)
+        nbc = math.ceil(t1 / block_size)
+        slots = _slots(block_idx, t0, t1, nbc)
+        ent, start, cnt = _csr(slots, nbc)
+        dqp = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=torch.float32)
+        _bwd_kv_kernel[(nbc, B * Hkv)](
+            q, k, v, dout, lse, delta, dqp, dk, dv, ent, start, cnt,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            T, t0, t1 - t0, K, nbc, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
+            G=G, GP=GP, ROWS=ROWS, num_warps=8 if c["BLOCK_D"] * c["BLOCK_N"] >= 128 * 64 else 4, num_stages=2, **c)
+        CR = max(GP, 32)
+        _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
+            dqp, dqp, slots, dq, dq, T, t0, t1 - t0, K, Hkv, D,
+            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, num_warps=4)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size):
+        out, lse = _forward(q, k, v, block_idx, block_size)
+        ctx.save_for_backward(q, k, v, out, lse, block_idx)
+        ctx.block_size = block_size
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, block_idx = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, block_idx, ctx.block_size)
+        return dq, dk, dv, None, None
+
+
+def sparse_attention(q, k, v, block_idx, block_size):
+    """
+    q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1 padding, any order.
+    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse fp32 (B, Hq, T), as msa_ref does.
+    Differentiable in q, k, v through out (lse is returned without gradient). Deterministic backward.
+    """
+    _check(q, k, v, block_idx, block_size)
+    return _SparseAttention.apply(q, k, v, block_idx, block_size)
+
+
+def attention_forward_query_outer(q, k, v, block_idx, block_size):
+    """The query-outer baseline forward (no autograd): same inputs and outputs as sparse_attention."""
+    B, Hkv, T = _check(q, k, v, block_idx, block_size)
+    Hq, D, K = q.shape[1], q.shape[3], block_idx.shape[3]
+    G = Hq // Hkv
+    c = _consts(q, block_size)
+    slots = _slots(block_idx, 0, T, math.ceil(T / block_size))
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    _fwd_query_kernel[(T, B * Hkv)](q, k, v, out, lse, slots, *q.stride(), *k.stride(), *v.stride(),
+                                    T, K, Hkv, block_size, D, LOG2E / math.sqrt(D),
+                                    G=G, GP=_pow2(G), num_warps=4, num_stages=2, **c)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# the rest of the API lives in sibling files; the lead adds their imports here:
+# >>> index_topk, kl_loss (msa_triton_index.py) and sparse_decode (msa_triton_decode.py) <<<
