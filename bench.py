@@ -1,0 +1,230 @@
+"""
+Benchmark of the MSA kernels against dense attention (DESIGN.md section 5). GPU only.
+
+    python bench.py                          # attention: M3 layer shape at 8K/32K/128K + the repo model's shape
+    python bench.py --what attn --T 8192 32768 --json out/bench.json
+
+Each benchmark family is one function bench_<what>(args) -> list of rows (dicts); they share the
+helpers below: selections, timing (do_bench, median), FLOP counts, the markdown table and the JSON.
+Every family checks correctness before it times anything.
+Conventions (DESIGN.md section 2): E = attended (query, key) pairs, summed over batch and groups;
+main forward FLOPs = 4 * G * D * E, backward = 2.5x forward; "useful TF/s" = those FLOPs / time.
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import msa_ref
+import msa_triton
+
+# (name, B, Hq, Hkv, D, Di, bs, K, default T list)
+SHAPES = {
+    "m3": (1, 64, 4, 128, 128, 128, 16, [8192, 32768, 131072]),
+    "model": (16, 8, 2, 64, 64, 64, 4, [1024]),      # model.py / train.py defaults: batch 16, seq_len 1024
+}
+REF_MAX_T = 2048  # msa_ref builds (B, Hkv, G, T, T) float32 tensors: only short sequences
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+def timed(fn, rep_ms=300):
+    """Median milliseconds of fn() after warm-up (events, do_bench)."""
+    return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def random_block_idx(B, Hkv, T, bs, K, device, seed=0):
+    """The `random` selection: each token reads K-1 distinct random earlier blocks (uniform, Floyd's
+    algorithm, vectorised over tokens) plus its local block, last. No T x T tensor. int32 (B, Hkv, T, K)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    l = (torch.arange(T, device=device) // bs).expand(B, Hkv, T)             # (B, Hkv, T) local block
+    picked = []
+    for i in range(K - 1):                                                     # Floyd: j runs over the last K-1 values of [0, l)
+        j = l - (K - 1) + i
+        r = (torch.rand(B, Hkv, T, device=device, generator=gen) * (j + 1)).long()
+        if picked:
+            r = torch.where((torch.stack(picked, -1) == r[..., None]).any(-1), j, r)
+        picked.append(r)
+    far = torch.stack(picked + [l], -1) if picked else l[..., None]           # (B, Hkv, T, K)
+    few = torch.arange(K, device=device).expand(B, Hkv, T, K)                  # tokens with l + 1 <= K: every block
+    few = torch.where(few < l[..., None], few, torch.where(few == l[..., None], l[..., None], -1))
+    return torch.where((l < K)[..., None], few, far).to(torch.int32)
+
+
+def indexer_block_idx(B, Hkv, T, Di, bs, K, device, seed=0):
+    """The `indexer` selection from random qi, ki through msa_triton.index_topk, or None while it is missing."""
+    if not hasattr(msa_triton, "index_topk"):
+        return None
+    g = torch.Generator(device=device).manual_seed(seed)
+    qi = torch.randn(B, Hkv, T, Di, device=device, generator=g, dtype=torch.bfloat16)
+    ki = torch.randn(B, T, Di, device=device, generator=g, dtype=torch.bfloat16)
+    return msa_triton.index_topk(qi, ki, bs, K)
+
+
+def attended_pairs(block_idx, bs, T):
+    """E: attended (query, key) pairs summed over (B, Hkv), from block_idx (repeats count once)."""
+    sl = msa_triton._slots(block_idx, 0, T, math.ceil(T / bs)).long()          # (B*Hkv, T, K) -1 = nothing
+    t = torch.arange(T, device=block_idx.device)[None, :, None]
+    n = (torch.minimum(t + 1, (sl + 1) * bs) - sl * bs).clamp(min=0)          # visible keys of each chosen block
+    return int(torch.where(sl >= 0, n, 0).sum())
+
+
+def rel_err(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def rand_qkv(B, Hq, Hkv, T, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, h, T, D, device=device, dtype=dtype, generator=g) for h in (Hq, Hkv, Hkv)]
+
+
+def print_table(rows, cols):
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: dense SDPA vs msa_triton.sparse_attention (and msa_ref at short T)
+
+def check_attention(q, k, v, block_idx, bs, n_rows=64):
+    """Relative errors of msa_triton vs an fp32 reference: msa_ref (forward and gradients) when T is
+    short, else an fp32 gather over the selected keys of n_rows sampled (batch, group, token) rows."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    res = {}
+    if T <= REF_MAX_T:
+        qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, lse = msa_triton.sparse_attention(*qkv, block_idx, bs)
+        ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        rout, rlse = msa_ref.sparse_attention(*ref, block_idx, bs)
+        dout = torch.randn_like(out)
+        g = torch.autograd.grad(out, qkv, dout)
+        rg = torch.autograd.grad(rout, ref, dout.float())
+        g2 = torch.autograd.grad(msa_triton.sparse_attention(*qkv, block_idx, bs)[0], qkv, dout)
+        res.update(out=rel_err(out, rout), lse=rel_err(lse, rlse), dq=rel_err(g[0], rg[0]),
+                   dk=rel_err(g[1], rg[1]), dv=rel_err(g[2], rg[2]),
+                   deterministic=all(torch.equal(a, b) for a, b in zip(g, g2)))
+        return res
+    out, lse = msa_triton.sparse_attention(q, k, v, block_idx, bs)
+    gen = torch.Generator(device=q.device).manual_seed(1)
+    errs, lerrs = [], []
+    for _ in range(n_rows):
+        b, grp, t = (int(torch.randint(0, n, (1,), generator=gen, device=q.device)) for n in (B, Hkv, T))
+        blocks = torch.unique(block_idx[b, grp, t])
+        blocks = blocks[blocks >= 0]
+        keys = (blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()
+        keys = keys[keys <= t]                                                 # (n_keys,) the support
+        qr = q[b, grp * G:(grp + 1) * G, t].float()                            # (G, D)
+        s = qr @ k[b, grp, keys].float().T / math.sqrt(D)                      # (G, n_keys)
+        rl = s.logsumexp(-1)
+        ro = torch.softmax(s, -1) @ v[b, grp, keys].float()                    # (G, D)
+        errs.append(rel_err(out[b, grp * G:(grp + 1) * G, t], ro))
+        lerrs.append((lse[b, grp * G:(grp + 1) * G, t] - rl).abs().max().item())
+    res.update(out_rows=max(errs), lse_rows_abs=max(lerrs))
+    return res
+
+
+def bench_attn(args):
+    rows = []
+    dev = "cuda"
+    dtype = torch.bfloat16
+    for shape in args.shape:
+        B, Hq, Hkv, D, Di, bs, K, Ts = SHAPES[shape]
+        for T in args.T or Ts:
+            q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype, dev)
+            dout = torch.randn(B, Hq, T, D, device=dev, dtype=dtype)
+            base = dict(shape=shape, T=T)
+            # dense causal GQA, two backends
+            dense_flops = 4 * Hq * D * B * T * (T + 1) / 2
+            dense = {}
+            for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION),
+                                  ("flash", SDPBackend.FLASH_ATTENTION)):
+                def fwd():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+                def fwdbwd():
+                    qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+                    with sdpa_kernel(backend):
+                        o = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=True)
+                    return torch.autograd.grad(o, qkv, dout)
+                for pas, fn, fl in (("fwd", fwd, dense_flops), ("fwd+bwd", fwdbwd, 3.5 * dense_flops)):
+                    try:
+                        ms = timed(fn)
+                    except RuntimeError as e:                                  # backend refuses this shape
+                        rows.append(dict(base, sel="-", impl=f"dense {name}", **{"pass": pas}, ms="n/a", note=str(e)[:80]))
+                        continue
+                    dense[(name, pas)] = ms
+                    rows.append(dict(base, sel="-", impl=f"dense {name}", **{"pass": pas}, ms=round(ms, 3),
+                                     tflops=round(fl / ms / 1e9, 1)))
+            best = {p: min([ms for (n, pp), ms in dense.items() if pp == p], default=float("nan")) for p in ("fwd", "fwd+bwd")}
+            for sel in args.sel:
+                block_idx = (random_block_idx(B, Hkv, T, bs, K, dev) if sel == "random"
+                             else indexer_block_idx(B, Hkv, T, Di, bs, K, dev))
+                if block_idx is None:
+                    rows.append(dict(base, sel=sel, impl="msa_triton", ms="pending (no msa_triton.index_topk)"))
+                    continue
+                E = attended_pairs(block_idx, bs, T)
+                flops = 4 * (Hq // Hkv) * D * E
+                chk = check_attention(q, k, v, block_idx, bs)
+                print(f"[check] {shape} T={T} {sel}: " + ", ".join(f"{a}={b:.2e}" if isinstance(b, float) else f"{a}={b}" for a, b in chk.items()), flush=True)
+
+                def ours_fwd():
+                    return msa_triton.sparse_attention(q, k, v, block_idx, bs)
+
+                def ours_fwdbwd():
+                    qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+                    return torch.autograd.grad(msa_triton.sparse_attention(*qkv, block_idx, bs)[0], qkv, dout)
+
+                def ours_query_outer():
+                    return msa_triton.attention_forward_query_outer(q, k, v, block_idx, bs)
+                variants = [("msa_triton", "fwd", ours_fwd, flops), ("msa_triton", "fwd+bwd", ours_fwdbwd, 3.5 * flops),
+                            ("query-outer baseline", "fwd", ours_query_outer, flops)]
+                if T <= REF_MAX_T and not args.no_ref:
+                    variants.append(("msa_ref", "fwd", lambda: msa_ref.sparse_attention(q, k, v, block_idx, bs), flops))
+                for impl, pas, fn, fl in variants:
+                    ms = timed(fn)
+                    rows.append(dict(base, sel=sel, impl=impl, **{"pass": pas}, ms=round(ms, 3), tflops=round(fl / ms / 1e9, 1),
+                                     vs_dense=f"{best[pas] / ms:.2f}x", E=E, check=chk))
+                del block_idx
+            del q, k, v, dout
+            torch.cuda.empty_cache()
+    return rows
+
+
+BENCHES = {"attn": bench_attn}   # index / layer / decode families are added here by their owners
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", nargs="+", default=["attn"], choices=sorted(BENCHES))
+    p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
+    p.add_argument("--T", nargs="+", type=int, help="sequence lengths (default: each shape's list)")
+    p.add_argument("--sel", nargs="+", default=["random", "indexer"], choices=["random", "indexer"])
+    p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
+    p.add_argument("--json", help="write every row here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py needs a CUDA GPU")
+    t0 = time.time()
+    rows = [r for w in args.what for r in BENCHES[w](args)]
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
+                seconds=round(time.time() - t0, 1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, median ms (do_bench)")
+    print_table(rows, ["shape", "T", "sel", "impl", "pass", "ms", "tflops", "vs_dense"])
+
+
+if __name__ == "__main__":
+    main()
