@@ -1,0 +1,274 @@
+"""
+MSA decoding in Triton: one new token per sequence against KV and index-key caches.
+
+sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk) -> out computes exactly
+msa_ref.sparse_decode (same selection as index_topk, same output as sparse_attention's row) in four
+launches, none of which waits on the host, so the whole step can be captured in a CUDA graph:
+
+  1. _score_kernel   index scores of the new token's Hkv index queries against every cached index key
+                     of the earlier blocks, max-pooled per block -> S (B, Hkv, nb) float32. This pass
+                     reads the whole index-key cache (Di values per token): at long context it is most
+                     of the bytes of a step, so it is a plain streaming pass, one block per program.
+  2. _topk_kernel    per (row, group): the K-1 best earlier blocks (ties -> lower index), then the
+                     local block, then -1 -> block_idx (B, Hkv, K) int32, the order of msa_ref.select_blocks.
+  3. _attend_kernel  split-K ("flash-decoding"): one program per (row, group, piece of the selection);
+                     the G query heads of the group are the rows of one matrix product against the
+                     piece's keys; writes a partial (out, lse) per piece.
+  4. _merge_kernel   per (row, query head): combine the partials with their log-sum-exps.
+
+Rows may have different lengths: cache_lens stays on the device and every kernel reads it, so grids
+depend only on (B, Hkv, Tmax, K), never on the lengths. Lengths outside [1, Tmax] are clamped in
+the kernels (no out-of-bounds access); sparse_decode rejects them with a ValueError except while a
+CUDA graph is being captured (checking values would need a host sync).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from msa_ref import _expect, check_inputs
+
+LOG2E = 1.4426950408889634
+
+
+def _pow2(n, lo=16):
+    """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16."""
+    return max(lo, triton.next_power_of_2(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. index scores, max-pooled per block
+
+@triton.jit
+def _score_kernel(qi_ptr, ki_ptr, lens_ptr, s_ptr,
+                  s_qb, s_qh, s_qd, s_kb, s_kt, s_kd, s_sb, s_sh,
+                  Tmax, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
+                  HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, PREC: tl.constexpr):
+    blk = tl.program_id(0)                                   # one block of BS cached tokens
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
+    local = (n - 1) // BS                                    # the new token's block, always selected
+    # only the blocks before the local one compete, and all their tokens are visible: no causal mask,
+    # and programs of later blocks read no key (tok < local * BS <=> blk < local). Masks are built
+    # from vector comparisons only (the interpreter mishandles scalar & vector masks).
+    h = tl.arange(0, HKV_P)
+    d = tl.arange(0, DI_P)
+    t = tl.arange(0, BS_P)
+    qi = tl.load(qi_ptr + b * s_qb + h[:, None] * s_qh + d[None, :] * s_qd,
+                 mask=(h[:, None] < HKV) & (d[None, :] < DI), other=0.0)                 # (HKV_P, DI_P)
+    tok = blk * BS + t                                                                   # (BS_P,)
+    ki = tl.load(ki_ptr + b * s_kb + tok[:, None] * s_kt + d[None, :] * s_kd,
+                 mask=(t[:, None] < BS) & (tok[:, None] < local * BS) & (d[None, :] < DI), other=0.0)
+    # scores without the 1/sqrt(Di) scale: a positive factor does not change which blocks win
+    s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                                   # (HKV_P, BS_P) fp32
+    s = tl.where(t[None, :] < BS, s, float("-inf"))
+    tl.store(s_ptr + b * s_sb + h * s_sh + blk, tl.max(s, axis=1), mask=(h < HKV) & (h * 0 + blk < local))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. top-k with the local block forced
+
+@triton.jit
+def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
+                 HKV: tl.constexpr, BS: tl.constexpr, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
+    pid = tl.program_id(0)                                   # one (row b, group h)
+    b = pid // HKV
+    h = pid % HKV
+    n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
+    local = (n - 1) // BS
+    j = tl.arange(0, NB_P)                                   # candidate blocks
+    s = tl.load(s_ptr + b.to(tl.int64) * s_sb + h * s_sh + j, mask=j < local, other=0.0)
+    s = tl.where(s == 0.0, 0.0, s)                           # -0.0 and +0.0 tie, as in a float sort
+    # one int64 key per block, so that a single max finds the best block and breaks ties:
+    # high word = the score's bits made order-preserving as a signed int, low word = NB_P-1-j
+    # (the larger, the lower the block index)
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (NB_P - 1 - j).to(tl.int64)
+    key = tl.where(j < local, key, -9223372036854775807 - 1)  # int64 min: never chosen
+    n_far = tl.minimum(local, K - 1)                         # earlier blocks to take
+    slot = tl.arange(0, K_P)
+    out = tl.where(slot == n_far, local, -1)                 # local block in the last valid slot
+    for i in tl.static_range(K - 1):
+        best = tl.max(key, axis=0)
+        out = tl.where((slot == i) & (slot < n_far), NB_P - 1 - best.to(tl.int32), out)
+        key = tl.where(key == best, -9223372036854775807 - 1, key)  # keys are unique: drops one block
+    tl.store(idx_ptr + pid * K + slot, out, mask=slot < K)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. split-K attention over the selected blocks
+
+@triton.jit
+def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, o_ptr, lse_ptr,
+                   s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                   Tmax, qk_scale,
+                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
+                   SPLITS: tl.constexpr, ITEMS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   G_P: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr):
+    # The selection of (b, h) is K blocks, each cut in SPLITS pieces of BLOCK_N tokens: K*SPLITS
+    # items. Program (bh, p) runs items p*ITEMS .. p*ITEMS+ITEMS-1 with an online softmax and writes
+    # one partial (out, lse) for each of the G heads: NS = cdiv(K*SPLITS, ITEMS) partials per head.
+    bh = tl.program_id(0)
+    p = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = bh % HKV
+    n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
+    g = tl.arange(0, G_P)
+    d = tl.arange(0, D_P)
+    x = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
+                mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)                     # (G_P, D_P)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    m = tl.full([G_P], float("-inf"), tl.float32)            # running max, log2 units
+    l = tl.zeros([G_P], tl.float32)                          # running sum of exp2
+    acc = tl.zeros([G_P, D_P], tl.float32)
+    for it in range(ITEMS):
+        item = p * ITEMS + it
+        slot = item // SPLITS
+        blk = tl.load(idx_ptr + bh * K + tl.minimum(slot, K - 1))
+        blk = tl.where(slot < K, blk, -1)                    # items past the selection: none
+        off = (item % SPLITS) * BLOCK_N + x                  # offsets inside the block
+        tok = blk * BS + off                                 # (BLOCK_N,) cache positions
+        valid = (off < BS) & (tok >= 0) & (tok < n)          # tok < 0 <=> blk = -1 (padding)
+        kt = tl.load(k_base + tok[:, None] * s_kt + d[None, :] * s_kd,
+                     mask=valid[:, None] & (d[None, :] < D), other=0.0)                  # (BLOCK_N, D_P)
+        vt = tl.load(v_base + tok[:, None] * s_vt + d[None, :] * s_vd,
+                     mask=valid[:, None] & (d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale                    # (G_P, BLOCK_N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: avoid -inf - -inf
+        alpha = tl.exp2(m - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)
+        m = m_new
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))     # an empty piece gets -inf: ignored by the merge
+    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
+    row = (b * HKV + h) * G + g                              # (G_P,) rows of the partial buffers (B*Hq)
+    tl.store(lse_ptr + row * NS + p, lse, mask=g < G)
+    tl.store(o_ptr + (row * NS + p)[:, None] * D + d[None, :], acc, mask=(g[:, None] < G) & (d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. merge the partials of each query head
+
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
+                  HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, NS_P: tl.constexpr, D_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)                      # b * Hq + head
+    j = tl.arange(0, NS_P)
+    d = tl.arange(0, D_P)
+    lse = tl.load(lse_ptr + row * NS + j, mask=j < NS, other=float("-inf"))            # (NS_P,) log2
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))                           # 0 for empty pieces
+    # empty pieces were never written with data: do not read them (0 * garbage could be NaN)
+    o = tl.load(o_ptr + (row * NS + j)[:, None] * D + d[None, :],
+                mask=((j < NS) & (lse > float("-inf")))[:, None] & (d[None, :] < D), other=0.0)  # (NS_P, D_P)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + (row // HQ) * s_ob + (row % HQ) * s_oh + d * s_od,
+             res.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch choices (benchmarks may override these two functions to sweep)
+
+def _score_config(B, nb):
+    """num_warps of the scoring pass: one (bs x Di) tile of index keys per program."""
+    return dict(num_warps=4)
+
+
+def _attend_config(B, Hkv, K, block_size):
+    """(BLOCK_N, ITEMS, num_warps): tokens per piece and pieces per program of the split-K pass.
+    Few (row, group) pairs: cut blocks in halves so that more programs share the machine."""
+    bn = min(128, _pow2(block_size))
+    if B * Hkv * K < 2 * 132 and block_size > 64:
+        bn = 64
+    return bn, 1, 4
+
+
+def _prec(t):
+    """fp32 inputs get exact fp32 products (a float32 tl.dot defaults to TF32); half types need none."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _select(qi, ki_cache, cache_lens, block_size, topk):
+    """Steps 1-2. qi (B, Hkv, Di), ki_cache (B, Tmax, Di), cache_lens (B,) on the device
+    -> block_idx (B, Hkv, K) int32, exactly msa_ref.select_blocks' order."""
+    B, Hkv, Di = qi.shape
+    Tmax = ki_cache.shape[1]
+    nb = triton.cdiv(Tmax, block_size)
+    S = torch.empty(B, Hkv, nb, device=qi.device, dtype=torch.float32)                 # (B, Hkv, nb)
+    _score_kernel[(nb, B)](qi, ki_cache, cache_lens, S,
+                           *qi.stride(), *ki_cache.stride(), S.stride(0), S.stride(1),
+                           Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di),
+                           BS_P=_pow2(block_size), PREC=_prec(qi), **_score_config(B, nb))
+    block_idx = torch.empty(B, Hkv, topk, device=qi.device, dtype=torch.int32)          # (B, Hkv, K)
+    _topk_kernel[(B * Hkv,)](S, cache_lens, block_idx, S.stride(0), S.stride(1), Tmax,
+                             HKV=Hkv, BS=block_size, K=topk, NB_P=_pow2(nb, 1), K_P=_pow2(topk, 1),
+                             num_warps=4)
+    return block_idx
+
+
+def _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size):
+    """Steps 3-4. q (B, Hq, D), caches (B, Hkv, Tmax, D), block_idx (B, Hkv, K) -> out (B, Hq, D)."""
+    B, Hq, D = q.shape
+    Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
+    G, K = Hq // Hkv, block_idx.shape[-1]
+    block_idx = block_idx.contiguous()
+    BLOCK_N, ITEMS, warps = _attend_config(B, Hkv, K, block_size)
+    splits = triton.cdiv(block_size, BLOCK_N)
+    NS = triton.cdiv(K * splits, ITEMS)                                                  # partials per head
+    o_part = torch.empty(B, Hq, NS, D, device=q.device, dtype=torch.float32)            # (B, Hq, NS, D)
+    lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS) log2
+    _attend_kernel[(B * Hkv, NS)](q, k_cache, v_cache, cache_lens, block_idx, o_part, lse_part,
+                                  *q.stride(), *k_cache.stride(), *v_cache.stride(),
+                                  Tmax, LOG2E / math.sqrt(D),
+                                  HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
+                                  BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), PREC=_prec(q), num_warps=warps)
+    out = torch.empty_like(q)
+    _merge_kernel[(B * Hq,)](o_part, lse_part, out, *out.stride(),
+                             HQ=Hq, D=D, NS=NS, NS_P=_pow2(NS, 1), D_P=_pow2(D, 1), num_warps=4)
+    return out
+
+
+def _check_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+    """msa_ref.sparse_decode's checks, plus what the kernels need: one dtype for q and the K/V cache,
+    one for qi and the index-key cache, cache_lens on q's device. Returns (B, Hkv, Tmax)."""
+    _expect(isinstance(q, torch.Tensor) and isinstance(qi, torch.Tensor) and q.dim() == 3 and qi.dim() == 3,
+            f"q must be [B, Hq, D] and qi [B, Hkv, Di], got {getattr(q, 'shape', q)}, {getattr(qi, 'shape', qi)}")
+    _expect(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4,
+            f"k_cache must be [B, Hkv, Tmax, D], got {getattr(k_cache, 'shape', k_cache)}")
+    Tmax = k_cache.shape[2]
+    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
+    B, Hkv, Tmax = check_inputs(q=q.unsqueeze(2).expand(-1, -1, Tmax, -1), k=k_cache, v=v_cache,
+                                qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache,
+                                block_size=block_size, topk=topk)
+    _expect(Tmax >= 1, f"the caches must hold Tmax >= 1 tokens, got {Tmax}")
+    _expect(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+            f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    _expect(ki_cache.dtype == qi.dtype, f"ki_cache must have qi's dtype {qi.dtype}, got {ki_cache.dtype}")
+    _expect(isinstance(cache_lens, torch.Tensor) and cache_lens.shape == (B,) and not cache_lens.is_floating_point()
+            and cache_lens.dtype != torch.bool,
+            f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
+    _expect(cache_lens.device == q.device, f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # a value check syncs with the host
+        _expect(bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()),
+                f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")
+    return B, Hkv, Tmax
+
+
+def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+    """
+    q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,)
+    on q's device: tokens in each row's cache, the new token's k, v and ki already written at
+    cache_lens - 1. Returns out (B, Hq, D) in q's dtype: msa_ref.sparse_decode, computed in Triton.
+    Capturable in a CUDA graph (then the lengths are not checked on the host, only clamped).
+    """
+    _check_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)
+    block_idx = _select(qi, ki_cache, cache_lens, block_size, topk)                     # (B, Hkv, K)
+    return _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size)              # (B, Hq, D)

@@ -1,0 +1,155 @@
+"""
+Tests of msa_triton_decode.sparse_decode against msa_ref: its block selection must be exactly what
+index_topk gives the new token's position, and its output must equal that position's row of
+sparse_attention (and msa_ref.sparse_decode). On CI this runs in the Triton interpreter (fp32, tiny
+shapes); on a GPU the compiled kernels also run in bf16 at the M3 head shape and inside a CUDA graph.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import msa_ref
+import msa_triton_decode as dec
+from conftest import DEVICE, rand_inputs, requires_cuda
+
+
+def make_case(B, Hq, Hkv, Tmax, D, Di, lens, dtype=torch.float32, seed=0):
+    """A prefill of Tmax tokens whose K/V/ki serve as the caches; row b decodes the token at lens[b]-1.
+    Returns (q, qi, k, v, ki, cache_lens, qs, qis) with qs (B, Hq, Tmax, D), qis (B, Hkv, Tmax, Di) the
+    whole sequences, so that the new token's row of the prefill is the expected answer."""
+    qs, k, v, qis, ki = rand_inputs(B, Hq, Hkv, Tmax, D, Di, dtype=dtype, seed=seed)
+    cache_lens = torch.tensor(lens, device=DEVICE)
+    rows = torch.arange(B, device=DEVICE)
+    q = qs[rows, :, cache_lens - 1]                          # (B, Hq, D) the new token's query
+    qi = qis[rows, :, cache_lens - 1]                        # (B, Hkv, Di)
+    return q, qi, k, v, ki, cache_lens, qs, qis
+
+
+def prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K):
+    """The new tokens' rows of the prefill: block_idx (B, Hkv, K) and out (B, Hq, D), float32."""
+    f = torch.float32
+    idx = msa_ref.index_topk(qis.to(f), ki.to(f), bs, K)                          # (B, Hkv, T, K)
+    out, _ = msa_ref.sparse_attention(qs.to(f), k.to(f), v.to(f), idx, bs)        # (B, Hq, T, D)
+    rows = torch.arange(qs.shape[0], device=qs.device)
+    return idx[rows, :, cache_lens - 1], out[rows, :, cache_lens - 1]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# (B, Hq, Hkv, Tmax, D, Di, bs, K, lens): ragged rows, T not a multiple of bs, K above the visible
+# blocks, G = 1, K = 1, a row with one cached token, head dims that are not powers of two
+CASES = [
+    (3, 4, 2, 37, 16, 16, 4, 3, [37, 13, 1]),                # ragged, Tmax % bs != 0, cache_lens = 1
+    (2, 2, 2, 21, 24, 8, 5, 8, [21, 9]),                     # G = 1, K > visible blocks, D = 24, bs = 5
+    (1, 3, 1, 40, 16, 32, 8, 1, [40]),                       # Hkv = 1 (G = 3), K = 1: local block only
+    (2, 8, 2, 64, 32, 16, 16, 2, [64, 33]),                  # full cache, lengths on a block border + 1
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tmax,D,Di,bs,K,lens", CASES)
+def test_matches_prefill_row_and_reference(B, Hq, Hkv, Tmax, D, Di, bs, K, lens):
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens)
+    want_idx, want_out = prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K)
+    idx = dec._select(qi, ki, cache_lens, bs, K)
+    assert torch.equal(idx.cpu(), want_idx.cpu()), "selection differs from index_topk"
+    out = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out, want_out) < 1e-5
+    assert rel_err(out, msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)) < 1e-5
+
+
+def test_ties_go_to_the_lower_block():
+    # qi = 0 makes every block score exactly 0: the earlier blocks must come out in index order,
+    # then the local block, then padding (msa_ref.select_blocks' stable sort)
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(2, 2, 2, 30, 16, 16, [30, 11], seed=1)
+    qi = torch.zeros_like(qi)
+    idx = dec._select(qi, ki, cache_lens, 4, 5).cpu()
+    assert idx[0, 0].tolist() == [0, 1, 2, 3, 7] and idx[1, 1].tolist() == [0, 1, 2, -1, -1]
+    q_pos = (cache_lens - 1).view(2, 1, 1)
+    S = msa_ref.block_scores(qi.unsqueeze(2), ki, 4, q_pos)
+    assert torch.equal(idx, msa_ref.select_blocks(S, q_pos, 4, 5).squeeze(2).cpu())
+
+
+def test_non_contiguous_caches():
+    # caches stored token-major (B, Tmax, Hkv, D) and seen through a transpose, q a strided slice
+    B, Hq, Hkv, Tmax, D, Di, bs, K = 2, 4, 2, 19, 16, 16, 4, 2
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, [19, 6], seed=2)
+    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)
+    v_t = v.transpose(1, 2).contiguous().transpose(1, 2)
+    ki_big = torch.cat([ki, ki], dim=-1)[..., :Di]           # row stride 2 * Di
+    q_s = torch.stack([q, -q], dim=-1)[..., 0]              # stride 2 along D
+    assert not (k_t.is_contiguous() or ki_big.is_contiguous() or q_s.is_contiguous())
+    want = msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    assert rel_err(dec.sparse_decode(q_s, qi, k_t, v_t, ki_big, cache_lens, bs, K), want) < 1e-5
+
+
+def test_bad_input_raises():
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(2, 4, 2, 12, 16, 16, [12, 5])
+    ok = dict(q=q, qi=qi, k_cache=k, v_cache=v, ki_cache=ki, cache_lens=cache_lens, block_size=4, topk=2)
+    bad = [
+        dict(q=q[:, :3]),                                    # Hq not a multiple of Hkv
+        dict(qi=qi[:1]),                                     # batch mismatch
+        dict(v_cache=v[:, :, :5]),                           # v not shaped like k
+        dict(ki_cache=ki[:, :, :8]),                         # Di mismatch
+        dict(cache_lens=torch.tensor([13, 5], device=DEVICE)),  # beyond Tmax
+        dict(cache_lens=torch.tensor([0, 5], device=DEVICE)),   # empty cache
+        dict(cache_lens=cache_lens.float()),                 # not integers
+        dict(cache_lens=cache_lens[:1]),                     # wrong length
+        dict(k_cache=k.double(), v_cache=v.double()),        # cache dtype differs from q
+        dict(block_size=0), dict(topk=0),
+    ]
+    for change in bad:
+        with pytest.raises(ValueError):
+            dec.sparse_decode(**{**ok, **change})
+
+
+@requires_cuda
+@pytest.mark.parametrize("lens", [[4096, 1000, 129, 1], [300]])
+def test_bf16_m3_heads_on_gpu(lens):
+    # the M3 head shape (G = 16, D = Di = 128, bs = 128), bf16 caches, ragged rows; compared with the
+    # fp32 reference on the same bf16 numbers
+    B, Hq, Hkv, Tmax, D, Di, bs, K = len(lens), 64, 4, 4096, 128, 128, 128, 16
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens, dtype=torch.bfloat16, seed=3)
+    want_idx, want_out = prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K)
+    assert torch.equal(dec._select(qi, ki, cache_lens, bs, K), want_idx)
+    out = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    assert out.dtype == torch.bfloat16 and rel_err(out, want_out) < 1e-2
+
+
+@requires_cuda
+def test_cuda_graph_replay_follows_new_lengths():
+    # captured once, replayed after the lengths and the query change in place: no host sync inside
+    B, Hq, Hkv, Tmax, D, Di, bs, K = 3, 16, 2, 2048, 64, 64, 64, 4
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, [2048, 700, 65],
+                                                     dtype=torch.bfloat16, seed=4)
+    dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)    # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    for lens in ([1500, 64, 2048], [1, 2, 3]):
+        cache_lens.copy_(torch.tensor(lens))
+        rows = torch.arange(B, device=DEVICE)
+        q.copy_(qs[rows, :, cache_lens - 1])
+        qi.copy_(qis[rows, :, cache_lens - 1])
+        g.replay()
+        want = msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+        assert rel_err(out, want) < 1e-2
+
+
+@pytest.mark.parametrize("block_n,items", [(16, 1), (16, 3), (32, 2)])
+def test_split_and_multi_item_programs(monkeypatch, block_n, items):
+    # the split-K pass cut differently: blocks in several pieces (BLOCK_N < bs), several pieces per
+    # program (ITEMS > 1, the last program partly empty); the answer must not change
+    monkeypatch.setattr(dec, "_attend_config", lambda B, Hkv, K, bs: (block_n, items, 4))
+    B, Hq, Hkv, Tmax, D, Di, bs, K = 2, 4, 2, 150, 16, 16, 40, 3
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, [150, 45], seed=5)
+    want = msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    assert rel_err(dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K), want) < 1e-5
