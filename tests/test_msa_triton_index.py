@@ -1,0 +1,166 @@
+"""
+Tests of msa_triton_index.py (index_topk, kl_loss) against msa_ref, the definition.
+Without CUDA the kernels run in Triton's interpreter (tiny shapes, fp32: its bf16 tl.dot is wrong);
+on a GPU the same tests run compiled, plus bf16 checks at larger sizes.
+fp32 selections must equal msa_ref's exactly (random inputs have no ties unless a test builds them).
+bf16 scores are accumulated in another order than msa_ref's fp32 ones, so a bf16 selection is checked
+by score: the chosen blocks' reference scores must be the top K-1 up to a small tolerance.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():                # before triton is imported; conftest.py does the same
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import msa_ref
+import msa_triton_index as mti
+from conftest import DEVICE, rand_inputs, requires_cuda
+
+
+def index_inputs(B, Hkv, T, Di, dtype=torch.float32, seed=0):
+    _, _, _, qi, ki = rand_inputs(B, Hkv, Hkv, T, 16, Di, dtype=dtype, seed=seed)
+    return qi, ki
+
+
+# ---------------------------------------------------------------------------------------------
+# index_topk
+
+@pytest.mark.parametrize("B, Hkv, T, Di, bs, K", [
+    (1, 1, 1, 16, 4, 3),       # T = 1: only the local block
+    (2, 2, 45, 16, 4, 3),      # B > 1, T not a multiple of bs
+    (1, 3, 70, 32, 8, 4),      # three groups
+    (1, 1, 33, 16, 8, 1),      # K = 1: the local block alone
+    (1, 2, 64, 16, 16, 16),    # K larger than the number of visible blocks
+    (1, 1, 50, 24, 5, 4),      # Di and bs not powers of two
+    (1, 1, 90, 16, 40, 2),     # bs larger than the kernel's key chunk (two chunks per block)
+])
+def test_index_topk_matches_ref(B, Hkv, T, Di, bs, K):
+    qi, ki = index_inputs(B, Hkv, T, Di)
+    got = mti.index_topk(qi, ki, bs, K)
+    assert got.dtype == torch.int32 and got.shape == (B, Hkv, T, K)
+    assert torch.equal(got.cpu(), msa_ref.index_topk(qi.cpu(), ki.cpu(), bs, K))
+
+
+def test_index_topk_ties_and_views():
+    """Blocks 1, 2 and 4 hold the same keys, so every query scores them equally: the lower block must
+    come first, as in msa_ref. Inputs are non-contiguous views."""
+    B, Hkv, T, Di, bs, K = 1, 2, 48, 16, 6, 4
+    qi, ki = index_inputs(B, Hkv, T, Di, seed=3)
+    ki = ki.clone()
+    ki[:, 2 * bs:3 * bs] = ki[:, bs:2 * bs]
+    ki[:, 4 * bs:5 * bs] = ki[:, bs:2 * bs]
+    qi_view = qi.transpose(1, 2).contiguous().transpose(1, 2)                  # (B, Hkv, T, Di), other strides
+    ki_view = torch.cat([ki, ki], dim=-1)[..., :Di]                            # row stride 2 * Di
+    got = mti.index_topk(qi_view, ki_view, bs, K).cpu()
+    ref = msa_ref.index_topk(qi.cpu(), ki.cpu(), bs, K)
+    assert torch.equal(got, ref)
+    S = msa_ref.block_scores(qi.cpu(), ki.cpu(), bs, torch.arange(T))
+    assert (S[..., 3 * bs:, 1] == S[..., 3 * bs:, 2]).all()                      # the ties are real
+
+
+def test_index_topk_rejects_bad_input():
+    qi, ki = index_inputs(1, 2, 16, 16)
+    with pytest.raises(ValueError, match="topk"):
+        mti.index_topk(qi, ki, 4, 0)
+    with pytest.raises(ValueError, match="block_size"):
+        mti.index_topk(qi, ki, 0, 2)
+    with pytest.raises(ValueError, match="ki must be"):
+        mti.index_topk(qi, ki[:, :8], 4, 2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T, bs, K", [(4096, 128, 16), (3000, 64, 8)])
+def test_index_topk_bf16_by_score(T, bs, K):
+    """bf16 on the GPU: the chosen non-local blocks' fp32 reference scores are the best K-1 up to 2e-2
+    (bf16 products are exact, fp32 sums in another order differ by ~1e-5; the slack is generous)."""
+    B, Hkv, Di = 2, 4, 128
+    qi, ki = index_inputs(B, Hkv, T, Di, dtype=torch.bfloat16, seed=5)
+    got = mti.index_topk(qi, ki, bs, K).long()
+    ref = msa_ref.index_topk(qi, ki, bs, K).long()
+    q_pos = torch.arange(T, device=qi.device)
+    S = msa_ref.block_scores(qi, ki, bs, q_pos)                                # (B, Hkv, T, nb) fp32
+    local = (q_pos // bs).view(1, 1, T, 1)
+    n_valid = torch.clamp(local + 1, max=K)
+    slot = torch.arange(K, device=qi.device)
+    assert torch.equal(got == -1, ref == -1)                                   # same valid count
+    assert (got.gather(3, n_valid - 1) == local).all()                         # local block in the last valid slot
+    far = slot < n_valid - 1                                                   # (B, Hkv, T, K) non-local slots
+    assert ((got < local) | ~far).all() and ((got >= 0) | ~far).all()
+    ours = torch.where(far, S.gather(3, got.clamp(min=0)), 0.0).sum(-1)
+    best = torch.where(far, S.gather(3, ref.clamp(min=0)), 0.0).sum(-1)
+    assert ((best - ours) <= 2e-2 * (far.sum(-1) + 1)).all()                  # same total score up to rounding
+    assert (got.sort(-1).values != ref.sort(-1).values).any(-1).float().mean() < 0.05  # nearly always the same set
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_loss
+
+def kl_case(B, Hq, Hkv, T, D, Di, bs, K, dtype=torch.float32, seed=1, block_idx="topk"):
+    q, k, _, qi, ki = rand_inputs(B, Hq, Hkv, T, D, Di, dtype=dtype, seed=seed)
+    if block_idx == "topk":
+        idx = msa_ref.index_topk(qi, ki, bs, K)
+    else:                                                                      # hand-made: repeats, -1 holes
+        g = torch.Generator().manual_seed(seed)
+        nb = math.ceil(T / bs)
+        idx = torch.randint(-1, nb, (B, Hkv, T, K), generator=g).to(torch.int32).to(qi.device)
+    return q, k, qi, ki, idx
+
+
+def kl_both(q, k, qi, ki, idx, bs):
+    """(loss, dqi, dki) of msa_triton_index and of msa_ref on the same inputs."""
+    out = []
+    for fn in (mti.kl_loss, msa_ref.kl_loss):
+        qg, kg = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
+        loss = fn(q, k, qg, kg, idx, bs)
+        loss.backward()
+        out.append((loss.detach().float(), qg.grad.float(), kg.grad.float()))
+    return out
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, T, D, Di, bs, K, sel", [
+    (1, 2, 1, 20, 16, 16, 4, 3, "topk"),      # G = 2, one group
+    (2, 4, 2, 45, 32, 16, 8, 3, "topk"),      # B > 1, Di != D, T not a multiple of bs
+    (1, 3, 3, 37, 16, 32, 8, 2, "topk"),      # G = 1
+    (1, 2, 1, 40, 16, 16, 5, 16, "topk"),     # K larger than the visible blocks, bs not a power of two
+    (1, 2, 1, 50, 16, 16, 40, 2, "topk"),     # bs larger than the kernel's key chunk
+    (1, 4, 2, 30, 16, 16, 4, 4, "random"),    # hand-made: repeated blocks, -1 holes, future blocks
+])
+def test_kl_loss_matches_ref(B, Hq, Hkv, T, D, Di, bs, K, sel):
+    q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, block_idx=sel)
+    (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)
+    assert torch.allclose(l1.cpu(), l0.cpu(), rtol=1e-5, atol=1e-6)
+    for a, b in ((dqi1, dqi0), (dki1, dki0)):
+        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_kl_loss_grads_reach_only_the_index_branch():
+    q, k, qi, ki, idx = kl_case(1, 2, 1, 12, 16, 16, 4, 2)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    qi = qi.requires_grad_()
+    mti.kl_loss(q, k, qi, ki, idx, 4).backward()
+    assert q.grad is None and k.grad is None and qi.grad is not None
+    with torch.no_grad():                                                      # no gradient work asked for
+        assert torch.allclose(mti.kl_loss(q, k, qi, ki, idx, 4), msa_ref.kl_loss(q, k, qi, ki, idx, 4), rtol=1e-5)
+
+
+def test_kl_loss_rejects_bad_input():
+    q, k, qi, ki, idx = kl_case(1, 2, 1, 12, 16, 16, 4, 2)
+    with pytest.raises(ValueError, match="block_idx entries"):
+        mti.kl_loss(q, k, qi, ki, idx + 5, 4)
+    with pytest.raises(ValueError, match="Hq must be a multiple"):
+        mti.kl_loss(q[:, :1].expand(1, 3, 12, 16), k.expand(1, 2, 12, 16), qi.expand(1, 2, 12, 16), ki, idx.expand(1, 2, 12, 2), 4)
+    with pytest.raises(ValueError, match="qi must be"):
+        mti.kl_loss(q, k, qi[:, :, :6], ki, idx, 4)
+
+
+@requires_cuda
+def test_kl_loss_bf16_gpu():
+    """bf16 inputs, fp32 accumulation: loss within 1e-3 relative, gradients within 2e-2 of their scale."""
+    q, k, qi, ki, idx = kl_case(2, 16, 2, 1500, 128, 128, 64, 8, dtype=torch.bfloat16)
+    (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, 64)
+    assert torch.allclose(l1, l0, rtol=1e-3)
+    for a, b in ((dqi1, dqi0), (dki1, dki0)):
+        assert (a - b).norm() / b.norm() < 2e-2
