@@ -116,8 +116,9 @@ def make_shape_image(rng):
 
 
 def score_caption(text, attrs):
-    """{attribute: True iff the first line of text names the right value and no other value of that attribute}."""
-    line = text.strip().split("\n")[0].lower()
+    """{attribute: True iff text's first line (up to a newline or <|endoftext|>) names the right value and no other
+    value of that attribute}. Chance level: size 1/2, colour 1/6, shape 1/4, position 1/5."""
+    line = text.strip().split("\n")[0].split("<|endoftext|>")[0].lower()
     says = lambda value: re.search(rf"\b{value}\b", line) is not None
     return {k: says(attrs[k]) and not any(says(v) for v in values if v != attrs[k]) for k, values in ATTRIBUTES.items()}
 

