@@ -318,7 +318,8 @@ def _long_range(tokens, n, rng):
 
 
 def _packed_row(tokens, images, captions, n, rng):
-    """-> (n tokens of text windows and image-caption pairs, [(offset of an image's IMG_START, patches (16, 192) uint8)])"""
+    """-> (n tokens of text windows and image-caption pairs,
+           [(offset of each image's IMG_START, its patches (16, 192) uint8)])"""
     parts, pics, used = [], [], 0
     while used < n:
         if rng.random() < P_IMAGE:
