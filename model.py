@@ -51,7 +51,6 @@ def get_backend(name="auto"):
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024      # training context length T (RoPE itself has no length limit)
     vocab_size: int = 50304     # padded GPT-2 vocabulary plus the image tokens (data.py)
     n_layer: int = 6
     n_head: int = 8             # Hq

@@ -1,0 +1,181 @@
+"""model.py on the reference path (CPU, float32): MoE dispatch, patch embedding, loss masking, the index branch's
+gradients, MSA == dense when every block is selected, and cached decoding == a full forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msa_ref
+from model import GPT, GPTConfig, get_backend, moe_dispatch, swiglu
+
+PATCH = 50  # the image-patch token id of these tiny models
+
+
+def tiny(**kw):
+    """A small model whose MSA layers are really sparse at T=40: blocks of 4, K=3 of them per query."""
+    args = dict(vocab_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, index_dim=8, n_dense_layers=1,
+                msa_block_size=4, msa_topk=3, n_expert=4, expert_topk=2, expert_hidden=24, patch_dim=6,
+                img_patch_id=PATCH)
+    args.update(kw)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args), backend="ref")
+    with torch.no_grad():  # index weights large enough that the selection is not a near-tie everywhere
+        for name, p in model.named_parameters():
+            if ".wqi." in name or ".wki." in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def batch(B=2, T=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, PATCH, (B, T), generator=g)
+    x[:, 5:9] = PATCH                                    # an "image" of 4 patches in every row
+    y = torch.randint(0, PATCH, (B, T), generator=g)
+    y[:, 4:8] = -1                                       # no loss where the target is an image token
+    patches = torch.rand(B, T, 6, generator=g)
+    return x, y, patches
+
+
+def test_backend_choice():
+    assert get_backend("ref") is msa_ref
+    if not torch.cuda.is_available():
+        assert get_backend("auto") is msa_ref
+    with pytest.raises(ValueError, match="backend must be"):
+        get_backend("fast")
+
+
+@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (37, 5, 2), (64, 8, 3)])
+def test_moe_dispatch_equals_per_token_loop(N, E, k):
+    g = torch.Generator().manual_seed(N)
+    C, H = 12, 20
+    f64 = dict(generator=g, dtype=torch.float64)
+    x = torch.randn(N, C, **f64)
+    w1, w3, w2 = torch.randn(E, C, H, **f64), torch.randn(E, C, H, **f64), torch.randn(E, H, C, **f64)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])  # k distinct experts per token
+    gate = torch.rand(N, k, **f64)
+    want = torch.zeros(N, C, dtype=torch.float64)
+    for n in range(N):          # the naive way: token by token, expert by expert
+        for j in range(k):
+            e = idx[n, j]
+            want[n] += gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
+    torch.testing.assert_close(moe_dispatch(x, idx, gate, w1, w3, w2), want)
+
+
+def test_moe_layer_routing_and_balance():
+    model = tiny()
+    moe = model.blocks[0].moe
+    x = torch.randn(2, 7, 32)
+    out, balance, load = moe(x)
+    xf = x.reshape(14, 32)
+    logits = moe.router(xf)
+    top, idx = logits.topk(2, -1)
+    want = moe_dispatch(xf, idx, top.softmax(-1), moe.w1, moe.w3, moe.w2) + swiglu(xf, *moe.shared)
+    torch.testing.assert_close(out.reshape(14, 32), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(load, torch.bincount(idx.reshape(-1), minlength=4) / 28.0)  # 14 tokens x 2 experts
+    torch.testing.assert_close(balance, 4 * (load * logits.softmax(-1).mean(0)).sum())  # Switch: E * sum f_e P_e
+    # the balance loss pushes router probability away from overloaded experts
+    balance.backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+def test_patch_embedding_and_checks():
+    model = tiny()
+    x, y, patches = batch()
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
+    logits, _ = model(x, patches=patches)
+    is_patch = x == PATCH
+    torch.testing.assert_close(seen["h"][is_patch], model.patch_proj(patches[is_patch]))
+    torch.testing.assert_close(seen["h"][~is_patch], model.wte(x[~is_patch]))
+    # pixels away from IMG_PATCH positions are ignored; pixels of a patch change what follows it
+    p2 = patches.clone()
+    p2[~is_patch] = 7.0
+    torch.testing.assert_close(model(x, patches=p2)[0], logits)
+    p2[0, 6] += 1.0
+    changed = (model(x, patches=p2)[0] - logits).abs().amax(-1)  # (B, T)
+    assert changed[0, :6].max() == 0 and changed[0, 6:].min() > 0 and changed[1].max() == 0
+    with pytest.raises(ValueError, match="no patches"):
+        model(x)
+    with pytest.raises(ValueError, match="patches must be"):
+        model(x, patches=patches[:, :, :5])
+    with pytest.raises(ValueError, match="y must have"):
+        model(x, y[:, :-1], patches)
+
+
+def test_loss_is_on_text_only():
+    model = tiny()
+    x, y, patches = batch()
+    logits, losses = model(x, y, patches)
+    keep = y != -1
+    want = F.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(losses["lm"], want)
+    logits.retain_grad()
+    losses["lm"].backward()
+    assert logits.grad[~keep].abs().max() == 0 and logits.grad[keep].abs().sum() > 0
+
+
+def test_index_branch_learns_from_kl_only():
+    model = tiny()
+    x, y, patches = batch()
+    _, losses = model(x, y, patches)
+    assert losses["kl_layers"].shape == (2,) and losses["kl"].item() > 0
+    attn = model.blocks[1].attn
+    losses["lm"].backward(retain_graph=True)
+    assert attn.wqi.weight.grad is None and attn.wki.weight.grad is None and attn.wq.weight.grad is not None
+    model.zero_grad()
+    losses["kl"].backward()
+    assert attn.wqi.weight.grad.abs().sum() > 0 and attn.wki.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if ".wqi." not in n and ".wki." not in n)
+
+
+def test_msa_equals_dense_when_every_block_is_selected():
+    """K * bs >= T: MSA selects everything, so the model equals attention='dense' with the same weights;
+    and the dense-warm-up KL equals the sparse KL."""
+    msa = tiny(msa_topk=10)              # 10 blocks of 4 >= T = 40
+    dense = tiny(msa_topk=10, attention="dense")
+    assert not any(".wqi." in n for n, _ in dense.named_parameters())
+    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+    x, y, patches = batch()
+    lm, lo = msa(x, y, patches)
+    ld, lod = dense(x, y, patches)
+    torch.testing.assert_close(lm, ld, rtol=1e-4, atol=1e-5)
+    assert lod["kl_layers"].numel() == 0 and lod["kl"].item() == 0
+    torch.testing.assert_close(msa(x, y, patches, kl_dense=True)[1]["kl"], lo["kl"])
+
+
+@pytest.mark.parametrize("attention", ["msa", "dense"])
+def test_cached_decode_equals_full_forward(attention):
+    """Prefill 9 tokens (an image inside), then decode 31 more one at a time through the caches: every step's
+    logits equal the full forward's at that position (the selection is sparse: K * bs = 12 < 40)."""
+    model = tiny(attention=attention).eval()
+    x, _, patches = batch()
+    with torch.no_grad():
+        full, _ = model(x, patches=patches)                        # (B, T, V)
+        cache = [dict(size=40) for _ in model.blocks]
+        step, _ = model(x[:, :9], patches=patches[:, :9], cache=cache)
+        got = [step[:, 0]]
+        for t in range(9, 40):
+            step, _ = model(x[:, t:t + 1], cache=cache, pos0=t)
+            got.append(step[:, 0])
+    torch.testing.assert_close(torch.stack(got, 1), full[:, 8:], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_greedy_equals_reforward():
+    model = tiny().eval()
+    x, _, _ = batch()
+    x = x[:, :11].clamp(max=PATCH - 1)
+    out, t_prompt, t_new = model.generate(x, max_new_tokens=6, temperature=0)
+    ref = x
+    with torch.no_grad():
+        for _ in range(6):
+            ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref) and t_prompt >= 0 and t_new >= 0
+    g = torch.Generator().manual_seed(3)
+    sampled, _, _ = model.generate(x, 5, temperature=1.0, top_k=3, generator=g)
+    assert sampled.shape == (2, 16) and torch.equal(sampled[:, :11], x)
+
+
+def test_bad_config():
+    for kw, msg in [(dict(n_kv_head=3), "multiple of n_kv_head"), (dict(attention="sparse"), "attention must be"),
+                    (dict(expert_topk=5), "expert_topk"), (dict(n_dense_layers=4), "n_dense_layers")]:
+        with pytest.raises(ValueError, match=msg):
+            tiny(**kw)
