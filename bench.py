@@ -110,7 +110,9 @@ def check_attention(q, k, v, block_idx, bs, n_rows=64):
         g = torch.autograd.grad(out, qkv, dout)
         rg = torch.autograd.grad(rout, ref, dout.float())
         g2 = torch.autograd.grad(msa_triton.sparse_attention(*qkv, block_idx, bs)[0], qkv, dout)
-        res.update(out=rel_err(out, rout), lse=rel_err(lse, rlse), dq=rel_err(g[0], rg[0]),
+        fin = rlse.isfinite()                                                  # -inf rows must match exactly
+        res.update(out=rel_err(out, rout), lse=rel_err(lse[fin], rlse[fin]), lse_inf_match=torch.equal(lse.isfinite(), fin),
+                   dq=rel_err(g[0], rg[0]),
                    dk=rel_err(g[1], rg[1]), dv=rel_err(g[2], rg[2]),
                    deterministic=all(torch.equal(a, b) for a, b in zip(g, g2)))
         return res

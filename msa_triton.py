@@ -30,6 +30,7 @@ from msa_ref import _expect, check_inputs
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PARTIAL_ELEMS = 1 << 30   # partial buffers hold at most this many elements: chunks of T keep memory bounded
+_DQP_DTYPE = None         # experiment: partial dq dtype (None: q's)
 SEG = 64                  # forward: (token, slot) entries per program, so hot blocks split over programs
 
 
@@ -97,6 +98,13 @@ def _tile_rows(ENT, i, hi, K, t0, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.co
 
 
 @triton.jit
+def _gather(X, b, g, G, h, t, rv, sxb, sxh, sxt, sxd, d, dmask):
+    """Rows (head g * G + h, token t) of X (B, H, T, D) -> (ROWS, BLOCK_D), zeros where not rv."""
+    return tl.load(X + b * sxb + (g * G + h)[:, None] * sxh + t[:, None].to(tl.int64) * sxt + d[None, :] * sxd,
+                   mask=rv[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
 def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                    T, t0, Tc, K, NSEG, Hkv, BS, D, scale2,
@@ -121,10 +129,13 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
         k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
-        for i in range(lo, hi, ROWS // GP):
-            tloc, slot, t, h, rv = _tile_rows(ENTb, i, hi, K, t0, G, GP, ROWS)
-            q = tl.load(Q + b * sqb + (g * G + h)[:, None] * sqh + t[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
-                        mask=rv[:, None] & dmask[None, :], other=0.0)        # (ROWS, BLOCK_D)
+        STEP: tl.constexpr = ROWS // GP                                        # tokens per tile
+        tloc, slot, t, h, rv = _tile_rows(ENTb, lo, hi, K, t0, G, GP, ROWS)
+        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask)       # (ROWS, BLOCK_D)
+        for i in range(lo, hi, STEP):
+            # issue the next tile's gather now, use it next iteration: its latency hides behind this tile
+            tloc_n, slot_n, t_n, h, rv_n = _tile_rows(ENTb, i + STEP, hi, K, t0, G, GP, ROWS)
+            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2         # (ROWS, BLOCK_N)
             vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])  # causal inside the block
             s = tl.where(vis, s, float("-inf"))
@@ -139,15 +150,16 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
             po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h            # (ROWS,) partial row index
             tl.store(OP + po[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
             tl.store(LP + po, lse2, mask=rv)
+            q, tloc, slot, t, rv = q_n, tloc_n, slot_n, t_n, rv_n
 
 
 @triton.jit
 def _combine_kernel(OP, LP, SLOTS, O, LSE, T, t0, Tc, K, Hkv, D,
                     G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                    WITH_LSE: tl.constexpr):
+                    WITH_LSE: tl.constexpr, NSUB: tl.constexpr):
     """Merge the K partials of ROWS // GP tokens of one (batch, group) into O (B, Hq, T, D), contiguous.
     WITH_LSE: partial outs weighted by their lse2 (forward; also writes LSE (B, Hq, T) in natural log);
-    else a plain sum (dq). Slots with SLOTS < 0 were never written and are not read."""
+    else a plain sum (dq, NSUB partials per slot). Slots with SLOTS < 0 were never written and are not read."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     r = tl.arange(0, ROWS)
@@ -160,9 +172,9 @@ def _combine_kernel(OP, LP, SLOTS, O, LSE, T, t0, Tc, K, Hkv, D,
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((ROWS,), dtype=tl.float32)
-    for s in range(K):
-        ok = rv & (tl.load(SLOTS + row0 + s, mask=rv, other=-1) >= 0)
-        po = (row0 + s) * G + h
+    for s in range(K * NSUB):
+        ok = rv & (tl.load(SLOTS + row0 + s // NSUB, mask=rv, other=-1) >= 0)
+        po = (row0 * NSUB + s) * G + h
         o = tl.load(OP + po[:, None] * D + d[None, :], mask=ok[:, None] & dm, other=0.0).to(tl.float32)
         if WITH_LSE:
             ls = tl.load(LP + po, mask=ok, other=float("-inf"))
@@ -250,19 +262,22 @@ def _delta_kernel(O, DO, DELTA, N, T, Hq, sob, soh, sot, sod, sdb, sdh, sdt, sdd
 def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdt, sdd,
                    T, t0, Tc, K, NBC, Hkv, BS, D, scale, scale2,
-                   G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """One program = one KV block of one (batch, group), over every (token, slot) of the chunk that chose it.
-    Adds the block's dK, dV into DK, DV (B, Hkv, T, D) fp32, which this program alone owns in this launch,
-    and writes each row's partial dQ into DQP (BH, Tc, K, G, D) fp32."""
-    kb = tl.program_id(0)
+                   G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, NSUB: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """One program = keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of one KV block (NSUB parts per block) of one
+    (batch, group), over every (token, slot) of the chunk that chose the block. Adds their dK, dV into
+    DK, DV (B, Hkv, T, D) fp32, which this program alone owns in this launch, and writes each row's
+    partial dQ into DQP (BH, Tc, K * NSUB, G, D) at slot * NSUB + sub."""
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
+    kb = pid // NSUB
+    sub = pid % NSUB
     b = (bh // Hkv).to(tl.int64)
     g = bh % Hkv
     lo = tl.load(BSTART + bh * NBC + kb).to(tl.int32)
     hi = lo + tl.load(BCNT + bh * NBC + kb).to(tl.int32)
     if lo < hi:
-        jn = tl.arange(0, BLOCK_N)
+        jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)                             # key offsets inside the block
         n = kb * BS + jn
         d = tl.arange(0, BLOCK_D)
         kmask = (jn < BS) & (n < T)
@@ -273,15 +288,21 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
-        for i in range(lo, hi, ROWS // GP):
-            tloc, slot, t, h, rv = _tile_rows(ENTb, i, hi, K, t0, G, GP, ROWS)
-            rm = rv[:, None] & dmask[None, :]
-            tt = t[:, None].to(tl.int64)
-            q = tl.load(Q + b * sqb + (g * G + h)[:, None] * sqh + tt * sqt + d[None, :] * sqd, mask=rm, other=0.0)
-            do = tl.load(DO + b * sdb + (g * G + h)[:, None] * sdh + tt * sdt + d[None, :] * sdd, mask=rm, other=0.0)
-            row = ((b * Hkv + g) * G + h) * T + t                              # (ROWS,) row of (B, Hq, T)
-            lse2 = tl.load(LSE + row, mask=rv, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row, mask=rv, other=0.0)
+        STEP: tl.constexpr = ROWS // GP
+        tloc, slot, t, h, rv = _tile_rows(ENTb, lo, hi, K, t0, G, GP, ROWS)
+        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask)       # (ROWS, BLOCK_D)
+        do = _gather(DO, b, g, G, h, t, rv, sdb, sdh, sdt, sdd, d, dmask)
+        row = ((b * Hkv + g) * G + h) * T + t                                  # (ROWS,) rows of (B, Hq, T)
+        lse2 = tl.load(LSE + row, mask=rv, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row, mask=rv, other=0.0)
+        for i in range(lo, hi, STEP):
+            # issue the next tile's gathers now, use them next iteration (latency hiding)
+            tloc_n, slot_n, t_n, h, rv_n = _tile_rows(ENTb, i + STEP, hi, K, t0, G, GP, ROWS)
+            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask)
+            do_n = _gather(DO, b, g, G, h, t_n, rv_n, sdb, sdh, sdt, sdd, d, dmask)
+            row_n = ((b * Hkv + g) * G + h) * T + t_n
+            lse2_n = tl.load(LSE + row_n, mask=rv_n, other=0.0) * 1.4426950408889634
+            delta_n = tl.load(DELTA + row_n, mask=rv_n, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2          # (ROWS, BLOCK_N)
             vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)                 # the forward's probabilities
@@ -290,8 +311,9 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale      # (ROWS, BLOCK_D)
-            po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h
-            tl.store(DQP + po[:, None] * D + d[None, :], dq, mask=rm)
+            po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * NSUB + sub       # (ROWS,) partial slot
+            tl.store(DQP + (po * G + h)[:, None] * D + d[None, :], dq.to(DQP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
+            q, do, lse2, delta, tloc, slot, t, rv = q_n, do_n, lse2_n, delta_n, tloc_n, slot_n, t_n, rv_n
         kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
         tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
         tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
@@ -320,6 +342,14 @@ def _consts(q, block_size):
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _tiles(kind, D, GP, BLOCK_N):
+    """(rows per tile, num_warps, num_stages, keys per program) of the 'fwd' and 'bwd' KV-outer kernels.
+    rows = tokens x GP heads; the forward takes a whole block, the backward may split it (less registers)."""
+    if kind == "fwd":
+        return (max(GP, 64), 4, 2, BLOCK_N)
+    return (max(GP, 64), 8 if D > 64 else 4, 2, BLOCK_N)
+
+
 def _chunk(B, Hkv, G, K, D):
     """Tokens per chunk so that a partial buffer (B*Hkv, Tc, K, G, D) stays under PARTIAL_ELEMS."""
     return max(1, PARTIAL_ELEMS // (B * Hkv * K * G * D))
@@ -332,7 +362,7 @@ def _forward(q, k, v, block_idx, block_size):
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
     c = _consts(q, block_size)
-    ROWS = max(GP, 64 if D > 64 else 128)
+    ROWS, warps, stages, _ = _tiles("fwd", D, GP, c["BLOCK_N"])
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     Tc = min(T, _chunk(B, Hkv, G, K, D))
@@ -347,11 +377,11 @@ def _forward(q, k, v, block_idx, block_size):
         _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
             q, k, v, op, lp, ent, lo, hi, blk, *q.stride(), *k.stride(), *v.stride(),
             T, t0, t1 - t0, K, lo.shape[1], Hkv, block_size, D, LOG2E / math.sqrt(D),
-            G=G, GP=GP, ROWS=ROWS, num_warps=8 if ROWS * c["BLOCK_D"] >= 128 * 128 else 4, num_stages=2, **c)
+            G=G, GP=GP, ROWS=ROWS, num_warps=warps, num_stages=stages, **c)
         CR = max(GP, 32)
         _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
             op, lp, slots, out, lse, T, t0, t1 - t0, K, Hkv, D,
-            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=True, num_warps=4)
+            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=True, NSUB=1, num_warps=4)
     return out, lse
 
 
@@ -368,23 +398,24 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
     dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
-    ROWS = max(GP, 64)
-    Tc = min(T, _chunk(B, Hkv, G, K, D))
+    ROWS, warps, stages, BN = _tiles("bwd", D, GP, c["BLOCK_N"])
+    NSUB = triton.cdiv(block_size, BN)                                         # programs per KV block
+    Tc = min(T, _chunk(B, Hkv, G, K * NSUB, D))
     for t0 in range(0, T, Tc):
         t1 = min(T, t0 + Tc)
         nbc = math.ceil(t1 / block_size)
         slots = _slots(block_idx, t0, t1, nbc)
         ent, start, cnt = _csr(slots, nbc)
-        dqp = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=torch.float32)
-        _bwd_kv_kernel[(nbc, B * Hkv)](
+        dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=_DQP_DTYPE or q.dtype)  # partial dq
+        _bwd_kv_kernel[(nbc * NSUB, B * Hkv)](
             q, k, v, dout, lse, delta, dqp, dk, dv, ent, start, cnt,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             T, t0, t1 - t0, K, nbc, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
-            G=G, GP=GP, ROWS=ROWS, num_warps=8 if c["BLOCK_D"] * c["BLOCK_N"] >= 128 * 64 else 4, num_stages=2, **c)
+            G=G, GP=GP, ROWS=ROWS, NSUB=NSUB, num_warps=warps, num_stages=stages, **dict(c, BLOCK_N=BN))
         CR = max(GP, 32)
         _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
             dqp, dqp, slots, dq, dq, T, t0, t1 - t0, K, Hkv, D,
-            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, num_warps=4)
+            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, NSUB=NSUB, num_warps=4)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
