@@ -74,7 +74,8 @@ def _score_kernel(qi_ptr, ki_ptr, lens_ptr, s_ptr,
 
 @triton.jit
 def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
-                 HKV: tl.constexpr, BS: tl.constexpr, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
+                 HKV: tl.constexpr, BS: tl.constexpr, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr,
+                 SORT: tl.constexpr):
     pid = tl.program_id(0)                                   # one (row b, group h)
     b = pid // HKV
     h = pid % HKV
@@ -93,10 +94,14 @@ def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
     n_far = tl.minimum(local, K - 1)                         # earlier blocks to take
     slot = tl.arange(0, K_P)
     out = tl.where(slot == n_far, local, -1)                 # local block in the last valid slot
-    for i in tl.static_range(K - 1):
-        best = tl.max(key, axis=0)
-        out = tl.where((slot == i) & (slot < n_far), NB_P - 1 - best.to(tl.int32), out)
-        key = tl.where(key == best, -9223372036854775807 - 1, key)  # keys are unique: drops one block
+    if SORT:
+        best = tl.topk(key, K_P)                             # (K_P,) the K_P largest keys, descending
+        out = tl.where(slot < n_far, NB_P - 1 - best.to(tl.int32), out)
+    else:
+        for i in tl.static_range(K - 1):
+            best = tl.max(key, axis=0)
+            out = tl.where((slot == i) & (slot < n_far), NB_P - 1 - best.to(tl.int32), out)
+            key = tl.where(key == best, -9223372036854775807 - 1, key)  # keys are unique: drops one block
     tl.store(idx_ptr + pid * K + slot, out, mask=slot < K)
 
 
@@ -178,20 +183,25 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
 
 
 # ---------------------------------------------------------------------------------------------
-# launch choices (benchmarks may override these two functions to sweep)
+# launch choices (benchmarks override these functions to sweep)
 
 def _score_config(B, nb):
     """(BLOCKS, num_warps) of the scoring pass: BLOCKS (bs x Di) tiles of index keys per program."""
     return 1, 4
 
 
+def _topk_config(B, Hkv, nb):
+    """(num_warps, use tl.topk) of the top-k pass."""
+    return 4, False
+
+
 def _attend_config(B, Hkv, K, block_size):
-    """(BLOCK_N, ITEMS, num_warps): tokens per piece and pieces per program of the split-K pass.
-    Few (row, group) pairs: cut blocks in halves so that more programs share the machine."""
+    """(BLOCK_N, ITEMS, num_warps, num_stages): tokens per piece and pieces per program of the split-K
+    pass. Few (row, group) pairs: cut blocks in halves so that more programs share the machine."""
     bn = min(128, _pow2(block_size))
     if B * Hkv * K < 2 * 132 and block_size > 64:
         bn = 64
-    return bn, 1, 4
+    return bn, 1, 4, 2
 
 
 def _prec(t):
@@ -199,9 +209,9 @@ def _prec(t):
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def _select(qi, ki_cache, cache_lens, block_size, topk):
-    """Steps 1-2. qi (B, Hkv, Di), ki_cache (B, Tmax, Di), cache_lens (B,) on the device
-    -> block_idx (B, Hkv, K) int32, exactly msa_ref.select_blocks' order."""
+def _block_scores(qi, ki_cache, cache_lens, block_size):
+    """Step 1. qi (B, Hkv, Di), ki_cache (B, Tmax, Di), cache_lens (B,) -> S (B, Hkv, nb) float32,
+    written for the blocks before each row's local block only."""
     B, Hkv, Di = qi.shape
     Tmax = ki_cache.shape[1]
     nb = triton.cdiv(Tmax, block_size)
@@ -211,33 +221,58 @@ def _select(qi, ki_cache, cache_lens, block_size, topk):
                                                 *qi.stride(), *ki_cache.stride(), S.stride(0), S.stride(1),
                                                 Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di),
                                                 BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), num_warps=warps)
-    block_idx = torch.empty(B, Hkv, topk, device=qi.device, dtype=torch.int32)          # (B, Hkv, K)
+    return S
+
+
+def _topk(S, cache_lens, Tmax, block_size, topk):
+    """Step 2. S (B, Hkv, nb) -> block_idx (B, Hkv, K) int32, exactly msa_ref.select_blocks' order."""
+    B, Hkv, nb = S.shape
+    block_idx = torch.empty(B, Hkv, topk, device=S.device, dtype=torch.int32)           # (B, Hkv, K)
+    warps, sort = _topk_config(B, Hkv, nb)
     _topk_kernel[(B * Hkv,)](S, cache_lens, block_idx, S.stride(0), S.stride(1), Tmax,
-                             HKV=Hkv, BS=block_size, K=topk, NB_P=_pow2(nb, 1), K_P=_pow2(topk, 1),
-                             num_warps=4)
+                             HKV=Hkv, BS=block_size, K=topk, NB_P=max(_pow2(nb, 1), _pow2(topk, 1)),
+                             K_P=_pow2(topk, 1), SORT=sort, num_warps=warps)
     return block_idx
 
 
-def _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size):
-    """Steps 3-4. q (B, Hq, D), caches (B, Hkv, Tmax, D), block_idx (B, Hkv, K) -> out (B, Hq, D)."""
+def _select(qi, ki_cache, cache_lens, block_size, topk):
+    """Steps 1-2: the new token's blocks, block_idx (B, Hkv, K) int32."""
+    return _topk(_block_scores(qi, ki_cache, cache_lens, block_size), cache_lens, ki_cache.shape[1], block_size, topk)
+
+
+def _partials(q, k_cache, v_cache, cache_lens, block_idx, block_size):
+    """Step 3. q (B, Hq, D), caches (B, Hkv, Tmax, D), block_idx (B, Hkv, K)
+    -> o_part (B, Hq, NS, D) float32 and lse_part (B, Hq, NS) float32, log2 units."""
     B, Hq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     G, K = Hq // Hkv, block_idx.shape[-1]
     block_idx = block_idx.contiguous()
-    BLOCK_N, ITEMS, warps = _attend_config(B, Hkv, K, block_size)
+    BLOCK_N, ITEMS, warps, stages = _attend_config(B, Hkv, K, block_size)
     splits = triton.cdiv(block_size, BLOCK_N)
     NS = triton.cdiv(K * splits, ITEMS)                                                  # partials per head
     o_part = torch.empty(B, Hq, NS, D, device=q.device, dtype=torch.float32)            # (B, Hq, NS, D)
-    lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS) log2
+    lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS)
     _attend_kernel[(B * Hkv, NS)](q, k_cache, v_cache, cache_lens, block_idx, o_part, lse_part,
                                   *q.stride(), *k_cache.stride(), *v_cache.stride(),
                                   Tmax, LOG2E / math.sqrt(D),
                                   HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
-                                  BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), PREC=_prec(q), num_warps=warps)
-    out = torch.empty_like(q)
+                                  BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), PREC=_prec(q),
+                                  num_warps=warps, num_stages=stages)
+    return o_part, lse_part
+
+
+def _merge(o_part, lse_part, like):
+    """Step 4. Partials (B, Hq, NS, D), (B, Hq, NS) -> out (B, Hq, D) shaped and typed like `like`."""
+    B, Hq, NS, D = o_part.shape
+    out = torch.empty_like(like)
     _merge_kernel[(B * Hq,)](o_part, lse_part, out, *out.stride(),
                              HQ=Hq, D=D, NS=NS, NS_P=_pow2(NS, 1), D_P=_pow2(D, 1), num_warps=4)
     return out
+
+
+def _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size):
+    """Steps 3-4: attention of q (B, Hq, D) over the selected blocks -> out (B, Hq, D)."""
+    return _merge(*_partials(q, k_cache, v_cache, cache_lens, block_idx, block_size), q)
 
 
 def _check_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):

@@ -148,7 +148,7 @@ def test_cuda_graph_replay_follows_new_lengths():
 def test_split_and_multi_item_programs(monkeypatch, block_n, items):
     # the split-K pass cut differently: blocks in several pieces (BLOCK_N < bs), several pieces per
     # program (ITEMS > 1, the last program partly empty); the answer must not change
-    monkeypatch.setattr(dec, "_attend_config", lambda B, Hkv, K, bs: (block_n, items, 4))
+    monkeypatch.setattr(dec, "_attend_config", lambda B, Hkv, K, bs: (block_n, items, 4, 2))
     B, Hq, Hkv, Tmax, D, Di, bs, K = 2, 4, 2, 150, 16, 16, 40, 3
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, [150, 45], seed=5)
     want = msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
@@ -161,3 +161,13 @@ def test_several_blocks_per_scoring_program(monkeypatch):
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(2, 4, 2, 45, 16, 16, [45, 22], seed=6)
     want_idx, _ = prefill_rows(qs, k, v, qis, ki, cache_lens, 4, 4)
     assert torch.equal(dec._select(qi, ki, cache_lens, 4, 4).cpu(), want_idx.cpu())
+
+
+@pytest.mark.parametrize("warps,sort", [(1, False), (2, True)])
+def test_topk_variants(monkeypatch, warps, sort):
+    # the top-k pass by repeated max or by tl.topk: the same blocks in the same order
+    monkeypatch.setattr(dec, "_topk_config", lambda B, Hkv, nb: (warps, sort))
+    for lens, K in (([45, 22, 3], 4), ([45, 30, 9], 16)):
+        q, qi, k, v, ki, cache_lens, qs, qis = make_case(3, 4, 2, 45, 16, 16, lens, seed=7)
+        want_idx, _ = prefill_rows(qs, k, v, qis, ki, cache_lens, 4, K)
+        assert torch.equal(dec._select(qi, ki, cache_lens, 4, K).cpu(), want_idx.cpu())
