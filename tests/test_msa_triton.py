@@ -1,0 +1,166 @@
+"""
+msa_triton.sparse_attention (and the query-outer baseline forward) against msa_ref, the definition.
+Without a GPU these run in fp32 under TRITON_INTERPRET=1 (conftest.py) at tiny sizes; with one they
+also run in bf16 / fp16 at larger sizes with tolerances that fit those dtypes.
+"""
+import pytest
+import torch
+
+import msa_ref
+import msa_triton
+from conftest import DEVICE, rand_inputs, requires_cuda
+
+GPU = DEVICE == "cuda"
+
+
+def random_block_idx(B, Hkv, T, bs, K, seed=0, pad=0.0, shuffle=True):
+    """K-1 distinct random earlier blocks + the local one per token, then some entries set to -1 (pad is
+    the probability) and the K entries of each token shuffled. int32 (B, Hkv, T, K) on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-T // bs)
+    local = torch.arange(T) // bs                                              # (T,)
+    r = torch.rand(B, Hkv, T, nb, generator=g).masked_fill(torch.arange(nb) >= local[:, None], -1.0)
+    far = r.topk(min(K - 1, nb), -1).indices if K > 1 else torch.empty(B, Hkv, T, 0, dtype=torch.long)
+    far = torch.where(r.gather(-1, far) >= 0, far, -1)                         # fewer earlier blocks than K-1
+    idx = torch.cat([far, local.expand(B, Hkv, T)[..., None], torch.full((B, Hkv, T, K), -1)], -1)[..., :K]
+    idx = torch.where(torch.rand(idx.shape, generator=g) < pad, -1, idx)
+    if shuffle:
+        idx = idx.gather(-1, torch.rand(idx.shape, generator=g).argsort(-1))
+    return idx.to(torch.int32).to(DEVICE)
+
+
+def run_both(q, k, v, block_idx, bs, dout):
+    """(out, lse, dq, dk, dv) of msa_triton and of msa_ref computed in float64 from the same inputs."""
+    qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, lse = msa_triton.sparse_attention(*qkv, block_idx, bs)
+    grads = torch.autograd.grad(out, qkv, dout)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rout, rlse = msa_ref.sparse_attention(*ref_in, block_idx, bs)
+    rgrads = torch.autograd.grad(rout, ref_in, dout.double())
+    return (out, lse, *grads), (rout, rlse, *rgrads)
+
+
+def assert_close(got, ref, dtype, what):
+    """Relative Frobenius error: fp32 ~1e-6, bf16 / fp16 operands ~3e-3 (two roundings per product)."""
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
+    got, ref = got.double(), ref.double()
+    fin = ref.isfinite()
+    assert torch.equal(got.isfinite(), fin), f"{what}: -inf pattern differs"
+    err = ((got[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e} ({dtype})"
+
+
+# (B, Hq, Hkv, T, D, bs, K): T not a multiple of bs, G = 1..16, B = 2, K = 1, K*bs >= T (dense)
+CPU_SHAPES = [
+    (1, 2, 1, 1, 16, 16, 2),      # T = 1
+    (2, 4, 2, 37, 16, 8, 3),      # B = 2, T % bs != 0, bs < 16 (padded tiles)
+    (1, 3, 1, 29, 32, 16, 1),     # K = 1 (local block only), G = 3 (not a power of two)
+    (1, 16, 1, 21, 16, 16, 2),    # G = 16
+    (1, 2, 2, 40, 24, 12, 8),     # G = 1, D and bs not powers of two, K * bs >= T: dense causal
+]
+GPU_SHAPES = [
+    (1, 64, 4, 1000, 128, 128, 16),   # M3 head layout
+    (2, 8, 2, 777, 64, 64, 4),        # the repository model's layout
+    (2, 6, 3, 300, 32, 32, 5),
+    (1, 16, 16, 129, 128, 64, 3),     # G = 1
+]
+
+
+def _check(shape, dtype, pad, seed=0):
+    B, Hq, Hkv, T, D, bs, K = shape
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=seed)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=seed, pad=pad)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    got, ref = run_both(q, k, v, block_idx, bs, dout)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, dtype, name)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+def test_matches_ref_fp32(shape):
+    _check(shape, torch.float32, pad=0.2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES + CPU_SHAPES)
+def test_matches_ref_half(shape, dtype):
+    _check(shape, dtype, pad=0.1)
+
+
+def test_empty_rows_and_repeats():
+    """Rows with no visible key (all -1, or only future blocks) give out 0, lse -inf, zero gradients;
+    a block listed twice counts once (msa_ref's set semantics)."""
+    B, Hq, Hkv, T, D, bs = 1, 2, 1, 24, 16, 8
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, seed=3)
+    block_idx = random_block_idx(B, Hkv, T, bs, 3, seed=3, shuffle=False)
+    block_idx[0, 0, 5] = -1                                                    # nothing at all
+    block_idx[0, 0, 6] = torch.tensor([2, 1, -1])                              # only future blocks
+    block_idx[0, 0, 20] = torch.tensor([1, 1, 2])                              # a repeat
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    got, ref = run_both(q, k, v, block_idx, bs, dout)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, torch.float32, name)
+    assert torch.equal(got[0][0, :, 5:7], torch.zeros_like(got[0][0, :, 5:7]))
+    assert bool((got[1][0, :, 5:7] == float("-inf")).all())
+
+
+def test_non_contiguous_and_chunked(monkeypatch):
+    """Strided views of q, k, v, dout, and a partial-buffer bound small enough to force several chunks of T."""
+    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", 4096)
+    B, Hq, Hkv, T, D, bs, K = 2, 4, 2, 45, 16, 8, 3
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, T, Hq, D, generator=g).to(DEVICE).transpose(1, 2)       # (B, Hq, T, D), T-major
+    kv = torch.randn(B, Hkv, T, 2 * D, generator=g).to(DEVICE)
+    k, v = kv[..., :D], kv[..., D:]                                            # strided views
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=5, pad=0.2)
+    dout = torch.randn(B, Hq, D, T, generator=g).to(DEVICE).transpose(2, 3)
+    assert not (q.is_contiguous() or k.is_contiguous() or dout.is_contiguous())
+    got, ref = run_both(q, k, v, block_idx, bs, dout)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, torch.float32, name)
+
+
+def test_backward_is_deterministic():
+    """Two backward passes give bitwise equal gradients (no atomics; fixed reduction orders)."""
+    B, Hq, Hkv, T, D, bs, K = (1, 64, 4, 512, 128, 64, 8) if GPU else (1, 4, 1, 40, 16, 8, 4)
+    dtype = torch.bfloat16 if GPU else torch.float32
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=6)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=6)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    runs = []
+    for _ in range(2):
+        qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        runs.append(torch.autograd.grad(msa_triton.sparse_attention(*qkv, block_idx, bs)[0], qkv, dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if GPU else []))
+def test_query_outer_baseline(dtype):
+    B, Hq, Hkv, T, D, bs, K = (2, 6, 2, 300, 64, 64, 4) if GPU else (2, 4, 2, 37, 16, 8, 3)
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=8)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=8, pad=0.2)
+    out, lse = msa_triton.attention_forward_query_outer(q, k, v, block_idx, bs)
+    rout, rlse = msa_ref.sparse_attention(q.double(), k.double(), v.double(), block_idx, bs)
+    assert_close(out, rout, dtype, "out")
+    assert_close(lse, rlse, dtype, "lse")
+
+
+def test_bad_inputs():
+    q, k, v, _, _ = rand_inputs(1, 4, 2, 8, 16, 8)
+    bi = random_block_idx(1, 2, 8, 4, 2)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        msa_triton.sparse_attention(q[:, :3], k, v, bi, 4)
+    with pytest.raises(ValueError, match="block_idx entries"):
+        msa_triton.sparse_attention(q, k, v, bi + 5, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        msa_triton.sparse_attention(q, k, v, bi, 0)
+    with pytest.raises(ValueError, match="one dtype"):
+        msa_triton.sparse_attention(q, k.double(), v, bi, 4)
+    with pytest.raises(ValueError, match="head dim D must be <= 128"):
+        q2, k2, v2, _, _ = rand_inputs(1, 2, 1, 4, 160, 8)
+        msa_triton.sparse_attention(q2, k2, v2, random_block_idx(1, 1, 4, 4, 1), 4)
+    with pytest.raises(ValueError, match="block_idx must be"):
+        msa_triton.sparse_attention(q, k, v, bi[..., :4, :], 4)
