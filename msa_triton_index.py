@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import check_inputs
+from msa_ref import _expect, check_inputs
 
 INT64_MIN = tl.constexpr(-(2 ** 63))
 
@@ -106,7 +106,8 @@ def index_topk(qi, ki, block_size, topk, block_q=None, num_warps=None, num_stage
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
     on_gpu = qi.is_cuda
-    block_q = block_q or (128 if on_gpu else 16)
+    # measured on an H100 at the M3 shape (INDEX_NOTES.md): 256-query tiles pay from T = 32K on
+    block_q = block_q or ((256 if T >= 16384 else 128) if on_gpu else 16)
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, triton.cdiv(T, block_q))
     _index_topk_kernel[grid](
@@ -121,206 +122,223 @@ def index_topk(qi, ki, block_size, topk, block_q=None, num_warps=None, num_stage
 # ---------------------------------------------------------------------------------------------
 # kl_loss, KV-outer over the same CSR as msa_triton.sparse_attention (DESIGN.md section 4)
 #
-# For each (batch, group, KV block), msa_triton's CSR lists the (token, slot) entries that chose
-# the block; a program takes one segment of such a list, loads the block's k and ki once and runs
-# them against tiles of BLOCK_Q gathered queries. Two passes:
-#   1. stats: per entry, the partial log-sum-exp over this block's visible tokens of every teacher
-#      head (q_h . k / sqrt(D)) and of the student (qi . ki / sqrt(Di)); torch merges the K partials
-#      of each (token, group) into lse_h (BH, T, G) and lse_u (BH, T);
-#   2. loss (+ gradients): p = mean_h exp(s_h - lse_h), log r = u - lse_u, loss += sum p (log p - log r);
-#      with ds = (r - p) / (B * Hkv * T) / sqrt(Di): dqi[t] += ds @ ki (fp32 atomics per entry) and
-#      dki[block] += ds^T @ qi, summed over the segment in registers, then one fp32 atomic add.
-# The loss is a scalar, so its gradient is computed in pass 2 and the backward only scales it by
-# the incoming gradient: two passes over the teacher's scores instead of FlashAttention's three.
-# fp32 atomics make dqi / dki not bitwise deterministic run to run (the loss is: per-program sums).
+# msa_triton's CSR lists, for each (batch, group, KV block), the (token, slot) entries that chose the
+# block, tokens ascending. Tokens run in chunks [t0, t1) so that partial buffers stay under
+# msa_triton.PARTIAL_ELEMS. Two passes per chunk, each loading a block's k and ki once and running
+# them against tiles of BLOCK_Q gathered entries (a tile = BLOCK_Q tokens of one group):
+#   1. stats (one program per segment of a block's list): per entry, the partial log-sum-exp over
+#      this block's visible tokens of every teacher head (q_h . k / sqrt(D)) and of the student
+#      (qi . ki / sqrt(Di)); torch merges the K partials into lse_h (BH, Tc, G) and lse_u (BH, Tc).
+#      The teacher half is skipped when the caller passes sparse_attention's lse, the same numbers;
+#   2. loss + gradient (one program per block, which owns its dki rows: deterministic, no atomics):
+#      p = mean_h exp(s_h - lse_h), log r = u - lse_u, loss += sum p (log p - log r); with
+#      ds = (r - p) / (B Hkv T) / sqrt(Di): dki[block] += ds^T @ qi, and ds @ ki is written as a
+#      partial dqi per (token, slot) that msa_triton's combine kernel sums, as for sparse_attention's dq.
+# The loss is a scalar, so its gradient is computed in pass 2 and the backward only scales it by the
+# incoming gradient: two passes over the teacher's scores instead of FlashAttention's three.
+# Inside the kernels logits are in log2 units (exp2; log2(e) folded into the scales).
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 
 @triton.jit
-def _kl_rows(ENT, e0, hi, K, BLOCK_Q: tl.constexpr):
-    """A tile of BLOCK_Q entries e0.. of a block's list: token t, slot, and which rows are real."""
+def _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
+              BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunk c of key block kb: positions j (BLOCK_N,), which are real, k (BLOCK_N, D), ki (BLOCK_N, Di)."""
+    jn = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = kb * BS + jn
+    kmask = (jn < BS) & (j < T)
+    k = tl.load(Kc + b * skb + g * skh + j[:, None] * skt + d[None, :] * skd,
+                mask=kmask[:, None] & (d[None, :] < D), other=0.0)
+    ki = tl.load(KI + b * sjb + j[:, None] * sjt + di[None, :] * sjd,
+                 mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+    return j, kmask, k, ki
+
+
+@triton.jit
+def _kl_tile(ENT, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Entries e0 .. e0 + BLOCK_Q of a block's list: tloc (token in chunk), slot, t, real rows, qi (BLOCK_Q, Di)."""
     e = e0 + tl.arange(0, BLOCK_Q)
     ev = e < hi
-    ent = tl.load(ENT + e, mask=ev, other=0)                                   # ent = t * K + slot
-    return ent // K, ent % K, ev
+    ent = tl.load(ENT + e, mask=ev, other=0)                                   # ent = tloc * K + slot
+    tloc = ent // K
+    t = (t0 + tloc).to(tl.int64)
+    qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
+                 mask=ev[:, None] & (di[None, :] < DI), other=0.0)
+    return tloc, ent % K, t, ev, qi
 
 
 @triton.jit
-def _kl_stats_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, LSE_QP, LSE_UP,
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _row_lse2(s):
+    """log2-sum-exp2 of each row of s; -inf for a row of -inf."""
+    m = tl.max(s, axis=1)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    return m0 + tl.log2(tl.sum(tl.exp2(s - m0[:, None]), axis=1))
+
+
+@triton.jit
+def _kl_stats_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, LQP, LUP,
                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, sib, sih, sit, sid, sjb, sjt, sjd,
-                     T, K, NSEG, Hkv, scale_d, sqrt_di,
+                     T, t0, Tc, K, NSEG, Hkv, scale_d2, scale_i2,
                      G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                      DI: tl.constexpr, DIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                     NCHUNK: tl.constexpr, IEEE: tl.constexpr):
-    """Pass 1. Partial lse of every entry over one chunk of its block: LSE_QP (BH, T, K*NCHUNK, G) for
-    the teacher heads, LSE_UP (BH, T, K*NCHUNK) for the student (natural log, -inf: nothing visible)."""
-    sid_ = tl.program_id(0)
+                     NCHUNK: tl.constexpr, IEEE: tl.constexpr, TEACHER: tl.constexpr):
+    """Pass 1. Partial lse2 of every entry over chunk c of its block, at slot * NCHUNK + c of
+    LUP (BH, Tc, K*NCHUNK) for the student and, with TEACHER, LQP (BH, Tc, K*NCHUNK, G) for each head."""
+    sg = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     g = bh % Hkv
-    lo = tl.load(SEG_LO + bh * NSEG + sid_)
-    hi = tl.load(SEG_HI + bh * NSEG + sid_)
-    kb = tl.load(SEG_BLK + bh * NSEG + sid_)
-    ENTb = ENT + bh.to(tl.int64) * T * K
+    lo = tl.load(SEG_LO + bh * NSEG + sg)
+    hi = tl.load(SEG_HI + bh * NSEG + sg)
+    kb = tl.load(SEG_BLK + bh * NSEG + sg)
+    ENTb = ENT + bh.to(tl.int64) * Tc * K
     d = tl.arange(0, DP)
     di = tl.arange(0, DIP)
     for c in tl.static_range(NCHUNK):                                          # bs in chunks of BLOCK_N keys
-        jn = c * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = kb * BS + jn                                                       # (BLOCK_N,) key positions
-        kmask = (jn < BS) & (j < T)
-        k = tl.load(Kc + b * skb + g * skh + j[:, None] * skt + d[None, :] * skd,
-                    mask=kmask[:, None] & (d[None, :] < D), other=0.0)         # (BLOCK_N, D)
-        ki = tl.load(KI + b * sjb + j[:, None] * sjt + di[None, :] * sjd,
-                     mask=kmask[:, None] & (di[None, :] < DI), other=0.0)      # (BLOCK_N, Di)
+        j, kmask, k, ki = _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
+                                    BS, D, DI, BLOCK_N)
         for e0 in range(lo, hi, BLOCK_Q):
-            t, slot, ev = _kl_rows(ENTb, e0, hi, K, BLOCK_Q)
+            tloc, slot, t, ev, qi = _kl_tile(ENTb, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI, BLOCK_Q)
             vis = ev[:, None] & kmask[None, :] & (j[None, :] <= t[:, None])  # causal inside the local block
-            qi = tl.load(QI + b * sib + g * sih + t[:, None].to(tl.int64) * sit + di[None, :] * sid,
-                         mask=ev[:, None] & (di[None, :] < DI), other=0.0)     # (BLOCK_Q, Di)
-            if IEEE:
-                u = tl.dot(qi, tl.trans(ki), input_precision="ieee")
-            else:
-                u = tl.dot(qi, tl.trans(ki))
-            u = tl.where(vis, u / sqrt_di, float("-inf"))                      # (BLOCK_Q, BLOCK_N) student logits
-            slot_c = (bh.to(tl.int64) * T + t) * (K * NCHUNK) + slot * NCHUNK + c  # (BLOCK_Q,)
-            tl.store(LSE_UP + slot_c, _row_lse(u), mask=ev)
-            for h in range(G):
-                q = tl.load(Q + b * sqb + (g * G + h) * sqh + t[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
-                            mask=ev[:, None] & (d[None, :] < D), other=0.0)    # (BLOCK_Q, D) head h of the group
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(vis, s * scale_d, float("-inf"))
-                tl.store(LSE_QP + slot_c * G + h, _row_lse(s), mask=ev)
+            u = tl.where(vis, _dot(qi, tl.trans(ki), IEEE) * scale_i2, float("-inf"))  # (BLOCK_Q, BLOCK_N)
+            po = (bh.to(tl.int64) * Tc + tloc) * (K * NCHUNK) + slot * NCHUNK + c      # (BLOCK_Q,) partial slot
+            tl.store(LUP + po, _row_lse2(u), mask=ev)
+            if TEACHER:
+                for h in range(G):
+                    q = tl.load(Q + b * sqb + (g * G + h) * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                                mask=ev[:, None] & (d[None, :] < D), other=0.0)  # (BLOCK_Q, D) head h
+                    s = tl.where(vis, _dot(q, tl.trans(k), IEEE) * scale_d2, float("-inf"))
+                    tl.store(LQP + po * G + h, _row_lse2(s), mask=ev)
 
 
 @triton.jit
-def _row_lse(s):
-    """Natural-log log-sum-exp of each row of s; -inf for a row of -inf."""
-    m = tl.max(s, axis=1)
-    m0 = tl.where(m == float("-inf"), 0.0, m)
-    return m0 + tl.log(tl.sum(tl.exp(s - m0[:, None]), axis=1))
-
-
-@triton.jit
-def _kl_loss_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, LSE_Q, LSE_U, LOSS, DQI, DKI,
+def _kl_loss_kernel(Q, Kc, QI, KI, ENT, BSTART, BCNT, LQ, LU, LOSS, DQP, DKI,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, sib, sih, sit, sid, sjb, sjt, sjd,
-                    T, K, NSEG, Hkv, scale_d, sqrt_di, grad_scale,
+                    T, t0, Tc, K, NBC, Hkv, scale_d2, scale_i2, grad_scale,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                     DI: tl.constexpr, DIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     NCHUNK: tl.constexpr, IEEE: tl.constexpr, GRAD: tl.constexpr):
-    """Pass 2. LOSS (BH, NSEG): this program's sum of p (log p - log r). With GRAD: fp32 atomic adds of
-    ds @ ki into DQI (BH, T, Di) and of ds^T @ qi into DKI (B, T, Di), ds already scaled by grad_scale."""
-    sid_ = tl.program_id(0)
+    """Pass 2, one program per (KV block, batch*group). LOSS (BH, NBC): sum over the block's entries of
+    p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of each entry into DQP (BH, Tc, K*NCHUNK, Di)
+    and ds^T @ qi added to the block's rows of DKI (B, Hkv, T, Di) fp32 (this program owns them)."""
+    kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     g = bh % Hkv
-    lo = tl.load(SEG_LO + bh * NSEG + sid_)
-    hi = tl.load(SEG_HI + bh * NSEG + sid_)
-    kb = tl.load(SEG_BLK + bh * NSEG + sid_)
-    ENTb = ENT + bh.to(tl.int64) * T * K
+    lo = tl.load(BSTART + bh * NBC + kb).to(tl.int32)
+    hi = lo + tl.load(BCNT + bh * NBC + kb).to(tl.int32)
+    ENTb = ENT + bh.to(tl.int64) * Tc * K
     d = tl.arange(0, DP)
     di = tl.arange(0, DIP)
-    dim = di[None, :] < DI
     loss = tl.zeros([BLOCK_Q], tl.float32)
     for c in tl.static_range(NCHUNK):
-        jn = c * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = kb * BS + jn
-        kmask = (jn < BS) & (j < T)
-        k = tl.load(Kc + b * skb + g * skh + j[:, None] * skt + d[None, :] * skd,
-                    mask=kmask[:, None] & (d[None, :] < D), other=0.0)         # (BLOCK_N, D)
-        ki = tl.load(KI + b * sjb + j[:, None] * sjt + di[None, :] * sjd,
-                     mask=kmask[:, None] & dim, other=0.0)                     # (BLOCK_N, Di)
+        j, kmask, k, ki = _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
+                                    BS, D, DI, BLOCK_N)
         dki = tl.zeros([BLOCK_N, DIP], tl.float32)
         for e0 in range(lo, hi, BLOCK_Q):
-            t, slot, ev = _kl_rows(ENTb, e0, hi, K, BLOCK_Q)
-            t64 = t.to(tl.int64)
+            tloc, slot, t, ev, qi = _kl_tile(ENTb, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI, BLOCK_Q)
             vis = ev[:, None] & kmask[None, :] & (j[None, :] <= t[:, None])
-            qi = tl.load(QI + b * sib + g * sih + t64[:, None] * sit + di[None, :] * sid,
-                         mask=ev[:, None] & dim, other=0.0)                    # (BLOCK_Q, Di)
-            if IEEE:
-                u = tl.dot(qi, tl.trans(ki), input_precision="ieee")
-            else:
-                u = tl.dot(qi, tl.trans(ki))
-            row = bh.to(tl.int64) * T + t64                                    # (BLOCK_Q,) row of (BH, T)
-            log_r = u / sqrt_di - tl.load(LSE_U + row, mask=ev, other=0.0)[:, None]  # student log-probs
+            row = bh.to(tl.int64) * Tc + tloc                                  # (BLOCK_Q,) row of (BH, Tc)
+            log_r = _dot(qi, tl.trans(ki), IEEE) * scale_i2 - tl.load(LU + row, mask=ev, other=0.0)[:, None]
             p = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
             for h in range(G):
-                q = tl.load(Q + b * sqb + (g * G + h) * sqh + t64[:, None] * sqt + d[None, :] * sqd,
+                q = tl.load(Q + b * sqb + (g * G + h) * sqh + t[:, None] * sqt + d[None, :] * sqd,
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                lse_h = tl.load(LSE_Q + row * G + h, mask=ev, other=0.0)
-                p += tl.where(vis, tl.exp(s * scale_d - lse_h[:, None]), 0.0)
-            p = p / G                                                          # (BLOCK_Q, BLOCK_N) teacher
-            loss += tl.sum(tl.where(p > 0, p * (tl.log(tl.where(p > 0, p, 1.0)) - log_r), 0.0), axis=1)
+                lse_h = tl.load(LQ + row * G + h, mask=ev, other=0.0)
+                p += tl.exp2(_dot(q, tl.trans(k), IEEE) * scale_d2 - lse_h[:, None])
+            p = tl.where(vis, p / G, 0.0)                                      # (BLOCK_Q, BLOCK_N) teacher
+            loss += tl.sum(tl.where(p > 0, p * (tl.log2(tl.where(p > 0, p, 1.0)) - log_r), 0.0), axis=1)
             if GRAD:
-                ds = (tl.where(vis, tl.exp(log_r), 0.0) - p) * grad_scale       # (BLOCK_Q, BLOCK_N)
-                if IEEE:
-                    dqi = tl.dot(ds, ki, input_precision="ieee")
-                    dki += tl.dot(tl.trans(ds), qi, input_precision="ieee")
-                else:
-                    dqi = tl.dot(ds.to(ki.dtype), ki)
-                    dki += tl.dot(tl.trans(ds.to(qi.dtype)), qi)
-                tl.atomic_add(DQI + row[:, None] * DI + di[None, :], dqi, mask=ev[:, None] & dim)
+                ds = (tl.where(vis, tl.exp2(log_r), 0.0) - p) * grad_scale     # d loss / d (qi . ki)
+                po = (row * (K * NCHUNK) + slot * NCHUNK + c)                  # (BLOCK_Q,) partial slot
+                tl.store(DQP + po[:, None] * DI + di[None, :], _dot(ds.to(ki.dtype), ki, IEEE).to(DQP.dtype.element_ty),
+                         mask=ev[:, None] & (di[None, :] < DI))
+                dki += _dot(tl.trans(ds.to(qi.dtype)), qi, IEEE)
         if GRAD:
-            tl.atomic_add(DKI + (b * T + j[:, None]) * DI + di[None, :], dki, mask=kmask[:, None] & dim)
-    tl.store(LOSS + bh * NSEG + sid_, tl.sum(loss, axis=0))
+            dptr = DKI + ((b * Hkv + g) * T + j[:, None]) * DI + di[None, :]
+            dmask = kmask[:, None] & (di[None, :] < DI)
+            tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + dki, mask=dmask)   # chunks of T add up
+    tl.store(LOSS + bh * NBC + kb, tl.sum(loss, axis=0))
 
 
-def _kl_launch(q, k, qi, ki, block_idx, block_size, grad):
-    """Both passes. Returns the loss (fp32 scalar tensor) and, with grad, d loss / d qi and d ki in fp32."""
-    from msa_triton import _csr, _segments, _slots   # the CSR of sparse_attention (msa_triton re-exports us)
+def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, block_q=None, block_n=None, num_warps=None):
+    """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
+    (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
+    from msa_triton import PARTIAL_ELEMS, SEG, _combine_kernel, _csr, _segments, _slots  # msa_triton re-exports us
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
-    nb = triton.cdiv(T, block_size)
     dev = q.device
     on_gpu = q.is_cuda
-    block_q = 64 if on_gpu else 16
-    block_n = min(_pow2(block_size), 128 if on_gpu else 32)
+    block_q = block_q or (64 if on_gpu else 16)
+    block_n = block_n or min(_pow2(block_size), 128 if on_gpu else 32)
     nchunk = triton.cdiv(block_size, block_n)
-    seg = 4 * block_q                                                          # entries per program
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
-    ent, start, cnt = _csr(_slots(block_idx, 0, T, nb), nb)                    # (BH, T*K), (BH, nb) x2
-    lo, hi, blk = _segments(start, cnt, T * K, seg)                            # (BH, NSEG) x3
-    nseg = lo.shape[1]
-    grid = (nseg, BH)
-    strides = (*q.stride(), *k.stride(), *qi.stride(), *ki.stride())
+    ieee = q.dtype == torch.float32 and qi.dtype == torch.float32
     meta = dict(G=G, BS=block_size, D=D, DP=_pow2(D), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q,
-                BLOCK_N=block_n, NCHUNK=nchunk, IEEE=q.dtype == torch.float32 and qi.dtype == torch.float32,
-                num_warps=4)
-    # pass 1: partial lse per (token, slot, chunk), -inf where nothing was written, merged by torch
-    lse_qp = torch.full((BH, T, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
-    lse_up = torch.full((BH, T, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
-    _kl_stats_kernel[grid](q, k, qi, ki, ent, lo, hi, blk, lse_qp, lse_up, *strides,
-                           T, K, nseg, Hkv, 1.0 / math.sqrt(D), math.sqrt(Di), **meta)
-    lse_q = torch.logsumexp(lse_qp, dim=2).contiguous()                        # (BH, T, G) teacher, per head
-    lse_u = torch.logsumexp(lse_up, dim=2).contiguous()                        # (BH, T) student
-    del lse_qp, lse_up
-    # pass 2: the loss, and its gradient while the scores are at hand
-    loss = torch.empty(BH, nseg, dtype=torch.float32, device=dev)
-    dqi = torch.zeros(BH, T, Di, dtype=torch.float32, device=dev) if grad else loss
-    dki = torch.zeros(B, T, Di, dtype=torch.float32, device=dev) if grad else loss
+                BLOCK_N=block_n, NCHUNK=nchunk, IEEE=ieee)
+    strides = (*q.stride(), *k.stride(), *qi.stride(), *ki.stride())
+    scale_d2, scale_i2 = LOG2E / math.sqrt(D), LOG2E / math.sqrt(Di)
     n_rows = B * Hkv * T
-    _kl_loss_kernel[grid](q, k, qi, ki, ent, lo, hi, blk, lse_q, lse_u, loss, dqi, dki, *strides,
-                          T, K, nseg, Hkv, 1.0 / math.sqrt(D), math.sqrt(Di), 1.0 / (n_rows * math.sqrt(Di)),
-                          GRAD=grad, **meta)
-    loss = loss.sum() / n_rows
-    if not grad:
-        return loss, None, None
-    return loss, dqi.view(B, Hkv, T, Di), dki
+    lq_all = None if lse is None else (lse.view(B, Hkv, G, T).transpose(2, 3) * LOG2E).reshape(BH, T, G)
+    dqi = torch.empty(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
+    dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
+    losses = []
+    Tc = min(T, max(1, PARTIAL_ELEMS // (BH * K * nchunk * max(G, Di))))
+    for t0 in range(0, T, Tc):
+        t1 = min(T, t0 + Tc)
+        nbc = triton.cdiv(t1, block_size)
+        slots = _slots(block_idx, t0, t1, nbc)                                 # (BH, Tc, K)
+        ent, start, cnt = _csr(slots, nbc)
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
+        # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
+        lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
+        lqp = (torch.full((BH, t1 - t0, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
+               if lq_all is None else lup)
+        _kl_stats_kernel[(lo.shape[1], BH)](q, k, qi, ki, ent, lo, hi, blk, lqp, lup, *strides,
+                                            T, t0, t1 - t0, K, lo.shape[1], Hkv, scale_d2, scale_i2,
+                                            TEACHER=lq_all is None, num_warps=4, **meta)
+        lu = _lse2_merge(lup, 2)                                               # (BH, Tc)
+        lq = _lse2_merge(lqp, 2) if lq_all is None else lq_all[:, t0:t1].contiguous()  # (BH, Tc, G)
+        del lup, lqp
+        # pass 2: the loss, and its gradient while the scores are at hand
+        loss = torch.empty(BH, nbc, dtype=torch.float32, device=dev)
+        dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
+        _kl_loss_kernel[(nbc, BH)](q, k, qi, ki, ent, start, cnt, lq, lu, loss, dqp, dki if grad else loss,
+                                   *strides, T, t0, t1 - t0, K, nbc, Hkv, scale_d2, scale_i2,
+                                   LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad,
+                                   num_warps=num_warps or (8 if on_gpu else 4), **meta)
+        losses.append(loss.sum())
+        if grad:                                                               # dqi = sum of the K partials
+            _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
+                dqp, dqp, slots, dqi, dqi, T, t0, t1 - t0, K, Hkv, Di,
+                G=1, GP=1, ROWS=32, BLOCK_D=_pow2(Di), WITH_LSE=False, NSUB=nchunk, num_warps=4)
+    loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
+    return loss, dqi, (dki.sum(1) if grad else None)
+
+
+def _lse2_merge(x, dim):
+    """log2-sum-exp2 over dim (partials of one row); -inf where every partial is -inf."""
+    return (torch.logsumexp(x * LN2, dim=dim) * LOG2E).contiguous()
 
 
 class _KLLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, qi, ki, block_idx, block_size):
-        grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        loss, dqi, dki = _kl_launch(q, k, qi, ki, block_idx, block_size, grad)
+    def forward(ctx, q, k, qi, ki, block_idx, block_size, lse, grad):
+        loss, dqi, dki = _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse)
         ctx.save_for_backward(dqi, dki)
         ctx.dtypes = (qi.dtype, ki.dtype)
         return loss.to(torch.promote_types(qi.dtype, torch.float32))
@@ -329,11 +347,19 @@ class _KLLoss(torch.autograd.Function):
     def backward(ctx, dloss):
         dqi, dki = ctx.saved_tensors
         return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None)
+                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
 
 
-def kl_loss(q, k, qi, ki, block_idx, block_size):
+def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
     """msa_ref.kl_loss on the GPU (or the Triton interpreter): mean over (b, g, t) of KL(p || r) on the
-    support of block_idx. Differentiable in qi and ki only; q and k are a target and get no gradient."""
-    check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
-    return _KLLoss.apply(q.detach(), k.detach(), qi, ki, block_idx, block_size)
+    support of block_idx. Differentiable in qi and ki only; q and k are a target and get no gradient.
+    lse: optional fp32 (B, Hq, T), the lse that msa_triton.sparse_attention returned for these q, k and
+    block_idx: it is the teacher's per-head lse over the support, so passing it skips recomputing it."""
+    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
+    if lse is not None:
+        _expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
+                f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
+                f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+        lse = lse.detach()
+    grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
+    return _KLLoss.apply(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)

@@ -136,6 +136,24 @@ def test_kl_loss_matches_ref(B, Hq, Hkv, T, D, Di, bs, K, sel):
         assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):
+    """Passing sparse_attention's lse (here msa_ref's, the same numbers) gives the same loss and gradients;
+    so does running the tokens in several chunks (a tiny msa_triton.PARTIAL_ELEMS forces them)."""
+    import msa_triton
+    B, Hq, Hkv, T, D, Di, bs, K = 1, 4, 2, 40, 16, 16, 4, 3
+    q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, seed=4)
+    lse = msa_ref.sparse_attention(q, k, k, idx, bs)[1]
+    ref = msa_ref.kl_loss(q, k, qi, ki, idx, bs)
+    assert torch.allclose(mti.kl_loss(q, k, qi, ki, idx, bs, lse=lse), ref, rtol=1e-5)
+    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", B * Hkv * K * D * 12)  # 12 tokens per chunk
+    (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)
+    assert torch.allclose(l1.cpu(), l0.cpu(), rtol=1e-5)
+    for a, b in ((dqi1, dqi0), (dki1, dki0)):
+        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    with pytest.raises(ValueError, match="lse must be"):
+        mti.kl_loss(q, k, qi, ki, idx, bs, lse=lse[:, :1])
+
+
 def test_kl_loss_grads_reach_only_the_index_branch():
     q, k, qi, ki, idx = kl_case(1, 2, 1, 12, 16, 16, 4, 2)
     q, k = q.requires_grad_(), k.requires_grad_()
