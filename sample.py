@@ -1,0 +1,90 @@
+"""
+Sample from a trained nanoMSA model (the checkpoint that train.py leaves in out_dir).
+
+  python sample.py                                        # text, from the default start
+  python sample.py --start="ROMEO:" --num_samples=3 --max_new_tokens=200 --temperature=0.8 --top_k=200
+  python sample.py --start=FILE:prompt.txt                # the prompt from a file
+  python sample.py --image=shape.png                      # caption a 32x32 RGB image
+  python sample.py --image=generated                      # caption a freshly drawn shape (its true caption is shown)
+
+The prompt is prefilled with the sparse forward, which fills the KV caches and the index-key caches;
+then each new token selects its blocks from the cached index keys (the same rule as index_topk) and
+attends through backend.sparse_decode. Prints tokens/s for the prompt and for the generation.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+import data
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------------------------
+out_dir = "out"
+start = "\n"            # or "FILE:path.txt"
+num_samples = 2
+max_new_tokens = 200
+temperature = 0.8       # 0: greedy
+top_k = 200
+seed = 1337
+image = ""              # '' for text; a .png path, or 'generated' for a random shape, to caption it
+backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
+# -----------------------------------------------------------------------------------------------
+configure(globals(), sys.argv[1:])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+torch.manual_seed(seed)
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if not os.path.isfile(ckpt_path):
+    raise SystemExit(f"no checkpoint at {ckpt_path}: run `python train.py` first (or pass --out_dir=...)")
+ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+    raise SystemExit(f"{ckpt_path} is not a checkpoint written by train.py")
+try:
+    model = GPT(GPTConfig(**ckpt["model_args"]), backend=backend)
+    model.load_state_dict(ckpt["model"])
+except (TypeError, RuntimeError) as e:
+    raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): {str(e)[:300]}")
+model.eval().to(device)
+print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}")
+
+
+def report(n_seq, n_prompt, n_new, t_prompt, t_new):
+    print(f"prompt: {n_seq * n_prompt} tokens in {t_prompt:.3f}s ({n_seq * n_prompt / t_prompt:,.0f} tok/s) | "
+          f"generation: {n_seq * n_new} tokens in {t_new:.3f}s ({n_seq * n_new / max(t_new, 1e-9):,.0f} tok/s)")
+
+
+if image:
+    if image == "generated":
+        img, caption, _ = data.make_shape_image(np.random.default_rng(seed))
+        print(f"generated image, true caption: {caption!r}")
+    else:
+        try:
+            img = data.load_image(image)
+        except ValueError as e:
+            raise SystemExit(f"cannot caption {image!r}: {e}")
+    x = torch.tensor([data.image_tokens()], device=device)                    # (1, 22) the image's tokens
+    p = torch.zeros(1, x.shape[1], data.PATCH_DIM, device=device)            # pixels at the IMG_PATCH positions
+    p[x == data.IMG_PATCH] = torch.from_numpy(data.image_to_patches(img)).to(device)
+    with ctx:
+        out, t_prompt, t_new = model.generate(x, max_new_tokens=16, temperature=0, patches=p)
+    print("caption:", data.decode(out[0, x.shape[1]:].tolist()).split("\n")[0].split("<|endoftext|>")[0].strip())
+    report(1, x.shape[1], 16, t_prompt, t_new)
+else:
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    prompt = data.encode(start)
+    if not prompt:
+        raise SystemExit("--start must hold at least one token")
+    x = torch.tensor([prompt] * num_samples, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with ctx:
+        out, t_prompt, t_new = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    for row in out.tolist():
+        print(data.decode(row))
+        print("---------------")
+    report(num_samples, len(prompt), max_new_tokens, t_prompt, t_new)

@@ -1,0 +1,85 @@
+"""train.py end to end at a tiny size: exact resume, and clear messages for bad config and checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configurator import configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["config/train_cpu.py", "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--index_dim=8",
+        "--msa_block_size=8", "--msa_topk=2", "--n_expert=4", "--expert_hidden=32", "--seq_len=64", "--batch_size=2",
+        "--gradient_accumulation_steps=2", "--lr_decay_iters=4", "--warmup_iters=1", "--kl_warmup_iters=1",
+        "--eval_interval=4", "--eval_iters=1", "--eval_captions=1", "--eval_long_range=1", "--log_interval=1"]
+
+
+def train(*args, ok=True):
+    r = subprocess.run([sys.executable, "train.py", *TINY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight"))
+    train(f"--out_dir={out}", "--max_iters=4")
+    return out
+
+
+def test_resume_continues_exactly(straight, tmp_path):
+    out = str(tmp_path)
+    train(f"--out_dir={out}", "--max_iters=2")
+    r = train(f"--out_dir={out}", "--max_iters=4", "--init_from=resume")
+    assert "resumed from" in r.stdout and "iteration 2" in r.stdout
+    drop_speed = lambda recs: [{k: v for k, v in rec.items() if k != "tok_s"} for rec in recs]
+    want, got = drop_speed(records(straight)), drop_speed(records(out))
+    steps = [rec for rec in want if rec.get("iter", 0) > 2 or rec.get("eval", 0) > 2]
+    assert len(steps) == 3  # iterations 3, 4 and the eval at 4
+    assert steps == [rec for rec in got if rec.get("iter", 0) > 2 or rec.get("eval", 0) > 2]  # bitwise equal losses
+    assert [rec["lm"] for rec in want if "iter" in rec][:2] == [rec["lm"] for rec in got if "iter" in rec][:2]
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def test_log_holds_eval_metrics(straight):
+    ev = [rec for rec in records(straight) if "eval" in rec]
+    assert [rec["eval"] for rec in ev] == [0, 4]
+    last = ev[-1]
+    assert set(last["caption"]) == {"size", "colour", "shape", "position", "all"}
+    assert len(last["kl_layers"]) == 1 and len(last["expert_load"]) == 2 and 0 <= last["long_range"] <= 1
+
+
+def test_checkpoint_from_another_config(straight):
+    r = train(f"--out_dir={straight}", "--max_iters=6", "--init_from=resume", "--n_embd=48", ok=False)
+    assert r.returncode != 0 and "comes from another config" in r.stderr and "n_embd: checkpoint 32 vs config 48" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [(["--n_layers=3"], "unknown key 'n_layers'"),
+                                      (["--init_from=resume", "--out_dir=/nonexistent/x"], "no checkpoint at"),
+                                      (["--data_path=/nonexistent/corpus.txt"], "does not exist")])
+def test_bad_input_gives_a_clear_message(args, msg):
+    r = train(*args, ok=False)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_configurator(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("seq_len = 128\nname = 'x'\n")
+    settings = dict(seq_len=64, lr=1e-3, name="a", flag=True, top_k=None)
+    assert configure(settings, [str(cfg), "--lr=1", "--flag=False", "--top_k=5", "--name=out-shapes"]) == \
+        dict(seq_len=128, lr=1.0, name="out-shapes", flag=False, top_k=5)
+    for argv, msg in [(["--seq_len=abc"], "seq_len expects a int"), (["--lr"], "expected --key=value"),
+                      (["missing.py"], "config file 'missing.py' not found"), (["--sequence=3"], "unknown key 'sequence'")]:
+        with pytest.raises(SystemExit, match=msg):
+            configure(dict(settings), argv)
+    cfg.write_text("n_layers = 3\n")
+    with pytest.raises(SystemExit, match=f"unknown key 'n_layers' in {cfg}"):
+        configure(dict(settings), [str(cfg)])

@@ -1,0 +1,291 @@
+"""
+Train nanoMSA. nanoGPT's shape: the settings below are plain globals; a config file and --key=value
+overrides change them (configurator.py; an unknown key is an error).
+
+  python train.py                              # CUDA: config/train_gpu.py, else config/train_cpu.py
+  python train.py config/train_cpu.py --max_iters=100
+  python train.py --init_from=resume           # continue exactly where the last checkpoint left off
+  torchrun --standalone --nproc_per_node=2 train.py config/train_gpu.py    # several GPUs (DDP)
+
+Total loss = LM + kl_coeff * KL (summed over the MSA layers) + balance_coeff * balance (MoE).
+The KL trains only the index branch (it reads x.detach()); the LM loss trains everything else.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast: it can take a shared host's GPUs down
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------------------------
+# settings (the defaults here are overridden by config/train_gpu.py or config/train_cpu.py)
+out_dir = "out"
+init_from = "scratch"         # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+data_path = ""                # '' = built-in Shakespeare; else your text file or folder (prepared once, data.prepare)
+data_images = ""              # optional folder of 32x32 images with same-named .txt captions ('' = generated shapes)
+seed = 1337
+# model (model.GPTConfig)
+n_layer = 6
+n_head = 8
+n_kv_head = 2
+n_embd = 512
+index_dim = 64
+attention = "msa"             # 'msa' or 'dense' (every layer dense, nothing else changed)
+n_dense_layers = 1
+msa_block_size = 64
+msa_topk = 4
+n_expert = 8
+expert_topk = 2
+shared_expert = True
+expert_hidden = 512
+rope_theta = 10000.0
+backend = "auto"              # 'auto' (msa_triton on CUDA if complete, else msa_ref), 'ref', 'triton'
+# training
+seq_len = 1024
+batch_size = 16               # sequences per micro-step and GPU
+gradient_accumulation_steps = 1   # total over all GPUs
+max_iters = 2000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+lr_decay_iters = 2000         # cosine from learning_rate down to min_lr, then flat
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+kl_coeff = 1.0
+kl_warmup_iters = 0           # the first steps train the indexer with the dense KL (every visible token)
+balance_coeff = 0.01
+compile = False
+# evaluation and logging
+eval_interval = 250
+eval_iters = 20               # val batches per evaluation
+eval_captions = 64            # held-out images captioned greedily per evaluation
+eval_long_range = 16          # long-range questions per evaluation
+log_interval = 10
+# -----------------------------------------------------------------------------------------------
+if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file given: pick the preset
+    preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
+    if not torch.cuda.is_available():
+        print(f"no CUDA GPU found: running the CPU preset {preset}")
+    sys.argv.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), preset))
+config = configure(globals(), sys.argv[1:])
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group(backend="nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world:
+        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world} GPUs")
+    gradient_accumulation_steps //= world
+else:
+    rank, world = 0, 1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+master = rank == 0
+say = print if master else (lambda *a, **k: None)
+tokens_per_iter = gradient_accumulation_steps * world * batch_size * seq_len
+say(f"tokens per iteration: {tokens_per_iter:,}")
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
+if data_path or data_images:
+    try:
+        data.prepare(data_path or None, data_images or None)
+    except ValueError as e:
+        raise SystemExit(f"data error: {e}")
+rng = np.random.default_rng([seed, rank])  # the data stream of this rank; its state is the data position
+
+# model -----------------------------------------------------------------------------------------
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+model_args.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+iter_num = 0
+if init_from == "resume":
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    diff = {k: (ckpt["model_args"].get(k), v) for k, v in model_args.items() if ckpt["model_args"].get(k) != v}
+    if diff or ckpt["world"] != world:
+        what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()) or \
+            f"it was written by {ckpt['world']} processes, this run has {world}"
+        raise SystemExit(f"the checkpoint {ckpt_path} comes from another config ({what}); "
+                         f"resume with the config it was trained with, or use another out_dir")
+model = GPT(GPTConfig(**model_args), backend=backend).to(device)
+say(f"model: {model.num_params() / 1e6:.2f}M parameters, backend {model.backend.__name__}, attention {attention}")
+decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and expert weights decay; norms, biases don't
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused="cuda" in device)
+if init_from == "resume":
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    iter_num = ckpt["iter_num"]
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    if "cuda" in device and ckpt["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+    rng.bit_generator.state = ckpt["data_rng"][rank]
+    say(f"resumed from {ckpt_path} at iteration {iter_num}")
+    del ckpt
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.device(device).index])
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def caption_accuracy(n):
+    """Greedy captions of n held-out images, all in one batch -> {attribute: fraction right, 'all': all four right}."""
+    evalset = data.caption_eval_set(n, seed=seed)
+    x = torch.tensor([data.image_tokens()] * n, device=device)                # (n, 22) the images' tokens
+    p = torch.zeros(*x.shape, data.PATCH_DIM, device=device)                  # pixels at the IMG_PATCH positions
+    p[x == data.IMG_PATCH] = torch.from_numpy(np.concatenate([data.image_to_patches(img) for img, _, _ in evalset])).to(device)
+    with ctx:
+        out, _, _ = raw_model.generate(x, max_new_tokens=12, temperature=0, patches=p)
+    right = {}
+    for row, (_, _, attrs) in zip(out[:, x.shape[1]:].tolist(), evalset):
+        scores = data.score_caption(data.decode(row), attrs)
+        for k, ok in list(scores.items()) + [("all", all(scores.values()))]:
+            right[k] = right.get(k, 0) + ok / n
+    return right
+
+
+def long_range_accuracy(n):
+    """Fraction of long-range questions answered exactly (greedy)."""
+    ok = 0
+    for prompt, answer in data.long_range_eval_set(n, seq_len, seed=seed):
+        with ctx:
+            out, _, _ = raw_model.generate(torch.tensor([prompt], device=device), len(answer), temperature=0)
+        ok += out[0, len(prompt):].tolist() == list(answer)
+    return ok / n
+
+
+@torch.no_grad()
+def evaluate():
+    """Val losses on the same eval_iters batches every time (a private rng: the training stream is untouched),
+    per-layer KL and expert load, caption accuracy and long-range accuracy."""
+    model.eval()
+    r = np.random.default_rng([seed, rank, 1])
+    acc = {}
+    for _ in range(eval_iters):
+        x, y, p = data.get_batch("val", batch_size, seq_len, r, device)
+        with ctx:
+            _, losses = raw_model(x, y, p)
+        for k in ("lm", "kl", "balance", "kl_layers", "expert_load"):
+            acc[k] = acc.get(k, 0) + losses[k].detach().float() / eval_iters
+    res = {k: v.tolist() for k, v in acc.items()}
+    if master:
+        res["caption"] = caption_accuracy(eval_captions) if eval_captions else {}
+        res["long_range"] = long_range_accuracy(eval_long_range) if eval_long_range else None
+    model.train()
+    return res
+
+
+def log(record):
+    if master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def next_batch():
+    """Draw the next training batch, remembering the data position (rng state) it was drawn from: the checkpoint
+    stores that, so a resumed run draws this same pending batch again."""
+    global batch_rng_state
+    batch_rng_state = rng.bit_generator.state
+    return data.get_batch("train", batch_size, seq_len, rng, device)
+
+
+def save_checkpoint():
+    """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
+    rngs = [None] * world
+    if ddp:
+        dist.all_gather_object(rngs, batch_rng_state)
+    else:
+        rngs = [batch_rng_state]
+    if master:
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
+                     model_args=model_args, config=config, world=world, data_rng=rngs,
+                     torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if "cuda" in device else None)
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+
+
+# training loop ---------------------------------------------------------------------------------
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+start_iter, t_start = iter_num, time.time()
+x, y, p = next_batch()
+t_last, tokens_since = time.time(), 0
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or init_from == "scratch"):
+        t_eval = time.time()
+        res = evaluate()
+        if master:
+            cap = res["caption"]
+            load = np.array(res["expert_load"])  # (n_layer, E), each row sums to 1
+            say(f"eval {iter_num}: val lm {res['lm']:.4f} | kl {res['kl']:.4f} (per layer {' '.join(f'{v:.3f}' for v in res['kl_layers'])})"
+                f" | balance {res['balance']:.3f}, expert load max/min {load.max() / max(load.min(), 1e-9):.2f}"
+                f" | captions {' '.join(f'{k} {v:.2f}' for k, v in cap.items())} | long-range {res['long_range']}"
+                f" | {time.time() - t_eval:.1f}s")
+            log(dict(eval=iter_num, **res))
+        save_checkpoint()
+        t_last += time.time() - t_eval  # eval time does not count in tokens/s
+    if iter_num == max_iters:
+        break
+    kl_dense = iter_num < kl_warmup_iters
+    for micro in range(gradient_accumulation_steps):
+        if ddp:  # all-reduce the gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        with ctx:
+            _, losses = model(x, y, p, kl_dense=kl_dense)
+            loss = losses["lm"] + kl_coeff * losses["kl"] + balance_coeff * losses["balance"]
+        x, y, p = next_batch()  # drawn while the GPU works on this micro-step
+        (loss / gradient_accumulation_steps).backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    tokens_since += tokens_per_iter
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        rec = dict(iter=iter_num, loss=loss.item(), lm=losses["lm"].item(), kl=losses["kl"].item(),
+                   balance=losses["balance"].item(), lr=lr)
+        dt = time.time() - t_last
+        tok_s = tokens_since / dt
+        eta = (max_iters - iter_num) * tokens_per_iter / tok_s
+        say(f"iter {iter_num}/{max_iters}: loss {rec['loss']:.4f} (lm {rec['lm']:.4f} kl {rec['kl']:.4f} "
+            f"balance {rec['balance']:.3f}{' dense-kl' if kl_dense else ''}) | lr {lr:.2e} | "
+            f"{tok_s:,.0f} tok/s | ETA {eta / 60:.1f} min")
+        log(dict(rec, tok_s=tok_s))
+        t_last, tokens_since = time.time(), 0
+say(f"done: {iter_num - start_iter} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()
