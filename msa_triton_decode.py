@@ -74,8 +74,7 @@ def _score_kernel(qi_ptr, ki_ptr, lens_ptr, s_ptr,
 
 @triton.jit
 def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
-                 HKV: tl.constexpr, BS: tl.constexpr, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr,
-                 SORT: tl.constexpr):
+                 HKV: tl.constexpr, BS: tl.constexpr, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
     pid = tl.program_id(0)                                   # one (row b, group h)
     b = pid // HKV
     h = pid % HKV
@@ -94,14 +93,11 @@ def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
     n_far = tl.minimum(local, K - 1)                         # earlier blocks to take
     slot = tl.arange(0, K_P)
     out = tl.where(slot == n_far, local, -1)                 # local block in the last valid slot
-    if SORT:
-        best = tl.topk(key, K_P)                             # (K_P,) the K_P largest keys, descending
-        out = tl.where(slot < n_far, NB_P - 1 - best.to(tl.int32), out)
-    else:
-        for i in tl.static_range(K - 1):
-            best = tl.max(key, axis=0)
-            out = tl.where((slot == i) & (slot < n_far), NB_P - 1 - best.to(tl.int32), out)
-            key = tl.where(key == best, -9223372036854775807 - 1, key)  # keys are unique: drops one block
+    # K-1 rounds of max-and-remove (tl.topk, a bitonic top-k, measured no faster on the H100)
+    for i in tl.static_range(K - 1):
+        best = tl.max(key, axis=0)
+        out = tl.where((slot == i) & (slot < n_far), NB_P - 1 - best.to(tl.int32), out)
+        key = tl.where(key == best, -9223372036854775807 - 1, key)  # keys are unique: drops one block
     tl.store(idx_ptr + pid * K + slot, out, mask=slot < K)
 
 
@@ -191,17 +187,23 @@ def _score_config(B, nb):
 
 
 def _topk_config(B, Hkv, nb):
-    """(num_warps, use tl.topk) of the top-k pass."""
-    return 4, False
+    """num_warps of the top-k pass (1, 2 and 4 measured within 10%, 4 best at 128K)."""
+    return 4
 
 
 def _attend_config(B, Hkv, K, block_size):
     """(BLOCK_N, ITEMS, num_warps, num_stages): tokens per piece and pieces per program of the split-K
-    pass. Few (row, group) pairs: cut blocks in halves so that more programs share the machine."""
+    pass. Measured on the H100 (DECODE_NOTES.md): with few (row, group) pairs, blocks cut in halves and
+    one piece per program (more programs in flight); with many, several pieces per program, pipelined,
+    while at least 256 programs remain (fewer partials to write and merge)."""
     bn = min(128, _pow2(block_size))
     if B * Hkv * K < 2 * 132 and block_size > 64:
         bn = 64
-    return bn, 1, 4, 2
+    pieces = B * Hkv * K * triton.cdiv(block_size, bn)
+    items = 1
+    while items * 2 <= K and pieces // (items * 2) >= 256:
+        items *= 2
+    return bn, items, 4, 3 if items >= 4 else 2
 
 
 def _prec(t):
@@ -228,10 +230,9 @@ def _topk(S, cache_lens, Tmax, block_size, topk):
     """Step 2. S (B, Hkv, nb) -> block_idx (B, Hkv, K) int32, exactly msa_ref.select_blocks' order."""
     B, Hkv, nb = S.shape
     block_idx = torch.empty(B, Hkv, topk, device=S.device, dtype=torch.int32)           # (B, Hkv, K)
-    warps, sort = _topk_config(B, Hkv, nb)
     _topk_kernel[(B * Hkv,)](S, cache_lens, block_idx, S.stride(0), S.stride(1), Tmax,
-                             HKV=Hkv, BS=block_size, K=topk, NB_P=max(_pow2(nb, 1), _pow2(topk, 1)),
-                             K_P=_pow2(topk, 1), SORT=sort, num_warps=warps)
+                             HKV=Hkv, BS=block_size, K=topk, NB_P=_pow2(nb, 1), K_P=_pow2(topk, 1),
+                             num_warps=_topk_config(B, Hkv, nb))
     return block_idx
 
 
