@@ -29,9 +29,9 @@ from msa_ref import _expect, check_inputs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PARTIAL_ELEMS = 1 << 30   # partial buffers hold at most this many elements: chunks of T keep memory bounded
+PARTIAL_ELEMS = 1 << 31   # partial buffers hold at most this many elements: chunks of T keep memory bounded
 _DQP_DTYPE = None         # experiment: partial dq dtype (None: q's)
-SEG = 64                  # forward: (token, slot) entries per program, so hot blocks split over programs
+SEG = 128                 # forward: (token, slot) entries per program, so hot blocks split over programs
 
 
 def _pow2(x, lo=16):
@@ -343,11 +343,17 @@ def _consts(q, block_size):
 
 
 def _tiles(kind, D, GP, BLOCK_N):
-    """(rows per tile, num_warps, num_stages, keys per program) of the 'fwd' and 'bwd' KV-outer kernels.
-    rows = tokens x GP heads; the forward takes a whole block, the backward may split it (less registers)."""
+    """Tile shape and launch options of the 'fwd' and 'bwd' KV-outer kernels (measured on an H100, KERNELS.md):
+    ROWS = tokens x GP heads per tile; BLOCK_N keys per program (the backward splits a block: fewer registers);
+    maxnreg caps registers per thread so that more programs share an SM (None: the compiler's choice)."""
     if kind == "fwd":
-        return (max(GP, 64), 4, 2, BLOCK_N)
-    return (max(GP, 64), 8 if D > 64 else 4, 2, BLOCK_N)
+        return dict(ROWS=max(GP, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=None)
+    return dict(ROWS=max(GP, 64), BLOCK_N=min(BLOCK_N, 64), num_warps=8 if D > 64 else 4, num_stages=2, maxnreg=None)
+
+
+def _launch_opts(t):
+    """Kernel keyword arguments from a _tiles dict (maxnreg only when set: the interpreter knows no such option)."""
+    return {k: v for k, v in t.items() if v is not None}
 
 
 def _chunk(B, Hkv, G, K, D):
@@ -362,7 +368,7 @@ def _forward(q, k, v, block_idx, block_size):
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
     c = _consts(q, block_size)
-    ROWS, warps, stages, _ = _tiles("fwd", D, GP, c["BLOCK_N"])
+    tiles = _launch_opts(_tiles("fwd", D, GP, c["BLOCK_N"]))
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     Tc = min(T, _chunk(B, Hkv, G, K, D))
@@ -377,7 +383,7 @@ def _forward(q, k, v, block_idx, block_size):
         _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
             q, k, v, op, lp, ent, lo, hi, blk, *q.stride(), *k.stride(), *v.stride(),
             T, t0, t1 - t0, K, lo.shape[1], Hkv, block_size, D, LOG2E / math.sqrt(D),
-            G=G, GP=GP, ROWS=ROWS, num_warps=warps, num_stages=stages, **c)
+            G=G, GP=GP, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
         CR = max(GP, 32)
         _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
             op, lp, slots, out, lse, T, t0, t1 - t0, K, Hkv, D,
@@ -398,8 +404,8 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
     dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
-    ROWS, warps, stages, BN = _tiles("bwd", D, GP, c["BLOCK_N"])
-    NSUB = triton.cdiv(block_size, BN)                                         # programs per KV block
+    tiles = _launch_opts(_tiles("bwd", D, GP, c["BLOCK_N"]))
+    NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     Tc = min(T, _chunk(B, Hkv, G, K * NSUB, D))
     for t0 in range(0, T, Tc):
         t1 = min(T, t0 + Tc)
@@ -411,7 +417,7 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
             q, k, v, dout, lse, delta, dqp, dk, dv, ent, start, cnt,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             T, t0, t1 - t0, K, nbc, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
-            G=G, GP=GP, ROWS=ROWS, NSUB=NSUB, num_warps=warps, num_stages=stages, **dict(c, BLOCK_N=BN))
+            G=G, GP=GP, NSUB=NSUB, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
         CR = max(GP, 32)
         _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
             dqp, dqp, slots, dq, dq, T, t0, t1 - t0, K, Hkv, D,
