@@ -203,7 +203,121 @@ def bench_attn(args):
     return rows
 
 
-BENCHES = {"attn": bench_attn}   # index / layer / decode families are added here by their owners
+# ---------------------------------------------------------------------------------------------
+# index: index_topk alone, the whole MSA forward (index_topk + sparse_attention) and the whole MSA
+# training step (index_topk, attention fwd + bwd, kl_loss fwd + bwd), next to dense cuDNN
+
+def peak_extra_mib(fn):
+    """Peak memory allocated while fn() runs, above what was allocated before, in MiB (outputs included)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    m0 = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return round((torch.cuda.max_memory_allocated() - m0) / 2**20, 1)
+
+
+def check_index(qi, ki, block_idx, bs, K, n_rows=256):
+    """index_topk vs the definition: the chosen earlier blocks' fp32 block scores (msa_ref.block_scores on
+    n_rows sampled rows) against the best K-1. Returns the fraction of rows with the same set and the
+    deficit of the chosen blocks' score sum per chosen block, max and mean over rows (bf16: ~1e-6, rounding;
+    fp8: larger, that is its tolerance); the local block and the -1 slots must be exact."""
+    B, Hkv, T, Di = qi.shape
+    gen = torch.Generator(device=qi.device).manual_seed(2)
+    t = torch.randint(0, T, (n_rows,), device=qi.device, generator=gen)       # sampled query positions
+    S = msa_ref.block_scores(qi[:, :, t], ki, bs, t.view(1, 1, -1))            # (B, Hkv, n_rows, nb) fp32
+    ref = msa_ref.select_blocks(S, t.view(1, 1, -1), bs, K).long()
+    got = block_idx[:, :, t].long()
+    far = (ref >= 0) & (ref < (t // bs).view(1, 1, -1, 1))
+    assert torch.equal(got.masked_fill(far, 0), ref.masked_fill(far, 0)), "local block / -1 slots differ from msa_ref"
+    score = lambda idx: torch.where(far, S.gather(3, idx.clamp(min=0)), 0.0).sum(-1)
+    same = (got.masked_fill(~far, -2).sort(-1).values == ref.masked_fill(~far, -2).sort(-1).values).all(-1)
+    deficit = (score(ref) - score(got)) / far.sum(-1).clamp(min=1)            # per chosen block
+    return dict(same_set=same.float().mean().item(), deficit_max=deficit.max().item(), deficit_mean=deficit.mean().item())
+
+
+def bench_index(args):
+    import msa_triton_index as mti
+    rows = []
+    dev, dtype = "cuda", torch.bfloat16
+    for shape in args.shape:
+        B, Hq, Hkv, D, Di, bs, K, Ts = SHAPES[shape]
+        G = Hq // Hkv
+        for T in args.T or Ts:
+            q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype, dev)
+            gen = torch.Generator(device=dev).manual_seed(3)
+            qi = torch.randn(B, Hkv, T, Di, device=dev, dtype=dtype, generator=gen)
+            ki = torch.randn(B, T, Di, device=dev, dtype=dtype, generator=gen)
+            dout = torch.randn_like(q)
+            base = dict(shape=shape, T=T, sel="indexer")
+            idx_flops = 2 * Hkv * Di * B * T * (T + 1) / 2
+            dense_flops = 4 * Hq * D * B * T * (T + 1) / 2
+            block_idx = mti.index_topk(qi, ki, bs, K)
+            chk = check_index(qi, ki, block_idx, bs, K)
+            chk.update({f"fp8_{a}": b for a, b in check_index(qi, ki, mti.index_topk(qi, ki, bs, K, fp8=True), bs, K).items()})
+            E = attended_pairs(block_idx, bs, T)
+            flops = 4 * G * D * E
+            if T <= REF_MAX_T:                                                 # kl_loss vs msa_ref, bf16 inputs
+                qr, kr = (x.detach().float().requires_grad_() for x in (qi, ki))
+                qg, kg = (x.detach().requires_grad_() for x in (qi, ki))
+                lg = mti.kl_loss(q, k, qg, kg, block_idx, bs)
+                lr = msa_ref.kl_loss(q, k, qr, kr, block_idx, bs)
+                g1, g0 = torch.autograd.grad(lg, [qg, kg]), torch.autograd.grad(lr, [qr, kr])
+                chk.update(kl=abs(lg.item() / lr.item() - 1), dqi=rel_err(g1[0], g0[0]), dki=rel_err(g1[1], g0[1]))
+            print(f"[check] index {shape} T={T}: " + ", ".join(f"{a}={b:.3g}" for a, b in chk.items()), flush=True)
+            qiv, kiv = (x.detach().requires_grad_() for x in (qi, ki))
+
+            def dense_fwd():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            def dense_step():
+                qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    o = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=True)
+                return torch.autograd.grad(o, qkv, dout)
+
+            def select():
+                return mti.index_topk(qi, ki, bs, K)
+
+            def msa_fwd():
+                return msa_triton.sparse_attention(q, k, v, mti.index_topk(qi, ki, bs, K), bs)
+
+            attn_lse = msa_triton.sparse_attention(q, k, v, block_idx, bs)[1]
+
+            def kl_step(lse):
+                return torch.autograd.grad(mti.kl_loss(q, k, qiv, kiv, block_idx, bs, lse=lse), [qiv, kiv])
+
+            def msa_step(reuse):
+                qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+                idx = mti.index_topk(qi, ki, bs, K)
+                o, lse = msa_triton.sparse_attention(*qkv, idx, bs)
+                kl = mti.kl_loss(q, k, qiv, kiv, idx, bs, lse=lse if reuse else None)
+                return torch.autograd.grad([o, kl], qkv + [qiv, kiv], [dout, torch.ones_like(kl)])
+            dense = {}
+            for impl, pas, fn, fl in (("dense cuDNN", "fwd", dense_fwd, dense_flops),
+                                      ("dense cuDNN", "fwd+bwd", dense_step, 3.5 * dense_flops),
+                                      ("index_topk", "select", select, idx_flops),
+                                      ("index_topk fp8", "select", lambda: mti.index_topk(qi, ki, bs, K, fp8=True), idx_flops),
+                                      ("MSA fwd = index_topk + sparse_attention", "fwd", msa_fwd, flops + idx_flops),
+                                      ("kl_loss (teacher lse recomputed)", "fwd+bwd", lambda: kl_step(None), None),
+                                      ("kl_loss (given sparse_attention's lse)", "fwd+bwd", lambda: kl_step(attn_lse), None),
+                                      ("MSA train step (kl recomputes lse)", "fwd+bwd", lambda: msa_step(False), 3.5 * flops + idx_flops),
+                                      ("MSA train step (kl reuses attention lse)", "fwd+bwd", lambda: msa_step(True), 3.5 * flops + idx_flops)):
+                ms = timed(fn)
+                if impl.startswith("dense"):
+                    dense[pas] = ms
+                rows.append(dict(base, impl=impl, **{"pass": pas}, ms=round(ms, 3),
+                                 tflops=round(fl / ms / 1e9, 1) if fl else "",
+                                 vs_dense=f"{dense[pas] / ms:.2f}x" if impl.startswith(("dense", "MSA")) else "",
+                                 mem_MiB=peak_extra_mib(fn), E=E, check=chk))
+            del q, k, v, qi, ki, qiv, kiv, dout, block_idx
+            torch.cuda.empty_cache()
+    return rows
+
+
+BENCHES = {"attn": bench_attn, "index": bench_index}   # index / layer / decode families are added here by their owners
 
 
 def main():
@@ -225,7 +339,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, median ms (do_bench)")
-    print_table(rows, ["shape", "T", "sel", "impl", "pass", "ms", "tflops", "vs_dense"])
+    print_table(rows, ["shape", "T", "sel", "impl", "pass", "ms", "tflops", "vs_dense", "mem_MiB"])
 
 
 if __name__ == "__main__":

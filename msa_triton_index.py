@@ -41,11 +41,11 @@ def _pow2(x, lo=16):
 # index_topk
 
 @triton.jit
-def _index_topk_kernel(qi_ptr, ki_ptr, out_ptr, T, Hkv, sqrt_di,
+def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
                        s_qb, s_qh, s_qt, s_qd, s_kb, s_kt, s_kd, s_ob, s_oh, s_ot, s_ok,
                        BS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, FP8: tl.constexpr):
     bh = tl.program_id(0)                    # axis 0 varies fastest: the first wave takes the
     qt = tl.num_programs(1) - 1 - tl.program_id(1)  # last (longest) query tiles of every (b, g)
     b = bh // Hkv
@@ -77,6 +77,8 @@ def _index_topk_kernel(qi_ptr, ki_ptr, out_ptr, T, Hkv, sqrt_di,
             if BS % BLOCK_N != 0:
                 s = tl.where(kmask[None, :], s, float("-inf"))
             m = tl.maximum(m, tl.max(s, axis=1))
+        if FP8:                                                                # the block's ki scale
+            m = m * tl.load(ks_ptr + b * NB + blk)
         # the scale goes on after the max (x -> x / c is monotone), divided as msa_ref divides,
         # and + 0.0 turns -0.0 into +0.0 so the two zeros tie as they do in msa_ref
         score = m / sqrt_di + 0.0                                              # (BLOCK_Q,)
@@ -96,25 +98,45 @@ def _index_topk_kernel(qi_ptr, ki_ptr, out_ptr, T, Hkv, sqrt_di,
              mask=(rows[:, None] < T) & (cols[None, :] < K))
 
 
-def index_topk(qi, ki, block_size, topk, block_q=None, num_warps=None, num_stages=None):
+def _fp8_inputs(qi, ki, block_size):
+    """float8_e4m3fn copies for the FP8 scoring path. Each qi row is scaled so its largest |value| is 448
+    (e4m3's largest): a positive factor per query changes no ranking, so it is never undone. ki is scaled
+    per key block, and the kernel multiplies each block's max by that block's scale ks (B, nb) fp32."""
+    B, T, Di = ki.shape
+    nb = triton.cdiv(T, block_size)
+    qa = qi.abs().amax(-1, keepdim=True).float().clamp_min(1e-30)                # (B, Hkv, T, 1)
+    qi8 = (qi.float() * (448.0 / qa)).to(torch.float8_e4m3fn)
+    kp = torch.nn.functional.pad(ki.float(), (0, 0, 0, nb * block_size - T)).view(B, nb, block_size, Di)
+    ks = kp.abs().amax((2, 3), keepdim=True).clamp_min(1e-30) / 448.0          # (B, nb, 1, 1)
+    ki8 = (kp / ks).to(torch.float8_e4m3fn).view(B, nb * block_size, Di)[:, :T]
+    return qi8, ki8, ks.view(B, nb).contiguous()
+
+
+def index_topk(qi, ki, block_size, topk, fp8=False, block_q=None, num_warps=None, num_stages=None):
     """qi (B, Hkv, T, Di), ki (B, T, Di) -> block_idx int32 (B, Hkv, T, K), the selection of msa_ref.index_topk:
     the K-1 best earlier blocks by descending block score (ties: lower block first), then the local block
-    t // bs in the last valid slot, then -1. block_q / num_warps / num_stages tune the kernel (bench.py)."""
+    t // bs in the last valid slot, then -1. block_q / num_warps / num_stages tune the kernel (bench.py).
+    fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): the selection is then
+    that of slightly perturbed scores; INDEX_NOTES.md gives the measured difference to the bf16 one."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
     Di = qi.shape[3]
     out = torch.empty(B, Hkv, T, topk, dtype=torch.int32, device=qi.device)
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
+    ks = qi                                                                    # unused unless fp8
+    if fp8:
+        _expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
+        qi, ki, ks = _fp8_inputs(qi, ki, block_size)
     on_gpu = qi.is_cuda
     # measured on an H100 at the M3 shape (INDEX_NOTES.md): 256-query tiles pay from T = 32K on
     block_q = block_q or ((256 if T >= 16384 else 128) if on_gpu else 16)
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, triton.cdiv(T, block_q))
     _index_topk_kernel[grid](
-        qi, ki, out, T, Hkv, math.sqrt(Di),
+        qi, ki, ks, out, T, Hkv, triton.cdiv(T, block_size), math.sqrt(Di),
         *qi.stride(), *ki.stride(), *out.stride(),
         BS=block_size, K=topk, KP=_pow2(topk, 2), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
-        NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32,
+        NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32, FP8=fp8,
         num_warps=num_warps or (8 if block_q >= 256 else 4), num_stages=num_stages or 3)
     return out
 
