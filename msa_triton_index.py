@@ -112,10 +112,10 @@ def _fp8_inputs(qi, ki, block_size):
     return qi8, ki8, ks.view(B, nb).contiguous()
 
 
-def index_topk(qi, ki, block_size, topk, fp8=False, block_q=None, num_warps=None, num_stages=None):
+def index_topk(qi, ki, block_size, topk, fp8=False):
     """qi (B, Hkv, T, Di), ki (B, T, Di) -> block_idx int32 (B, Hkv, T, K), the selection of msa_ref.index_topk:
     the K-1 best earlier blocks by descending block score (ties: lower block first), then the local block
-    t // bs in the last valid slot, then -1. block_q / num_warps / num_stages tune the kernel (bench.py).
+    t // bs in the last valid slot, then -1.
     fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): the selection is then
     that of slightly perturbed scores; INDEX_NOTES.md gives the measured difference to the bf16 one."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
@@ -129,7 +129,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False, block_q=None, num_warps=None
         qi, ki, ks = _fp8_inputs(qi, ki, block_size)
     on_gpu = qi.is_cuda
     # measured on an H100 at the M3 shape (INDEX_NOTES.md): 256-query tiles pay from T = 32K on
-    block_q = block_q or ((256 if T >= 16384 else 128) if on_gpu else 16)
+    block_q = (256 if T >= 16384 else 128) if on_gpu else 16
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, triton.cdiv(T, block_q))
     _index_topk_kernel[grid](
@@ -137,7 +137,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False, block_q=None, num_warps=None
         *qi.stride(), *ki.stride(), *out.stride(),
         BS=block_size, K=topk, KP=_pow2(topk, 2), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
         NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32, FP8=fp8,
-        num_warps=num_warps or (8 if block_q >= 256 else 4), num_stages=num_stages or 3)
+        num_warps=8 if block_q >= 256 else 4, num_stages=3)
     return out
 
 
@@ -293,7 +293,7 @@ def _kl_loss_kernel(Q, Kc, QI, KI, ENT, BSTART, BCNT, LQ, LU, LOSS, DQP, DKI,
     tl.store(LOSS + bh * NBC + kb, tl.sum(loss, axis=0))
 
 
-def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, block_q=None, block_n=None, num_warps=None):
+def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
     (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
     from msa_triton import PARTIAL_ELEMS, SEG, _combine_kernel, _csr, _segments, _slots  # msa_triton re-exports us
@@ -302,8 +302,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, block_q=None
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
     dev = q.device
     on_gpu = q.is_cuda
-    block_q = block_q or (64 if on_gpu else 16)
-    block_n = block_n or min(_pow2(block_size), 128 if on_gpu else 32)
+    block_q = 64 if on_gpu else 16        # tiles measured on an H100 (INDEX_NOTES.md): 64 x 128, 8 warps
+    block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     nchunk = triton.cdiv(block_size, block_n)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
@@ -342,7 +342,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, block_q=None
         _kl_loss_kernel[(nbc, BH)](q, k, qi, ki, ent, start, cnt, lq, lu, loss, dqp, dki if grad else loss,
                                    *strides, T, t0, t1 - t0, K, nbc, Hkv, scale_d2, scale_i2,
                                    LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad,
-                                   num_warps=num_warps or (8 if on_gpu else 4), **meta)
+                                   num_warps=8 if on_gpu else 4, **meta)
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
