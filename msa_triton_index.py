@@ -162,6 +162,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+STATS_SEG = 64   # pass 1: entries per program, so a block chosen by many tokens is split (measured with 64)
 
 
 @triton.jit
@@ -296,7 +297,7 @@ def _kl_loss_kernel(Q, Kc, QI, KI, ENT, BSTART, BCNT, LQ, LU, LOSS, DQP, DKI,
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
     (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
-    from msa_triton import PARTIAL_ELEMS, SEG, _combine_kernel, _csr, _segments, _slots  # msa_triton re-exports us
+    from msa_triton import PARTIAL_ELEMS, _combine_kernel, _csr, _segments, _slots  # msa_triton re-exports us
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
@@ -325,7 +326,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
         nbc = triton.cdiv(t1, block_size)
         slots = _slots(block_idx, t0, t1, nbc)                                 # (BH, Tc, K)
         ent, start, cnt = _csr(slots, nbc)
-        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
         lqp = (torch.full((BH, t1 - t0, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
