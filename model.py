@@ -286,7 +286,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(h))                                # (B, T, V)
         if y is None:
             return logits, None
-        kl_layers = torch.stack(kls) if kls else logits.new_zeros(0, dtype=torch.float32)
+        kl_layers = torch.stack(kls).float() if kls else logits.new_zeros(0, dtype=torch.float32)
         losses = dict(lm=F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1),
                       kl=kl_layers.sum(), kl_layers=kl_layers.detach(), balance=torch.stack(balances).mean(),
                       expert_load=torch.stack(loads))
