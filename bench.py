@@ -317,7 +317,114 @@ def bench_index(args):
     return rows
 
 
-BENCHES = {"attn": bench_attn, "index": bench_index}   # index / layer / decode families are added here by their owners
+# ---------------------------------------------------------------------------------------------
+# decode: one new token per sequence against full caches (issue 6), MSA sparse_decode vs dense SDPA
+
+def graphed(fn):
+    """fn() captured in a CUDA graph after one eager call (compiles, allocates); returns graph.replay."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def rotating(fns):
+    """One callable that runs fns[0], fns[1], ... in turn, so that each call reads another cache copy."""
+    state = [0]
+
+    def run():
+        fns[state[0] % len(fns)]()
+        state[0] += 1
+    return run
+
+
+def decode_reference(q, qi, k, v, ki, lens, bs, K):
+    """fp32: msa_ref's selection (block_scores + select_blocks), then softmax over a gather of the selected
+    tokens only (no (B, Hkv, Tmax, D) fp32 copy). Returns block_idx (B, Hkv, K) and out (B, Hq, D)."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    q_pos = (lens.long() - 1).view(B, 1, 1)
+    idx = msa_ref.select_blocks(msa_ref.block_scores(qi.unsqueeze(2), ki, bs, q_pos), q_pos, bs, K).squeeze(2)
+    tok = idx.long().clamp(min=0)[..., None] * bs + torch.arange(bs, device=q.device)   # (B, Hkv, K, bs)
+    valid = (idx[..., None] >= 0) & (tok < lens.view(B, 1, 1, 1))
+    tok = tok.clamp(max=k.shape[2] - 1).view(B, Hkv, K * bs, 1).expand(-1, -1, -1, D)
+    s = q.float().view(B, Hkv, Hq // Hkv, D) @ k.gather(2, tok).float().transpose(-1, -2) / math.sqrt(D)
+    s = s.masked_fill(~valid.view(B, Hkv, 1, K * bs), float("-inf"))                   # (B, Hkv, G, K*bs)
+    return idx, (torch.softmax(s, -1) @ v.gather(2, tok).float()).view(B, Hq, D)
+
+
+def bench_decode(args):
+    """Per (T, B): N copies of the caches (every row full, at T tokens), N such that 300 MB (6 x L2) of
+    sparse-step data lie between two reads of one copy (do_bench also clears L2 before each call).
+    Dense = SDPA over the whole cache, cuDNN and flash, eager and CUDA-graphed (best of all = vs_dense).
+    MSA step = msa_triton_decode.sparse_decode (scoring + top-k + split-K attention + merge), eager and
+    graphed; its pieces graphed alone. GB/s = bytes that must be read / time: index keys of the earlier
+    blocks + the selected K/V for MSA, the whole K/V cache for dense."""
+    import msa_triton_decode as dec
+    rows = []
+    Hq, Hkv, D, Di, bs, K = SHAPES["m3"][1:7]
+    dt = torch.bfloat16
+    for T in args.T or [32768, 131072]:
+        for B in args.B:
+            copy_bytes = B * T * (2 * Hkv * D + Di) * 2
+            ki_bytes = B * ((T - 1) // bs) * bs * Di * 2
+            kv_bytes = B * Hkv * min(K, (T - 1) // bs + 1) * bs * D * 2 * 2
+            dense_bytes = B * Hkv * T * D * 2 * 2
+            n = int(max(2, min(math.ceil(300e6 / (ki_bytes + kv_bytes)), 40e9 // copy_bytes, 64)))
+            gen = torch.Generator(device="cuda").manual_seed(T + B)
+            rnd = lambda *s: torch.randn(*s, device="cuda", dtype=dt, generator=gen)
+            cs = [dict(q=rnd(B, Hq, D), qi=rnd(B, Hkv, Di), k=rnd(B, Hkv, T, D), v=rnd(B, Hkv, T, D), ki=rnd(B, T, Di),
+                       lens=torch.full((B,), T, device="cuda", dtype=torch.int32)) for _ in range(n)]
+            c = cs[0]
+            ridx, rout = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+            out = dec.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+            chk = dict(sel_rows_differing=int((dec._select(c["qi"], c["ki"], c["lens"], bs, K) != ridx).any(-1).sum()),
+                       out=rel_err(out, rout))
+            print(f"[check] decode T={T} B={B}: {chk}", flush=True)
+            del ridx, rout
+            base = dict(shape="m3", T=T, sel="indexer", **{"pass": f"decode B={B}"}, copies=n, check=chk)
+
+            def add(impl, fn, nbytes, dense_ms=None):
+                ms = timed(fn, rep_ms=100)
+                rows.append(dict(base, impl=impl, ms=round(ms, 4), GBps=round(nbytes / ms / 1e6),
+                                 vs_dense=f"{dense_ms / ms:.2f}x" if dense_ms else ""))
+                return ms
+
+            dense = []
+            for name, be in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                def sdpa(c, be=be):
+                    with sdpa_kernel(be):
+                        return F.scaled_dot_product_attention(c["q"].unsqueeze(2), c["k"], c["v"], enable_gqa=True)
+                try:
+                    dense.append(add(f"dense SDPA {name}", rotating([lambda c=c: sdpa(c) for c in cs]), dense_bytes))
+                    dense.append(add(f"dense SDPA {name} graph", rotating([graphed(lambda c=c: sdpa(c)) for c in cs]), dense_bytes))
+                except RuntimeError as e:                                      # backend refuses this shape
+                    rows.append(dict(base, impl=f"dense SDPA {name}", ms="n/a", note=str(e)[:80]))
+            best = min(dense)
+            step = lambda c: dec.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+            add("MSA sparse_decode", rotating([lambda c=c: step(c) for c in cs]), ki_bytes + kv_bytes, best)
+            add("MSA sparse_decode graph", rotating([graphed(lambda c=c: step(c)) for c in cs]), ki_bytes + kv_bytes, best)
+            # the pieces, each graphed alone (a graph of one tiny kernel shows the fixed cost of a replay)
+            S = [dec._block_scores(c["qi"], c["ki"], c["lens"], bs) for c in cs]
+            idx = [dec._topk(s, c["lens"], T, bs, K) for s, c in zip(S, cs)]
+            part = [dec._partials(c["q"], c["k"], c["v"], c["lens"], i, bs) for i, c in zip(idx, cs)]
+            tiny = torch.zeros(1, device="cuda")
+            add("  graph of one tiny kernel", graphed(lambda: tiny.add_(1)), 4)
+            add("  scoring + top-k graph", rotating([graphed(lambda c=c: dec._select(c["qi"], c["ki"], c["lens"], bs, K)) for c in cs]), ki_bytes)
+            add("  scoring graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki"], c["lens"], bs)) for c in cs]), ki_bytes)
+            add("  top-k graph", rotating([graphed(lambda s=s, c=c: dec._topk(s, c["lens"], T, bs, K)) for s, c in zip(S, cs)]), S[0].numel() * 4)
+            add("  attention + merge", rotating([lambda i=i, c=c: dec._attend(c["q"], c["k"], c["v"], c["lens"], i, bs) for i, c in zip(idx, cs)]), kv_bytes)
+            add("  attention + merge graph", rotating([graphed(lambda i=i, c=c: dec._attend(c["q"], c["k"], c["v"], c["lens"], i, bs)) for i, c in zip(idx, cs)]), kv_bytes)
+            add("  split-K partials graph", rotating([graphed(lambda i=i, c=c: dec._partials(c["q"], c["k"], c["v"], c["lens"], i, bs)) for i, c in zip(idx, cs)]), kv_bytes)
+            add("  merge graph", rotating([graphed(lambda p=p, c=c: dec._merge(*p, c["q"])) for p, c in zip(part, cs)]), part[0][0].numel() * 4)
+            del cs, S, idx, part
+            torch.cuda.empty_cache()
+    return rows
+
+
+BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode}   # index / layer / decode families are added here by their owners
 
 
 def main():
@@ -325,6 +432,7 @@ def main():
     p.add_argument("--what", nargs="+", default=["attn"], choices=sorted(BENCHES))
     p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
     p.add_argument("--T", nargs="+", type=int, help="sequence lengths (default: each shape's list)")
+    p.add_argument("--B", nargs="+", type=int, default=[1, 8, 32], help="decode: batch sizes")
     p.add_argument("--sel", nargs="+", default=["random", "indexer"], choices=["random", "indexer"])
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
     p.add_argument("--json", help="write every row here")
@@ -339,7 +447,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, median ms (do_bench)")
-    print_table(rows, ["shape", "T", "sel", "impl", "pass", "ms", "tflops", "vs_dense", "mem_MiB"])
+    print_table(rows, ["shape", "T", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB"])
 
 
 if __name__ == "__main__":
