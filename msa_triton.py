@@ -30,8 +30,6 @@ from msa_ref import _expect, check_inputs
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PARTIAL_ELEMS = 1 << 31   # partial buffers hold at most this many elements: chunks of T keep memory bounded
-_HINT = False             # experiment: L2 eviction hints in the forward
-FWD_WINDOW = 4096         # forward programs run window by window of tokens, so gathered q rows stay in L2
 SEG = 64                  # forward: (token, slot) entries per program, so hot blocks split over programs
 
 
@@ -52,26 +50,16 @@ def _slots(block_idx, t0, t1, nbc):
     return sl.masked_fill(dup | (sl >= nbc), -1).to(torch.int32).contiguous()
 
 
-def _csr(slots, nbc, window=None):
-    """slots (BH, Tc, K) -> ent int32 (BH, Tc*K): entry ids e = token * K + slot grouped by bin, tokens
-    ascending in each bin; start, cnt int64 (BH, nbins): where each bin's entries begin in ent and how many.
-    A bin is a block (nbins = nbc), or with window a (window of tokens, block) pair, window-major
-    (nbins = nwin * (nbc + 1); bin % (nbc + 1) is the block, and the bins of block nbc stay empty)."""
+def _csr(slots, nbc):
+    """slots (BH, Tc, K) -> ent int32 (BH, Tc*K): entry ids e = token * K + slot grouped by block, tokens
+    ascending; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are."""
     BH, Tc, K = slots.shape
     key = slots.view(BH, Tc * K).long()
     key = key.masked_fill(key < 0, nbc)                                        # padding -> a spare block nbc
-    nwin = 1
-    if window:
-        nwin = -(-Tc // window)
-        key = key + (torch.arange(Tc * K, device=slots.device) // (K * window)) * (nbc + 1)
     ent = key.sort(dim=-1, stable=True).indices.to(torch.int32)                # stable: tokens stay ascending
-    cnt = torch.zeros(BH, nwin, nbc + 1, dtype=torch.long, device=slots.device)
-    cnt = cnt.view(BH, -1).scatter_add_(1, key, torch.ones_like(key)).view(BH, nwin, nbc + 1)
-    start = (torch.cumsum(cnt.view(BH, -1), 1) - cnt.view(BH, -1)).view(BH, nwin, nbc + 1)
-    if not window:
-        return ent, start[:, 0, :nbc].contiguous(), cnt[:, 0, :nbc].contiguous()
-    cnt[:, :, nbc] = 0                                                         # padding is nobody's work
-    return ent, start.view(BH, -1), cnt.view(BH, -1)
+    cnt = torch.zeros(BH, nbc + 1, dtype=torch.long, device=slots.device).scatter_add_(1, key, torch.ones_like(key))
+    cnt = cnt[:, :nbc].contiguous()
+    return ent, torch.cumsum(cnt, 1) - cnt, cnt
 
 
 def _segments(start, cnt, n_entries, seg):
@@ -109,10 +97,10 @@ def _tile_rows(ENT, i, hi, K, t0, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.co
 
 
 @triton.jit
-def _gather(X, b, g, G, h, t, rv, sxb, sxh, sxt, sxd, d, dmask, EVICT: tl.constexpr):
+def _gather(X, b, g, G, h, t, rv, sxb, sxh, sxt, sxd, d, dmask):
     """Rows (head g * G + h, token t) of X (B, H, T, D) -> (ROWS, BLOCK_D), zeros where not rv."""
     return tl.load(X + b * sxb + (g * G + h)[:, None] * sxh + t[:, None].to(tl.int64) * sxt + d[None, :] * sxd,
-                   mask=rv[:, None] & dmask[None, :], other=0.0, eviction_policy=EVICT)
+                   mask=rv[:, None] & dmask[None, :], other=0.0)
 
 
 @triton.jit
@@ -120,7 +108,7 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                    T, t0, Tc, K, NSEG, Hkv, BS, D, scale2,
                    G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr, HINT: tl.constexpr):
+                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """One program = one segment of one KV block's list of (token, slot) entries, for one (batch, group).
     Writes the block's partial out (normalised) and lse2 into OP (BH, Tc, K, G, D) and LP (BH, Tc, K, G)."""
     sid = tl.program_id(0)
@@ -142,11 +130,11 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
         ENTb = ENT + bh.to(tl.int64) * Tc * K
         STEP: tl.constexpr = ROWS // GP                                        # tokens per tile
         tloc, slot, t, h, rv = _tile_rows(ENTb, lo, hi, K, t0, G, GP, ROWS)
-        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask, "evict_last" if HINT else "")       # (ROWS, BLOCK_D)
+        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask)       # (ROWS, BLOCK_D)
         for i in range(lo, hi, STEP):
             # issue the next tile's gather now, use it next iteration: its latency hides behind this tile
             tloc_n, slot_n, t_n, h, rv_n = _tile_rows(ENTb, i + STEP, hi, K, t0, G, GP, ROWS)
-            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask, "evict_last" if HINT else "")
+            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2         # (ROWS, BLOCK_N)
             vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])  # causal inside the block
             s = tl.where(vis, s, float("-inf"))
@@ -159,8 +147,7 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
             o = o / ls[:, None]
             lse2 = tl.where(l > 0, m + tl.log2(ls), float("-inf"))
             po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h            # (ROWS,) partial row index
-            tl.store(OP + po[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rv[:, None] & dmask[None, :],
-                     eviction_policy="evict_first" if HINT else "")
+            tl.store(OP + po[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
             tl.store(LP + po, lse2, mask=rv)
             q, tloc, slot, t, rv = q_n, tloc_n, slot_n, t_n, rv_n
 
@@ -302,16 +289,16 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
         ENTb = ENT + bh.to(tl.int64) * Tc * K
         STEP: tl.constexpr = ROWS // GP
         tloc, slot, t, h, rv = _tile_rows(ENTb, lo, hi, K, t0, G, GP, ROWS)
-        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask, "")       # (ROWS, BLOCK_D)
-        do = _gather(DO, b, g, G, h, t, rv, sdb, sdh, sdt, sdd, d, dmask, "")
+        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask)       # (ROWS, BLOCK_D)
+        do = _gather(DO, b, g, G, h, t, rv, sdb, sdh, sdt, sdd, d, dmask)
         row = ((b * Hkv + g) * G + h) * T + t                                  # (ROWS,) rows of (B, Hq, T)
         lse2 = tl.load(LSE + row, mask=rv, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row, mask=rv, other=0.0)
         for i in range(lo, hi, STEP):
             # issue the next tile's gathers now, use them next iteration (latency hiding)
             tloc_n, slot_n, t_n, h, rv_n = _tile_rows(ENTb, i + STEP, hi, K, t0, G, GP, ROWS)
-            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask, "")
-            do_n = _gather(DO, b, g, G, h, t_n, rv_n, sdb, sdh, sdt, sdd, d, dmask, "")
+            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask)
+            do_n = _gather(DO, b, g, G, h, t_n, rv_n, sdb, sdh, sdt, sdd, d, dmask)
             row_n = ((b * Hkv + g) * G + h) * T + t_n
             lse2_n = tl.load(LSE + row_n, mask=rv_n, other=0.0) * 1.4426950408889634
             delta_n = tl.load(DELTA + row_n, mask=rv_n, other=0.0)
@@ -388,15 +375,14 @@ def _forward(q, k, v, block_idx, block_size):
         t1 = min(T, t0 + Tc)
         nbc = math.ceil(t1 / block_size)
         slots = _slots(block_idx, t0, t1, nbc)
-        ent, start, cnt = _csr(slots, nbc, FWD_WINDOW)
+        ent, start, cnt = _csr(slots, nbc)
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
-        blk = blk % (nbc + 1) if FWD_WINDOW else blk                           # bin -> block
         op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
         lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
         _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
             q, k, v, op, lp, ent, lo, hi, blk, *q.stride(), *k.stride(), *v.stride(),
             T, t0, t1 - t0, K, lo.shape[1], Hkv, block_size, D, LOG2E / math.sqrt(D),
-            G=G, GP=GP, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], HINT=_HINT, **tiles)
+            G=G, GP=GP, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
         CR = max(GP, 32)
         _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
             op, lp, slots, out, lse, T, t0, t1 - t0, K, Hkv, D,
