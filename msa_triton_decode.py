@@ -150,7 +150,8 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, o_ptr, lse_ptr,
         l = l * alpha + tl.sum(pr, axis=1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)
         m = m_new
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))     # an empty piece gets -inf: ignored by the merge
+    # an empty piece (padding, or past the row's length) gets lse = -inf: the merge ignores it
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
     acc = acc / tl.where(l > 0, l, 1.0)[:, None]
     row = (b * HKV + h) * G + g                              # (G_P,) rows of the partial buffers (B*Hq)
     tl.store(lse_ptr + row * NS + p, lse, mask=g < G)
@@ -169,7 +170,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
     lse = tl.load(lse_ptr + row * NS + j, mask=j < NS, other=float("-inf"))            # (NS_P,) log2
     m = tl.max(lse, axis=0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))                           # 0 for empty pieces
-    # empty pieces were never written with data: do not read them (0 * garbage could be NaN)
+    # empty pieces (lse = -inf, acc written as 0) get weight 0 and are not even read
     o = tl.load(o_ptr + (row * NS + j)[:, None] * D + d[None, :],
                 mask=((j < NS) & (lse > float("-inf")))[:, None] & (d[None, :] < D), other=0.0)  # (NS_P, D_P)
     den = tl.sum(w, axis=0)
