@@ -84,16 +84,14 @@ def _segments(start, cnt, n_entries, seg):
 # kernels. Inside them scores are in log2 units: s2 = q.k * scale * log2(e), so exp2 replaces exp.
 
 @triton.jit
-def _tile_rows(ENT, i, hi, K, t0, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr):
+def _tile_rows(ENT, i, hi, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr):
     """Rows of a tile of gathered queries: row r = (entry i + r // GP of a block's list, head r % GP).
-    Returns per row: tloc (token in chunk), slot, t (token), h (head in group), rv (a real row)."""
+    Returns per row: ent = token_in_chunk * K + slot, h (head in group), rv (a real row)."""
     r = tl.arange(0, ROWS)
     e = i + r // GP
     h = r % GP
     rv = (e < hi) & (h < G)
-    ent = tl.load(ENT + e, mask=rv, other=0)                                   # ent = tloc * K + slot
-    tloc = ent // K
-    return tloc, ent % K, t0 + tloc, h, rv
+    return tl.load(ENT + e, mask=rv, other=0), h, rv
 
 
 @triton.jit
@@ -129,12 +127,17 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
         v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
         STEP: tl.constexpr = ROWS // GP                                        # tokens per tile
-        tloc, slot, t, h, rv = _tile_rows(ENTb, lo, hi, K, t0, G, GP, ROWS)
-        q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask)       # (ROWS, BLOCK_D)
+        # software pipeline: entry ids two tiles ahead, gathered q rows one tile ahead, so neither
+        # the index load nor the gather it feeds stalls the tile being computed
+        ent, h, rv = _tile_rows(ENTb, lo, hi, G, GP, ROWS)
+        ent_n, h, rv_n = _tile_rows(ENTb, lo + STEP, hi, G, GP, ROWS)
+        q = _gather(Q, b, g, G, h, t0 + ent // K, rv, sqb, sqh, sqt, sqd, d, dmask)  # (ROWS, BLOCK_D)
         for i in range(lo, hi, STEP):
-            # issue the next tile's gather now, use it next iteration: its latency hides behind this tile
-            tloc_n, slot_n, t_n, h, rv_n = _tile_rows(ENTb, i + STEP, hi, K, t0, G, GP, ROWS)
-            q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask)
+            ent_nn, h, rv_nn = _tile_rows(ENTb, i + 2 * STEP, hi, G, GP, ROWS)
+            q_n = _gather(Q, b, g, G, h, t0 + ent_n // K, rv_n, sqb, sqh, sqt, sqd, d, dmask)
+            tloc = ent // K
+            slot = ent % K
+            t = t0 + tloc
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2         # (ROWS, BLOCK_N)
             vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])  # causal inside the block
             s = tl.where(vis, s, float("-inf"))
@@ -149,7 +152,7 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
             po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h            # (ROWS,) partial row index
             tl.store(OP + po[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
             tl.store(LP + po, lse2, mask=rv)
-            q, tloc, slot, t, rv = q_n, tloc_n, slot_n, t_n, rv_n
+            q, ent, rv, ent_n, rv_n = q_n, ent_n, rv_n, ent_nn, rv_nn
 
 
 @triton.jit
@@ -288,20 +291,26 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
         STEP: tl.constexpr = ROWS // GP
-        tloc, slot, t, h, rv = _tile_rows(ENTb, lo, hi, K, t0, G, GP, ROWS)
+        # software pipeline as in the forward: entry ids two tiles ahead, row data one tile ahead
+        ent, h, rv = _tile_rows(ENTb, lo, hi, G, GP, ROWS)
+        ent_n, h, rv_n = _tile_rows(ENTb, lo + STEP, hi, G, GP, ROWS)
+        t = t0 + ent // K
         q = _gather(Q, b, g, G, h, t, rv, sqb, sqh, sqt, sqd, d, dmask)       # (ROWS, BLOCK_D)
         do = _gather(DO, b, g, G, h, t, rv, sdb, sdh, sdt, sdd, d, dmask)
         row = ((b * Hkv + g) * G + h) * T + t                                  # (ROWS,) rows of (B, Hq, T)
         lse2 = tl.load(LSE + row, mask=rv, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row, mask=rv, other=0.0)
         for i in range(lo, hi, STEP):
-            # issue the next tile's gathers now, use them next iteration (latency hiding)
-            tloc_n, slot_n, t_n, h, rv_n = _tile_rows(ENTb, i + STEP, hi, K, t0, G, GP, ROWS)
+            ent_nn, h, rv_nn = _tile_rows(ENTb, i + 2 * STEP, hi, G, GP, ROWS)
+            t_n = t0 + ent_n // K
             q_n = _gather(Q, b, g, G, h, t_n, rv_n, sqb, sqh, sqt, sqd, d, dmask)
             do_n = _gather(DO, b, g, G, h, t_n, rv_n, sdb, sdh, sdt, sdd, d, dmask)
             row_n = ((b * Hkv + g) * G + h) * T + t_n
             lse2_n = tl.load(LSE + row_n, mask=rv_n, other=0.0) * 1.4426950408889634
             delta_n = tl.load(DELTA + row_n, mask=rv_n, other=0.0)
+            tloc = ent // K
+            slot = ent % K
+            t = t0 + tloc
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2          # (ROWS, BLOCK_N)
             vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)                 # the forward's probabilities
@@ -312,7 +321,7 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale      # (ROWS, BLOCK_D)
             po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * NSUB + sub       # (ROWS,) partial slot
             tl.store(DQP + (po * G + h)[:, None] * D + d[None, :], dq.to(DQP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
-            q, do, lse2, delta, tloc, slot, t, rv = q_n, do_n, lse2_n, delta_n, tloc_n, slot_n, t_n, rv_n
+            q, do, lse2, delta, ent, rv, ent_n, rv_n = q_n, do_n, lse2_n, delta_n, ent_n, rv_n, ent_nn, rv_nn
         kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
         tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
         tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
