@@ -162,17 +162,23 @@ def sparse_attention(q, k, v, block_idx, block_size):
 # ---------------------------------------------------------------------------------------------
 # the KL alignment loss: teach the index branch where the main branch looks
 
-def kl_loss(q, k, qi, ki, block_idx, block_size):
+def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
     """
     mean over (b, g, t) of KL(p || r) on the support S(t, g) of the chosen blocks, where
       p = the main branch's attention averaged over the G heads of group g (a target: no gradient),
       r = softmax of the index scores qi . ki / sqrt(Di) over the same support.
     Gradients reach qi and ki only: d kl / d s_ij = (r - p) / (B * Hkv * T).
+    lse (B, Hq, T), optional: what sparse_attention returned for these q, k, block_idx. It is the
+    teacher's normaliser, so passing it saves recomputing it (the fast kernels gain most from this).
     """
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
     mask = support_mask(block_idx, block_size, torch.arange(T, device=q.device), T)  # (B, Hkv, T, T)
     with torch.no_grad():
-        p = torch.softmax(_grouped_scores(q, k, mask), dim=-1).mean(2)         # (B, Hkv, T, T) teacher
+        s = _grouped_scores(q, k, mask)                                        # (B, Hkv, G, T, T)
+        if lse is None:
+            lse = s.logsumexp(-1)
+        lse = lse.reshape(B, Hkv, -1, T, 1).to(s.dtype)                         # (B, Hkv, G, T, 1)
+        p = torch.exp(s - lse).mean(2)                                         # (B, Hkv, T, T) teacher
     dt = torch.promote_types(qi.dtype, torch.float32)
     s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) / math.sqrt(qi.shape[-1])
     log_r = torch.log_softmax(s.masked_fill(~mask, float("-inf")), dim=-1)     # (B, Hkv, T, T) student

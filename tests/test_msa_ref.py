@@ -298,6 +298,10 @@ def test_kl_loss_matches_formula_and_is_nonnegative(seed):
     want, _, _ = kl_reference(q, k, qi, ki, support_from_idx(idx, bs))
     torch.testing.assert_close(loss, want)
     assert loss.item() > 0 and msa_ref.kl_loss_dense(q, k, qi, ki, bs).item() > 0
+    v = torch.randn_like(k)
+    _, lse = msa_ref.sparse_attention(q, k, v, idx, bs)                      # the teacher's normaliser, given
+    torch.testing.assert_close(msa_ref.kl_loss(q, k, qi, ki, idx, bs, lse=lse), want)
+    assert msa_ref.kl_loss(q, k, qi, ki, idx, bs, lse=lse + 0.1).item() != pytest.approx(want.item())
 
 
 def test_kl_loss_zero_when_student_equals_teacher():
