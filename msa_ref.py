@@ -67,6 +67,29 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
     return B, Hkv, T
 
 
+def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+    """sparse_decode's checks (both modules). Returns (B, Hkv, Tmax). Reading cache_lens syncs with the
+    host, so it is skipped while a CUDA graph is being captured (the kernels clamp the lengths)."""
+    for name, t, want in (("q", q, "[B, Hq, D]"), ("qi", qi, "[B, Hkv, Di]"), ("k_cache", k_cache, "[B, Hkv, Tmax, D]")):
+        _expect(isinstance(t, torch.Tensor) and t.dim() == want.count(",") + 1, f"{name} must be {want}, got {getattr(t, 'shape', t)}")
+    Tmax = k_cache.shape[2]
+    _expect(Tmax >= 1, f"the caches must hold Tmax >= 1 tokens, got {Tmax}")
+    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
+    B, Hkv, _ = check_inputs(q=q.unsqueeze(2).expand(-1, -1, Tmax, -1), k=k_cache, v=v_cache,
+                             qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache, block_size=block_size, topk=topk)
+    _expect(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+            f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    _expect(ki_cache.dtype == qi.dtype, f"ki_cache must have qi's dtype {qi.dtype}, got {ki_cache.dtype}")
+    _expect(isinstance(cache_lens, torch.Tensor) and cache_lens.shape == (B,) and not cache_lens.is_floating_point()
+            and cache_lens.dtype != torch.bool,
+            f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
+    _expect(cache_lens.device == q.device, f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()):         # build the message only on failure:
+            raise ValueError(f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")  # it copies
+    return B, Hkv, Tmax
+
+
 # ---------------------------------------------------------------------------------------------
 # the index branch: which blocks does each query read?
 
@@ -210,14 +233,8 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     tokens in each row's cache, the new token's k, v and ki already written at cache_lens - 1.
     Returns out (B, Hq, D): the new token's row of sparse_attention, selected exactly as index_topk would.
     """
-    _expect(q.dim() == 3 and qi.dim() == 3, f"q must be [B, Hq, D] and qi [B, Hkv, Di], got {tuple(q.shape)}, {tuple(qi.shape)}")
-    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
-    B, Hkv, Tmax = check_inputs(q=q.unsqueeze(2).expand(-1, -1, k_cache.shape[2], -1), k=k_cache, v=v_cache,
-                                qi=qi.unsqueeze(2).expand(-1, -1, k_cache.shape[2], -1), ki=ki_cache,
-                                block_size=block_size, topk=topk)
-    _expect(cache_lens.shape == (B,) and not cache_lens.is_floating_point(), f"cache_lens must be int [B={B}], got {cache_lens.dtype} {tuple(cache_lens.shape)}")
-    _expect(bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()), f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")
-    q_pos = (cache_lens.to(q.device).long() - 1).view(B, 1, 1)                 # (B, 1, 1) the new token's position
+    B, Hkv, Tmax = check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)
+    q_pos = (cache_lens.long() - 1).view(B, 1, 1)                 # (B, 1, 1) the new token's position
     S = block_scores(qi.unsqueeze(2), ki_cache, block_size, q_pos)             # (B, Hkv, 1, nb)
     block_idx = select_blocks(S, q_pos, block_size, topk)                      # (B, Hkv, 1, K)
     out, _ = _attend(q.unsqueeze(2), k_cache, v_cache, support_mask(block_idx, block_size, q_pos, Tmax))

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_inputs
+from msa_ref import _expect, check_decode_inputs
 
 LOG2E = 1.4426950408889634
 
@@ -277,33 +277,6 @@ def _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size):
     return _merge(*_partials(q, k_cache, v_cache, cache_lens, block_idx, block_size), q)
 
 
-def _check_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
-    """msa_ref.sparse_decode's checks, plus what the kernels need: one dtype for q and the K/V cache,
-    one for qi and the index-key cache, cache_lens on q's device. Returns (B, Hkv, Tmax)."""
-    _expect(isinstance(q, torch.Tensor) and isinstance(qi, torch.Tensor) and q.dim() == 3 and qi.dim() == 3,
-            f"q must be [B, Hq, D] and qi [B, Hkv, Di], got {getattr(q, 'shape', q)}, {getattr(qi, 'shape', qi)}")
-    _expect(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4,
-            f"k_cache must be [B, Hkv, Tmax, D], got {getattr(k_cache, 'shape', k_cache)}")
-    Tmax = k_cache.shape[2]
-    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
-    B, Hkv, Tmax = check_inputs(q=q.unsqueeze(2).expand(-1, -1, Tmax, -1), k=k_cache, v=v_cache,
-                                qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache,
-                                block_size=block_size, topk=topk)
-    _expect(Tmax >= 1, f"the caches must hold Tmax >= 1 tokens, got {Tmax}")
-    _expect(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-            f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
-    _expect(ki_cache.dtype == qi.dtype, f"ki_cache must have qi's dtype {qi.dtype}, got {ki_cache.dtype}")
-    _expect(isinstance(cache_lens, torch.Tensor) and cache_lens.shape == (B,) and not cache_lens.is_floating_point()
-            and cache_lens.dtype != torch.bool,
-            f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
-    _expect(cache_lens.device == q.device, f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
-    # checking values syncs with the host: skipped while a CUDA graph is captured (the kernels clamp)
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if not bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()):   # the message only on failure:
-            raise ValueError(f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")  # it copies
-    return B, Hkv, Tmax
-
-
 def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
     """
     q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,)
@@ -311,6 +284,6 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     cache_lens - 1. Returns out (B, Hq, D) in q's dtype: msa_ref.sparse_decode, computed in Triton.
     Capturable in a CUDA graph (then the lengths are not checked on the host, only clamped).
     """
-    _check_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)
+    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)
     block_idx = _select(qi, ki_cache, cache_lens, block_size, topk)                     # (B, Hkv, K)
     return _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size)              # (B, Hq, D)
