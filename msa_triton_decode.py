@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_decode_inputs
+from msa_ref import check_decode_inputs
 
 LOG2E = 1.4426950408889634
 
