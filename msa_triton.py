@@ -28,7 +28,6 @@ import triton.language as tl
 from msa_ref import _expect, check_inputs
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 PARTIAL_ELEMS = 1 << 31   # partial buffers hold at most this many elements: chunks of T keep memory bounded
 SEG = 64                  # forward: (token, slot) entries per program, so hot blocks split over programs
 
@@ -97,7 +96,7 @@ def _tile_rows(ENT, i, hi, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr
 @triton.jit
 def _gather(X, b, g, G, h, t, rv, sxb, sxh, sxt, sxd, d, dmask):
     """Rows (head g * G + h, token t) of X (B, H, T, D) -> (ROWS, BLOCK_D), zeros where not rv."""
-    return tl.load(X + b * sxb + (g * G + h)[:, None] * sxh + t[:, None].to(tl.int64) * sxt + d[None, :] * sxd,
+    return tl.load(X + b * sxb + (g * G + h).to(tl.int64)[:, None] * sxh + t[:, None].to(tl.int64) * sxt + d[None, :] * sxd,
                    mask=rv[:, None] & dmask[None, :], other=0.0)
 
 
@@ -123,8 +122,8 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
         kmask = (jn < BS) & (n < T)
         dmask = d < D
         kvm = kmask[:, None] & dmask[None, :]
-        k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+        k = tl.load(Kc + b * skb + g.to(tl.int64) * skh + n.to(tl.int64)[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + b * svb + g.to(tl.int64) * svh + n.to(tl.int64)[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
         STEP: tl.constexpr = ROWS // GP                                        # tokens per tile
         # software pipeline: entry ids two tiles ahead, gathered q rows one tile ahead, so neither
@@ -216,7 +215,7 @@ def _fwd_query_kernel(Q, Kc, V, O, LSE, SLOTS,
     jn = tl.arange(0, BLOCK_N)
     hm = h[:, None] < G
     dm = d[None, :] < D
-    q = tl.load(Q + b * sqb + (g * G + h)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :] * sqd, mask=hm & dm, other=0.0)
+    q = tl.load(Q + b * sqb + (g * G + h).to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :] * sqd, mask=hm & dm, other=0.0)
     acc = tl.zeros((GP, BLOCK_D), dtype=tl.float32)
     m = tl.full((GP,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((GP,), dtype=tl.float32)
@@ -225,8 +224,8 @@ def _fwd_query_kernel(Q, Kc, V, O, LSE, SLOTS,
         if kb >= 0:
             n = kb * BS + jn
             kmask = (jn < BS) & (n <= t)
-            k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kmask[:, None] & dm, other=0.0)
-            v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kmask[:, None] & dm, other=0.0)
+            k = tl.load(Kc + b * skb + g.to(tl.int64) * skh + n.to(tl.int64)[:, None] * skt + d[None, :] * skd, mask=kmask[:, None] & dm, other=0.0)
+            v = tl.load(V + b * svb + g.to(tl.int64) * svh + n.to(tl.int64)[:, None] * svt + d[None, :] * svd, mask=kmask[:, None] & dm, other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
             sc = tl.where(kmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
@@ -285,8 +284,8 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
         kmask = (jn < BS) & (n < T)
         dmask = d < D
         kvm = kmask[:, None] & dmask[None, :]
-        k = tl.load(Kc + b * skb + g * skh + n[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * svb + g * svh + n[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+        k = tl.load(Kc + b * skb + g.to(tl.int64) * skh + n.to(tl.int64)[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + b * svb + g.to(tl.int64) * svh + n.to(tl.int64)[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
