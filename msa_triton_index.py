@@ -37,6 +37,15 @@ def _pow2(x, lo=16):
     return max(lo, triton.next_power_of_2(x))
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE: true fp32 products (what msa_ref computes), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # index_topk
 
@@ -54,6 +63,10 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
     dcol = tl.arange(0, DIP)                                                   # Di padded to a power of 2
     qi = tl.load(qi_ptr + b * s_qb + g * s_qh + rows[:, None] * s_qt + dcol[None, :] * s_qd,
                  mask=(rows[:, None] < T) & (dcol[None, :] < DI), other=0.0)   # (BLOCK_Q, Di)
+    if FP8:   # each row scaled to |max| = 448 (e4m3's largest): a positive factor per query ranks nothing differently
+        qi = qi.to(tl.float32)
+        qa = tl.maximum(tl.max(tl.abs(qi), axis=1), 1e-30)
+        qi = (qi * (448.0 / qa)[:, None]).to(tl.float8e4nv)
     local = rows // BS                                                         # (BLOCK_Q,) each row's local block
     cols = tl.arange(0, KP)
     # running top-k, distinct sentinels below every real key so "== row minimum" hits one column
@@ -70,10 +83,7 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
             kmask = n < BS
             ki = tl.load(ki_ptr + b * s_kb + (blk * BS + n)[:, None] * s_kt + dcol[None, :] * s_kd,
                          mask=kmask[:, None] & (dcol[None, :] < DI), other=0.0)  # (BLOCK_N, Di)
-            if IEEE:
-                s = tl.dot(qi, tl.trans(ki), input_precision="ieee")           # (BLOCK_Q, BLOCK_N)
-            else:
-                s = tl.dot(qi, tl.trans(ki))
+            s = _dot(qi, tl.trans(ki), IEEE)                                   # (BLOCK_Q, BLOCK_N)
             if BS % BLOCK_N != 0:
                 s = tl.where(kmask[None, :], s, float("-inf"))
             m = tl.maximum(m, tl.max(s, axis=1))
@@ -98,18 +108,16 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
              mask=(rows[:, None] < T) & (cols[None, :] < K))
 
 
-def _fp8_inputs(qi, ki, block_size):
-    """float8_e4m3fn copies for the FP8 scoring path. Each qi row is scaled so its largest |value| is 448
-    (e4m3's largest): a positive factor per query changes no ranking, so it is never undone. ki is scaled
-    per key block, and the kernel multiplies each block's max by that block's scale ks (B, nb) fp32."""
+def _fp8_keys(ki, block_size):
+    """ki (B, T, Di) as float8_e4m3fn for the FP8 scoring path, scaled per key block so the block's largest
+    |value| is 448 (e4m3's largest), and the scales ks (B, nb) fp32 the kernel multiplies each block's max by.
+    (qi is quantised inside the kernel, per query row.)"""
     B, T, Di = ki.shape
     nb = triton.cdiv(T, block_size)
-    qa = qi.abs().amax(-1, keepdim=True).float().clamp_min(1e-30)                # (B, Hkv, T, 1)
-    qi8 = (qi.float() * (448.0 / qa)).to(torch.float8_e4m3fn)
     kp = torch.nn.functional.pad(ki.float(), (0, 0, 0, nb * block_size - T)).view(B, nb, block_size, Di)
     ks = kp.abs().amax((2, 3), keepdim=True).clamp_min(1e-30) / 448.0          # (B, nb, 1, 1)
     ki8 = (kp / ks).to(torch.float8_e4m3fn).view(B, nb * block_size, Di)[:, :T]
-    return qi8, ki8, ks.view(B, nb).contiguous()
+    return ki8, ks.view(B, nb).contiguous()
 
 
 def index_topk(qi, ki, block_size, topk, fp8=False):
@@ -126,7 +134,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
     ks = qi                                                                    # unused unless fp8
     if fp8:
         _expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
-        qi, ki, ks = _fp8_inputs(qi, ki, block_size)
+        ki, ks = _fp8_keys(ki, block_size)
     on_gpu = qi.is_cuda
     # measured on an H100 at the M3 shape (INDEX_NOTES.md): 256-query tiles pay from T = 32K on
     block_q = (256 if T >= 16384 else 128) if on_gpu else 16
@@ -136,7 +144,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
         qi, ki, ks, out, T, Hkv, triton.cdiv(T, block_size), math.sqrt(Di),
         *qi.stride(), *ki.stride(), *out.stride(),
         BS=block_size, K=topk, KP=_pow2(topk, 2), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
-        NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32, FP8=fp8,
+        NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32 and not fp8, FP8=fp8,
         num_warps=8 if block_q >= 256 else 4, num_stages=3)
     return out
 
@@ -190,14 +198,6 @@ def _kl_tile(ENT, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI: tl.conste
     qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
                  mask=ev[:, None] & (di[None, :] < DI), other=0.0)
     return tloc, ent % K, t, ev, qi
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
