@@ -13,6 +13,7 @@ attends through backend.sparse_decode. Prints tokens/s for the prompt and for th
 """
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 torch.manual_seed(seed)
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")

@@ -77,10 +77,10 @@ eval_long_range = 16          # long-range questions per evaluation
 log_interval = 10
 # -----------------------------------------------------------------------------------------------
 if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file given: pick the preset
-    preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
+    _preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
     if not torch.cuda.is_available():
-        print(f"no CUDA GPU found: running the CPU preset {preset}")
-    sys.argv.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), preset))
+        print(f"no CUDA GPU found: running the CPU preset {_preset}")
+    sys.argv.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), _preset))
 config = configure(globals(), sys.argv[1:])
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")

@@ -1,5 +1,5 @@
 # The default one-GPU config: `python train.py` on a CUDA machine (bf16 autocast).
-# About 115M parameters (8 experts of which 2 + a shared one run per token: ~70M active), context 1024 tokens.
+# 145M parameters (8 experts, of which 2 + a shared one run per token: ~70M active), context 1024 tokens.
 # MSA layers (all but the first) read K=4 blocks of 64 tokens: 256 of up to 1024 keys per query.
 # 32K tokens per iteration; 2000 iterations are 66M tokens (about 40 passes over the Shakespeare text, whose
 # 1.5M tokens are what limits this model; the images are unlimited).
