@@ -58,9 +58,7 @@ def random_block_idx(B, Hkv, T, bs, K, device, seed=0):
 
 
 def indexer_block_idx(B, Hkv, T, Di, bs, K, device, seed=0):
-    """The `indexer` selection from random qi, ki through msa_triton.index_topk, or None while it is missing."""
-    if not hasattr(msa_triton, "index_topk"):
-        return None
+    """The `indexer` selection: msa_triton.index_topk on random qi, ki."""
     g = torch.Generator(device=device).manual_seed(seed)
     qi = torch.randn(B, Hkv, T, Di, device=device, generator=g, dtype=torch.bfloat16)
     ki = torch.randn(B, T, Di, device=device, generator=g, dtype=torch.bfloat16)
@@ -172,9 +170,6 @@ def bench_attn(args):
             for sel in args.sel:
                 block_idx = (random_block_idx(B, Hkv, T, bs, K, dev) if sel == "random"
                              else indexer_block_idx(B, Hkv, T, Di, bs, K, dev))
-                if block_idx is None:
-                    rows.append(dict(base, sel=sel, impl="msa_triton", ms="pending (no msa_triton.index_topk)"))
-                    continue
                 E = attended_pairs(block_idx, bs, T)
                 flops = 4 * (Hq // Hkv) * D * E
                 chk = check_attention(q, k, v, block_idx, bs)
@@ -238,7 +233,6 @@ def check_index(qi, ki, block_idx, bs, K, n_rows=256):
 
 
 def bench_index(args):
-    import msa_triton_index as mti
     rows = []
     dev, dtype = "cuda", torch.bfloat16
     for shape in args.shape:
@@ -253,15 +247,15 @@ def bench_index(args):
             base = dict(shape=shape, T=T, sel="indexer")
             idx_flops = 2 * Hkv * Di * B * T * (T + 1) / 2
             dense_flops = 4 * Hq * D * B * T * (T + 1) / 2
-            block_idx = mti.index_topk(qi, ki, bs, K)
+            block_idx = msa_triton.index_topk(qi, ki, bs, K)
             chk = check_index(qi, ki, block_idx, bs, K)
-            chk.update({f"fp8_{a}": b for a, b in check_index(qi, ki, mti.index_topk(qi, ki, bs, K, fp8=True), bs, K).items()})
+            chk.update({f"fp8_{a}": b for a, b in check_index(qi, ki, msa_triton.index_topk(qi, ki, bs, K, fp8=True), bs, K).items()})
             E = attended_pairs(block_idx, bs, T)
             flops = 4 * G * D * E
             if T <= REF_MAX_T:                                                 # kl_loss vs msa_ref, bf16 inputs
                 qr, kr = (x.detach().float().requires_grad_() for x in (qi, ki))
                 qg, kg = (x.detach().requires_grad_() for x in (qi, ki))
-                lg = mti.kl_loss(q, k, qg, kg, block_idx, bs)
+                lg = msa_triton.kl_loss(q, k, qg, kg, block_idx, bs)
                 lr = msa_ref.kl_loss(q, k, qr, kr, block_idx, bs)
                 g1, g0 = torch.autograd.grad(lg, [qg, kg]), torch.autograd.grad(lr, [qr, kr])
                 chk.update(kl=abs(lg.item() / lr.item() - 1), dqi=rel_err(g1[0], g0[0]), dki=rel_err(g1[1], g0[1]))
@@ -279,27 +273,27 @@ def bench_index(args):
                 return torch.autograd.grad(o, qkv, dout)
 
             def select():
-                return mti.index_topk(qi, ki, bs, K)
+                return msa_triton.index_topk(qi, ki, bs, K)
 
             def msa_fwd():
-                return msa_triton.sparse_attention(q, k, v, mti.index_topk(qi, ki, bs, K), bs)
+                return msa_triton.sparse_attention(q, k, v, msa_triton.index_topk(qi, ki, bs, K), bs)
 
             attn_lse = msa_triton.sparse_attention(q, k, v, block_idx, bs)[1]
 
             def kl_step(lse):
-                return torch.autograd.grad(mti.kl_loss(q, k, qiv, kiv, block_idx, bs, lse=lse), [qiv, kiv])
+                return torch.autograd.grad(msa_triton.kl_loss(q, k, qiv, kiv, block_idx, bs, lse=lse), [qiv, kiv])
 
             def msa_step(reuse):
                 qkv = [x.detach().requires_grad_() for x in (q, k, v)]
-                idx = mti.index_topk(qi, ki, bs, K)
+                idx = msa_triton.index_topk(qi, ki, bs, K)
                 o, lse = msa_triton.sparse_attention(*qkv, idx, bs)
-                kl = mti.kl_loss(q, k, qiv, kiv, idx, bs, lse=lse if reuse else None)
+                kl = msa_triton.kl_loss(q, k, qiv, kiv, idx, bs, lse=lse if reuse else None)
                 return torch.autograd.grad([o, kl], qkv + [qiv, kiv], [dout, torch.ones_like(kl)])
             dense = {}
             for impl, pas, fn, fl in (("dense cuDNN", "fwd", dense_fwd, dense_flops),
                                       ("dense cuDNN", "fwd+bwd", dense_step, 3.5 * dense_flops),
                                       ("index_topk", "select", select, idx_flops),
-                                      ("index_topk fp8", "select", lambda: mti.index_topk(qi, ki, bs, K, fp8=True), idx_flops),
+                                      ("index_topk fp8", "select", lambda: msa_triton.index_topk(qi, ki, bs, K, fp8=True), idx_flops),
                                       ("MSA fwd = index_topk + sparse_attention", "fwd", msa_fwd, flops + idx_flops),
                                       ("kl_loss (teacher lse recomputed)", "fwd+bwd", lambda: kl_step(None), None),
                                       ("kl_loss (given sparse_attention's lse)", "fwd+bwd", lambda: kl_step(attn_lse), None),
@@ -362,7 +356,7 @@ def bench_decode(args):
     MSA step = msa_triton_decode.sparse_decode (scoring + top-k + split-K attention + merge), eager and
     graphed; its pieces graphed alone. GB/s = bytes that must be read / time: index keys of the earlier
     blocks + the selected K/V for MSA, the whole K/V cache for dense."""
-    import msa_triton_decode as dec
+    import msa_triton_decode as dec                                            # its pieces, timed alone
     rows = []
     Hq, Hkv, D, Di, bs, K = SHAPES["m3"][1:7]
     dt = torch.bfloat16
@@ -379,7 +373,7 @@ def bench_decode(args):
                        lens=torch.full((B,), T, device="cuda", dtype=torch.int32)) for _ in range(n)]
             c = cs[0]
             ridx, rout = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
-            out = dec.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+            out = msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
             chk = dict(sel_rows_differing=int((dec._select(c["qi"], c["ki"], c["lens"], bs, K) != ridx).any(-1).sum()),
                        out=rel_err(out, rout))
             print(f"[check] decode T={T} B={B}: {chk}", flush=True)
@@ -403,7 +397,7 @@ def bench_decode(args):
                 except RuntimeError as e:                                      # backend refuses this shape
                     rows.append(dict(base, impl=f"dense SDPA {name}", ms="n/a", note=str(e)[:80]))
             best = min(dense)
-            step = lambda c: dec.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+            step = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
             add("MSA sparse_decode", rotating([lambda c=c: step(c) for c in cs]), ki_bytes + kv_bytes, best)
             add("MSA sparse_decode graph", rotating([graphed(lambda c=c: step(c)) for c in cs]), ki_bytes + kv_bytes, best)
             # the pieces, each graphed alone (a graph of one tiny kernel shows the fixed cost of a replay)

@@ -474,5 +474,8 @@ def attention_forward_query_outer(q, k, v, block_idx, block_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# the rest of the API lives in sibling files; the lead adds their imports here:
-# >>> index_topk, kl_loss (msa_triton_index.py) and sparse_decode (msa_triton_decode.py) <<<
+# the rest of the API lives in two sibling files, so that each file reads as one topic; import them
+# from here. (msa_triton_index borrows this file's CSR helpers inside its functions, not at import
+# time, so either module may be imported first.)
+from msa_triton_index import index_topk, kl_loss  # noqa: E402,F401 the index branch: selection and KL loss
+from msa_triton_decode import sparse_decode       # noqa: E402,F401 one new token against the caches
