@@ -2,12 +2,13 @@
 Assignment 6's experiment: how do K (blocks per query) and the block size bs change a small MSA model's
 loss, the recall of its indexer, and its training speed?
 
-  python experiment.py            # the grid below, a small model, on a CPU: about 10-20 minutes on a laptop
-  python experiment.py --quick    # a smoke test of the pipeline (a few steps per run): numbers mean nothing
+  OMP_NUM_THREADS=1 python experiment.py   # the grid below, a small model, on a CPU: six runs of 4-7 minutes
+                                          # each on a busy 2-core machine (one thread is faster at this size)
+  python experiment.py --quick             # a smoke test of the pipeline (a few steps per run): numbers mean nothing
 
 Each run is train.py (config/train_cpu.py plus the overrides below), run inside this process (torch is
-imported once), with its own out_dir under runs/. After it, the checkpoint is loaded and its indexer's recall measured on validation batches (see
-indexer_recall). Writes results.json (one record per run), loss.svg, recall.svg and speed.svg.
+imported once), with its own out_dir under runs/. After it, the checkpoint is loaded and its indexer's
+recall measured on validation batches (see indexer_recall). Writes results.json (one record per run), loss.svg, recall.svg and speed.svg.
 """
 import argparse
 import contextlib
@@ -42,7 +43,7 @@ QUICK_GRID = dict(K=(2, 4), bs=(8, 16))
 def indexer_recall(q, k, qi, ki, block_size, topk):
     """
     How many of the blocks that matter did the indexer find? For each (b, g, t):
-      oracle  = the K-1 earlier blocks (b < t // bs) holding the most attention mass of the main branch,
+      oracle  = the K-1 earlier blocks (c < t // bs) holding the most attention mass of the main branch,
                 where the mass of a block is the sum over its tokens of softmax over ALL visible tokens of
                 q_h . k_g / sqrt(D), averaged over the G heads h of group g (ties: the lower block index);
       chosen  = the non-local blocks of msa_ref.index_topk(qi, ki, block_size, topk).
