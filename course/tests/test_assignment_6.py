@@ -72,7 +72,7 @@ def test_results_cover_a_grid_and_are_sane():
     vocab_loss = math.log(50304)                                  # the loss of a uniform guess over the vocabulary
     for r in runs:
         assert r["iters"] >= 1 and r["tok_s"] > 0 and r["seconds"] > 0
-        assert 0 < r["val_lm"] < vocab_loss + 0.5 and math.isfinite(r["val_kl"]) and r["val_kl"] >= 0
+        assert 0 < r["val_lm"] < vocab_loss + 0.5 and math.isfinite(r["val_kl"]) and r["val_kl"] > -1e-6
         if r["dense"]:   # K * bs >= T: every block chosen, nothing to measure
             assert math.isnan(r["recall"])
         else:
