@@ -124,8 +124,9 @@ def build(n, out_dir, solution):
     shutil.copy(os.path.join(COURSE, f"assignment_{n}.md"), os.path.join(dst, "README.md"))
     shutil.copy(os.path.join(COURSE, "tests", "conftest.py"), dst)
     shutil.copy(os.path.join(COURSE, "tests", f"test_assignment_{n}.py"), dst)
-    if solution and n == 6:  # the experiment's written part: the instructors' sample report
-        shutil.copy(os.path.join(COURSE, "solutions", "REPORT_6.md"), os.path.join(dst, "REPORT.md"))
+    sample = os.path.join(COURSE, "solutions", f"assignment_{n}")
+    if solution and os.path.isdir(sample):  # what a student hands in besides code: a measured sample submission
+        shutil.copytree(sample, dst, dirs_exist_ok=True)
     return dst
 
 

@@ -28,24 +28,25 @@ def start_grading(kit, report):
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """{('student' | 'solution', n): {test id: outcome}}, for every assignment."""
+    """{('student' | 'solution', n): {test id: outcome}} for every assignment, and the folder that assignment 6's
+    experiment wrote its --quick smoke run into (its output itself is graded from the measured sample run
+    that the reference kit holds, course/solutions/assignment_6)."""
     kits = {kind: str(tmp_path_factory.mktemp(kind)) for kind in ("student", "solution")}
     for kind, out in kits.items():
         for n in ASSIGNMENTS:
             make_student.build(n, out, solution=kind == "solution")
     reports = {kind: os.path.join(kits[kind], "grades.json") for kind in kits}
-    student = start_grading(kits["student"], reports["student"])
-    # meanwhile, assignment 6's solution needs the experiment's output: the quick smoke run makes it,
-    # reading the repository's tokenized data if another test already prepared it
-    sol6 = os.path.join(kits["solution"], "assignment_6")
+    procs = {kind: start_grading(kits[kind], reports[kind]) for kind in kits}
+    # meanwhile, the experiment's whole pipeline (train.py, recall, plots) at a toy size, reading the
+    # repository's tokenized data if another test already prepared it
+    sol6, smoke = os.path.join(kits["solution"], "assignment_6"), str(tmp_path_factory.mktemp("smoke"))
     if os.path.isdir(os.path.join(ROOT, "data", "shakespeare")):
         os.symlink(os.path.join(ROOT, "data"), os.path.join(sol6, "data"))
-    r = subprocess.run([sys.executable, "experiment.py", "--quick"], cwd=sol6, env=ENV, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, "experiment.py", "--quick", f"--out={smoke}"], cwd=sol6, env=ENV,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    solution = start_grading(kits["solution"], reports["solution"])
-    res = {}
-    for kind, proc in (("student", student), ("solution", solution)):
+    res = {"smoke": smoke}
+    for kind, proc in procs.items():
         out = proc.communicate(timeout=600)[0]
         assert os.path.isfile(reports[kind]), out[-3000:]
         with open(reports[kind]) as f:
@@ -53,6 +54,15 @@ def outcomes(tmp_path_factory):
         for n in ASSIGNMENTS:
             res[kind, n] = graded[os.path.join(kits[kind], f"assignment_{n}")]
     return res
+
+
+def test_experiment_pipeline_runs(outcomes):
+    with open(os.path.join(outcomes["smoke"], "results.json")) as f:
+        res = json.load(f)
+    assert res["quick"] and len(res["runs"]) >= 4
+    assert all(r["iters"] == res["settings"]["max_iters"] and r["tok_s"] > 0 for r in res["runs"])
+    for name in ("loss", "recall", "speed"):
+        assert os.path.getsize(os.path.join(outcomes["smoke"], f"{name}.svg")) > 0
 
 
 @pytest.mark.parametrize("n", ASSIGNMENTS)
