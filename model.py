@@ -118,6 +118,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)                             # (B, Hkv, T, D)
         if self.sparse:
             xd = x.detach()  # the LM loss must not reach the index branch
+            # RoPE here too: the teacher's scores (q . k) depend on distance, so the student's may as well
             qi = rope(self.wqi(xd).view(B, T, Hkv, Di).transpose(1, 2), pos, cfg.rope_theta)  # (B, Hkv, T, Di)
             ki = rope(self.wki(xd), pos, cfg.rope_theta)                                      # (B, T, Di)
         kl = None

@@ -35,6 +35,7 @@ out_dir = "out"
 init_from = "scratch"         # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 data_path = ""                # '' = built-in Shakespeare; else your text file or folder (prepared once, data.prepare)
 data_images = ""              # optional folder of 32x32 images with same-named .txt captions ('' = generated shapes)
+p_image = data.P_IMAGE        # chance that a packed segment is an image-caption pair rather than text
 seed = 1337
 # model (model.GPTConfig)
 n_layer = 6
@@ -105,6 +106,7 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
+data.P_IMAGE = p_image  # data.py reads its module constant at every batch
 if data_path or data_images:
     try:
         data.prepare(data_path or None, data_images or None)
