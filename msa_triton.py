@@ -29,7 +29,7 @@ from msa_ref import _expect, check_inputs
 
 LOG2E = 1.4426950408889634
 PARTIAL_ELEMS = 1 << 31   # partial buffers hold at most this many elements: chunks of T keep memory bounded
-SEG = 64                  # forward: (token, slot) entries per program, so hot blocks split over programs
+SEG = 128                 # forward: (token, slot) entries per program, so hot blocks split over programs (128: run 7)
 
 
 def _pow2(x, lo=16):
@@ -53,12 +53,14 @@ def _csr(slots, nbc):
     """slots (BH, Tc, K) -> ent int32 (BH, Tc*K): entry ids e = token * K + slot grouped by block, tokens
     ascending; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are."""
     BH, Tc, K = slots.shape
-    key = slots.view(BH, Tc * K).long()
+    key = slots.view(BH, Tc * K)
     key = key.masked_fill(key < 0, nbc)                                        # padding -> a spare block nbc
-    ent = key.sort(dim=-1, stable=True).indices.to(torch.int32)                # stable: tokens stay ascending
-    cnt = torch.zeros(BH, nbc + 1, dtype=torch.long, device=slots.device).scatter_add_(1, key, torch.ones_like(key))
-    cnt = cnt[:, :nbc].contiguous()
-    return ent, torch.cumsum(cnt, 1) - cnt, cnt
+    key, ent = key.sort(dim=-1, stable=True)                                   # int32 keys: a cheaper radix sort;
+    ent = ent.to(torch.int32)                                                  # stable: tokens stay ascending
+    # the keys are sorted, so block b's entries begin where the first key >= b sits (no histogram needed)
+    edge = torch.searchsorted(key, torch.arange(nbc + 1, device=key.device, dtype=key.dtype).expand(BH, nbc + 1).contiguous())
+    start = edge[:, :nbc].contiguous()                                         # (BH, nbc) int64
+    return ent, start, edge[:, 1:] - start
 
 
 def _segments(start, cnt, n_entries, seg):
@@ -350,9 +352,12 @@ def _consts(q, block_size):
 
 
 def _tiles(kind, D, GP, BLOCK_N):
-    """Tile shape and launch options of the 'fwd' and 'bwd' KV-outer kernels (measured on an H100, KERNELS.md):
-    ROWS = tokens x GP heads per tile; BLOCK_N keys per program (the backward splits a block: fewer registers);
-    maxnreg caps registers per thread so that more programs share an SM (None: the compiler's choice)."""
+    """Tile shape and launch options of the 'fwd' and 'bwd' KV-outer kernels and of the 'combine' kernel (measured
+    on an H100, KERNELS.md): ROWS = tokens x GP heads per tile; BLOCK_N keys per program (the backward splits a
+    block: fewer registers); maxnreg caps registers per thread so that more programs share an SM (None: the
+    compiler's choice)."""
+    if kind == "combine":
+        return dict(ROWS=max(GP, 32), num_warps=2)   # 2 warps: more programs, more loads in flight per SM
     if kind == "fwd":
         return dict(ROWS=max(GP, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=None)
     return dict(ROWS=max(GP, 64), BLOCK_N=min(BLOCK_N, 64), num_warps=8 if D > 64 else 4, num_stages=2, maxnreg=None)
@@ -376,6 +381,7 @@ def _forward(q, k, v, block_idx, block_size):
     GP = triton.next_power_of_2(G)
     c = _consts(q, block_size)
     tiles = _launch_opts(_tiles("fwd", D, GP, c["BLOCK_N"]))
+    ct = _tiles("combine", D, GP, c["BLOCK_N"])
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     Tc = min(T, _chunk(B, Hkv, G, K, D))
@@ -391,10 +397,9 @@ def _forward(q, k, v, block_idx, block_size):
             q, k, v, op, lp, ent, lo, hi, blk, *q.stride(), *k.stride(), *v.stride(),
             T, t0, t1 - t0, K, lo.shape[1], Hkv, block_size, D, LOG2E / math.sqrt(D),
             G=G, GP=GP, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
-        CR = max(GP, 32)
-        _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
+        _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // GP), B * Hkv)](
             op, lp, slots, out, lse, T, t0, t1 - t0, K, Hkv, D,
-            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=True, NSUB=1, num_warps=4)
+            G=G, GP=GP, BLOCK_D=c["BLOCK_D"], WITH_LSE=True, NSUB=1, **ct)
     return out, lse
 
 
@@ -412,6 +417,7 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
     dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     tiles = _launch_opts(_tiles("bwd", D, GP, c["BLOCK_N"]))
+    ct = _tiles("combine", D, GP, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     Tc = min(T, _chunk(B, Hkv, G, K * NSUB, D))
     for t0 in range(0, T, Tc):
@@ -425,10 +431,9 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             T, t0, t1 - t0, K, nbc, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
             G=G, GP=GP, NSUB=NSUB, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
-        CR = max(GP, 32)
-        _combine_kernel[(triton.cdiv(t1 - t0, CR // GP), B * Hkv)](
+        _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // GP), B * Hkv)](
             dqp, dqp, slots, dq, dq, T, t0, t1 - t0, K, Hkv, D,
-            G=G, GP=GP, ROWS=CR, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, NSUB=NSUB, num_warps=4)
+            G=G, GP=GP, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, NSUB=NSUB, **ct)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
