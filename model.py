@@ -142,11 +142,12 @@ class Attention(nn.Module):
         elif self.sparse:  # a whole sequence from position 0 (training, eval, prefill)
             with torch.no_grad():
                 block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K)  # (B, Hkv, T, K) int32
-            y, _ = self.backend.sparse_attention(q, k, v, block_idx, bs)             # (B, Hq, T, D)
+            y, lse = self.backend.sparse_attention(q, k, v, block_idx, bs)           # (B, Hq, T, D), (B, Hq, T)
             if kl_support is not None:
-                if kl_support == "dense":
-                    block_idx = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device)
-                kl = self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs)  # grads: qi, ki only
+                if kl_support == "dense":  # another support: the attention's lse does not normalise it
+                    block_idx, lse = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device), None
+                # grads reach qi, ki only; lse (the teacher's normaliser) spares the kernel a pass over q . k
+                kl = self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs, lse=lse)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), kl
