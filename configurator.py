@@ -6,7 +6,7 @@ A script defines its settings as plain module globals, then calls  configure(glo
   - --key=value overrides one setting; the value is read as a python literal (3, 3e-4, True, 'msa'),
     and anything that is not a literal is kept as a string (--out_dir=out-shapes).
 An unknown key, in a file or on the command line, or a value of the wrong type, stops the script with
-a message that says what was expected.
+a message that says what was expected. -h / --help lists the settings and their defaults.
 """
 import ast
 import os
@@ -35,6 +35,10 @@ def configure(script_globals, argv):
     to None, bool, int, float or str that do not start with '_'). Returns the settings as a dict."""
     settings = {k: v for k, v in script_globals.items()
                 if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+    if "-h" in argv or "--help" in argv:  # the script's docstring, then every setting with its default
+        print((script_globals.get("__doc__") or "").strip() + "\n\nsettings (--key=value):")
+        print("\n".join(f"  {k} = {v!r}" for k, v in settings.items()))
+        raise SystemExit(0)
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
