@@ -94,3 +94,12 @@ def test_configurator(tmp_path):
     cfg.write_text("n_layers = 3\n")
     with pytest.raises(SystemExit, match=f"unknown key 'n_layers' in {cfg}"):
         configure(dict(settings), [str(cfg)])
+
+
+def test_configurator_help_lists_settings(capsys):
+    settings = dict(__doc__="Train something.", seq_len=64, name="a")
+    with pytest.raises(SystemExit) as e:
+        configure(settings, ["--seq_len=3", "--help"])
+    assert e.value.code == 0 and settings["seq_len"] == 64                     # nothing applied
+    out = capsys.readouterr().out
+    assert out.startswith("Train something.") and "seq_len = 64" in out and "name = 'a'" in out
