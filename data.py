@@ -35,7 +35,7 @@ VOCAB_SIZE = 50304                   # 50261 used, padded to a multiple of 64 fo
 IMG_SIZE, PATCH = 32, 8              # RGB images of 32x32 pixels, cut into a 4x4 grid of 8x8 patches
 N_SIDE = IMG_SIZE // PATCH           # 4 patches per row and per column
 PATCH_DIM = PATCH * PATCH * 3        # 192 numbers per patch
-P_IMAGE = 0.4                        # chance that the next packed segment is an image-caption pair, not text
+P_IMAGE = 0.4                        # default chance that a packed segment is an image-caption pair, not text
 P_LONG_RANGE = 0.1                   # chance that a whole row is the long-range task
 VAL_PLAYS = ("hamlet", "the-tempest", "twelfth-night")  # held out: about 7% of the tokens
 
@@ -317,12 +317,12 @@ def _long_range(tokens, n, rng):
     return row, b + len(key) + len(_enc("\nThe password was"))
 
 
-def _packed_row(tokens, images, captions, n, rng):
+def _packed_row(tokens, images, captions, n, rng, p_image):
     """-> (n tokens of text windows and image-caption pairs,
            [(offset of each image's IMG_START, its patches (16, 192) uint8)])"""
     parts, pics, used = [], [], 0
     while used < n:
-        if rng.random() < P_IMAGE:
+        if rng.random() < p_image:
             if images is None:
                 img, caption, _ = make_shape_image(rng)
                 cap = _enc(caption + "\n")
@@ -338,9 +338,10 @@ def _packed_row(tokens, images, captions, n, rng):
     return np.concatenate(parts)[:n], pics
 
 
-def get_batch(split, batch_size, seq_len, rng, device="cpu"):
+def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE):
     """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token),
     patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
+    p_image: the chance that a packed segment is an image-caption pair rather than a text window.
     Depends only on rng's state and the prepared files, so a resumed run continues exactly."""
     if split not in ("train", "val") or batch_size < 1 or seq_len < 1:
         raise ValueError(f"expected split 'train' or 'val', batch_size >= 1, seq_len >= 1; "
@@ -349,7 +350,7 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu"):
     rows, pix, pos = [], [], []
     for b in range(batch_size):
         lr = _long_range(tokens, seq_len + 1, rng) if rng.random() < P_LONG_RANGE else None
-        row, pics = (lr[0], []) if lr else _packed_row(tokens, images, captions, seq_len + 1, rng)
+        row, pics = (lr[0], []) if lr else _packed_row(tokens, images, captions, seq_len + 1, rng, p_image)
         rows.append(row)
         for off, p in pics:  # keep the patches whose IMG_PATCH token is inside x (the row's first T tokens)
             keep = off + _PATCH_POS < seq_len
@@ -374,6 +375,15 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu"):
     else:
         x, y = x.to(device), y.to(device)
     return x, y, patches.view(batch_size, seq_len, PATCH_DIM)
+
+
+def caption_prompt(imgs, device="cpu"):
+    """The model's input for captioning: imgs, n images (32, 32, 3) uint8 -> x (n, 22) long, the image tokens,
+    and patches (n, 22, PATCH_DIM) float32 (pixels at the IMG_PATCH positions). The caption follows greedily."""
+    x = torch.tensor([image_tokens()] * len(imgs), device=device)                    # (n, 22)
+    patches = torch.zeros(*x.shape, PATCH_DIM, device=device)
+    patches[x == IMG_PATCH] = torch.from_numpy(np.concatenate([image_to_patches(i) for i in imgs])).to(device)
+    return x, patches
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -67,9 +67,7 @@ if image:
             img = data.load_image(image)
         except ValueError as e:
             raise SystemExit(f"cannot caption {image!r}: {e}")
-    x = torch.tensor([data.image_tokens()], device=device)                    # (1, 22) the image's tokens
-    p = torch.zeros(1, x.shape[1], data.PATCH_DIM, device=device)            # pixels at the IMG_PATCH positions
-    p[x == data.IMG_PATCH] = torch.from_numpy(data.image_to_patches(img)).to(device)
+    x, p = data.caption_prompt([img], device)                                 # (1, 22), (1, 22, PATCH_DIM)
     with ctx:
         out, t_prompt, t_new = model.generate(x, max_new_tokens=16, temperature=0, patches=p)
     print("caption:", data.decode(out[0, x.shape[1]:].tolist()).split("\n")[0].split("<|endoftext|>")[0].strip())

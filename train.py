@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast: it can take a shared host's GPUs down
 
@@ -106,7 +106,6 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
-data.P_IMAGE = p_image  # data.py reads its module constant at every batch
 if data_path or data_images:
     try:
         data.prepare(data_path or None, data_images or None)
@@ -164,9 +163,7 @@ def get_lr(it):
 def caption_accuracy(n):
     """Greedy captions of n held-out images, all in one batch -> {attribute: fraction right, 'all': all four right}."""
     evalset = data.caption_eval_set(n, seed=seed)
-    x = torch.tensor([data.image_tokens()] * n, device=device)                # (n, 22) the images' tokens
-    p = torch.zeros(*x.shape, data.PATCH_DIM, device=device)                  # pixels at the IMG_PATCH positions
-    p[x == data.IMG_PATCH] = torch.from_numpy(np.concatenate([data.image_to_patches(img) for img, _, _ in evalset])).to(device)
+    x, p = data.caption_prompt([img for img, _, _ in evalset], device)        # (n, 22), (n, 22, PATCH_DIM)
     with ctx:
         out, _, _ = raw_model.generate(x, max_new_tokens=12, temperature=0, patches=p)
     right = {}
@@ -195,7 +192,7 @@ def evaluate():
     r = np.random.default_rng([seed, rank, 1])
     acc = {}
     for _ in range(eval_iters):
-        x, y, p = data.get_batch("val", batch_size, seq_len, r, device)
+        x, y, p = data.get_batch("val", batch_size, seq_len, r, device, p_image)
         with ctx:
             _, losses = raw_model(x, y, p)
         for k in ("lm", "kl", "balance", "kl_layers", "expert_load"):
@@ -219,7 +216,7 @@ def next_batch():
     stores that, so a resumed run draws this same pending batch again."""
     global batch_rng_state
     batch_rng_state = rng.bit_generator.state
-    return data.get_batch("train", batch_size, seq_len, rng, device)
+    return data.get_batch("train", batch_size, seq_len, rng, device, p_image)
 
 
 def save_checkpoint():

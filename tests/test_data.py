@@ -152,6 +152,23 @@ def test_get_batch_shapes_masks_and_patches():
     assert n >= 4
 
 
+def test_get_batch_p_image_sets_the_share_of_images():
+    counts = [(data.get_batch("train", 8, 256, np.random.default_rng(3), p_image=p)[0] == data.IMG_START).sum().item()
+              for p in (0.0, 0.4, 0.9)]
+    assert counts[0] == 0 and 0 < counts[1] < counts[2]
+
+
+def test_caption_prompt_holds_the_image_tokens_and_pixels():
+    rng = np.random.default_rng(5)
+    imgs = [data.make_shape_image(rng)[0] for _ in range(3)]
+    x, p = data.caption_prompt(imgs)
+    assert x.shape == (3, 22) and p.shape == (3, 22, data.PATCH_DIM)
+    assert all(row == data.image_tokens() for row in x.tolist())
+    for b, img in enumerate(imgs):
+        np.testing.assert_array_equal(data.patches_to_image(p[b][x[b] == data.IMG_PATCH].numpy()), img)
+        assert not p[b][x[b] != data.IMG_PATCH].any()
+
+
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 5), (3, 33), (2, 1000)])
 def test_get_batch_edge_sizes(B, T):
     check_batch(*data.get_batch("val", B, T, np.random.default_rng(B * T)), B, T)
