@@ -107,21 +107,27 @@ class Attention(nn.Module):
             self.wqi = nn.Linear(C, Hkv * cfg.index_dim, bias=False)  # one index query per group
             self.wki = nn.Linear(C, cfg.index_dim, bias=False)        # one index key, shared by the groups
 
+    def index_branch(self, x, pos):
+        """x (B, T, C) -> qi (B, Hkv, T, Di), ki (B, T, Di). Reads x.detach(): the LM loss must not reach it."""
+        cfg, B, T, _ = self.cfg, *x.shape
+        xd = x.detach()
+        # RoPE here too: the teacher's scores (q . k) depend on distance, so the student's may as well
+        qi = rope(self.wqi(xd).view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2), pos, cfg.rope_theta)
+        return qi, rope(self.wki(xd), pos, cfg.rope_theta)
+
     def forward(self, x, pos, cache=None, kl_support=None):
         """x (B, T, C), pos (T,) positions. kl_support None (no KL), 'sparse' (the chosen blocks) or 'dense'
         (every visible block: the warm-up). cache: this layer's dict, filled at pos; T == 1 decodes.
-        Returns y (B, T, C) and the KL (a scalar tensor, or None)."""
+        Returns y (B, T, C), the KL (a scalar tensor, or None) and, in eval mode with a KL, the indexer recall
+        (a scalar tensor, or None)."""
         cfg, B, T, _ = self.cfg, *x.shape
         Hq, Hkv, D, Di, bs, K = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim, cfg.msa_block_size, cfg.msa_topk
         q = rope(self.wq(x).view(B, T, Hq, D).transpose(1, 2), pos, cfg.rope_theta)   # (B, Hq, T, D)
         k = rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), pos, cfg.rope_theta)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)                             # (B, Hkv, T, D)
         if self.sparse:
-            xd = x.detach()  # the LM loss must not reach the index branch
-            # RoPE here too: the teacher's scores (q . k) depend on distance, so the student's may as well
-            qi = rope(self.wqi(xd).view(B, T, Hkv, Di).transpose(1, 2), pos, cfg.rope_theta)  # (B, Hkv, T, Di)
-            ki = rope(self.wki(xd), pos, cfg.rope_theta)                                      # (B, T, Di)
-        kl = None
+            qi, ki = self.index_branch(x, pos)                                        # (B, Hkv, T, Di), (B, T, Di)
+        kl = recall = None
         if cache is not None:  # write this chunk's keys into the caches (B, Hkv, Tmax, D), (B, Tmax, Di)
             if "k" not in cache:
                 cache["k"] = k.new_zeros(B, Hkv, cache["size"], D)
@@ -143,6 +149,13 @@ class Attention(nn.Module):
             with torch.no_grad():
                 block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K)  # (B, Hkv, T, K) int32
             y, lse = self.backend.sparse_attention(q, k, v, block_idx, bs)           # (B, Hq, T, D), (B, Hq, T)
+            if kl_support is not None and not self.training:
+                # indexer recall: the dense teacher's attention mass inside the chosen blocks, averaged over
+                # queries and heads; that mass is exp(lse over the chosen keys - lse over every visible key)
+                every = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device)             # (B, Hkv, T, nblocks)
+                with torch.no_grad():
+                    _, lse_all = self.backend.sparse_attention(q, k, v, every, bs)    # (B, Hq, T)
+                recall = (lse.detach().float() - lse_all.float()).exp().mean()
             if kl_support is not None:
                 if kl_support == "dense":  # another support: the attention's lse does not normalise it
                     block_idx, lse = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device), None
@@ -150,7 +163,7 @@ class Attention(nn.Module):
                 kl = self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs, lse=lse)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), kl
+        return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), kl, recall
 
 
 def swiglu(x, w1, w3, w2):
@@ -225,10 +238,10 @@ class Block(nn.Module):
         self.moe = MoE(cfg)
 
     def forward(self, x, pos, cache=None, kl_support=None):
-        a, kl = self.attn(self.norm1(x), pos, cache, kl_support)
+        a, kl, recall = self.attn(self.norm1(x), pos, cache, kl_support)
         x = x + a
         m, balance, load = self.moe(self.norm2(x))
-        return x + m, kl, balance, load
+        return x + m, kl, recall, balance, load
 
 
 class GPT(nn.Module):
@@ -261,7 +274,7 @@ class GPT(nn.Module):
         x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
         cache/pos0: used by generate(); then only the last position's logits are returned.
         Returns logits (B, T, V) and, when y is given, losses: lm, kl (summed over MSA layers), balance (mean over
-        layers), kl_layers (n_msa,), expert_load (n_layer, E); else None.
+        layers), kl_layers (n_msa,), expert_load (n_layer, E), and in eval mode recall_layers (n_msa,); else None.
         """
         cfg = self.cfg
         B, T = x.shape
@@ -277,10 +290,11 @@ class GPT(nn.Module):
             raise ValueError("x holds image-patch tokens but no patches were given")
         pos = torch.arange(pos0, pos0 + T, device=x.device)
         kl_support = None if y is None else ("dense" if kl_dense else "sparse")
-        kls, balances, loads = [], [], []
+        kls, recalls, balances, loads = [], [], [], []
         for i, block in enumerate(self.blocks):
-            h, kl, balance, load = block(h, pos, None if cache is None else cache[i], kl_support)
+            h, kl, recall, balance, load = block(h, pos, None if cache is None else cache[i], kl_support)
             kls += [] if kl is None else [kl]
+            recalls += [] if recall is None else [recall]
             balances.append(balance)
             loads.append(load)
         if cache is not None:
@@ -292,6 +306,8 @@ class GPT(nn.Module):
         losses = dict(lm=F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1),
                       kl=kl_layers.sum(), kl_layers=kl_layers.detach(), balance=torch.stack(balances).mean(),
                       expert_load=torch.stack(loads))
+        if recalls:  # eval mode only
+            losses["recall_layers"] = torch.stack(recalls)
         return logits, losses
 
     @torch.no_grad()

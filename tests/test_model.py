@@ -142,6 +142,39 @@ def test_msa_equals_dense_when_every_block_is_selected():
     torch.testing.assert_close(msa(x, y, patches, kl_dense=True)[1]["kl"], lo["kl"])
 
 
+
+def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
+    """Eval mode reports recall per MSA layer: the dense softmax(q . k) mass inside the selected blocks, averaged
+    over batch, heads and queries (computed here by brute force from the layer's own q, k); 1 when K covers all."""
+    model = tiny().eval()
+    x, y, patches = batch()
+    seen = {}
+    attn = model.blocks[2].attn
+    attn.register_forward_hook(lambda m, args, out: seen.update(x=args[0], pos=args[1]))
+    with torch.no_grad():
+        _, losses = model(x, y, patches)
+        a, cfg = seen["x"], model.cfg
+        B, T, _ = a.shape
+        D, G = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
+        from model import rope
+        q = rope(attn.wq(a).view(B, T, cfg.n_head, D).transpose(1, 2), seen["pos"], cfg.rope_theta)
+        k = rope(attn.wk(a).view(B, T, cfg.n_kv_head, D).transpose(1, 2), seen["pos"], cfg.rope_theta)
+        qi, ki = attn.index_branch(a, seen["pos"])
+        idx = msa_ref.index_topk(qi, ki, cfg.msa_block_size, cfg.msa_topk)           # (B, Hkv, T, K)
+        inside = msa_ref.support_mask(idx, cfg.msa_block_size, torch.arange(T), T)   # (B, Hkv, T, T)
+        p = torch.softmax((q @ k.repeat_interleave(G, 1).transpose(-1, -2)) / D ** 0.5
+                          + torch.full((T, T), float("-inf")).triu(1), -1)          # (B, Hq, T, T)
+        want = (p * inside.repeat_interleave(G, 1)).sum(-1).mean()
+    assert losses["recall_layers"].shape == (2,)
+    torch.testing.assert_close(losses["recall_layers"][1], want, rtol=1e-5, atol=1e-6)
+    assert 0.3 < want < 0.99                           # really sparse: some mass is missed
+    model.train()
+    assert "recall_layers" not in model(x, y, patches)[1]          # training pays nothing for it
+    everything = tiny(msa_topk=10).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(everything(x, y, patches)[1]["recall_layers"], torch.ones(2))
+
+
 @pytest.mark.parametrize("attention", ["msa", "dense"])
 def test_cached_decode_equals_full_forward(attention):
     """Prefill 9 tokens (an image inside), then decode 31 more one at a time through the caches: every step's
