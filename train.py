@@ -5,10 +5,15 @@ overrides change them (configurator.py; an unknown key is an error).
   python train.py                              # CUDA: config/train_gpu.py, else config/train_cpu.py
   python train.py config/train_cpu.py --max_iters=100
   python train.py --init_from=resume           # continue exactly where the last checkpoint left off
-  torchrun --standalone --nproc_per_node=2 train.py config/train_gpu.py    # several GPUs (DDP)
+  torchrun --standalone --nproc_per_node=2 train.py config/train_gpu.py    # several GPUs (DDP; gloo on CPUs)
 
 Total loss = LM + kl_coeff * KL (summed over the MSA layers) + balance_coeff * balance (MoE).
 The KL trains only the index branch (it reads x.detach()); the LM loss trains everything else.
+
+The data position is a function of (seed, iteration, micro-step): micro-batch m of iteration i (m counts the
+gradient_accumulation_steps micro-steps of all GPUs together) is drawn from default_rng([TRAIN_STREAM, seed, i, m]).
+So 1 GPU with gradient_accumulation_steps=2 and 2 GPUs with 1 each train on the same batches, and a resumed run
+needs only iter_num to continue exactly.
 """
 import json
 import math
@@ -76,6 +81,7 @@ eval_iters = 20               # val batches per evaluation
 eval_captions = 64            # held-out images captioned greedily per evaluation
 eval_long_range = 16          # long-range questions per evaluation
 log_interval = 10
+peak_flops = 989.5e12         # per GPU, for the MFU printed with tokens/s (H100 SXM dense bf16)
 # -----------------------------------------------------------------------------------------------
 if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file given: pick the preset
     _preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
@@ -87,11 +93,12 @@ if init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
 
 ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    dist.init_process_group(backend="nccl")
+if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    torch.cuda.set_device(device)
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+    if "cuda" in device:
+        torch.cuda.set_device(device)
     if gradient_accumulation_steps % world:
         raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world} GPUs")
     gradient_accumulation_steps //= world
@@ -111,7 +118,7 @@ if data_path or data_images:
         data.prepare(data_path or None, data_images or None)
     except ValueError as e:
         raise SystemExit(f"data error: {e}")
-rng = np.random.default_rng([seed, rank])  # the data stream of this rank; its state is the data position
+TRAIN_STREAM = 0x7A1  # tags the training batches' seeds, apart from evaluate()'s and data.py's eval sets
 
 # model -----------------------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
@@ -123,9 +130,8 @@ if init_from == "resume":
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
     diff = {k: (ckpt["model_args"].get(k), v) for k, v in model_args.items() if ckpt["model_args"].get(k) != v}
-    if diff or ckpt["world"] != world:
-        what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()) or \
-            f"it was written by {ckpt['world']} processes, this run has {world}"
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"the checkpoint {ckpt_path} comes from another config ({what}); "
                          f"resume with the config it was trained with, or use another out_dir")
 model = GPT(GPTConfig(**model_args), backend=backend).to(device)
@@ -141,14 +147,13 @@ if init_from == "resume":
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     if "cuda" in device and ckpt["cuda_rng"] is not None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
-    rng.bit_generator.state = ckpt["data_rng"][rank]
     say(f"resumed from {ckpt_path} at iteration {iter_num}")
     del ckpt
 raw_model = model
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[torch.device(device).index])
+    model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
 
 
 def get_lr(it):
@@ -158,6 +163,35 @@ def get_lr(it):
         return min_lr
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def flops_per_token(kl_dense=False):
+    """Model FLOPs of one training token (forward + backward), for the MFU: what the model needs, not what the
+    kernels happen to do (no recomputation, no padding). A multiply-add is 2 FLOPs; backward = 2x forward.
+      matmul weights: 6 * (active params per token): attention Wq, Wk, Wv, Wo, the router, expert_topk experts
+        (+ the shared one) of 3 C x H matrices, the LM head. The index branch (Wqi, Wki) counts 4, not 6: it
+        reads x.detach(), so its backward has no input gradient. Embedding lookups are not matmuls.
+      attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
+        dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
+        blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
+      MSA index branch, no gradient through the selection: scores qi.ki over all t + 1 visible tokens and the
+        block max, 2 * Hkv * Di * (t + 1);
+      MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up): teacher
+        q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
+    Averaged over the T positions of a row."""
+    C, H, Hq, Hkv, Di = n_embd, expert_hidden, n_head, n_kv_head, index_dim
+    D, bs, K, T = C // Hq, msa_block_size, msa_topk, seq_len
+    n_msa = 0 if attention == "dense" else n_layer - n_dense_layers
+    t = np.arange(T, dtype=np.float64)
+    n_dense_keys = (t + 1).mean()
+    n_msa_keys = np.where(t // bs + 1 <= K, t + 1, (K - 1) * bs + t % bs + 1).mean()
+    n_kl_keys = n_dense_keys if kl_dense else n_msa_keys
+    attn_params = 2 * C * Hq * D + 2 * C * Hkv * D
+    moe_params = C * n_expert + (expert_topk + shared_expert) * 3 * C * H
+    matmul = 6 * (n_layer * (attn_params + moe_params) + data.VOCAB_SIZE * C) + 4 * n_msa * (C * Hkv * Di + C * Di)
+    attn = 12 * Hq * D * ((n_layer - n_msa) * n_dense_keys + n_msa * n_msa_keys)
+    index = n_msa * (2 * Hkv * Di * n_dense_keys + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
+    return matmul + attn + index
 
 
 def caption_accuracy(n):
@@ -187,7 +221,8 @@ def long_range_accuracy(n):
 @torch.no_grad()
 def evaluate():
     """Val losses on the same eval_iters batches every time (a private rng: the training stream is untouched),
-    per-layer KL and expert load, caption accuracy and long-range accuracy."""
+    per-layer KL, indexer recall (the dense teacher's attention mass inside the chosen blocks) and expert load,
+    caption accuracy and long-range accuracy."""
     model.eval()
     r = np.random.default_rng([seed, rank, 1])
     acc = {}
@@ -195,8 +230,9 @@ def evaluate():
         x, y, p = data.get_batch("val", batch_size, seq_len, r, device, p_image)
         with ctx:
             _, losses = raw_model(x, y, p)
-        for k in ("lm", "kl", "balance", "kl_layers", "expert_load"):
-            acc[k] = acc.get(k, 0) + losses[k].detach().float() / eval_iters
+        for k in ("lm", "kl", "balance", "kl_layers", "recall_layers", "expert_load"):
+            if k in losses:  # recall_layers: only a model with MSA layers has it
+                acc[k] = acc.get(k, 0) + losses[k].detach().float() / eval_iters
     res = {k: v.tolist() for k, v in acc.items()}
     if master:
         res["caption"] = caption_accuracy(eval_captions) if eval_captions else {}
@@ -211,24 +247,19 @@ def log(record):
             f.write(json.dumps(record) + "\n")
 
 
-def next_batch():
-    """Draw the next training batch, remembering the data position (rng state) it was drawn from: the checkpoint
-    stores that, so a resumed run draws this same pending batch again."""
-    global batch_rng_state
-    batch_rng_state = rng.bit_generator.state
-    return data.get_batch("train", batch_size, seq_len, rng, device, p_image)
+def train_batch(it, micro):
+    """Micro-batch `micro` (0 .. gradient_accumulation_steps - 1 of this rank) of iteration `it`. Its seed names
+    its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
+    m = rank * gradient_accumulation_steps + micro
+    return data.get_batch("train", batch_size, seq_len, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
+                          device, p_image)
 
 
 def save_checkpoint():
     """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
-    rngs = [None] * world
-    if ddp:
-        dist.all_gather_object(rngs, batch_rng_state)
-    else:
-        rngs = [batch_rng_state]
     if master:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
-                     model_args=model_args, config=config, world=world, data_rng=rngs,
+                     model_args=model_args, config=config, world=world,
                      torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if "cuda" in device else None)
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
@@ -238,8 +269,11 @@ def save_checkpoint():
 if master:
     os.makedirs(out_dir, exist_ok=True)
 start_iter, t_start = iter_num, time.time()
-x, y, p = next_batch()
-t_last, tokens_since = time.time(), 0
+fpt = {kd: flops_per_token(kd) for kd in (False, True)}  # kl_dense -> FLOPs per token
+say(f"model FLOPs per token: {fpt[False] / 1e9:.2f} G ({fpt[True] / 1e9:.2f} G with the dense KL warm-up); "
+    f"MFU against {peak_flops / 1e12:.1f} TFLOP/s per GPU")
+x, y, p = train_batch(iter_num, 0)
+t_last, tokens_since, flops_since = time.time(), 0, 0.0
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -250,7 +284,9 @@ while True:
         if master:
             cap = res["caption"]
             load = np.array(res["expert_load"])  # (n_layer, E), each row sums to 1
+            recall = " ".join(f"{v:.3f}" for v in res.get("recall_layers", []))
             say(f"eval {iter_num}: val lm {res['lm']:.4f} | kl {res['kl']:.4f} (per layer {' '.join(f'{v:.3f}' for v in res['kl_layers'])})"
+                f"{f' | recall per layer {recall}' if recall else ''}"
                 f" | balance {res['balance']:.3f}, expert load max/min {load.max() / max(load.min(), 1e-9):.2f}"
                 f" | captions {' '.join(f'{k} {v:.2f}' for k, v in cap.items())} | long-range {res['long_range']}"
                 f" | {time.time() - t_eval:.1f}s")
@@ -260,13 +296,17 @@ while True:
     if iter_num == max_iters:
         break
     kl_dense = iter_num < kl_warmup_iters
+    parts = 0  # (loss, lm, kl, balance) averaged over this iteration's micro-steps (of all GPUs, at log time)
     for micro in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
             _, losses = model(x, y, p, kl_dense=kl_dense)
             loss = losses["lm"] + kl_coeff * losses["kl"] + balance_coeff * losses["balance"]
-        x, y, p = next_batch()  # drawn while the GPU works on this micro-step
+        parts = parts + torch.stack([loss, losses["lm"], losses["kl"], losses["balance"]]).detach().float()
+        # the next micro-batch, drawn while the GPU works on this one
+        x, y, p = train_batch(iter_num, micro + 1) if micro + 1 < gradient_accumulation_steps else \
+            train_batch(iter_num + 1, 0)
         (loss / gradient_accumulation_steps).backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -274,17 +314,20 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since += tokens_per_iter
+    flops_since += tokens_per_iter * fpt[kl_dense]
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        rec = dict(iter=iter_num, loss=loss.item(), lm=losses["lm"].item(), kl=losses["kl"].item(),
-                   balance=losses["balance"].item(), lr=lr)
+        if ddp:
+            dist.all_reduce(parts)  # sum over the GPUs
+        parts = (parts / gradient_accumulation_steps / world).tolist()
+        rec = dict(iter=iter_num, lr=lr, **dict(zip(("loss", "lm", "kl", "balance"), parts)))
         dt = time.time() - t_last
-        tok_s = tokens_since / dt
+        tok_s, mfu = tokens_since / dt, flops_since / dt / (peak_flops * world)
         eta = (max_iters - iter_num) * tokens_per_iter / tok_s
         say(f"iter {iter_num}/{max_iters}: loss {rec['loss']:.4f} (lm {rec['lm']:.4f} kl {rec['kl']:.4f} "
             f"balance {rec['balance']:.3f}{' dense-kl' if kl_dense else ''}) | lr {lr:.2e} | "
-            f"{tok_s:,.0f} tok/s | ETA {eta / 60:.1f} min")
-        log(dict(rec, tok_s=tok_s))
-        t_last, tokens_since = time.time(), 0
+            f"{tok_s:,.0f} tok/s, MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min")
+        log(dict(rec, tok_s=tok_s, mfu=mfu))
+        t_last, tokens_since, flops_since = time.time(), 0, 0.0
 say(f"done: {iter_num - start_iter} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
