@@ -5,7 +5,7 @@
 # No dense first layer and no dense-KL warm-up: both cost MSA's speed at 64K (n_dense_layers=1 measured 233K vs
 # 261K tokens/s). Chosen by measuring (MODEL_NOTES.md, probes 1-2, H100): at 8K-32K, widths 384-512, MSA trained
 # at 0.8-1.4x the dense arm's tokens/s; at 64K 1.18x (261K vs 221K tokens/s): the 2x is NOT reached, since
-# the MoE, LM head and loss (same in both arms) take most of a step. 128K rows would need about 2x the 28 GiB this
+# the MoE, LM head and loss (same in both arms) take most of a step. 128K rows would need about 4x the 28 GiB this
 # model used at 32K tokens per step (estimate): too much for one H100.
 # The long-range questions ask 53K-64K tokens after the password (first vs last tenth of the row; measured on the
 # 16 eval questions of seed 1337): 26x the 2048 keys a query reads, so only the indexer choosing that far block
