@@ -129,22 +129,30 @@ class Attention(nn.Module):
             qi, ki = self.index_branch(x, pos)                                        # (B, Hkv, T, Di), (B, T, Di)
         kl = recall = None
         if cache is not None:  # write this chunk's keys into the caches (B, Hkv, Tmax, D), (B, Tmax, Di)
-            if "k" not in cache:
+            if "k" not in cache:  # allocated once, at the prefill, for the whole generation (Tmax = cache["size"])
                 cache["k"] = k.new_zeros(B, Hkv, cache["size"], D)
                 cache["v"] = v.new_zeros(B, Hkv, cache["size"], D)
                 if self.sparse:
                     cache["ki"] = ki.new_zeros(B, cache["size"], Di)
-            cache["k"][:, :, pos], cache["v"][:, :, pos] = k, v
+            # index_copy_ with the positions as a device tensor: no host sync, so a CUDA graph replays it
+            cache["k"].index_copy_(2, pos, k)
+            cache["v"].index_copy_(2, pos, v)
             if self.sparse:
-                cache["ki"][:, pos] = ki
+                cache["ki"].index_copy_(1, pos, ki)
         if cache is not None and T == 1:  # decode one token against everything cached so far
-            n = int(pos[0]) + 1
-            if self.sparse:
-                lens = torch.full((B,), n, dtype=torch.int32, device=x.device)
+            n = pos + 1                                                               # (1,) tokens cached, on the device
+            if self.sparse and not cache.get("dense"):
+                lens = n.to(torch.int32).repeat(B)                                    # (B,) every row at the same length
                 y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], cache["ki"], lens, bs, K)
                 y = y.unsqueeze(2)                                                    # (B, Hq, 1, D)
-            else:
-                y = F.scaled_dot_product_attention(q, cache["k"][:, :, :n], cache["v"][:, :, :n], enable_gqa=True)
+            else:  # dense layers, and MSA layers when generate(decode='dense') asks for the comparison
+                # attention over the whole preallocated cache with its unwritten tail masked (fixed shapes: it
+                # reads Tmax tokens, not n). The G query heads of a group are G query rows against that group's
+                # K/V: GQA without repeating the cache, and without a causal mask (one position).
+                G = Hq // Hkv
+                visible = (torch.arange(cache["size"], device=x.device) < n).view(1, 1, 1, -1)  # (1, 1, 1, Tmax)
+                y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, D), cache["k"], cache["v"], attn_mask=visible)
+                y = y.reshape(B, Hq, 1, D)                                            # (B, Hq, 1, D)
         elif self.sparse:  # a whole sequence from position 0 (training, eval, prefill)
             with torch.no_grad():
                 block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K)  # (B, Hkv, T, K) int32
@@ -192,6 +200,27 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
     return out
 
 
+def moe_all_experts(x, idx, gate, w1, w3, w2):
+    """
+    The same sum as moe_dispatch, computed for a few tokens (decoding): every expert runs on every token in one
+    batched matrix product over E, and each token keeps its chosen experts' outputs weighted by their gates
+    (the others get weight 0). x (N, C); idx, gate (N, k); w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
+    One idea, two regimes: moe_dispatch does k/E of these FLOPs but needs each expert's token count on the host
+    (a sync, and shapes that change every step); this one has fixed shapes and never waits on the host, so a
+    decode step can be captured in a CUDA graph. For a few tokens the expert products are bound by reading the
+    weights (about N FLOPs per byte in bf16, far below the ridge of a GPU), and moe_dispatch reads nearly every
+    expert anyway once N * k >= E: the E/k times more FLOPs are then almost free. For many tokens they are not.
+    """
+    E = w1.shape[0]
+    weight = torch.zeros(x.shape[0], E, dtype=gate.dtype, device=x.device).scatter_(1, idx, gate)  # (N, E)
+    xe = x.unsqueeze(0).expand(E, -1, -1)                                    # (E, N, C)
+    y = torch.bmm(F.silu(torch.bmm(xe, w1)) * torch.bmm(xe, w3), w2)         # (E, N, C)
+    return (y * weight.t().unsqueeze(-1)).sum(0).to(x.dtype)                 # (N, C)
+
+
+MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens, moe_dispatch above
+
+
 class MoE(nn.Module):
     """
     Top-k routing over E SwiGLU experts, plus an optional shared expert.
@@ -221,11 +250,13 @@ class MoE(nn.Module):
         logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = logits.topk(self.k, dim=-1)                 # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
-        out = moe_dispatch(xf, idx, gate, self.w1, self.w3, self.w2)
+        moe = moe_all_experts if B * T <= MOE_FEW_TOKENS else moe_dispatch
+        out = moe(xf, idx, gate, self.w1, self.w3, self.w2)
         if self.shared is not None:
             out = out + swiglu(xf, *self.shared).to(out.dtype)
         E = logits.shape[-1]
-        load = torch.bincount(idx.reshape(-1), minlength=E).float() / idx.numel()  # f: (E,), sums to 1
+        # f: (E,), sums to 1. Counted by comparison, not torch.bincount, which syncs with the host on CUDA
+        load = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).float().mean(0)
         balance = E * (load * logits.softmax(-1).mean(0)).sum()
         return out.view(B, T, C), balance, load
 
@@ -272,7 +303,8 @@ class GPT(nn.Module):
         """
         x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
         x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
-        cache/pos0: used by generate(); then only the last position's logits are returned.
+        cache/pos0: used by generate(); then only the last position's logits are returned. pos0 is the position of
+        x[:, 0]: an int, or a (1,) long tensor on x's device (a CUDA graph replays the step with a new value in it).
         Returns logits (B, T, V) and, when y is given, losses: lm, kl (summed over MSA layers), balance (mean over
         layers), kl_layers (n_msa,), expert_load (n_layer, E), and in eval mode recall_layers (n_msa,); else None.
         """
@@ -286,9 +318,9 @@ class GPT(nn.Module):
             if patches.shape != (B, T, cfg.patch_dim):
                 raise ValueError(f"patches must be [B={B}, T={T}, {cfg.patch_dim}], got {tuple(patches.shape)}")
             h = torch.where(is_patch, self.patch_proj(patches.to(self.patch_proj.weight.dtype)).to(h.dtype), h)
-        elif bool(is_patch.any()):
-            raise ValueError("x holds image-patch tokens but no patches were given")
-        pos = torch.arange(pos0, pos0 + T, device=x.device)
+        elif (cache is None or T > 1) and bool(is_patch.any()):  # a decoded token is not checked (a host sync
+            raise ValueError("x holds image-patch tokens but no patches were given")  # per step); it embeds as a token
+        pos = pos0 + torch.arange(T, device=x.device)                        # (T,); pos0 an int or a (1,) device tensor
         kl_support = None if y is None else ("dense" if kl_dense else "sparse")
         kls, recalls, balances, loads = [], [], [], []
         for i, block in enumerate(self.blocks):
@@ -311,32 +343,70 @@ class GPT(nn.Module):
         return logits, losses
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse"):
         """
         idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens).
-        The prompt is prefilled with the sparse forward, filling the KV and index-key caches; then each new
-        token attends through backend.sparse_decode. temperature 0 is greedy.
-        Also returns the seconds spent on the prompt and on the new tokens (for tokens/s).
+        The prompt is prefilled with the sparse forward, filling the KV and index-key caches (preallocated for
+        T0 + max_new_tokens tokens); then each new token attends through backend.sparse_decode, or, with
+        decode='dense', MSA layers attend to the whole cache like the dense layers (the index is ignored).
+        temperature 0 is greedy. On CUDA one decode step (every layer, sampling excluded) is captured in a CUDA
+        graph after one eager step, and replayed: nothing in it waits on the host.
+        Also returns the seconds spent on the prompt and on the new tokens (for tokens/s; the eager first step
+        and the capture are counted in the second).
         """
+        if decode not in ("sparse", "dense"):
+            raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         B, T0 = idx.shape
-        cache = [dict(size=T0 + max_new_tokens) for _ in self.blocks]
+        cache = [dict(size=T0 + max_new_tokens, dense=decode == "dense") for _ in self.blocks]
+        out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)     # (B, T0 + max_new_tokens)
         sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
         t0 = time.time()
-        logits, _ = self(idx, patches=patches, cache=cache)                  # prefill: (B, 1, V)
+        logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
         sync()
         t1 = time.time()
+        tok = idx.new_zeros(B, 1)                                            # (B, 1) the step's inputs: fixed
+        pos = torch.zeros(1, dtype=torch.long, device=idx.device)            # (1,)   buffers a graph reads
+        step = lambda: self(tok, cache=cache, pos0=pos)[0][:, -1].float()    # -> (B, V)
+        replay = None
         for i in range(max_new_tokens):
-            logits = logits[:, -1].float()                                   # (B, V)
             if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
+                nxt = logits.argmax(-1, keepdim=True)                        # (B, 1)
             else:
                 logits = logits / temperature
                 if top_k is not None:
                     v, _ = logits.topk(min(top_k, logits.shape[-1]))
                     logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-            if i + 1 < max_new_tokens:
-                logits, _ = self(nxt, cache=cache, pos0=T0 + i)
+            out[:, T0 + i] = nxt[:, 0]
+            if i + 1 == max_new_tokens:
+                break
+            tok.copy_(nxt)
+            pos.fill_(T0 + i)
+            if not idx.is_cuda:
+                logits = step()
+            elif replay is None:
+                logits, replay = cuda_graphed(step)
+            else:
+                logits = replay()
         sync()
-        return idx, t1 - t0, time.time() - t1
+        return out, t1 - t0, time.time() - t1
+
+
+def cuda_graphed(fn):
+    """fn() reads fixed tensors and returns one tensor. Runs it once eagerly on a side stream (compiles the
+    Triton kernels, creates library handles: nothing of that may happen during a capture), then captures it in
+    a CUDA graph. Returns (the eager call's result, replay) where replay() reruns fn on the current contents of
+    its input tensors and returns the (reused) output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+
+    def replay():
+        graph.replay()
+        return static
+    return first, replay

@@ -7,9 +7,14 @@ Sample from a trained nanoMSA model (the checkpoint that train.py leaves in out_
   python sample.py --image=shape.png                      # caption a 32x32 RGB image
   python sample.py --image=generated                      # caption a freshly drawn shape (its true caption is shown)
 
+  python sample.py --start=FILE:long.txt --decode=dense   # the MSA layers decode densely: sparse vs dense tokens/s
+  python sample.py --start=FILE:long.txt --msa_topk=64     # K raised to cover every block: sparse == dense
+
 The prompt is prefilled with the sparse forward, which fills the KV caches and the index-key caches;
 then each new token selects its blocks from the cached index keys (the same rule as index_topk) and
-attends through backend.sparse_decode. Prints tokens/s for the prompt and for the generation.
+attends through backend.sparse_decode (with --decode=dense: over the whole cache, the index ignored).
+On CUDA each decode step is one CUDA-graph replay (model.GPT.generate). Prints tokens/s for the prompt
+and for the generation.
 """
 import os
 import sys
@@ -32,6 +37,8 @@ top_k = 200
 seed = 1337
 image = ""              # '' for text; a .png path, or 'generated' for a random shape, to caption it
 backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
+decode = "sparse"       # 'sparse' (MSA layers read their selected blocks) or 'dense' (the whole cache)
+msa_topk = 0            # > 0: blocks per query instead of the checkpoint's (>= the context's blocks: MSA == dense)
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,13 +51,25 @@ if not os.path.isfile(ckpt_path):
 ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
 if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
     raise SystemExit(f"{ckpt_path} is not a checkpoint written by train.py")
+if decode not in ("sparse", "dense"):
+    raise SystemExit(f"--decode must be 'sparse' or 'dense', got {decode!r}")
+model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 else {}))
 try:
-    model = GPT(GPTConfig(**ckpt["model_args"]), backend=backend)
+    model = GPT(GPTConfig(**model_args), backend=backend)
     model.load_state_dict(ckpt["model"])
 except (TypeError, RuntimeError) as e:
     raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): {str(e)[:300]}")
 model.eval().to(device)
-print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}")
+print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}, {decode} decode, "
+      f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}")
+
+
+def generate(x, n, **kw):
+    """model.generate, on CUDA after one untimed identical call: the first call compiles the Triton kernels and
+    loads the libraries (seconds that are not tokens/s)."""
+    if device == "cuda":
+        model.generate(x, n, **{**kw, "generator": torch.Generator(device=device).manual_seed(seed)})
+    return model.generate(x, n, **kw)
 
 
 def report(n_seq, n_prompt, n_new, t_prompt, t_new):
@@ -69,7 +88,7 @@ if image:
             raise SystemExit(f"cannot caption {image!r}: {e}")
     x, p = data.caption_prompt([img], device)                                 # (1, 22), (1, 22, PATCH_DIM)
     with ctx:
-        out, t_prompt, t_new = model.generate(x, max_new_tokens=16, temperature=0, patches=p)
+        out, t_prompt, t_new = generate(x, 16, temperature=0, patches=p, decode=decode)
     print("caption:", data.decode(out[0, x.shape[1]:].tolist()).split("\n")[0].split("<|endoftext|>")[0].strip())
     report(1, x.shape[1], 16, t_prompt, t_new)
 else:
@@ -82,7 +101,8 @@ else:
     x = torch.tensor([prompt] * num_samples, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with ctx:
-        out, t_prompt, t_new = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        out, t_prompt, t_new = generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
+                                        decode=decode)
     for row in out.tolist():
         print(data.decode(row))
         print("---------------")

@@ -1,10 +1,15 @@
-"""sample.py on a checkpoint from a one-iteration tiny training, and its messages for bad input."""
+"""sample.py on a checkpoint from a one-iteration tiny training, and its messages for bad input; the decode path
+of model.py that it runs (CPU tests, and on a GPU the CUDA-graphed step against the eager one)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import model as model_module
+from conftest import requires_cuda
 from data import encode, save_image
+from model import MOE_FEW_TOKENS, moe_all_experts, moe_dispatch
+from test_model import PATCH, batch, tiny
 from test_train import run_script, train
 
 
@@ -38,3 +43,117 @@ def test_bad_input_gives_a_clear_message(out_dir, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "ckpt.pt")  # something that is not train.py's checkpoint
     with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
         run_script("sample.py", f"--out_dir={tmp_path}")
+
+
+# -----------------------------------------------------------------------------------------------
+# the decode path of model.py that sample.py runs: sync-free MoE, dense decoding, the CUDA graph
+
+def test_sample_dense_decode_equals_sparse_when_k_covers_everything(out_dir, capsys):
+    # 6 + 40 tokens in blocks of 8: K = 8 selects every block, so sparse and dense decoding agree greedily
+    runs = {}
+    for decode in ("sparse", "dense"):
+        run_script("sample.py", f"--out_dir={out_dir}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40",
+                   "--temperature=0", "--msa_topk=8", f"--decode={decode}")
+        out = capsys.readouterr().out
+        assert f"{decode} decode, K=8" in out and "generation: 80 tokens" in out
+        runs[decode] = [line for line in out.splitlines() if "tok/s" not in line and "decode, K=" not in line]
+    assert runs["sparse"] == runs["dense"]
+    with pytest.raises(SystemExit, match="--decode must be 'sparse' or 'dense'"):
+        run_script("sample.py", f"--out_dir={out_dir}", "--decode=fast")
+
+
+@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (33, 5, 3)])
+def test_moe_all_experts_equals_dispatch(N, E, k):
+    g = torch.Generator().manual_seed(N)
+    C, H = 12, 20
+    f64 = dict(generator=g, dtype=torch.float64)
+    x = torch.randn(N, C, **f64)
+    w1, w3, w2 = torch.randn(E, C, H, **f64), torch.randn(E, C, H, **f64), torch.randn(E, H, C, **f64)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])  # k distinct experts per token
+    gate = torch.rand(N, k, **f64)
+    torch.testing.assert_close(moe_all_experts(x, idx, gate, w1, w3, w2), moe_dispatch(x, idx, gate, w1, w3, w2))
+
+
+def test_moe_layer_regimes_agree():
+    # the same layer on the same tokens: a few at a time (moe_all_experts), then all at once (moe_dispatch)
+    moe = tiny().blocks[0].moe
+    x = torch.randn(2, MOE_FEW_TOKENS, 32)
+    whole, _, load = moe(x)
+    parts = [moe(x[:, i:i + 8]) for i in range(0, MOE_FEW_TOKENS, 8)]       # 16 tokens each
+    torch.testing.assert_close(torch.cat([p[0] for p in parts], 1), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack([p[2] for p in parts]).mean(0), load)
+
+
+def test_generate_dense_decode():
+    """decode='dense': MSA layers attend to the whole cache. With K covering every block that is what sparse
+    decoding computes too; with a sparse K it is not (so the option really changes the attention)."""
+    x, _, _ = batch()
+    x = x[:, :11].clamp(max=PATCH - 1)
+    everything = tiny(msa_topk=10).eval()                  # 10 blocks of 4 >= 11 + 20 tokens
+    sparse, _, _ = everything.generate(x, 20, temperature=0)
+    dense, _, _ = everything.generate(x, 20, temperature=0, decode="dense")
+    assert torch.equal(sparse, dense)
+    model = tiny().eval()                                  # K = 3 blocks of 4 < 31 tokens
+    xs = batch()[0].clamp(max=PATCH - 1)                   # (B, 40) text only
+    with torch.no_grad():
+        last = []
+        for dense_decode in (False, True):                 # prefill 30 tokens, decode the one at position 30
+            cache = [dict(size=40, dense=dense_decode) for _ in model.blocks]
+            model(xs[:, :30], cache=cache)
+            last.append(model(xs[:, 30:31], cache=cache, pos0=torch.tensor([30]))[0])
+    assert (last[0] - last[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="decode must be"):
+        model.generate(x, 2, decode="fast")
+
+
+def gpu_tiny(**kw):
+    """tiny() with head dims of 16 (the Triton kernels' smallest tile), on the GPU."""
+    return tiny(n_embd=64, index_dim=16, expert_hidden=32, **kw).cuda().eval()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attention", ["msa", "dense"])
+def test_graphed_decode_step_equals_eager_step(dtype, attention):
+    """The decode step captured once (model.cuda_graphed) and replayed with new token ids and positions gives
+    the eager step's logits, step after step, and both equal the full forward's (the selection is sparse)."""
+    model = gpu_tiny(attention=attention)
+    x, _, patches = (t.cuda() for t in batch())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), autocast:
+        full = model(x, patches=patches)[0].float()                           # (B, T, V)
+        caches = []
+        for _ in range(2):                                                    # one for the graph, one eager
+            caches.append([dict(size=40) for _ in model.blocks])
+            model(x[:, :9], patches=patches[:, :9], cache=caches[-1])
+        tok, pos = x.new_zeros(2, 1), torch.zeros(1, dtype=torch.long, device="cuda")
+        graphed = lambda: model(tok, cache=caches[0], pos0=pos)[0][:, -1].float()
+        replay, got, want = None, [], []
+        for t in range(9, 40):
+            tok.copy_(x[:, t:t + 1])
+            pos.fill_(t)
+            if replay is None:
+                g, replay = model_module.cuda_graphed(graphed)
+            else:
+                g = replay()
+            got.append(g.clone())
+            want.append(model(x[:, t:t + 1], cache=caches[1], pos0=t)[0][:, -1].float())
+    got, want = torch.stack(got, 1), torch.stack(want, 1)                     # (B, 31, V)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got, full[:, 9:], rtol=10 * tol, atol=10 * tol)
+
+
+@requires_cuda
+def test_generate_on_gpu_equals_reforward():
+    # greedy generation through the graphed step == re-running the whole sequence (float32), sparse K
+    model = gpu_tiny()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1).cuda()
+    out, _, _ = model.generate(x, max_new_tokens=25, temperature=0)
+    ref = x
+    with torch.no_grad():
+        for _ in range(25):
+            ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+    dense, _, _ = model.generate(x, max_new_tokens=25, temperature=0, decode="dense")
+    assert dense.shape == out.shape and torch.equal(dense[:, :11], x)
