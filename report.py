@@ -156,9 +156,9 @@ def plot_heatmap(run_dir, path):
     return maps
 
 
-if __name__ == "__main__":
-    words = [a for a in sys.argv[1:] if not a.startswith("--")]
-    configure(globals(), [a for a in sys.argv[1:] if a.startswith("--")])
+def main(argv):
+    words = [a for a in argv if not a.startswith("--")]
+    configure(globals(), [a for a in argv if a.startswith("--")])
     mode = words[0] if words else None
     try:
         if mode == "curves" and len(words) == 3:
@@ -168,7 +168,11 @@ if __name__ == "__main__":
             plot_heatmap(out_dir, png or "report_heatmap.png")
         else:
             raise SystemExit(f"usage: python report.py curves OUT_MSA OUT_DENSE [--png=...] | "
-                             f"python report.py heatmap [--out_dir=...] [--png=...]; got {sys.argv[1:]}")
+                             f"python report.py heatmap [--out_dir=...] [--png=...]; got {argv}")
     except ValueError as e:
         raise SystemExit(f"report error: {e}")
     print(f"wrote {png or f'report_{mode}.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -60,12 +60,75 @@ def test_resume_continues_exactly(straight, tmp_path):
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
+def test_two_processes_match_one_with_accumulation(straight, tmp_path):
+    """DDP (gloo on CPUs, NCCL on GPUs): 2 processes x 1 micro-step train on the same batches as 1 process x 2,
+    so every logged loss and eval matches (the data position is a function of seed, iteration and micro-step)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one, two = records(straight), records(str(tmp_path))
+    assert [sorted(a) for a in one] == [sorted(b) for b in two] and len(one) == 6  # 2 evals, 4 iterations
+    for a, b in zip(one, two):
+        for k in ("loss", "lm", "kl", "balance"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a, b)
+        assert a.get("recall_layers") == pytest.approx(b.get("recall_layers"), rel=1e-5)
+
+
+def script_globals(*args):
+    """Run train.py in this process with these arguments and return its functions' globals (after training)."""
+    saved = sys.argv
+    sys.argv = ["train.py", *args]
+    try:
+        return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")["flops_per_token"].__globals__
+    finally:
+        sys.argv = saved
+
+
+def test_flops_per_token_counts_what_the_model_runs(tmp_path):
+    """The MFU's FLOPs per token against counts taken from the built model and from msa_ref's own selection."""
+    import numpy as np
+    import torch
+
+    import msa_ref
+    g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0")
+    model, T, bs, K = g["raw_model"], g["seq_len"], g["msa_block_size"], g["msa_topk"]
+    Hq, Hkv, D, Di, E = g["n_head"], g["n_kv_head"], g["n_embd"] // g["n_head"], g["index_dim"], g["n_expert"]
+    # matmul weights, from the model's parameters: index branch x4 (no input gradient), the rest x6
+    six = sum(p.numel() for n, p in model.named_parameters()
+              if n.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "router.weight")) or ".shared." in n)
+    six += sum(p.numel() * g["expert_topk"] // E for n, p in model.named_parameters() if n.endswith(("w1", "w2", "w3")))
+    six += model.lm_head.weight.numel()
+    four = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wqi.weight", "wki.weight")))
+    n_msa = g["n_layer"] - g["n_dense_layers"]
+    assert four > 0 and n_msa == 1
+    # keys each query attends in an MSA layer: count the visible tokens of the blocks msa_ref selects
+    torch.manual_seed(0)
+    idx = msa_ref.index_topk(torch.randn(1, Hkv, T, Di), torch.randn(1, T, Di), bs, K)[0, 0]   # (T, K)
+    t = torch.arange(T)[:, None]
+    keys = torch.where(idx >= 0, torch.clamp(t - idx * bs + 1, 0, bs), 0).sum(1).double().mean().item()
+    dense_keys = (T + 1) / 2
+    want = 6 * six + 4 * four + 12 * Hq * D * ((g["n_layer"] - n_msa) * dense_keys + n_msa * keys) \
+        + n_msa * (2 * Hkv * Di * dense_keys + (2 * Hq * D + 6 * Hkv * Di) * keys)
+    assert g["flops_per_token"]() == pytest.approx(want, rel=1e-9)
+    kl_extra = n_msa * (2 * Hq * D + 6 * Hkv * Di) * (dense_keys - keys)  # the dense warm-up's support: every key
+    assert g["flops_per_token"](kl_dense=True) == pytest.approx(want + kl_extra, rel=1e-9)
+    g["attention"] = "dense"  # every layer dense: no index branch, causal keys everywhere
+    assert g["flops_per_token"]() == pytest.approx(6 * six + 12 * Hq * D * g["n_layer"] * dense_keys, rel=1e-9)
+    assert np.isfinite(g["flops_per_token"]())
+
+
 def test_log_holds_eval_metrics(straight):
     ev = [rec for rec in records(straight) if "eval" in rec]
     assert [rec["eval"] for rec in ev] == [0, 4]
     last = ev[-1]
     assert set(last["caption"]) == {"size", "colour", "shape", "position", "all"}
     assert len(last["kl_layers"]) == 1 and len(last["expert_load"]) == 2 and 0 <= last["long_range"] <= 1
+    assert len(last["recall_layers"]) == 1 and 0 < last["recall_layers"][0] <= 1 + 1e-6
+    steps = [rec for rec in records(straight) if "iter" in rec]
+    assert all(0 < rec["mfu"] < 1 and rec["tok_s"] > 0 for rec in steps)
 
 
 def test_checkpoint_from_another_config(straight):

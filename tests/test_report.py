@@ -1,0 +1,81 @@
+"""report.py on tiny CPU runs: the curves of two arms, and a selection heatmap that equals the forward's selection."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import report
+from test_train import ROOT, TINY, train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-iteration MSA run and the same with --attention=dense (the tiny config of test_train)."""
+    out = {arm: str(tmp_path_factory.mktemp(arm)) for arm in ("msa", "dense")}
+    for arm, d in out.items():
+        train(f"--out_dir={d}", "--max_iters=2", "--eval_interval=2", f"--attention={arm}")
+    return out
+
+
+def test_curves_png_and_summary(runs, tmp_path):
+    png = tmp_path / "curves.png"
+    r = subprocess.run([sys.executable, "report.py", "curves", runs["msa"], runs["dense"], f"--png={png}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = r.stdout.splitlines()
+    msa, dense = [line for line in table if line.startswith("| msa")], [line for line in table if line.startswith("| dense")]
+    assert len(msa) == len(dense) == 1
+    assert msa[0].split("|")[2].strip() == "2"                      # the last eval was at iteration 2
+    assert msa[0].split("|")[5].strip() != "-" and dense[0].split("|")[5].strip() == "-"  # recall: MSA arm only
+
+
+def test_heatmap_is_the_forward_selection(runs, monkeypatch):
+    """selection_maps recomputes the selection from hooked layer inputs; it must equal what the forward itself
+    selected (recorded here by wrapping backend.index_topk), block by block."""
+    model, cfg = report.load_model(runs["msa"])
+    x, _, patches = data.get_batch("val", 1, cfg["seq_len"], np.random.default_rng(5), "cpu", cfg["p_image"])
+    seen = []
+    original = model.backend.index_topk
+    monkeypatch.setattr(model.backend, "index_topk", lambda *a: seen.append(original(*a)) or seen[-1])
+    with torch.no_grad():
+        model(x, patches=patches)
+    n_forward = len(seen)
+    maps = report.selection_maps(model, x, patches)
+    assert n_forward == len(maps) == 1 and list(maps) == [1]            # layer 0 is dense, layer 1 is MSA
+    m = maps[1]                                                         # (Hkv, nb, nb)
+    T, bs, K = cfg["seq_len"], cfg["msa_block_size"], cfg["msa_topk"]
+    nb = -(-T // bs)
+    idx = seen[0][0].long()                                             # (Hkv, T, K) the forward's selection
+    want = np.zeros((idx.shape[0], nb, nb))
+    for g in range(idx.shape[0]):
+        for t in range(T):
+            for b in idx[g, t].tolist():
+                if b >= 0:
+                    want[g, t // bs, b] += 1 / bs
+    np.testing.assert_allclose(m, want, atol=1e-6)
+    assert np.allclose(np.diagonal(m, axis1=1, axis2=2), 1)             # the local block: always selected
+    assert np.all(np.triu(m, 1) == 0)                                   # never a future block
+    np.testing.assert_allclose(m.sum(-1), np.minimum(K, np.arange(nb) + 1)[None].repeat(m.shape[0], 0), atol=1e-5)
+
+
+def test_heatmap_png(runs, tmp_path):
+    png = tmp_path / "heat.png"
+    r = subprocess.run([sys.executable, "report.py", "heatmap", f"--out_dir={runs['msa']}", f"--png={png}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,msg", [(["heatmap", "--out_dir=DENSE"], "has no MSA layer"),
+                                      (["heatmap", "--out_dir=/nonexistent"], "ckpt.pt not found"),
+                                      (["curves", "/nonexistent", "DENSE"], "log.jsonl not found"),
+                                      (["curves", "DENSE"], "usage: python report.py"),
+                                      (["heatmap", "--bins=3"], "unknown key 'bins'")])
+def test_bad_input_gives_a_clear_message(runs, args, msg):
+    with pytest.raises(SystemExit, match=msg):  # SystemExit(message): the user sees the message, no traceback
+        report.main([a.replace("DENSE", runs["dense"]) for a in args])
