@@ -259,7 +259,7 @@ def save_checkpoint():
     """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
     if master:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
-                     model_args=model_args, config=config, world=world,
+                     model_args=model_args, config=config,
                      torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if "cuda" in device else None)
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
