@@ -170,7 +170,8 @@ def flops_per_token(kl_dense=False):
     kernels happen to do (no recomputation, no padding). A multiply-add is 2 FLOPs; backward = 2x forward.
       matmul weights: 6 * (active params per token): attention Wq, Wk, Wv, Wo, the router, expert_topk experts
         (+ the shared one) of 3 C x H matrices, the LM head. The index branch (Wqi, Wki) counts 4, not 6: it
-        reads x.detach(), so its backward has no input gradient. Embedding lookups are not matmuls.
+        reads x.detach(), so its backward has no input gradient. Embedding lookups are not matmuls; the image-patch
+        projection (192 inputs per token) is left out.
       attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
         dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
         blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
