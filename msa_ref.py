@@ -62,7 +62,7 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
         _expect(not block_idx.is_floating_point(), f"block_idx must be an integer tensor, got {block_idx.dtype}")
         nb = math.ceil(T / block_size)
         if block_idx.numel():
-            lo, hi = block_idx.min().item(), block_idx.max().item()
+            lo, hi = torch.stack(torch.aminmax(block_idx)).tolist()              # one host sync, not two
             _expect(lo >= -1 and hi < nb, f"block_idx entries must be -1 (padding) or a block in [0, {nb}), got range [{lo}, {hi}]")
     return B, Hkv, T
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import msa_ref
-from model import GPT, GPTConfig, get_backend, moe_dispatch, swiglu
+from model import GPT, GPTConfig, get_backend, moe_dispatch, padded_rows, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -59,6 +59,13 @@ def test_moe_dispatch_equals_per_token_loop(N, E, k):
             want[n] += gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
     torch.testing.assert_close(moe_dispatch(x, idx, gate, w1, w3, w2), want)
 
+
+
+def test_padded_rows_few_sizes_little_waste():
+    """moe_dispatch pads each expert's group to padded_rows(n): >= n, at most 1/8 more (or 16), 8 sizes per octave."""
+    sizes = [padded_rows(n) for n in range(1, 70000)]
+    assert all(n <= m <= max(16, n * 9 / 8) for n, m in zip(range(1, 70000), sizes))
+    assert sorted(set(padded_rows(n) for n in range(8193, 16385))) == list(range(9216, 16385, 1024))
 
 def test_moe_layer_routing_and_balance():
     model = tiny()
