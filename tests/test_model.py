@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import msa_ref
-from model import GPT, GPTConfig, get_backend, moe_dispatch, padded_rows, swiglu
+from model import GPT, GPTConfig, get_backend, moe_all_experts, moe_dispatch, padded_rows, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -43,8 +43,10 @@ def test_backend_choice():
         get_backend("fast")
 
 
-@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (37, 5, 2), (64, 8, 3)])
-def test_moe_dispatch_equals_per_token_loop(N, E, k):
+@pytest.mark.parametrize("moe", [moe_dispatch, moe_all_experts])
+@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (37, 5, 2), (64, 8, 3)])
+def test_moe_equals_per_token_loop(N, E, k, moe):
+    """Both MoE regimes (expert groups for many tokens, every expert for a few) compute the naive sum."""
     g = torch.Generator().manual_seed(N)
     C, H = 12, 20
     f64 = dict(generator=g, dtype=torch.float64)
@@ -57,7 +59,7 @@ def test_moe_dispatch_equals_per_token_loop(N, E, k):
         for j in range(k):
             e = idx[n, j]
             want[n] += gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
-    torch.testing.assert_close(moe_dispatch(x, idx, gate, w1, w3, w2), want)
+    torch.testing.assert_close(moe(x, idx, gate, w1, w3, w2), want)
 
 
 

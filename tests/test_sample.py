@@ -8,7 +8,7 @@ from PIL import Image
 import model as model_module
 from conftest import requires_cuda
 from data import encode, save_image
-from model import MOE_FEW_TOKENS, moe_all_experts, moe_dispatch
+from model import MOE_FEW_TOKENS
 from test_model import PATCH, batch, tiny
 from test_train import run_script, train
 
@@ -60,18 +60,6 @@ def test_sample_dense_decode_equals_sparse_when_k_covers_everything(out_dir, cap
     assert runs["sparse"] == runs["dense"]
     with pytest.raises(SystemExit, match="--decode must be 'sparse' or 'dense'"):
         run_script("sample.py", f"--out_dir={out_dir}", "--decode=fast")
-
-
-@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (33, 5, 3)])
-def test_moe_all_experts_equals_dispatch(N, E, k):
-    g = torch.Generator().manual_seed(N)
-    C, H = 12, 20
-    f64 = dict(generator=g, dtype=torch.float64)
-    x = torch.randn(N, C, **f64)
-    w1, w3, w2 = torch.randn(E, C, H, **f64), torch.randn(E, C, H, **f64), torch.randn(E, H, C, **f64)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])  # k distinct experts per token
-    gate = torch.rand(N, k, **f64)
-    torch.testing.assert_close(moe_all_experts(x, idx, gate, w1, w3, w2), moe_dispatch(x, idx, gate, w1, w3, w2))
 
 
 def test_moe_layer_regimes_agree():
