@@ -15,6 +15,8 @@ launches, none of which waits on the host, so the whole step can be captured in 
                      the G query heads of the group are the rows of one matrix product against the
                      piece's keys; writes a partial (out, lse) per piece.
   4. _merge_kernel   per (row, query head): combine the partials with their log-sum-exps.
+                     (One kernel doing steps 2-4, or all four, with counters in global memory was
+                     measured slower on the H100 at every batch size: DECODE_NOTES.md, run h6c-2.)
 
 Rows may have different lengths: cache_lens stays on the device and every kernel reads it, so grids
 depend only on (B, Hkv, Tmax, K), never on the lengths. Lengths outside [1, Tmax] are clamped in
@@ -163,20 +165,31 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, o_ptr, lse_ptr,
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
-                  HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, NS_P: tl.constexpr, D_P: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)                      # b * Hq + head
-    j = tl.arange(0, NS_P)
+                  HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, D_P: tl.constexpr):
+    # One row (b * Hq + head): the LSE-weighted sum of its NS partials, as an online softmax over the
+    # pieces. Every piece is read (an empty one holds zeros and lse = -inf, weight 0) and nothing but
+    # elementwise math follows a load, so the unrolled loop puts all loads in flight at once: one round
+    # trip to L2. (Reducing the lse first and reading only non-empty pieces costs two dependent round
+    # trips: the step measured 0.5-1.8 us slower at batch 1 and 8 on the H100; a variant whose every load
+    # waited on its own reduction, 10-13 us slower. DECODE_NOTES.md, runs h6c-1 to h6c-3.)
+    row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)   # (1,) the row, as a vector
     d = tl.arange(0, D_P)
-    lse = tl.load(lse_ptr + row * NS + j, mask=j < NS, other=float("-inf"))            # (NS_P,) log2
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))                           # 0 for empty pieces
-    # empty pieces (lse = -inf, acc written as 0) get weight 0 and are not even read
-    o = tl.load(o_ptr + (row * NS + j)[:, None] * D + d[None, :],
-                mask=((j < NS) & (lse > float("-inf")))[:, None] & (d[None, :] < D), other=0.0)  # (NS_P, D_P)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + (row // HQ) * s_ob + (row % HQ) * s_oh + d * s_od,
-             res.to(out_ptr.dtype.element_ty), mask=d < D)
+    m = tl.full([1], float("-inf"), tl.float32)              # running max of the lse, log2 units
+    den = tl.zeros([1], tl.float32)                          # running sum of the weights
+    acc = tl.zeros([1, D_P], tl.float32)
+    for i in tl.static_range(NS):
+        lse = tl.load(lse_ptr + row * NS + i)                                            # (1,)
+        o = tl.load(o_ptr + (row * NS + i)[:, None] * D + d[None, :], mask=d[None, :] < D, other=0.0)  # (1, D_P)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)                            # 0 for an empty piece
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    res = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(out_ptr + (row // HQ)[:, None] * s_ob + (row % HQ)[:, None] * s_oh + d[None, :] * s_od,
+             res.to(out_ptr.dtype.element_ty), mask=d[None, :] < D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +281,7 @@ def _merge(o_part, lse_part, like):
     B, Hq, NS, D = o_part.shape
     out = torch.empty_like(like)
     _merge_kernel[(B * Hq,)](o_part, lse_part, out, *out.stride(),
-                             HQ=Hq, D=D, NS=NS, NS_P=_pow2(NS, 1), D_P=_pow2(D, 1), num_warps=4)
+                             HQ=Hq, D=D, NS=NS, D_P=_pow2(D, 1), num_warps=4)
     return out
 
 
