@@ -11,10 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 import msa_ref
-from conftest import rand_inputs
 
 f64 = torch.float64
+
+
+def rand_inputs(*args, **kw):
+    """conftest's random inputs, on the CPU even where a GPU is present: these references are CPU tensors."""
+    return conftest.rand_inputs(*args, device="cpu", **kw)
 
 
 # ---------------------------------------------------------------------------------------------

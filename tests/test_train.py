@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from configurator import configure
 
@@ -16,8 +17,8 @@ TINY = ["config/train_cpu.py", "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--
         "--eval_interval=4", "--eval_iters=1", "--eval_captions=1", "--eval_long_range=1", "--log_interval=1"]
 
 
-def train(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny model: one thread is faster, and fair to a busy CI machine
+def train(*args, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)  # tiny model: one thread is faster, and fair to CI
     r = subprocess.run([sys.executable, "train.py", *TINY, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -61,14 +62,20 @@ def test_resume_continues_exactly(straight, tmp_path):
 
 
 def test_two_processes_match_one_with_accumulation(straight, tmp_path):
-    """DDP (gloo on CPUs, NCCL on GPUs): 2 processes x 1 micro-step train on the same batches as 1 process x 2,
-    so every logged loss and eval matches (the data position is a function of seed, iteration and micro-step)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """DDP, gloo between 2 CPU processes (GPUs hidden: it runs on any machine, one GPU or none): 2 processes x 1
+    micro-step train on the same batches as 1 process x 2, so every logged loss and eval matches (the data
+    position is a function of seed, iteration and micro-step)."""
+    hide = dict(CUDA_VISIBLE_DEVICES="")
+    one_dir = straight
+    if torch.cuda.is_available():  # `straight` ran on the GPU: the one-process side must run on the CPU too
+        one_dir = str(tmp_path / "one")
+        train(f"--out_dir={one_dir}", "--max_iters=4", **hide)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **hide)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=4"],
+                        "train.py", *TINY, f"--out_dir={tmp_path / 'two'}", "--max_iters=4"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    one, two = records(straight), records(str(tmp_path))
+    one, two = records(one_dir), records(str(tmp_path / "two"))
     assert [sorted(a) for a in one] == [sorted(b) for b in two] and len(one) == 6  # 2 evals, 4 iterations
     for a, b in zip(one, two):
         for k in ("loss", "lm", "kl", "balance"):
