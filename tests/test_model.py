@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import msa_ref
-from model import GPT, GPTConfig, get_backend, moe_all_experts, moe_dispatch, padded_rows, swiglu
+from model import GPT, GPTConfig, get_backend, moe_all_experts, moe_dispatch, padded_rows, rope, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -165,7 +165,6 @@ def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
         a, cfg = seen["x"], model.cfg
         B, T, _ = a.shape
         D, G = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
-        from model import rope
         q = rope(attn.wq(a).view(B, T, cfg.n_head, D).transpose(1, 2), seen["pos"], cfg.rope_theta)
         k = rope(attn.wk(a).view(B, T, cfg.n_kv_head, D).transpose(1, 2), seen["pos"], cfg.rope_theta)
         qi, ki = attn.index_branch(a, seen["pos"])
