@@ -239,3 +239,14 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     block_idx = select_blocks(S, q_pos, block_size, topk)                      # (B, Hkv, 1, K)
     out, _ = _attend(q.unsqueeze(2), k_cache, v_cache, support_mask(block_idx, block_size, q_pos, Tmax))
     return out.squeeze(2).to(q.dtype)                                          # (B, Hq, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# the language-model loss. Not MSA, but at long context its (T, V) logits are the largest tensor of a
+# training step (T = 128K, V = 50K: 26 GB in float32), so both modules expose it and msa_triton's
+# version never holds them whole
+
+def linear_cross_entropy(h, w, y):
+    """Mean cross-entropy of the logits h @ w.T against y: h (N, C), w (V, C), y int (N,), -1 = no loss.
+    The logits come in the dtype of h @ w.T (bfloat16 under autocast); the softmax runs in float32."""
+    return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-1)

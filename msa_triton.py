@@ -103,6 +103,21 @@ def _gather(X, b, g, G, h, t, rv, sxb, sxh, sxt, sxd, d, dmask):
 
 
 @triton.jit
+def _kv_block(Kc, V, b, g, kb, jn, T, BS, D, skb, skh, skt, skd, svb, svh, svt, svd, BLOCK_D: tl.constexpr):
+    """Keys kb * BS + jn of group g, the tile every KV-outer program holds while it walks its entries.
+    Returns the key positions n (BLOCK_N,), their mask (inside the block and < T), the head-dim offsets d and
+    mask, the (BLOCK_N, BLOCK_D) mask of both, and the K and V tiles (zeros where masked)."""
+    n = kb * BS + jn
+    kmask = (jn < BS) & (n < T)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    kvm = kmask[:, None] & dmask[None, :]
+    k = tl.load(Kc + b * skb + g.to(tl.int64) * skh + n.to(tl.int64)[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)
+    v = tl.load(V + b * svb + g.to(tl.int64) * svh + n.to(tl.int64)[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+    return n, kmask, d, dmask, kvm, k, v
+
+
+@triton.jit
 def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                    T, t0, Tc, K, NSEG, Hkv, BS, D, scale2,
@@ -119,13 +134,8 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
     if lo < hi:
         kb = tl.load(SEG_BLK + bh * NSEG + sid)
         jn = tl.arange(0, BLOCK_N)
-        n = kb * BS + jn                                                       # (BLOCK_N,) key positions
-        d = tl.arange(0, BLOCK_D)
-        kmask = (jn < BS) & (n < T)
-        dmask = d < D
-        kvm = kmask[:, None] & dmask[None, :]
-        k = tl.load(Kc + b * skb + g.to(tl.int64) * skh + n.to(tl.int64)[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * svb + g.to(tl.int64) * svh + n.to(tl.int64)[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+        n, kmask, d, dmask, kvm, k, v = _kv_block(Kc, V, b, g, kb, jn, T, BS, D, skb, skh, skt, skd,
+                                                  svb, svh, svt, svd, BLOCK_D)  # k, v (BLOCK_N, BLOCK_D)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
         STEP: tl.constexpr = ROWS // GP                                        # tokens per tile
         # software pipeline: entry ids two tiles ahead, gathered q rows one tile ahead, so neither
@@ -281,13 +291,8 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
     hi = lo + tl.load(BCNT + bh * NBC + kb).to(tl.int32)
     if lo < hi:
         jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)                             # key offsets inside the block
-        n = kb * BS + jn
-        d = tl.arange(0, BLOCK_D)
-        kmask = (jn < BS) & (n < T)
-        dmask = d < D
-        kvm = kmask[:, None] & dmask[None, :]
-        k = tl.load(Kc + b * skb + g.to(tl.int64) * skh + n.to(tl.int64)[:, None] * skt + d[None, :] * skd, mask=kvm, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * svb + g.to(tl.int64) * svh + n.to(tl.int64)[:, None] * svt + d[None, :] * svd, mask=kvm, other=0.0)
+        n, kmask, d, dmask, kvm, k, v = _kv_block(Kc, V, b, g, kb, jn, T, BS, D, skb, skh, skt, skd,
+                                                  svb, svh, svt, svd, BLOCK_D)  # k, v (BLOCK_N, BLOCK_D)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         ENTb = ENT + bh.to(tl.int64) * Tc * K
@@ -476,6 +481,91 @@ def attention_forward_query_outer(q, k, v, block_idx, block_size):
                                     T, K, Hkv, block_size, D, LOG2E / math.sqrt(D),
                                     G=G, GP=_pow2(G), num_warps=4, num_stages=2, **c)
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# the language-model loss (msa_ref.linear_cross_entropy), chunked and fused. Not MSA: at T = 128K the
+# (T, V) logits would be 13 GB in bf16 and 26 GB in fp32, and torch's fp32 softmax forward + backward
+# over them costs more than MSA's attention (MODEL_NOTES.md). Here each chunk of rows is multiplied
+# out in the compute dtype, one kernel turns it into the rows' losses and, in place, into d loss /
+# d logits, and two matmuls take that to dh and dw at once; nothing of size (T, V) outlives a chunk.
+
+CE_CHUNK_ELEMS = 2 ** 29  # logits per chunk (1 GB in bf16)
+
+
+@triton.jit
+def _ce_rows_kernel(L, Y, LOSS, V, stride, BLOCK_V: tl.constexpr):
+    """One program = one row of the logits L (N, V). LOSS[row] = lse - L[y] (0 where y = -1, NaN where y
+    is outside [-1, V): a bad target poisons the loss instead of reading out of bounds); the row is then
+    overwritten with softmax - onehot(y) (zeros where y = -1). Two sweeps; the second mostly hits L2."""
+    row = tl.program_id(0)
+    Lr = L + row.to(tl.int64) * stride
+    y = tl.load(Y + row)
+    m = tl.full((), float("-inf"), tl.float32)  # running max and sum of exp(x - m): an online logsumexp
+    s = tl.full((), 0.0, tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(Lr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    ok = (y >= 0) & (y < V)
+    x_y = tl.load(Lr + y, mask=ok, other=0.0).to(tl.float32)
+    tl.store(LOSS + row, tl.where(ok, lse - x_y, tl.where(y == -1, 0.0, float("nan"))))
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(Lr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+        tl.store(Lr + cols, tl.where(y == -1, 0.0, g).to(L.dtype.element_ty), mask=cols < V)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, y):
+        # the dtype the logits would have: autocast's if it is on (it does not reach inside the explicit
+        # casts below), else h's
+        dev = h.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        grad_h, grad_w = ctx.needs_input_grad[:2]
+        N, V = h.shape[0], w.shape[0]
+        rows = max(1, CE_CHUNK_ELEMS // V)
+        loss = torch.empty(N, device=h.device, dtype=torch.float32)
+        with torch.autocast(dev, enabled=False):
+            hc, wc = h.to(cdt), w.to(cdt)                                      # (N, C), (V, C)
+            dh = torch.empty_like(h) if grad_h else None                       # (N, C)
+            dw = torch.zeros_like(w, dtype=torch.float32) if grad_w else None  # (V, C), summed over chunks
+            for i in range(0, N, rows):
+                hi = hc[i:i + rows]                                            # (n, C)
+                logits = hi @ wc.t()                                           # (n, V), then d loss / d logits
+                _ce_rows_kernel[(hi.shape[0],)](logits, y[i:i + rows], loss[i:i + rows], V, logits.stride(0),
+                                                BLOCK_V=4096, num_warps=8)
+                if grad_h:
+                    dh[i:i + rows] = logits @ wc
+                if grad_w:
+                    dw += (logits.t() @ hi).float()
+        n = (y != -1).sum()                                                    # the mean is over scored tokens
+        ctx.save_for_backward(dh, dw, n)
+        ctx.dtypes = h.dtype, w.dtype
+        return loss.sum() / n
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dh, dw, n = ctx.saved_tensors
+        scale = dloss / n                                                      # d mean / d (sum of row losses)
+        return (None if dh is None else (dh * scale).to(ctx.dtypes[0]),
+                None if dw is None else (dw * scale).to(ctx.dtypes[1]), None)
+
+
+def linear_cross_entropy(h, w, y):
+    """Mean cross-entropy of the logits h @ w.T against y: h (N, C), w (V, C), y int (N,), -1 = no loss.
+    Same value and gradients as msa_ref.linear_cross_entropy, computed chunk by chunk (see above)."""
+    _expect(h.dim() == 2 and w.dim() == 2 and h.shape[1] == w.shape[1],
+            f"h must be (N, C) and w (V, C) with the same C, got {tuple(h.shape)} and {tuple(w.shape)}")
+    _expect(y.shape == (h.shape[0],) and not y.is_floating_point(),
+            f"y must be integer targets of shape ({h.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    _expect(h.device == w.device == y.device, f"h, w, y must be on one device, got {h.device}, {w.device}, {y.device}")
+    return _LinearCrossEntropy.apply(h, w, y.contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
