@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import msa_ref
 
-BACKEND_FUNCTIONS = ("index_topk", "sparse_attention", "kl_loss", "sparse_decode")
+BACKEND_FUNCTIONS = ("index_topk", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy")
 
 
 def get_backend(name="auto"):
@@ -199,7 +199,10 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
             # cuBLAS picks a kernel per matrix shape, and each shape it has not seen costs milliseconds of
             # host time, which the GPU spends idle; the group sizes change every step, the padded ones rarely
             rows = tokens[e][torch.arange(padded_rows(n), device=x.device).clamp(max=n - 1)]  # last one repeated
-            y = swiglu(x[rows], w1[e], w3[e], w2[e])[:n] * gates[e].unsqueeze(-1)
+            # index_select, not x[rows]: its backward is one index_add_, where x[rows]'s sorts the rows to
+            # accumulate repeats (11% of a 128K-token training step on an H100, MODEL_NOTES.md). The sums stay
+            # exact and in order: a row's only nonzero gradient per expert is its one unpadded appearance
+            y = swiglu(x.index_select(0, rows), w1[e], w3[e], w2[e])[:n] * gates[e].unsqueeze(-1)
             out.index_add_(0, tokens[e], y.to(out.dtype))
     return out
 
@@ -315,8 +318,9 @@ class GPT(nn.Module):
         x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
         cache/pos0: used by generate(); then only the last position's logits are returned. pos0 is the position of
         x[:, 0]: an int, or a (1,) long tensor on x's device (a CUDA graph replays the step with a new value in it).
-        Returns logits (B, T, V) and, when y is given, losses: lm, kl (summed over MSA layers), balance (mean over
-        layers), kl_layers (n_msa,), expert_load (n_layer, E), and in eval mode recall_layers (n_msa,); else None.
+        Without y: logits (B, T, V), None. With y: None (the loss is computed chunk by chunk from the last hidden
+        states, so a long-context step never holds the logits) and losses: lm, kl (summed over MSA layers),
+        balance (mean over layers), kl_layers (n_msa,), expert_load (n_layer, E), in eval mode recall_layers (n_msa,).
         """
         cfg = self.cfg
         B, T = x.shape
@@ -341,16 +345,17 @@ class GPT(nn.Module):
             loads.append(load)
         if cache is not None:
             h = h[:, -1:]                                                    # only the next token's logits
-        logits = self.lm_head(self.norm_f(h))                                # (B, T, V)
+        h = self.norm_f(h)                                                   # (B, T, C)
         if y is None:
-            return logits, None
-        kl_layers = torch.stack(kls).float() if kls else logits.new_zeros(0, dtype=torch.float32)
-        losses = dict(lm=F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1),
-                      kl=kl_layers.sum(), kl_layers=kl_layers.detach(), balance=torch.stack(balances).mean(),
+            return self.lm_head(h), None                                     # (B, T, V)
+        # the loss straight from h and the head's weight: the Triton backend never builds the (B*T, V) logits
+        lm = self.backend.linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, y.reshape(-1))
+        kl_layers = torch.stack(kls).float() if kls else lm.new_zeros(0)
+        losses = dict(lm=lm, kl=kl_layers.sum(), kl_layers=kl_layers.detach(), balance=torch.stack(balances).mean(),
                       expert_load=torch.stack(loads))
         if recalls:  # eval mode only
             losses["recall_layers"] = torch.stack(recalls)
-        return logits, losses
+        return None, losses
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse"):

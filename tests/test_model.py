@@ -113,13 +113,11 @@ def test_patch_embedding_and_checks():
 def test_loss_is_on_text_only():
     model = tiny()
     x, y, patches = batch()
-    logits, losses = model(x, y, patches)
+    logits, _ = model(x, patches=patches)                                    # (B, T, V)
+    none, losses = model(x, y, patches)
     keep = y != -1
-    want = F.cross_entropy(logits[keep], y[keep])
-    torch.testing.assert_close(losses["lm"], want)
-    logits.retain_grad()
-    losses["lm"].backward()
-    assert logits.grad[~keep].abs().max() == 0 and logits.grad[keep].abs().sum() > 0
+    assert none is None and (~keep).any()                                    # with targets no logits come back
+    torch.testing.assert_close(losses["lm"], F.cross_entropy(logits[keep], y[keep]))
 
 
 def test_index_branch_learns_from_kl_only():
