@@ -130,6 +130,17 @@ def selection_maps(model, x, patches):
     return maps
 
 
+HEATMAP_PIXELS = 256  # at most this many cells per side of a panel (a 4-inch panel shows about 360 pixels)
+
+
+def max_pool(m, f):
+    """(n, n) -> (ceil(n / f),) * 2: the max over each f x f square, so one-block stripes survive the shrinking."""
+    n = m.shape[0]
+    p = -(-n // f) * f
+    m = np.pad(m, ((0, p - n), (0, p - n)))
+    return m.reshape(p // f, f, p // f, f).max(axis=(1, 3))
+
+
 def plot_heatmap(run_dir, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -142,15 +153,17 @@ def plot_heatmap(run_dir, path):
     x, _, patches = data.get_batch("val", 1, cfg["seq_len"], rng, device, cfg["p_image"])
     maps = selection_maps(model, x, patches)
     layers, Hkv = sorted(maps), model.cfg.n_kv_head
+    nb = maps[layers[0]].shape[-1]
+    f = -(-nb // HEATMAP_PIXELS)                     # blocks per pixel side: a 128K row has 1024 blocks of 128
     fig, ax = plt.subplots(len(layers), Hkv, figsize=(4 * Hkv, 4 * len(layers)), squeeze=False)
     for r, i in enumerate(layers):
         for g in range(Hkv):
-            im = ax[r, g].imshow(maps[i][g], cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1),
-                                 interpolation="nearest")
+            im = ax[r, g].imshow(max_pool(maps[i][g], f), cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1),
+                                 interpolation="nearest", extent=(0, nb, nb, 0))
             ax[r, g].set(title=f"layer {i}, group {g}", xlabel="key block", ylabel="query block")
     fig.colorbar(im, ax=ax, shrink=0.6, label="fraction of the query block's tokens selecting it (sqrt scale)")
     fig.suptitle(f"blocks selected by the trained indexer: one val sequence of {x.shape[1]} tokens, "
-                 f"bs={model.cfg.msa_block_size}, K={model.cfg.msa_topk}")
+                 f"bs={model.cfg.msa_block_size}, K={model.cfg.msa_topk}" + (f"; a pixel = max over {f} x {f} blocks" if f > 1 else ""))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return maps

@@ -79,3 +79,13 @@ def test_heatmap_png(runs, tmp_path):
 def test_bad_input_gives_a_clear_message(runs, args, msg):
     with pytest.raises(SystemExit, match=msg):  # SystemExit(message): the user sees the message, no traceback
         report.main([a.replace("DENSE", runs["dense"]) for a in args])
+
+
+def test_max_pool_keeps_one_block_stripes():
+    m = np.zeros((10, 10))
+    m[:, 7] = 0.5                                                  # a one-block column stripe
+    m[3, 3] = 1.0
+    p = report.max_pool(m, 4)                                      # 10 -> 3 cells per side (last one padded)
+    assert p.shape == (3, 3) and p[0, 0] == 1.0
+    np.testing.assert_array_equal(p[:, 1], [0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(report.max_pool(m, 1), m)
