@@ -302,17 +302,18 @@ def _window(tokens, n, rng):
 
 def _long_range(tokens, n, rng):
     """-> (n tokens with the password stated in the first tenth and asked in the last tenth, index of the answer),
-    or None when n or the corpus is too short."""
+    or None when n is too short for the two sentences."""
     words = _password_words()
     word = words[rng.integers(len(words))]
     key = np.concatenate([_enc("\nThe password is"), [word], _enc(".\n")])
     ask = np.concatenate([_enc("\nThe password was"), [word], _enc(".\n")])
     m = n - len(key) - len(ask)  # filler tokens
-    if m < 0 or m > len(tokens):
+    if m < 0:
         return None
     a = rng.integers(0, m // 10 + 1)      # filler before the key
     b = m - rng.integers(0, m // 10 + 1)  # filler before the question
-    filler = _window(tokens, m, rng)
+    # a split shorter than the row (the 122K val tokens at 128K) is repeated from its start to fill it
+    filler = _window(tokens, m, rng) if m <= len(tokens) else np.resize(np.asarray(tokens, dtype=np.int64), m)
     row = np.concatenate([filler[:a], key, filler[a:b], ask, filler[b:]])
     return row, b + len(key) + len(_enc("\nThe password was"))
 
@@ -403,7 +404,7 @@ def long_range_eval_set(n, seq_len, seed=0):
     for _ in range(n):
         task = _long_range(tokens, seq_len, rng)
         if task is None:
-            raise ValueError(f"seq_len {seq_len} is too short for the long-range task (or the val split is)")
+            raise ValueError(f"seq_len {seq_len} is too short for the long-range task (the two sentences need more)")
         row, ans = task
         out.append((row[:ans].tolist(), [int(row[ans])]))
     return out

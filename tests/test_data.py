@@ -215,6 +215,10 @@ def test_long_range_eval_set():
         assert f"\nThe password is{data.decode(answer)}.\n" in data.decode(prompt[:60])
     with pytest.raises(ValueError, match="too short"):
         data.long_range_eval_set(1, 10)
+    T = data.corpus_stats()["val"] + 500                                       # longer than the val split: it repeats
+    (prompt, answer), = data.long_range_eval_set(1, T)
+    assert 0.85 * T < len(prompt) < T and data.decode(prompt[-8:]).endswith("\nThe password was")
+    assert f"\nThe password is{data.decode(answer)}.\n" in data.decode(prompt[:T // 10 + 20])
 
 
 def test_caption_eval_set_is_reproducible_and_held_out():
