@@ -107,6 +107,14 @@ class Attention(nn.Module):
             self.wqi = nn.Linear(C, Hkv * cfg.index_dim, bias=False)  # one index query per group
             self.wki = nn.Linear(C, cfg.index_dim, bias=False)        # one index key, shared by the groups
 
+    def qkv(self, x, pos):
+        """x (B, T, C) -> q (B, Hq, T, D) and k (B, Hkv, T, D), both rotated (RoPE), and v (B, Hkv, T, D)."""
+        cfg, B, T, _ = self.cfg, *x.shape
+        Hq, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        q = rope(self.wq(x).view(B, T, Hq, D).transpose(1, 2), pos, cfg.rope_theta)
+        k = rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), pos, cfg.rope_theta)
+        return q, k, self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+
     def index_branch(self, x, pos):
         """x (B, T, C) -> qi (B, Hkv, T, Di), ki (B, T, Di). Reads x.detach(): the LM loss must not reach it."""
         cfg, B, T, _ = self.cfg, *x.shape
@@ -122,9 +130,7 @@ class Attention(nn.Module):
         (a scalar tensor, or None)."""
         cfg, B, T, _ = self.cfg, *x.shape
         Hq, Hkv, D, Di, bs, K = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim, cfg.msa_block_size, cfg.msa_topk
-        q = rope(self.wq(x).view(B, T, Hq, D).transpose(1, 2), pos, cfg.rope_theta)   # (B, Hq, T, D)
-        k = rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), pos, cfg.rope_theta)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)                             # (B, Hkv, T, D)
+        q, k, v = self.qkv(x, pos)                                                    # (B, Hq or Hkv, T, D)
         if self.sparse:
             qi, ki = self.index_branch(x, pos)                                        # (B, Hkv, T, Di), (B, T, Di)
         kl = recall = None

@@ -7,6 +7,9 @@ Plots of a long-context run (issue 7), from what train.py leaves in its out_dir 
   python report.py heatmap --out_dir=OUT_MSA --png=assets/long_heatmap.png
       loads the checkpoint and one real val sequence; for each MSA layer (rows) and KV group (columns) an image
       of query block x key block = the fraction of that query block's tokens that selected the key block.
+  python report.py recall --out_dir=OUT_MSA [--n_queries=2048]
+      on the same sequence, per MSA layer: the indexer's recall next to the best recall any K blocks could reach
+      (the dense teacher's K heaviest blocks), which tells a weak indexer from a teacher that spreads its attention.
 
 Settings use the configurator of train.py (--key=value); the positional words are the mode and the run folders.
 """
@@ -23,7 +26,8 @@ from configurator import configure
 # -----------------------------------------------------------------------------------------------
 out_dir = "out-long"     # heatmap: the run whose checkpoint is read
 png = ""                 # the picture to write ('' = report_<mode>.png in the current folder)
-seed = 0                 # heatmap: which val sequence (a get_batch row drawn from default_rng([HEATMAP_STREAM, seed]))
+seed = 0                 # heatmap, recall: which val sequence (a get_batch row from default_rng([HEATMAP_STREAM, seed]))
+n_queries = 2048         # recall: positions of that sequence, spread evenly
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------------------------
 HEATMAP_STREAM = 0x4EA7
@@ -95,6 +99,27 @@ def load_model(run_dir):
     return model.to(device).eval(), ckpt["config"]
 
 
+def _autocast(x):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def msa_layer_inputs(model, x, patches):
+    """One forward of x (1, T); -> {layer index: (h, pos)}, the input of each MSA layer's attention (forward hooks)."""
+    inputs, hooks = {}, []
+    for i, block in enumerate(model.blocks):
+        if block.attn.sparse:
+            hooks.append(block.attn.register_forward_hook(
+                lambda mod, args, out, i=i: inputs.__setitem__(i, (args[0], args[1]))))
+    try:
+        with _autocast(x):
+            model(x, patches=patches)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 @torch.no_grad()
 def selection_maps(model, x, patches):
     """x (1, T) tokens, patches (1, T, PATCH_DIM) -> {layer index: (Hkv, nb, nb) float array}, one per MSA layer:
@@ -104,21 +129,9 @@ def selection_maps(model, x, patches):
     cfg = model.cfg
     bs, K, T = cfg.msa_block_size, cfg.msa_topk, x.shape[1]
     nb = -(-T // bs)
-    inputs, hooks = {}, []
-    for i, block in enumerate(model.blocks):
-        if block.attn.sparse:
-            hooks.append(block.attn.register_forward_hook(
-                lambda mod, args, out, i=i: inputs.__setitem__(i, (args[0], args[1]))))
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
-    try:
-        with ctx:
-            model(x, patches=patches)
-    finally:
-        for h in hooks:
-            h.remove()
     maps = {}
-    for i, (h, pos) in inputs.items():
-        with ctx:
+    for i, (h, pos) in msa_layer_inputs(model, x, patches).items():
+        with _autocast(x):
             qi, ki = model.blocks[i].attn.index_branch(h, pos)                       # (1, Hkv, T, Di), (1, T, Di)
         idx = model.backend.index_topk(qi, ki, bs, K)[0].long()                      # (Hkv, T, K), -1 padded
         Hkv = idx.shape[0]
@@ -128,6 +141,55 @@ def selection_maps(model, x, patches):
         tokens = torch.bincount(torch.arange(T, device=idx.device) // bs, minlength=nb).float()  # (nb,)
         maps[i] = (counts / tokens.view(1, nb, 1)).cpu().numpy()
     return maps
+
+
+@torch.no_grad()
+def recall_vs_best(model, x, patches, n_queries, chunk=256):
+    """Is a low indexer recall the indexer's fault? For n_queries positions spread evenly over x (1, T), per MSA
+    layer: the dense teacher's attention mass (the mean over a group's G heads of each head's softmax over every
+    visible key) inside (a) the K blocks index_topk chose: the recall train.py logs, and (b) the K blocks that
+    hold the most of it, the local block forced as for the indexer: the most any selection of K blocks can reach.
+    Returns {layer index: (indexer recall, best recall)}, each a mean over groups and positions."""
+    cfg = model.cfg
+    bs, K, T = cfg.msa_block_size, cfg.msa_topk, x.shape[1]
+    nb = -(-T // bs)
+    ts = torch.linspace(0, T - 1, min(n_queries, T), device=x.device).round().long().unique()  # (n,) positions
+    out = {}
+    for i, (h, pos) in msa_layer_inputs(model, x, patches).items():
+        attn = model.blocks[i].attn
+        with _autocast(x):
+            q, k, _ = attn.qkv(h, pos)                                               # (1, Hq, T, D), (1, Hkv, T, D)
+            idx = model.backend.index_topk(*attn.index_branch(h, pos), bs, K)[0]     # (Hkv, T, K)
+        Hkv, D = k.shape[1], k.shape[3]
+        q, k = q[0].float().view(Hkv, -1, T, D), k[0].float()                       # (Hkv, G, T, D), (Hkv, T, D)
+        got, best = [], []
+        for t in ts.split(chunk):                                                    # (n,) query positions
+            s = q[:, :, t] @ k.unsqueeze(1).transpose(-1, -2) / D ** 0.5             # (Hkv, G, n, T)
+            s = s.masked_fill(torch.arange(T, device=x.device) > t[:, None], float("-inf"))
+            p = s.softmax(-1).mean(1)                                                # (Hkv, n, T) the group's teacher
+            mass = torch.nn.functional.pad(p, (0, nb * bs - T)).view(Hkv, len(t), nb, bs).sum(-1)  # (Hkv, n, nb)
+            sel = idx[:, t].long()                                                   # (Hkv, n, K), -1 padded
+            got.append(mass.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, 0).sum(-1))
+            local = (t // bs).view(1, -1, 1).expand(Hkv, -1, 1)                      # (Hkv, n, 1)
+            rest = mass.scatter(-1, local, 0.0).topk(min(K - 1, nb), -1).values.sum(-1)  # future blocks hold 0
+            best.append(mass.gather(-1, local).squeeze(-1) + rest)
+        out[i] = (torch.cat(got, -1).mean().item(), torch.cat(best, -1).mean().item())
+    return out
+
+
+def recall_table(run_dir, n):
+    """The table of recall_vs_best for one val row of the run's length (the heatmap's row)."""
+    model, cfg = load_model(run_dir)
+    x, _, patches = data.get_batch("val", 1, cfg["seq_len"], np.random.default_rng([HEATMAP_STREAM, seed]), device,
+                                   cfg["p_image"])
+    res = recall_vs_best(model, x, patches, n)
+    if not res:
+        raise ValueError(f"the model in {run_dir} has no MSA layer (attention={cfg['attention']!r})")
+    lines = [f"indexer recall vs the best possible, K={cfg['msa_topk']} blocks of {cfg['msa_block_size']}, "
+             f"{min(n, x.shape[1])} positions of one val row of {x.shape[1]} tokens",
+             "| layer | indexer recall | best K blocks | indexer / best |", "|---|---|---|---|"]
+    lines += [f"| {i} | {got:.3f} | {best:.3f} | {got / best:.2f} |" for i, (got, best) in res.items()]
+    return "\n".join(lines)
 
 
 HEATMAP_PIXELS = 256  # at most this many cells per side of a panel (a 4-inch panel shows about 360 pixels)
@@ -162,9 +224,9 @@ def plot_heatmap(run_dir, path):
                                  interpolation="nearest", extent=(0, nb, nb, 0))
             ax[r, g].set(title=f"layer {i}, group {g}", xlabel="key block", ylabel="query block")
     fig.colorbar(im, ax=ax, shrink=0.6, label="fraction of the query block's tokens selecting it (sqrt scale)")
-    fig.suptitle(f"blocks selected by the trained indexer: one val sequence of {x.shape[1]} tokens, "
-                 f"bs={model.cfg.msa_block_size}, K={model.cfg.msa_topk}" + (f"; a pixel = max over {f} x {f} blocks" if f > 1 else ""))
-    fig.savefig(path, dpi=90)
+    fig.suptitle(f"blocks selected by the trained indexer\none val sequence of {x.shape[1]} tokens, "
+                 f"bs={model.cfg.msa_block_size}, K={model.cfg.msa_topk}" + (f"; a cell = max over {f} x {f} blocks" if f > 1 else ""))
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return maps
 
@@ -179,9 +241,13 @@ def main(argv):
             print(summary({"msa": words[1], "dense": words[2]}))
         elif mode == "heatmap" and len(words) == 1:
             plot_heatmap(out_dir, png or "report_heatmap.png")
+        elif mode == "recall" and len(words) == 1:
+            print(recall_table(out_dir, n_queries))
+            return
         else:
             raise SystemExit(f"usage: python report.py curves OUT_MSA OUT_DENSE [--png=...] | "
-                             f"python report.py heatmap [--out_dir=...] [--png=...]; got {argv}")
+                             f"python report.py heatmap [--out_dir=...] [--png=...] | "
+                             f"python report.py recall [--out_dir=...] [--n_queries=...]; got {argv}")
     except ValueError as e:
         raise SystemExit(f"report error: {e}")
     print(f"wrote {png or f'report_{mode}.png'}")

@@ -89,3 +89,40 @@ def test_max_pool_keeps_one_block_stripes():
     assert p.shape == (3, 3) and p[0, 0] == 1.0
     np.testing.assert_array_equal(p[:, 1], [0.5, 0.5, 0.5])
     np.testing.assert_array_equal(report.max_pool(m, 1), m)
+
+
+def test_recall_vs_best(runs):
+    """At every position, the indexer recall equals the recall the model logs in eval mode (computed there from the
+    attention kernels' lse); the best recall equals a brute-force loop (the heaviest K-1 earlier blocks of the
+    group's teacher plus the local block) and is at least the indexer's; with every block selectable both are 1."""
+    model, cfg = report.load_model(runs["msa"])
+    T, bs, K = cfg["seq_len"], cfg["msa_block_size"], cfg["msa_topk"]
+    x, y, patches = data.get_batch("val", 1, T, np.random.default_rng(7), "cpu", cfg["p_image"])
+    (got, best), = report.recall_vs_best(model, x, patches, n_queries=T, chunk=5).values()
+    with torch.no_grad():
+        logged = model(x, y, patches)[1]["recall_layers"]                   # (n_msa,)
+        (h, pos), = report.msa_layer_inputs(model, x, patches).values()
+        q, k, _ = model.blocks[1].attn.qkv(h, pos)                          # (1, Hq, T, D), (1, Hkv, T, D)
+    assert got == pytest.approx(logged[0].item(), abs=1e-5)
+    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    want = []
+    for g in range(Hkv):
+        for t in range(T):
+            p = (q[0, g * G:(g + 1) * G, t] @ k[0, g, :t + 1].T / q.shape[-1] ** 0.5).softmax(-1).mean(0)  # (t+1,)
+            earlier = sorted((p[b * bs:(b + 1) * bs].sum().item() for b in range(t // bs)), reverse=True)
+            want.append(p[t // bs * bs:].sum().item() + sum(earlier[:K - 1]))
+    assert best == pytest.approx(np.mean(want), abs=1e-5) and got <= best + 1e-6
+    model.cfg.msa_topk = -(-T // bs)                                     # every block: both recalls are 1
+    (got_all, best_all), = report.recall_vs_best(model, x, patches, n_queries=16).values()
+    assert got_all == pytest.approx(1.0, abs=1e-5) and best_all == pytest.approx(1.0, abs=1e-5)
+
+
+def test_recall_cli(runs):
+    r = subprocess.run([sys.executable, "report.py", "recall", f"--out_dir={runs['msa']}", "--n_queries=8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = [line for line in r.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(row) == 1 and 0 <= float(row[0].split("|")[2]) <= float(row[0].split("|")[3]) <= 1
+    r = subprocess.run([sys.executable, "report.py", "recall", f"--out_dir={runs['dense']}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no MSA layer" in r.stderr
