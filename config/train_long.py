@@ -3,9 +3,9 @@
 # nothing else changed, and the same batches (the data position depends only on seed, iteration and micro-step).
 # MSA: each query reads K=16 blocks of 128 = 2048 keys, 1/64 of the context (the bar: at most 1/8).
 # Why 128K (MODEL_NOTES.md): the MoE, the LM head and the loss cost the same in both arms and grow with T, dense
-# attention grows with T^2, MSA's main branch with T. Measured on an H100: at 64K MSA trains at 1.24x the dense
-# arm's tokens/s, at 128K at 2x. 128K fits one 80 GB card since the loss is computed chunk by chunk
-# (msa_triton.linear_cross_entropy: 28 GiB peak; the fp32 logits alone would take 26 GB).
+# attention grows with T^2, MSA's main branch with T. Measured on an H100 (one-step probes): at 64K MSA trains at
+# 1.24x the dense arm's tokens/s, at 128K at 2.0x (the 200-iteration arms: 2.14x). 128K fits one 80 GB card since
+# the loss is computed chunk by chunk (msa_triton.linear_cross_entropy: 28 GiB peak; fp32 logits would be 26 GB).
 # No dense first layer: it costs MSA's speed (n_dense_layers=1 measured 233K vs 261K tokens/s at 64K).
 # No dense-KL warm-up: at 64K 100 warm-up iterations (dense KL over every visible token, O(T^2)) did not raise
 # the recall at iteration 400 (MODEL_NOTES.md, runs 1 and 2), and at 128K they would cost about as much as the
