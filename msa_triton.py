@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from msa_ref import _expect, check_inputs
+from msa_triton_index import _segment  # the KV-outer programs' prologue, shared with the KL pass
 
 LOG2E = 1.4426950408889634
 PARTIAL_ELEMS = 1 << 31   # partial buffers hold at most this many elements: chunks of T keep memory bounded
@@ -125,14 +126,8 @@ def _fwd_kv_kernel(Q, Kc, V, OP, LP, ENT, SEG_LO, SEG_HI, SEG_BLK,
                    BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """One program = one segment of one KV block's list of (token, slot) entries, for one (batch, group).
     Writes the block's partial out (normalised) and lse2 into OP (BH, Tc, K, G, D) and LP (BH, Tc, K, G)."""
-    sid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hkv).to(tl.int64)
-    g = bh % Hkv
-    lo = tl.load(SEG_LO + bh * NSEG + sid)
-    hi = tl.load(SEG_HI + bh * NSEG + sid)
+    b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
     if lo < hi:
-        kb = tl.load(SEG_BLK + bh * NSEG + sid)
         jn = tl.arange(0, BLOCK_N)
         n, kmask, d, dmask, kvm, k, v = _kv_block(Kc, V, b, g, kb, jn, T, BS, D, skb, skh, skt, skd,
                                                   svb, svh, svt, svd, BLOCK_D)  # k, v (BLOCK_N, BLOCK_D)

@@ -176,6 +176,16 @@ STATS_SEG = 64   # pass 1: entries per program, so a block chosen by many tokens
 
 
 @triton.jit
+def _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv):
+    """The prologue of a KV-outer program over msa_triton._segments' lists (grid (NSEG, B * Hkv)): returns the
+    batch b (int64), the group g, bh = b * Hkv + g, and the program's entries [lo, hi) of KV block kb's list.
+    Shared with msa_triton's forward kernel, which imports it (msa_triton imports this file, not the reverse)."""
+    bh = tl.program_id(1)
+    i = bh * NSEG + tl.program_id(0)
+    return (bh // Hkv).to(tl.int64), bh % Hkv, bh, tl.load(SEG_LO + i), tl.load(SEG_HI + i), tl.load(SEG_BLK + i)
+
+
+@triton.jit
 def _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
               BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr):
     """Chunk c of key block kb: positions j (BLOCK_N,), which are real, k (BLOCK_N, D), ki (BLOCK_N, Di)."""
@@ -219,13 +229,7 @@ def _kl_stats_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, LQP, LUP,
                      NCHUNK: tl.constexpr, IEEE: tl.constexpr, TEACHER: tl.constexpr):
     """Pass 1. Partial lse2 of every entry over chunk c of its block, at slot * NCHUNK + c of
     LUP (BH, Tc, K*NCHUNK) for the student and, with TEACHER, LQP (BH, Tc, K*NCHUNK, G) for each head."""
-    sg = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hkv).to(tl.int64)
-    g = bh % Hkv
-    lo = tl.load(SEG_LO + bh * NSEG + sg)
-    hi = tl.load(SEG_HI + bh * NSEG + sg)
-    kb = tl.load(SEG_BLK + bh * NSEG + sg)
+    b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
     ENTb = ENT + bh.to(tl.int64) * Tc * K
     d = tl.arange(0, DP)
     di = tl.arange(0, DIP)
