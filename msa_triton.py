@@ -517,12 +517,13 @@ def _ce_rows_kernel(L, Y, LOSS, V, stride, BLOCK_V: tl.constexpr):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, y):
+    def forward(ctx, h, w, y, grad_enabled):
         # the dtype the logits would have: autocast's if it is on (it does not reach inside the explicit
         # casts below), else h's
         dev = h.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        grad_h, grad_w = ctx.needs_input_grad[:2]
+        # gradients only where a backward can come (needs_input_grad ignores torch.no_grad(): eval would pay 3x)
+        grad_h, grad_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         N, V = h.shape[0], w.shape[0]
         rows = max(1, CE_CHUNK_ELEMS // V)
         loss = torch.empty(N, device=h.device, dtype=torch.float32)
@@ -549,7 +550,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw, n = ctx.saved_tensors
         scale = dloss / n                                                      # d mean / d (sum of row losses)
         return (None if dh is None else (dh * scale).to(ctx.dtypes[0]),
-                None if dw is None else (dw * scale).to(ctx.dtypes[1]), None)
+                None if dw is None else (dw * scale).to(ctx.dtypes[1]), None, None)
 
 
 def linear_cross_entropy(h, w, y):
@@ -560,7 +561,7 @@ def linear_cross_entropy(h, w, y):
     _expect(y.shape == (h.shape[0],) and not y.is_floating_point(),
             f"y must be integer targets of shape ({h.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     _expect(h.device == w.device == y.device, f"h, w, y must be on one device, got {h.device}, {w.device}, {y.device}")
-    return _LinearCrossEntropy.apply(h, w, y.contiguous())
+    return _LinearCrossEntropy.apply(h, w, y.contiguous(), torch.is_grad_enabled())
 
 
 # ---------------------------------------------------------------------------------------------

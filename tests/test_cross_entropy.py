@@ -5,6 +5,7 @@ autocast on a GPU.
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import msa_ref
 import msa_triton
@@ -60,10 +61,26 @@ def test_ignored_rows_and_bad_targets():
         msa_triton.linear_cross_entropy(h, w, y[:5])
 
 
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products that reach the device (aten.mm), inside autograd Functions too."""
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
 def test_no_gradient_work_without_grad():
+    """Under torch.no_grad() (evaluation) only the logits are multiplied out: 1 matmul per chunk, not 3."""
     h, w, y = inputs(7, 8, 30)
-    with torch.no_grad():
-        torch.testing.assert_close(msa_triton.linear_cross_entropy(h, w, y), msa_ref.linear_cross_entropy(h, w, y))
+    h.requires_grad_()
+    for grad, want in ((False, 1), (True, 3)):
+        with torch.set_grad_enabled(grad), CountMatmuls() as count:
+            loss = msa_triton.linear_cross_entropy(h, w.requires_grad_(), y)
+        assert count.n == want, (grad, count.n)
+    torch.testing.assert_close(loss.detach(), msa_ref.linear_cross_entropy(h, w, y).detach())
 
 
 @requires_cuda
