@@ -294,8 +294,10 @@ def _password_words():
 
 
 def _window(tokens, n, rng):
-    """n consecutive tokens from a random place (all of them if the corpus is shorter)."""
-    n = min(n, len(tokens))
+    """n consecutive tokens from a random place; a corpus shorter than n is repeated from its start (the 122K
+    val tokens fill a 128K long-range row that way)."""
+    if n > len(tokens):
+        return np.resize(np.asarray(tokens, dtype=np.int64), n)
     start = rng.integers(0, len(tokens) - n + 1)
     return np.asarray(tokens[start:start + n], dtype=np.int64)
 
@@ -312,8 +314,7 @@ def _long_range(tokens, n, rng):
         return None
     a = rng.integers(0, m // 10 + 1)      # filler before the key
     b = m - rng.integers(0, m // 10 + 1)  # filler before the question
-    # a split shorter than the row (the 122K val tokens at 128K) is repeated from its start to fill it
-    filler = _window(tokens, m, rng) if m <= len(tokens) else np.resize(np.asarray(tokens, dtype=np.int64), m)
+    filler = _window(tokens, m, rng)
     row = np.concatenate([filler[:a], key, filler[a:b], ask, filler[b:]])
     return row, b + len(key) + len(_enc("\nThe password was"))
 
