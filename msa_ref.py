@@ -242,11 +242,8 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
 
 
 # ---------------------------------------------------------------------------------------------
-# the language-model loss. Not MSA, but at long context its (T, V) logits are the largest tensor of a
-# training step (T = 128K, V = 50K: 26 GB in float32), so both modules expose it and msa_triton's
-# version never holds them whole
+# the language-model loss: not MSA, but both modules expose it (msa_triton's never holds the logits)
 
 def linear_cross_entropy(h, w, y):
-    """Mean cross-entropy of the logits h @ w.T against y: h (N, C), w (V, C), y int (N,), -1 = no loss.
-    The logits come in the dtype of h @ w.T (bfloat16 under autocast); the softmax runs in float32."""
+    """Mean cross-entropy of the logits h @ w.T (N, V) against y int (N,), -1 = no loss; softmax in float32."""
     return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-1)
