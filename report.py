@@ -177,14 +177,21 @@ def recall_vs_best(model, x, patches, n_queries, chunk=256):
     return out
 
 
+def msa_model_and_row(run_dir):
+    """The run's model, which must have an MSA layer, its config, and the val row the heatmap and the recall table
+    read: (model, cfg, x (1, T), patches (1, T, PATCH_DIM)), the row drawn from default_rng([HEATMAP_STREAM, seed])."""
+    model, cfg = load_model(run_dir)
+    if not any(b.attn.sparse for b in model.blocks):
+        raise ValueError(f"the model in {run_dir} has no MSA layer (attention={cfg['attention']!r})")
+    rng = np.random.default_rng([HEATMAP_STREAM, seed])
+    x, _, patches = data.get_batch("val", 1, cfg["seq_len"], rng, device, cfg["p_image"])
+    return model, cfg, x, patches
+
+
 def recall_table(run_dir, n):
     """The table of recall_vs_best for one val row of the run's length (the heatmap's row)."""
-    model, cfg = load_model(run_dir)
-    x, _, patches = data.get_batch("val", 1, cfg["seq_len"], np.random.default_rng([HEATMAP_STREAM, seed]), device,
-                                   cfg["p_image"])
+    model, cfg, x, patches = msa_model_and_row(run_dir)
     res = recall_vs_best(model, x, patches, n)
-    if not res:
-        raise ValueError(f"the model in {run_dir} has no MSA layer (attention={cfg['attention']!r})")
     lines = [f"indexer recall vs the best possible, K={cfg['msa_topk']} blocks of {cfg['msa_block_size']}, "
              f"{min(n, x.shape[1])} positions of one val row of {x.shape[1]} tokens",
              "| layer | indexer recall | best K blocks | indexer / best |", "|---|---|---|---|"]
@@ -208,11 +215,7 @@ def plot_heatmap(run_dir, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
-    model, cfg = load_model(run_dir)
-    if not any(b.attn.sparse for b in model.blocks):
-        raise ValueError(f"the model in {run_dir} has no MSA layer (attention={cfg['attention']!r})")
-    rng = np.random.default_rng([HEATMAP_STREAM, seed])
-    x, _, patches = data.get_batch("val", 1, cfg["seq_len"], rng, device, cfg["p_image"])
+    model, cfg, x, patches = msa_model_and_row(run_dir)
     maps = selection_maps(model, x, patches)
     layers, Hkv = sorted(maps), model.cfg.n_kv_head
     nb = maps[layers[0]].shape[-1]
