@@ -62,12 +62,12 @@ def test_moe_equals_per_token_loop(N, E, k, moe):
     torch.testing.assert_close(moe(x, idx, gate, w1, w3, w2), want)
 
 
-
 def test_padded_rows_few_sizes_little_waste():
     """moe_dispatch pads each expert's group to padded_rows(n): >= n, at most 1/8 more (or 16), 8 sizes per octave."""
     sizes = [padded_rows(n) for n in range(1, 70000)]
     assert all(n <= m <= max(16, n * 9 / 8) for n, m in zip(range(1, 70000), sizes))
     assert sorted(set(padded_rows(n) for n in range(8193, 16385))) == list(range(9216, 16385, 1024))
+
 
 def test_moe_layer_routing_and_balance():
     model = tiny()
@@ -114,10 +114,14 @@ def test_loss_is_on_text_only():
     model = tiny()
     x, y, patches = batch()
     logits, _ = model(x, patches=patches)                                    # (B, T, V)
+    final = []                                                               # the LM head's input, (B, T, C)
+    model.norm_f.register_forward_hook(lambda mod, args, out: final.append(out) or out.retain_grad())
     none, losses = model(x, y, patches)
     keep = y != -1
     assert none is None and (~keep).any()                                    # with targets no logits come back
     torch.testing.assert_close(losses["lm"], F.cross_entropy(logits[keep], y[keep]))
+    losses["lm"].backward()                                                  # no gradient from untargeted positions
+    assert final[-1].grad[~keep].abs().max() == 0 and final[-1].grad[keep].abs().sum() > 0
 
 
 def test_index_branch_learns_from_kl_only():
