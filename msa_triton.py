@@ -29,7 +29,7 @@ from msa_ref import _expect, check_inputs
 from msa_triton_index import _segment  # the KV-outer programs' prologue, shared with the KL pass
 
 LOG2E = 1.4426950408889634
-PARTIAL_ELEMS = 1 << 31   # partial buffers hold at most this many elements: chunks of T keep memory bounded
+PARTIAL_ELEMS = 1 << 31   # partial outs per chunk of T (the dq partials: NSUB times as many): bounded memory
 SEG = 128                 # forward: (token, slot) entries per program, so hot blocks split over programs (128: run 7)
 
 
@@ -353,14 +353,16 @@ def _consts(q, block_size):
 
 def _tiles(kind, D, GP, BLOCK_N):
     """Tile shape and launch options of the 'fwd' and 'bwd' KV-outer kernels and of the 'combine' kernel (measured
-    on an H100, KERNELS.md): ROWS = tokens x GP heads per tile; BLOCK_N keys per program (the backward splits a
-    block: fewer registers); maxnreg caps registers per thread so that more programs share an SM (None: the
-    compiler's choice)."""
+    on an H100, KERNELS.md): ROWS = tokens x GP heads per tile; BLOCK_N keys per program (a backward program may
+    take part of a block: fewer registers, but one more dq partial per slot); maxnreg caps registers per thread
+    so that more programs share an SM (None: the compiler's choice)."""
     if kind == "combine":
         return dict(ROWS=max(GP, 32), num_warps=2)   # 2 warps: more programs, more loads in flight per SM
     if kind == "fwd":
         return dict(ROWS=max(GP, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=None)
-    return dict(ROWS=max(GP, 64), BLOCK_N=min(BLOCK_N, 64), num_warps=8 if D > 64 else 4, num_stages=2, maxnreg=None)
+    if D > 64:   # whole blocks, 2 tokens x 16 heads a tile: half the dq partials and gathers of 64 x 64 tiles
+        return dict(ROWS=max(GP, 32), BLOCK_N=BLOCK_N, num_warps=8, num_stages=2, maxnreg=None)
+    return dict(ROWS=max(GP, 64), BLOCK_N=min(BLOCK_N, 64), num_warps=4, num_stages=2, maxnreg=None)
 
 
 def _launch_opts(t):
@@ -368,13 +370,23 @@ def _launch_opts(t):
     return {k: v for k, v in t.items() if v is not None}
 
 
-def _chunk(B, Hkv, G, K, D):
-    """Tokens per chunk so that a partial buffer (B*Hkv, Tc, K, G, D) stays under PARTIAL_ELEMS."""
-    return max(1, PARTIAL_ELEMS // (B * Hkv * K * G * D))
+def _chunks(block_idx, G, D, block_size):
+    """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer (B*Hkv, Tc, K, G, D)
+    stays under PARTIAL_ELEMS: a list of (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr), built once by the
+    forward and kept for the backward."""
+    B, Hkv, T, K = block_idx.shape
+    Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * G * D)))
+    out = []
+    for t0 in range(0, T, Tc):
+        t1 = min(T, t0 + Tc)
+        nbc = math.ceil(t1 / block_size)                                       # blocks a token of the chunk may see
+        slots = _slots(block_idx, t0, t1, nbc)
+        out.append((t0, t1, nbc, slots, *_csr(slots, nbc)))
+    return out
 
 
 def _forward(q, k, v, block_idx, block_size):
-    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype and lse fp32 (B, Hq, T)."""
+    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype, lse fp32 (B, Hq, T) and the chunks."""
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], block_idx.shape[3]
     G = Hq // Hkv
@@ -384,12 +396,8 @@ def _forward(q, k, v, block_idx, block_size):
     ct = _tiles("combine", D, GP, c["BLOCK_N"])
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    Tc = min(T, _chunk(B, Hkv, G, K, D))
-    for t0 in range(0, T, Tc):
-        t1 = min(T, t0 + Tc)
-        nbc = math.ceil(t1 / block_size)
-        slots = _slots(block_idx, t0, t1, nbc)
-        ent, start, cnt = _csr(slots, nbc)
+    chunks = _chunks(block_idx, G, D, block_size)
+    for t0, t1, nbc, slots, ent, start, cnt in chunks:
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
         op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
         lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
@@ -400,13 +408,14 @@ def _forward(q, k, v, block_idx, block_size):
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // GP), B * Hkv)](
             op, lp, slots, out, lse, T, t0, t1 - t0, K, Hkv, D,
             G=G, GP=GP, BLOCK_D=c["BLOCK_D"], WITH_LSE=True, NSUB=1, **ct)
-    return out, lse
+    return out, lse, chunks
 
 
-def _backward(q, k, v, out, lse, dout, block_idx, block_size):
-    """KV-outer backward: dK, dV owned by their block, dQ from per-slot partials. Returns dq, dk, dv."""
+def _backward(q, k, v, out, lse, dout, chunks, block_size):
+    """KV-outer backward over the forward's chunks: dK, dV owned by their block, dQ from per-slot partials.
+    Returns dq, dk, dv."""
     B, Hq, T, D = q.shape
-    Hkv, K = k.shape[1], block_idx.shape[3]
+    Hkv, K = k.shape[1], chunks[0][3].shape[2]
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
     c = _consts(q, block_size)
@@ -419,12 +428,7 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
     tiles = _launch_opts(_tiles("bwd", D, GP, c["BLOCK_N"]))
     ct = _tiles("combine", D, GP, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
-    Tc = min(T, _chunk(B, Hkv, G, K * NSUB, D))
-    for t0 in range(0, T, Tc):
-        t1 = min(T, t0 + Tc)
-        nbc = math.ceil(t1 / block_size)
-        slots = _slots(block_idx, t0, t1, nbc)
-        ent, start, cnt = _csr(slots, nbc)
+    for t0, t1, nbc, slots, ent, start, cnt in chunks:
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
         _bwd_kv_kernel[(nbc * NSUB, B * Hkv)](
             q, k, v, dout, lse, delta, dqp, dk, dv, ent, start, cnt,
@@ -440,16 +444,16 @@ def _backward(q, k, v, out, lse, dout, block_idx, block_size):
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size):
-        out, lse = _forward(q, k, v, block_idx, block_size)
-        ctx.save_for_backward(q, k, v, out, lse, block_idx)
+        out, lse, ctx.chunks = _forward(q, k, v, block_idx, block_size)   # work lists: intermediates, kept on ctx
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_size = block_size
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, block_idx = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, block_idx, ctx.block_size)
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.chunks, ctx.block_size)
         return dq, dk, dv, None, None
 
 

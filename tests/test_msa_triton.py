@@ -57,10 +57,13 @@ CPU_SHAPES = [
     (1, 3, 1, 29, 32, 16, 1),     # K = 1 (local block only), G = 3 (not a power of two)
     (1, 16, 1, 21, 16, 16, 2),    # G = 16
     (1, 2, 2, 40, 24, 12, 8),     # G = 1, D and bs not powers of two, K * bs >= T: dense causal
+    (1, 4, 2, 40, 72, 16, 3),     # D > 64: the backward's whole-block tiles
+    (1, 2, 1, 150, 16, 96, 2),    # bs > 64, D <= 64: two backward programs per block (NSUB = 2)
 ]
 GPU_SHAPES = [
     (1, 64, 4, 1000, 128, 128, 16),   # M3 head layout
     (2, 8, 2, 777, 64, 64, 4),        # the repository model's layout
+    (1, 6, 2, 700, 64, 128, 5),       # config/train_long.py's layout (NSUB = 2)
     (2, 6, 3, 300, 32, 32, 5),
     (1, 16, 16, 129, 128, 64, 3),     # G = 1
 ]
