@@ -31,6 +31,7 @@ from msa_triton_index import _segment  # the KV-outer programs' prologue, shared
 LOG2E = 1.4426950408889634
 PARTIAL_ELEMS = 1 << 31   # partial outs per chunk of T (the dq partials: NSUB times as many): bounded memory
 SEG = 128                 # forward: (token, slot) entries per program, so hot blocks split over programs (128: run 7)
+BWD_SEG = 1024            # backward: the same, larger (a further segment of a block costs a dK, dV partial)
 
 
 def _pow2(x, lo=16):
@@ -66,7 +67,8 @@ def _csr(slots, nbc):
 
 def _segments(start, cnt, n_entries, seg):
     """Split each block's list into segments of <= seg entries, one program each, with no host sync.
-    n_entries bounds the entries of one (batch, group). Returns seg_lo, seg_hi, seg_blk int32 (BH, n):
+    n_entries bounds the entries of one (batch, group). Returns seg_lo, seg_hi, seg_blk, seg_part int32 (BH, n):
+    the entries [lo, hi) of block blk, part = which of the block's segments this is (0 = its first);
     n = ceil(n_entries / seg) + nbc is an upper bound on the segments; spare programs get lo = hi."""
     BH, nbc = cnt.shape
     nseg = (cnt + seg - 1) // seg                                              # (BH, nbc)
@@ -76,10 +78,11 @@ def _segments(start, cnt, n_entries, seg):
     blk = torch.searchsorted(last, pid, right=True)                            # block whose segments hold pid
     used = blk < nbc
     blk = blk.clamp(max=nbc - 1)
-    lo = start.gather(1, blk) + (pid - (last - nseg).gather(1, blk)) * seg
+    part = pid - (last - nseg).gather(1, blk)
+    lo = start.gather(1, blk) + part * seg
     hi = torch.minimum(lo + seg, (start + cnt).gather(1, blk))
     lo, hi = torch.where(used, lo, 0), torch.where(used, hi, 0)
-    return lo.to(torch.int32), hi.to(torch.int32), blk.to(torch.int32)
+    return lo.to(torch.int32), hi.to(torch.int32), blk.to(torch.int32), part.to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,23 +270,19 @@ def _delta_kernel(O, DO, DELTA, N, T, Hq, sob, soh, sot, sod, sdb, sdh, sdt, sdd
 
 
 @triton.jit
-def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
+def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, DKP, DVP, ENT, SEG_LO, SEG_HI, SEG_BLK, SEG_X,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdt, sdd,
-                   T, t0, Tc, K, NBC, Hkv, BS, D, scale, scale2,
+                   T, t0, Tc, K, NSEG, NX, Hkv, BS, D, scale, scale2,
                    G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, NSUB: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """One program = keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of one KV block (NSUB parts per block) of one
-    (batch, group), over every (token, slot) of the chunk that chose the block. Adds their dK, dV into
-    DK, DV (B, Hkv, T, D) fp32, which this program alone owns in this launch, and writes each row's
-    partial dQ into DQP (BH, Tc, K * NSUB, G, D) at slot * NSUB + sub."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    kb = pid // NSUB
-    sub = pid % NSUB
-    b = (bh // Hkv).to(tl.int64)
-    g = bh % Hkv
-    lo = tl.load(BSTART + bh * NBC + kb).to(tl.int32)
-    hi = lo + tl.load(BCNT + bh * NBC + kb).to(tl.int32)
+    (batch, group), over one segment of the (token, slot) entries of the chunk that chose the block.
+    Writes each row's partial dQ into DQP (BH, Tc, K * NSUB, G, D) at slot * NSUB + sub. A block's first
+    segment (SEG_X = -1) adds its dK, dV into DK, DV (B, Hkv, T, D) fp32; a further one (a block chosen by
+    many tokens) stores them in slot SEG_X of DKP, DVP (BH, NX, NSUB, BLOCK_N, BLOCK_D) for _dkv_fixup_kernel:
+    no atomics, so the sums are deterministic."""
+    b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
+    sub = tl.program_id(2)
     if lo < hi:
         jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)                             # key offsets inside the block
         n, kmask, d, dmask, kvm, k, v = _kv_block(Kc, V, b, g, kb, jn, T, BS, D, skb, skh, skt, skd,
@@ -323,8 +322,40 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, ENT, BSTART, BCNT,
             po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * NSUB + sub       # (ROWS,) partial slot
             tl.store(DQP + (po * G + h)[:, None] * D + d[None, :], dq.to(DQP.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
             q, do, lse2, delta, ent, rv, ent_n, rv_n = q_n, do_n, lse2_n, delta_n, ent_n, rv_n, ent_nn, rv_nn
-        kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
-        tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
+        x = tl.load(SEG_X + bh * NSEG + tl.program_id(0))
+        if x < 0:
+            kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
+            tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
+            tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
+        else:
+            xo = (((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * BLOCK_D + d[None, :]
+            tl.store(DKP + xo, dk * scale)
+            tl.store(DVP + xo, dv)
+
+
+@triton.jit
+def _dkv_fixup_kernel(DK, DV, DKP, DVP, XBASE, XCNT, T, NBC, NX, BS, D,
+                      NSUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (NBC, BH, NSUB): add the further segments' dK, dV sums of block kb (slots XBASE .. XBASE + XCNT of
+    DKP, DVP, in order) into DK, DV."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    sub = tl.program_id(2)
+    x0 = tl.load(XBASE + bh * NBC + kb)
+    nx = tl.load(XCNT + bh * NBC + kb)
+    if nx > 0:
+        jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = kb * BS + jn
+        d = tl.arange(0, BLOCK_D)
+        kvm = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for x in range(x0, x0 + nx):
+            xo = (((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * BLOCK_D + d[None, :]
+            dk += tl.load(DKP + xo)
+            dv += tl.load(DVP + xo)
+        kvo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
+        tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk, mask=kvm)
         tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
 
 
@@ -398,7 +429,7 @@ def _forward(q, k, v, block_idx, block_size):
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     chunks = _chunks(block_idx, G, D, block_size)
     for t0, t1, nbc, slots, ent, start, cnt in chunks:
-        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
+        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, SEG)
         op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
         lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
         _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
@@ -429,12 +460,23 @@ def _backward(q, k, v, out, lse, dout, chunks, block_size):
     ct = _tiles("combine", D, GP, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     for t0, t1, nbc, slots, ent, start, cnt in chunks:
+        # segments of <= BWD_SEG entries, so that a block many tokens chose (block 0, a sink) is not one long
+        # program that the rest of the launch waits for; a block's further segments get slots in dkp, dvp
+        lo, hi, blk, part = _segments(start, cnt, (t1 - t0) * K, BWD_SEG)
+        xcnt = ((cnt + BWD_SEG - 1) // BWD_SEG - 1).clamp(min=0)               # (BH, nbc) further segments
+        xbase = torch.cumsum(xcnt, 1) - xcnt                                   # their first slot
+        x = torch.where(part > 0, xbase.gather(1, blk.long()) + part - 1, -1).to(torch.int32)
+        NX = max(1, (t1 - t0) * K // BWD_SEG)                                  # >= the further segments
+        dkp, dvp = torch.empty(2, B * Hkv, NX, NSUB, tiles["BLOCK_N"], c["BLOCK_D"], device=q.device, dtype=torch.float32)
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
-        _bwd_kv_kernel[(nbc * NSUB, B * Hkv)](
-            q, k, v, dout, lse, delta, dqp, dk, dv, ent, start, cnt,
+        _bwd_kv_kernel[(lo.shape[1], B * Hkv, NSUB)](
+            q, k, v, dout, lse, delta, dqp, dk, dv, dkp, dvp, ent, lo, hi, blk, x,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            T, t0, t1 - t0, K, nbc, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
+            T, t0, t1 - t0, K, lo.shape[1], NX, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
             G=G, GP=GP, NSUB=NSUB, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
+        _dkv_fixup_kernel[(nbc, B * Hkv, NSUB)](dk, dv, dkp, dvp, xbase.to(torch.int32), xcnt.to(torch.int32),
+                                               T, nbc, NX, block_size, D,
+                                               NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=c["BLOCK_D"])
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // GP), B * Hkv)](
             dqp, dqp, slots, dq, dq, T, t0, t1 - t0, K, Hkv, D,
             G=G, GP=GP, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, NSUB=NSUB, **ct)

@@ -332,7 +332,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
         nbc = triton.cdiv(t1, block_size)
         slots = _slots(block_idx, t0, t1, nbc)                                 # (BH, Tc, K)
         ent, start, cnt = _csr(slots, nbc)
-        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
+        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
         lqp = (torch.full((BH, t1 - t0, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
