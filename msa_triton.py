@@ -403,17 +403,15 @@ def _launch_opts(t):
 
 def _chunks(block_idx, G, D, block_size):
     """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer (B*Hkv, Tc, K, G, D)
-    stays under PARTIAL_ELEMS: a list of (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr), built once by the
-    forward and kept for the backward."""
+    stays under PARTIAL_ELEMS: yields (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that
+    the host builds chunk i + 1's lists while the GPU runs chunk i; the forward keeps them for the backward."""
     B, Hkv, T, K = block_idx.shape
     Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * G * D)))
-    out = []
     for t0 in range(0, T, Tc):
         t1 = min(T, t0 + Tc)
         nbc = math.ceil(t1 / block_size)                                       # blocks a token of the chunk may see
         slots = _slots(block_idx, t0, t1, nbc)
-        out.append((t0, t1, nbc, slots, *_csr(slots, nbc)))
-    return out
+        yield (t0, t1, nbc, slots, *_csr(slots, nbc))
 
 
 def _forward(q, k, v, block_idx, block_size):
@@ -427,8 +425,10 @@ def _forward(q, k, v, block_idx, block_size):
     ct = _tiles("combine", D, GP, c["BLOCK_N"])
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    chunks = _chunks(block_idx, G, D, block_size)
-    for t0, t1, nbc, slots, ent, start, cnt in chunks:
+    chunks = []
+    for chunk in _chunks(block_idx, G, D, block_size):
+        chunks.append(chunk)
+        t0, t1, nbc, slots, ent, start, cnt = chunk
         lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, SEG)
         op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
         lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
