@@ -11,8 +11,10 @@ sparse_attention runs KV-outer (DESIGN.md section 4):
   2. forward: one program per segment of one block's list loads that K/V block once and runs it
      against tiles of gathered queries (rows = queries x G heads), writing a partial (out, lse) into
      the slot the block has in each query's list; a combine kernel merges the K partials by LSE;
-  3. backward: delta = rowsum(out * dout); one program per KV block owns its dK, dV (no atomics,
-     deterministic) and writes a partial dQ per (query, slot); a combine kernel sums the K partials.
+  3. backward, over the same lists: delta = rowsum(out * dout); one program per segment of a block's
+     list accumulates dK, dV in registers and writes a partial dQ per (query, slot); a block's first
+     segment adds its dK, dV into the result, a fix-up kernel adds the further segments' in order (no
+     atomics: deterministic); a combine kernel sums the K dQ partials.
 Partial buffers are bounded by running over chunks of query tokens.
 attention_forward_query_outer is the simple baseline (one program per token and group, looping over
 its K blocks, like the public vLLM / NSA kernels); bench.py measures both.
@@ -443,8 +445,8 @@ def _forward(q, k, v, block_idx, block_size):
 
 
 def _backward(q, k, v, out, lse, dout, chunks, block_size):
-    """KV-outer backward over the forward's chunks: dK, dV owned by their block, dQ from per-slot partials.
-    Returns dq, dk, dv."""
+    """KV-outer backward over the forward's chunks: dK, dV summed per block (its segments in a fixed order), dQ
+    from per-slot partials. Returns dq, dk, dv."""
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], chunks[0][3].shape[2]
     G = Hq // Hkv
