@@ -140,21 +140,28 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2, 70, 16, 8, 3), (1, 2, 1, 150, 16, 96, 2)])   # NSUB = 1, 2
-def test_hot_blocks_split(monkeypatch, shape):
+# (shape, dtype, BWD_SEG, PARTIAL_ELEMS): NSUB = 1 and 2, D > 64, and on a GPU the M3 layout with the real settings
+HOT = [((1, 4, 2, 70, 16, 8, 3), torch.float32, 4, 16384), ((1, 2, 1, 150, 16, 96, 2), torch.float32, 4, 16384),
+       ((1, 4, 2, 70, 72, 16, 3), torch.float32, 4, 16384)]
+HOT += [((1, 64, 4, 2048, 128, 128, 16), torch.bfloat16, msa_triton.BWD_SEG, msa_triton.PARTIAL_ELEMS)] if GPU else []
+
+
+@pytest.mark.parametrize("shape, dtype, seg, partial", HOT)
+def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
     """A block chosen by many tokens (block 0 by every token here, as an attention sink would be) is split over
     several backward programs of BWD_SEG entries; their dK, dV sums are added in a fixed order: equal to the
     reference, bitwise the same in two runs, across chunks of T too."""
-    monkeypatch.setattr(msa_triton, "BWD_SEG", 4)
-    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", 16384)
+    monkeypatch.setattr(msa_triton, "BWD_SEG", seg)
+    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", partial)
     B, Hq, Hkv, T, D, bs, K = shape
-    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, seed=9)
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=9)
     block_idx = random_block_idx(B, Hkv, T, bs, K, seed=9)
     block_idx[..., 0] = 0
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    assert int((block_idx == 0).sum()) > 2 * seg                               # so block 0 has further segments
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(DEVICE, dtype)
     got, ref = run_both(q, k, v, block_idx, bs, dout)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
-        assert_close(a, b, torch.float32, name)
+        assert_close(a, b, dtype, name)
     again, _ = run_both(q, k, v, block_idx, bs, dout)
     for a, b in zip(got[2:], again[2:]):
         assert torch.equal(a, b)
