@@ -33,7 +33,7 @@ from msa_triton_index import _segment  # the KV-outer programs' prologue, shared
 LOG2E = 1.4426950408889634
 PARTIAL_ELEMS = 1 << 31   # partial outs per chunk of T (the dq partials: NSUB times as many): bounded memory
 SEG = 128                 # forward: (token, slot) entries per program, so hot blocks split over programs (128: run 7)
-BWD_SEG = 1024            # backward: the same, larger (a further segment of a block costs a dK, dV partial)
+BWD_SEG = 1024            # backward: the same, larger (a further segment costs a dK, dV partial; KERNELS.md, session 4)
 
 
 def _pow2(x, lo=16):
@@ -85,6 +85,19 @@ def _segments(start, cnt, n_entries, seg):
     hi = torch.minimum(lo + seg, (start + cnt).gather(1, blk))
     lo, hi = torch.where(used, lo, 0), torch.where(used, hi, 0)
     return lo.to(torch.int32), hi.to(torch.int32), blk.to(torch.int32), part.to(torch.int32)
+
+
+def _split_segments(start, cnt, n_entries, seg):
+    """_segments for a pass whose programs each sum a block's gradient rows (dK, dV; kl_loss's dKI). A block's
+    first segment adds its sum into the result, each further one (a block many tokens chose, such as a sink)
+    writes it to a slot of a partial buffer that _fixup_kernel then adds in order: no atomics, deterministic.
+    Returns lo, hi, blk, x int32 (BH, n) (x = the program's slot, -1 for a first segment), xbase, xcnt int32
+    (BH, nbc) (each block's slots) and nx, a bound on the slots one (batch, group) needs."""
+    lo, hi, blk, part = _segments(start, cnt, n_entries, seg)
+    xcnt = ((cnt + seg - 1) // seg - 1).clamp(min=0)                          # further segments of each block
+    xbase = torch.cumsum(xcnt, 1) - xcnt                                       # their first slot
+    x = torch.where(part > 0, xbase.gather(1, blk.long()) + part - 1, -1)
+    return lo, hi, blk, x.to(torch.int32), xbase.to(torch.int32), xcnt.to(torch.int32), max(1, n_entries // seg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +294,7 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, DKP, DVP, ENT, SEG_LO,
     (batch, group), over one segment of the (token, slot) entries of the chunk that chose the block.
     Writes each row's partial dQ into DQP (BH, Tc, K * NSUB, G, D) at slot * NSUB + sub. A block's first
     segment (SEG_X = -1) adds its dK, dV into DK, DV (B, Hkv, T, D) fp32; a further one (a block chosen by
-    many tokens) stores them in slot SEG_X of DKP, DVP (BH, NX, NSUB, BLOCK_N, BLOCK_D) for _dkv_fixup_kernel:
+    many tokens) stores them in slot SEG_X of DKP, DVP (BH, NX, NSUB, BLOCK_N, BLOCK_D) for _fixup_kernel:
     no atomics, so the sums are deterministic."""
     b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
     sub = tl.program_id(2)
@@ -336,10 +349,10 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, DKP, DVP, ENT, SEG_LO,
 
 
 @triton.jit
-def _dkv_fixup_kernel(DK, DV, DKP, DVP, XBASE, XCNT, T, NBC, NX, BS, D,
-                      NSUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (NBC, BH, NSUB): add the further segments' dK, dV sums of block kb (slots XBASE .. XBASE + XCNT of
-    DKP, DVP, in order) into DK, DV."""
+def _fixup_kernel(X, XP, XBASE, XCNT, T, NBC, NX, BS, D,
+                  NSUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (NBC, BH, NSUB): add the sums of block kb's further segments (slots XBASE .. XBASE + XCNT of XP
+    (BH, NX, NSUB, BLOCK_N, BLOCK_D), in order) into its rows of X (BH, T, D) fp32 (dK, dV or dKI)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     sub = tl.program_id(2)
@@ -349,16 +362,12 @@ def _dkv_fixup_kernel(DK, DV, DKP, DVP, XBASE, XCNT, T, NBC, NX, BS, D,
         jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)
         n = kb * BS + jn
         d = tl.arange(0, BLOCK_D)
-        kvm = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
-        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        m = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for x in range(x0, x0 + nx):
-            xo = (((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * BLOCK_D + d[None, :]
-            dk += tl.load(DKP + xo)
-            dv += tl.load(DVP + xo)
-        kvo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
-        tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk, mask=kvm)
-        tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
+            acc += tl.load(XP + (((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * BLOCK_D + d[None, :])
+        xo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
+        tl.store(X + xo, tl.load(X + xo, mask=m, other=0.0) + acc, mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,12 +472,8 @@ def _backward(q, k, v, out, lse, dout, chunks, block_size):
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     for t0, t1, nbc, slots, ent, start, cnt in chunks:
         # segments of <= BWD_SEG entries, so that a block many tokens chose (block 0, a sink) is not one long
-        # program that the rest of the launch waits for; a block's further segments get slots in dkp, dvp
-        lo, hi, blk, part = _segments(start, cnt, (t1 - t0) * K, BWD_SEG)
-        xcnt = ((cnt + BWD_SEG - 1) // BWD_SEG - 1).clamp(min=0)               # (BH, nbc) further segments
-        xbase = torch.cumsum(xcnt, 1) - xcnt                                   # their first slot
-        x = torch.where(part > 0, xbase.gather(1, blk.long()) + part - 1, -1).to(torch.int32)
-        NX = max(1, (t1 - t0) * K // BWD_SEG)                                  # >= the further segments
+        # program that the rest of the launch waits for
+        lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, BWD_SEG)
         dkp, dvp = torch.empty(2, B * Hkv, NX, NSUB, tiles["BLOCK_N"], c["BLOCK_D"], device=q.device, dtype=torch.float32)
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
         _bwd_kv_kernel[(lo.shape[1], B * Hkv, NSUB)](
@@ -476,9 +481,9 @@ def _backward(q, k, v, out, lse, dout, chunks, block_size):
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             T, t0, t1 - t0, K, lo.shape[1], NX, Hkv, block_size, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D),
             G=G, GP=GP, NSUB=NSUB, BLOCK_D=c["BLOCK_D"], PREC=c["PREC"], **tiles)
-        _dkv_fixup_kernel[(nbc, B * Hkv, NSUB)](dk, dv, dkp, dvp, xbase.to(torch.int32), xcnt.to(torch.int32),
-                                               T, nbc, NX, block_size, D,
-                                               NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=c["BLOCK_D"])
+        for grad, partial in ((dk, dkp), (dv, dvp)):
+            _fixup_kernel[(nbc, B * Hkv, NSUB)](grad, partial, xbase, xcnt, T, nbc, NX, block_size, D,
+                                                NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=c["BLOCK_D"])
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // GP), B * Hkv)](
             dqp, dqp, slots, dq, dq, T, t0, t1 - t0, K, Hkv, D,
             G=G, GP=GP, BLOCK_D=c["BLOCK_D"], WITH_LSE=False, NSUB=NSUB, **ct)

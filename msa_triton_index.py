@@ -173,6 +173,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 STATS_SEG = 64   # pass 1: entries per program, so a block chosen by many tokens is split (measured with 64)
+KL_SEG = 4096    # pass 2: the same, larger (a further segment costs a dki partial; 4096: INDEX_NOTES.md, session 4)
 
 
 @triton.jit
@@ -251,21 +252,18 @@ def _kl_stats_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, LQP, LUP,
 
 
 @triton.jit
-def _kl_loss_kernel(Q, Kc, QI, KI, ENT, BSTART, BCNT, LQ, LU, LOSS, DQP, DKI,
+def _kl_loss_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, SEG_X, LQ, LU, LOSS, DQP, DKI, DKIP,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, sib, sih, sit, sid, sjb, sjt, sjd,
-                    T, t0, Tc, K, NBC, Hkv, scale_d2, scale_i2, grad_scale,
+                    T, t0, Tc, K, NSEG, NX, Hkv, scale_d2, scale_i2, grad_scale,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                     DI: tl.constexpr, DIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     NCHUNK: tl.constexpr, IEEE: tl.constexpr, GRAD: tl.constexpr):
-    """Pass 2, one program per (KV block, batch*group). LOSS (BH, NBC): sum over the block's entries of
-    p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of each entry into DQP (BH, Tc, K*NCHUNK, Di)
-    and ds^T @ qi added to the block's rows of DKI (B, Hkv, T, Di) fp32 (this program owns them)."""
-    kb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hkv).to(tl.int64)
-    g = bh % Hkv
-    lo = tl.load(BSTART + bh * NBC + kb).to(tl.int32)
-    hi = lo + tl.load(BCNT + bh * NBC + kb).to(tl.int32)
+    """Pass 2, one program per segment of a KV block's list (msa_triton._split_segments). LOSS (BH, NSEG): sum
+    over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of each entry into DQP
+    (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of DKI (B, Hkv, T, Di)
+    fp32 by its first segment (SEG_X = -1) or stored in slot SEG_X of DKIP for msa_triton._fixup_kernel."""
+    b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
+    x = tl.load(SEG_X + bh * NSEG + tl.program_id(0))
     ENTb = ENT + bh.to(tl.int64) * Tc * K
     d = tl.arange(0, DP)
     di = tl.arange(0, DIP)
@@ -294,16 +292,22 @@ def _kl_loss_kernel(Q, Kc, QI, KI, ENT, BSTART, BCNT, LQ, LU, LOSS, DQP, DKI,
                          mask=ev[:, None] & (di[None, :] < DI))
                 dki += _dot(tl.trans(ds.to(qi.dtype)), qi, IEEE)
         if GRAD:
-            dptr = DKI + ((b * Hkv + g) * T + j[:, None]) * DI + di[None, :]
-            dmask = kmask[:, None] & (di[None, :] < DI)
-            tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + dki, mask=dmask)   # chunks of T add up
-    tl.store(LOSS + bh * NBC + kb, tl.sum(loss, axis=0))
+            if lo < hi:                                                        # (a spare program writes nothing)
+                if x < 0:
+                    dptr = DKI + ((b * Hkv + g) * T + j[:, None]) * DI + di[None, :]
+                    dmask = kmask[:, None] & (di[None, :] < DI)
+                    tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + dki, mask=dmask)   # chunks of T add up
+                else:
+                    xo = (((bh * NX + x) * NCHUNK + c) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * DIP + di[None, :]
+                    tl.store(DKIP + xo, dki)
+    tl.store(LOSS + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
 
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
     (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
-    from msa_triton import PARTIAL_ELEMS, _combine_kernel, _csr, _segments, _slots  # msa_triton re-exports us
+    from msa_triton import (PARTIAL_ELEMS, _combine_kernel, _csr, _fixup_kernel, _segments, _slots,  # msa_triton
+                            _split_segments)                                                    # re-exports us
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
@@ -343,13 +347,19 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
         lu = _lse2_merge(lup, 2)                                               # (BH, Tc)
         lq = _lse2_merge(lqp, 2) if lq_all is None else lq_all[:, t0:t1].contiguous()  # (BH, Tc, G)
         del lup, lqp
-        # pass 2: the loss, and its gradient while the scores are at hand
-        loss = torch.empty(BH, nbc, dtype=torch.float32, device=dev)
+        # pass 2: the loss, and its gradient while the scores are at hand; segments of <= KL_SEG entries, so that
+        # a block many tokens chose (a sink) is not one long program
+        lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, KL_SEG)
+        loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
         dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
-        _kl_loss_kernel[(nbc, BH)](q, k, qi, ki, ent, start, cnt, lq, lu, loss, dqp, dki if grad else loss,
-                                   *strides, T, t0, t1 - t0, K, nbc, Hkv, scale_d2, scale_i2,
-                                   LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad,
-                                   num_warps=8 if on_gpu else 4, **meta)
+        dkip = torch.empty(BH, nx, nchunk, block_n, meta["DIP"], dtype=torch.float32, device=dev) if grad else loss
+        _kl_loss_kernel[(lo.shape[1], BH)](q, k, qi, ki, ent, lo, hi, blk, x, lq, lu, loss, dqp, dki if grad else loss,
+                                           dkip, *strides, T, t0, t1 - t0, K, lo.shape[1], nx, Hkv, scale_d2, scale_i2,
+                                           LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad,
+                                           num_warps=8 if on_gpu else 4, **meta)
+        if grad:
+            _fixup_kernel[(nbc, BH, nchunk)](dki, dkip, xbase, xcnt, T, nbc, nx, block_size, Di,
+                                             NSUB=nchunk, BLOCK_N=block_n, BLOCK_D=meta["DIP"])
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](

@@ -178,6 +178,24 @@ def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):
         mti.kl_loss(q, k, qi, ki, idx, bs, lse=lse[:, :1])
 
 
+@pytest.mark.parametrize("bs", [4, 40])                                      # one key chunk per block, or two
+def test_kl_loss_hot_blocks_split(monkeypatch, bs):
+    """Block 0 chosen by every token (a sink): pass 2 splits its list over several programs (a tiny KL_SEG) whose
+    dki sums msa_triton._fixup_kernel adds in order, also across chunks of T: equal to msa_ref, bitwise the same
+    in two runs."""
+    import msa_triton
+    monkeypatch.setattr(mti, "KL_SEG", 3)
+    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", 2 * 3 * 16 * 24)        # 24 tokens per chunk
+    q, k, qi, ki, idx = kl_case(1, 4, 2, 60, 16, 16, bs, 3, seed=6)
+    idx[..., 0] = 0
+    (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)
+    assert torch.allclose(l1.cpu(), l0.cpu(), rtol=1e-5)
+    for a, b in ((dqi1, dqi0), (dki1, dki0)):
+        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    (l2, dqi2, dki2), _ = kl_both(q, k, qi, ki, idx, bs)
+    assert torch.equal(l1, l2) and torch.equal(dqi1, dqi2) and torch.equal(dki1, dki2)
+
+
 def test_kl_loss_grads_reach_only_the_index_branch():
     q, k, qi, ki, idx = kl_case(1, 2, 1, 12, 16, 16, 4, 2)
     q, k = q.requires_grad_(), k.requires_grad_()
