@@ -162,7 +162,8 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
 #      this block's visible tokens of every teacher head (q_h . k / sqrt(D)) and of the student
 #      (qi . ki / sqrt(Di)); torch merges the K partials into lse_h (BH, Tc, G) and lse_u (BH, Tc).
 #      The teacher half is skipped when the caller passes sparse_attention's lse, the same numbers;
-#   2. loss + gradient (one program per block, which owns its dki rows: deterministic, no atomics):
+#   2. loss + gradient (one program per segment of a block's list; a block's further segments write their
+#      dki sums to slots that msa_triton's fix-up kernel adds in order: deterministic, no atomics):
 #      p = mean_h exp(s_h - lse_h), log r = u - lse_u, loss += sum p (log p - log r); with
 #      ds = (r - p) / (B Hkv T) / sqrt(Di): dki[block] += ds^T @ qi, and ds @ ki is written as a
 #      partial dqi per (token, slot) that msa_triton's combine kernel sums, as for sparse_attention's dq.
