@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from msa_ref import _expect, check_inputs
-from msa_triton_index import _segment  # the KV-outer programs' prologue, shared with the KL pass
+from msa_triton_index import _segment, _slot_tile  # KV-outer helpers shared with the KL passes
 
 LOG2E = 1.4426950408889634
 PARTIAL_ELEMS = 1 << 31   # partial outs per chunk of T (the dq partials: NSUB times as many): bounded memory
@@ -343,7 +343,7 @@ def _bwd_kv_kernel(Q, Kc, V, DO, LSE, DELTA, DQP, DK, DV, DKP, DVP, ENT, SEG_LO,
             tl.store(DK + kvo, tl.load(DK + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
             tl.store(DV + kvo, tl.load(DV + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
         else:
-            xo = (((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * BLOCK_D + d[None, :]
+            xo = _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, BLOCK_D)
             tl.store(DKP + xo, dk * scale)
             tl.store(DVP + xo, dv)
 
@@ -365,7 +365,7 @@ def _fixup_kernel(X, XP, XBASE, XCNT, T, NBC, NX, BS, D,
         m = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for x in range(x0, x0 + nx):
-            acc += tl.load(XP + (((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * BLOCK_D + d[None, :])
+            acc += tl.load(XP + _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, BLOCK_D))
         xo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
         tl.store(X + xo, tl.load(X + xo, mask=m, other=0.0) + acc, mask=m)
 
@@ -457,7 +457,7 @@ def _backward(q, k, v, out, lse, dout, chunks, block_size):
     """KV-outer backward over the forward's chunks: dK, dV summed per block (its segments in a fixed order), dQ
     from per-slot partials. Returns dq, dk, dv."""
     B, Hq, T, D = q.shape
-    Hkv, K = k.shape[1], chunks[0][3].shape[2]
+    Hkv, K = k.shape[1], chunks[0][3].shape[2]                                 # slots: (BH, Tc, K)
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
     c = _consts(q, block_size)

@@ -188,6 +188,15 @@ def _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv):
 
 
 @triton.jit
+def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets (BLOCK_N, BLOCK_D) of slot x, part sub, of (batch, group) bh in a buffer (BH, NX, NSUB, BLOCK_N,
+    BLOCK_D) of further segments' sums (msa_triton._split_segments): the one layout that the backward's and
+    pass 2's kernels write and msa_triton._fixup_kernel reads."""
+    r = ((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return r.to(tl.int64)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
 def _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
               BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr):
     """Chunk c of key block kb: positions j (BLOCK_N,), which are real, k (BLOCK_N, D), ki (BLOCK_N, Di)."""
@@ -299,8 +308,7 @@ def _kl_loss_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, SEG_X, LQ, LU, 
                     dmask = kmask[:, None] & (di[None, :] < DI)
                     tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + dki, mask=dmask)   # chunks of T add up
                 else:
-                    xo = (((bh * NX + x) * NCHUNK + c) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * DIP + di[None, :]
-                    tl.store(DKIP + xo, dki)
+                    tl.store(DKIP + _slot_tile(bh, x, c, NX, NCHUNK, BLOCK_N, DIP), dki)
     tl.store(LOSS + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
 
 
