@@ -324,6 +324,21 @@ def graphed(fn):
     return g.replay
 
 
+def graphed_loop(fns, steps):
+    """One CUDA graph of `steps` consecutive calls fns[0], fns[1], ... (in turn): the steady state of a
+    decoding loop, where a layer's step runs right after the previous one and no graph replay, host
+    launch or L2 flush sits between two steps (do_bench flushes L2 once per replay, i.e. per `steps`
+    steps; rotating over the copies still keeps each step's caches out of L2). Returns graph.replay."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(steps):
+            fns[i % len(fns)]()
+    return g.replay
+
+
 def rotating(fns):
     """One callable that runs fns[0], fns[1], ... in turn, so that each call reads another cache copy."""
     state = [0]
@@ -354,7 +369,8 @@ def bench_decode(args):
     sparse-step data lie between two reads of one copy (do_bench also clears L2 before each call).
     Dense = SDPA over the whole cache, cuDNN and flash, eager and CUDA-graphed (best of all = vs_dense).
     MSA step = msa_triton_decode.sparse_decode (scoring + top-k + split-K attention + merge), eager and
-    graphed; its pieces graphed alone. GB/s = bytes that must be read / time: index keys of the earlier
+    graphed; its pieces graphed alone. "N steps in one graph" rows: a decoding loop's steady state (see
+    graphed_loop), MSA against the best dense backend timed the same way. GB/s = bytes that must be read / time: index keys of the earlier
     blocks + the selected K/V for MSA, the whole K/V cache for dense."""
     import msa_triton_decode as dec                                            # its pieces, timed alone
     rows = []
@@ -374,19 +390,21 @@ def bench_decode(args):
             c = cs[0]
             ridx, rout = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
             out = msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
-            chk = dict(sel_rows_differing=int((dec._select(c["qi"], c["ki"], c["lens"], bs, K) != ridx).any(-1).sum()),
+            sel = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)[1]
+            chk = dict(sel_rows_differing=int((sel != ridx).any(-1).sum()),
                        out=rel_err(out, rout))
             print(f"[check] decode T={T} B={B}: {chk}", flush=True)
             del ridx, rout
             base = dict(shape="m3", T=T, sel="indexer", **{"pass": f"decode B={B}"}, copies=n, check=chk)
 
-            def add(impl, fn, nbytes, dense_ms=None):
-                ms = timed(fn, rep_ms=100)
+            def add(impl, fn, nbytes, dense_ms=None, steps=1):
+                ms = timed(fn, rep_ms=100) / steps
                 rows.append(dict(base, impl=impl, ms=round(ms, 4), GBps=round(nbytes / ms / 1e6),
                                  vs_dense=f"{dense_ms / ms:.2f}x" if dense_ms else ""))
                 return ms
 
-            dense = []
+            dense, dense_loop = [], []
+            loop = n * math.ceil(16 / n)          # steps per graph in the steady-state rows (graphed_loop)
             for name, be in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                 def sdpa(c, be=be):
                     with sdpa_kernel(be):
@@ -394,26 +412,28 @@ def bench_decode(args):
                 try:
                     dense.append(add(f"dense SDPA {name}", rotating([lambda c=c: sdpa(c) for c in cs]), dense_bytes))
                     dense.append(add(f"dense SDPA {name} graph", rotating([graphed(lambda c=c: sdpa(c)) for c in cs]), dense_bytes))
+                    dense_loop.append(add(f"dense SDPA {name}, {loop} steps in one graph",
+                                          graphed_loop([lambda c=c: sdpa(c) for c in cs], loop), dense_bytes, steps=loop))
                 except RuntimeError as e:                                      # backend refuses this shape
                     rows.append(dict(base, impl=f"dense SDPA {name}", ms="n/a", note=str(e)[:80]))
-            best = min(dense)
             step = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
-            add("MSA sparse_decode", rotating([lambda c=c: step(c) for c in cs]), ki_bytes + kv_bytes, best)
-            add("MSA sparse_decode graph", rotating([graphed(lambda c=c: step(c)) for c in cs]), ki_bytes + kv_bytes, best)
+            add("MSA sparse_decode", rotating([lambda c=c: step(c) for c in cs]), ki_bytes + kv_bytes, min(dense))
+            add("MSA sparse_decode graph", rotating([graphed(lambda c=c: step(c)) for c in cs]), ki_bytes + kv_bytes, min(dense))
+            # a decoding loop's steady state: consecutive steps in one graph, per step, vs dense the same way
+            add(f"MSA sparse_decode, {loop} steps in one graph", graphed_loop([lambda c=c: step(c) for c in cs], loop),
+                ki_bytes + kv_bytes, min(dense_loop), steps=loop)
             # the pieces, each graphed alone (a graph of one tiny kernel shows the fixed cost of a replay)
             S = [dec._block_scores(c["qi"], c["ki"], c["lens"], bs) for c in cs]
-            idx = [dec._topk(s, c["lens"], T, bs, K) for s, c in zip(S, cs)]
-            part = [dec._partials(c["q"], c["k"], c["v"], c["lens"], i, bs) for i, c in zip(idx, cs)]
+            part = [dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K) for s, c in zip(S, cs)]
             tiny = torch.zeros(1, device="cuda")
             add("  graph of one tiny kernel", graphed(lambda: tiny.add_(1)), 4)
-            add("  scoring + top-k graph", rotating([graphed(lambda c=c: dec._select(c["qi"], c["ki"], c["lens"], bs, K)) for c in cs]), ki_bytes)
             add("  scoring graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki"], c["lens"], bs)) for c in cs]), ki_bytes)
-            add("  top-k graph", rotating([graphed(lambda s=s, c=c: dec._topk(s, c["lens"], T, bs, K)) for s, c in zip(S, cs)]), S[0].numel() * 4)
-            add("  attention + merge", rotating([lambda i=i, c=c: dec._attend(c["q"], c["k"], c["v"], c["lens"], i, bs) for i, c in zip(idx, cs)]), kv_bytes)
-            add("  attention + merge graph", rotating([graphed(lambda i=i, c=c: dec._attend(c["q"], c["k"], c["v"], c["lens"], i, bs)) for i, c in zip(idx, cs)]), kv_bytes)
-            add("  split-K partials graph", rotating([graphed(lambda i=i, c=c: dec._partials(c["q"], c["k"], c["v"], c["lens"], i, bs)) for i, c in zip(idx, cs)]), kv_bytes)
-            add("  merge graph", rotating([graphed(lambda p=p, c=c: dec._merge(*p, c["q"])) for p, c in zip(part, cs)]), part[0][0].numel() * 4)
-            del cs, S, idx, part
+            add("  top-k + split-K + merge graph", rotating([graphed(lambda s=s, c=c: dec._merge(*dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K)[:2], c["q"]))
+                                                             for s, c in zip(S, cs)]), kv_bytes)
+            add("  top-k + split-K partials graph", rotating([graphed(lambda s=s, c=c: dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K))
+                                                              for s, c in zip(S, cs)]), kv_bytes)
+            add("  merge graph", rotating([graphed(lambda p=p, c=c: dec._merge(*p[:2], c["q"])) for p, c in zip(part, cs)]), part[0][0].numel() * 4)
+            del cs, S, part
             torch.cuda.empty_cache()
     return rows
 

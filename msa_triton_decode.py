@@ -72,20 +72,35 @@ def _score_kernel(qi_ptr, ki_ptr, lens_ptr, s_ptr,
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. top-k with the local block forced
+# 2. top-k with the local block forced (run by every program of the attention pass, step 3)
 
 @triton.jit
-def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
-                 HKV: tl.constexpr, BS: tl.constexpr, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
-    pid = tl.program_id(0)                                   # one (row b, group h)
-    b = pid // HKV
-    h = pid % HKV
-    n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
-    local = (n - 1) // BS
+def _best4(a0, a1, a2, a3, b0, b1, b2, b3):
+    # two lists of 4 keys, each best first -> the best 4 of the 8, best first. a0..a3, b3..b0 is bitonic,
+    # so the larger of each pair (a_i, b_3-i) are the best 4; two compare-exchange stages sort them
+    c0 = tl.maximum(a0, b3)
+    c1 = tl.maximum(a1, b2)
+    c2 = tl.maximum(a2, b1)
+    c3 = tl.maximum(a3, b0)
+    d0, d2 = tl.maximum(c0, c2), tl.minimum(c0, c2)
+    d1, d3 = tl.maximum(c1, c3), tl.minimum(c1, c3)
+    return tl.maximum(d0, d1), tl.minimum(d0, d1), tl.maximum(d2, d3), tl.minimum(d2, d3)
+
+
+@triton.jit
+def _put(out, slot, i: tl.constexpr, key, n_far, NB_P: tl.constexpr):
+    # the block of `key` (low word NB_P-1-j) into slot i, if i is one of the n_far slots of earlier blocks
+    return tl.where((slot == i) & (slot < n_far), NB_P - 1 - key.to(tl.int32), out)
+
+
+@triton.jit
+def _select_blocks(s_ptr, local, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
+    # s_ptr: one (row, group)'s block scores, the first `local` valid. Returns (K_P,) int32: the K-1 best
+    # earlier blocks best first (ties -> lower index), then the local block, then -1: msa_ref.select_blocks.
     j = tl.arange(0, NB_P)                                   # candidate blocks
-    s = tl.load(s_ptr + b.to(tl.int64) * s_sb + h * s_sh + j, mask=j < local, other=0.0)
+    s = tl.load(s_ptr + j, mask=j < local, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)                           # -0.0 and +0.0 tie, as in a float sort
-    # one int64 key per block, so that a single max finds the best block and breaks ties:
+    # one int64 key per block, so that a max finds the best block and breaks ties:
     # high word = the score's bits made order-preserving as a signed int, low word = NB_P-1-j
     # (the larger, the lower the block index)
     bits = s.to(tl.int32, bitcast=True)
@@ -95,32 +110,45 @@ def _topk_kernel(s_ptr, lens_ptr, idx_ptr, s_sb, s_sh, Tmax,
     n_far = tl.minimum(local, K - 1)                         # earlier blocks to take
     slot = tl.arange(0, K_P)
     out = tl.where(slot == n_far, local, -1)                 # local block in the last valid slot
-    # K-1 rounds of max-and-remove (tl.topk, a bitonic top-k, measured no faster on the H100)
-    for i in tl.static_range(K - 1):
-        best = tl.max(key, axis=0)
-        out = tl.where((slot == i) & (slot < n_far), NB_P - 1 - best.to(tl.int32), out)
-        key = tl.where(key == best, -9223372036854775807 - 1, key)  # keys are unique: drops one block
-    tl.store(idx_ptr + pid * K + slot, out, mask=slot < K)
+    # rounds of "best 4 keys, then remove them": one block-wide reduction finds 4 blocks at once, so the
+    # K-1 = 15 blocks of the M3 shape take 4 dependent reductions instead of 15 (the reductions' latency,
+    # not their arithmetic, is what a batch-1 step waits on)
+    none = tl.full([NB_P], -9223372036854775807 - 1, tl.int64)
+    for r in tl.static_range(0, K - 1, 4):
+        t0, t1, t2, t3 = tl.reduce((key, none, none, none), 0, _best4)
+        out = _put(out, slot, r, t0, n_far, NB_P)
+        out = _put(out, slot, r + 1, t1, n_far, NB_P)
+        out = _put(out, slot, r + 2, t2, n_far, NB_P)
+        out = _put(out, slot, r + 3, t3, n_far, NB_P)
+        key = tl.where(key >= t3, -9223372036854775807 - 1, key)  # keys are unique: drops those 4 blocks
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. split-K attention over the selected blocks
 
 @triton.jit
-def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, o_ptr, lse_ptr,
-                   s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, s_ptr, idx_ptr, o_ptr, lse_ptr,
+                   s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_sb, s_sh,
                    Tmax, qk_scale,
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
                    SPLITS: tl.constexpr, ITEMS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   G_P: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr):
+                   G_P: tl.constexpr, D_P: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr,
+                   PREC: tl.constexpr):
     # The selection of (b, h) is K blocks, each cut in SPLITS pieces of BLOCK_N tokens: K*SPLITS
     # items. Program (bh, p) runs items p*ITEMS .. p*ITEMS+ITEMS-1 with an online softmax and writes
     # one partial (out, lse) for each of the G heads: NS = cdiv(K*SPLITS, ITEMS) partials per head.
+    # Every program first runs the top-k of its (b, h) itself (the same answer in all NS of them, from
+    # 4 KB of scores in L2): one launch and one round trip fewer than a top-k pass of its own, which is
+    # what a batch-1 step waits on. Program 0 writes the selection out.
     bh = tl.program_id(0)
     p = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     h = bh % HKV
     n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
+    sel = _select_blocks(s_ptr + b * s_sb + h * s_sh, (n - 1) // BS, K, NB_P, K_P)      # (K_P,) int32
+    slots = tl.arange(0, K_P)
+    tl.store(idx_ptr + bh * K + slots, sel, mask=(slots < K) & (slots * 0 + p == 0))
     g = tl.arange(0, G_P)
     d = tl.arange(0, D_P)
     x = tl.arange(0, BLOCK_N)
@@ -134,8 +162,8 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, o_ptr, lse_ptr,
     for it in range(ITEMS):
         item = p * ITEMS + it
         slot = item // SPLITS
-        blk = tl.load(idx_ptr + bh * K + tl.minimum(slot, K - 1))
-        blk = tl.where(slot < K, blk, -1)                    # items past the selection: none
+        blk = tl.sum(tl.where(slots == slot, sel, 0))        # sel[slot]; items past the selection: -1
+        blk = tl.where(slot < K, blk, -1)
         off = (item % SPLITS) * BLOCK_N + x                  # offsets inside the block
         tok = blk * BS + off                                 # (BLOCK_N,) cache positions
         valid = (off < BS) & (tok >= 0) & (tok < n)          # tok < 0 <=> blk = -1 (padding)
@@ -200,11 +228,6 @@ def _score_config(B, nb):
     return 1, 4
 
 
-def _topk_config(B, Hkv, nb):
-    """num_warps of the top-k pass (1, 2 and 4 measured within 10%, 4 best at 128K)."""
-    return 4
-
-
 def _attend_config(B, Hkv, K, block_size):
     """(BLOCK_N, ITEMS, num_warps, num_stages): tokens per piece and pieces per program of the split-K
     pass. Measured on the H100 (DECODE_NOTES.md): with few (row, group) pairs, blocks cut in halves and
@@ -240,40 +263,26 @@ def _block_scores(qi, ki_cache, cache_lens, block_size):
     return S
 
 
-def _topk(S, cache_lens, Tmax, block_size, topk):
-    """Step 2. S (B, Hkv, nb) -> block_idx (B, Hkv, K) int32, exactly msa_ref.select_blocks' order."""
-    B, Hkv, nb = S.shape
-    block_idx = torch.empty(B, Hkv, topk, device=S.device, dtype=torch.int32)           # (B, Hkv, K)
-    _topk_kernel[(B * Hkv,)](S, cache_lens, block_idx, S.stride(0), S.stride(1), Tmax,
-                             HKV=Hkv, BS=block_size, K=topk, NB_P=_pow2(nb, 1), K_P=_pow2(topk, 1),
-                             num_warps=_topk_config(B, Hkv, nb))
-    return block_idx
-
-
-def _select(qi, ki_cache, cache_lens, block_size, topk):
-    """Steps 1-2: the new token's blocks, block_idx (B, Hkv, K) int32."""
-    return _topk(_block_scores(qi, ki_cache, cache_lens, block_size), cache_lens, ki_cache.shape[1], block_size, topk)
-
-
-def _partials(q, k_cache, v_cache, cache_lens, block_idx, block_size):
-    """Step 3. q (B, Hq, D), caches (B, Hkv, Tmax, D), block_idx (B, Hkv, K)
-    -> o_part (B, Hq, NS, D) float32 and lse_part (B, Hq, NS) float32, log2 units."""
+def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
+    """Steps 2-3. q (B, Hq, D), caches (B, Hkv, Tmax, D), S (B, Hkv, nb) -> o_part (B, Hq, NS, D) float32,
+    lse_part (B, Hq, NS) float32 (log2 units) and the selection block_idx (B, Hkv, K) int32, exactly
+    msa_ref.select_blocks' order."""
     B, Hq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
-    G, K = Hq // Hkv, block_idx.shape[-1]
-    block_idx = block_idx.contiguous()
+    G, K, nb = Hq // Hkv, topk, S.shape[-1]
     BLOCK_N, ITEMS, warps, stages = _attend_config(B, Hkv, K, block_size)
     splits = triton.cdiv(block_size, BLOCK_N)
     NS = triton.cdiv(K * splits, ITEMS)                                                  # partials per head
+    block_idx = torch.empty(B, Hkv, K, device=q.device, dtype=torch.int32)              # (B, Hkv, K)
     o_part = torch.empty(B, Hq, NS, D, device=q.device, dtype=torch.float32)            # (B, Hq, NS, D)
     lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS)
-    _attend_kernel[(B * Hkv, NS)](q, k_cache, v_cache, cache_lens, block_idx, o_part, lse_part,
-                                  *q.stride(), *k_cache.stride(), *v_cache.stride(),
+    _attend_kernel[(B * Hkv, NS)](q, k_cache, v_cache, cache_lens, S, block_idx, o_part, lse_part,
+                                  *q.stride(), *k_cache.stride(), *v_cache.stride(), S.stride(0), S.stride(1),
                                   Tmax, LOG2E / math.sqrt(D),
                                   HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
-                                  BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), PREC=_prec(q),
-                                  num_warps=warps, num_stages=stages)
-    return o_part, lse_part
+                                  BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), NB_P=_pow2(nb, 1), K_P=_pow2(K, 1),
+                                  PREC=_prec(q), num_warps=warps, num_stages=stages)
+    return o_part, lse_part, block_idx
 
 
 def _merge(o_part, lse_part, like):
@@ -285,9 +294,11 @@ def _merge(o_part, lse_part, like):
     return out
 
 
-def _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size):
-    """Steps 3-4: attention of q (B, Hq, D) over the selected blocks -> out (B, Hq, D)."""
-    return _merge(*_partials(q, k_cache, v_cache, cache_lens, block_idx, block_size), q)
+def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+    """The three launches: out (B, Hq, D) and the selection block_idx (B, Hkv, K) int32 (for tests)."""
+    S = _block_scores(qi, ki_cache, cache_lens, block_size)                             # (B, Hkv, nb)
+    o_part, lse_part, block_idx = _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk)
+    return _merge(o_part, lse_part, q), block_idx
 
 
 def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
@@ -298,5 +309,4 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     Capturable in a CUDA graph (then the lengths are not checked on the host, only clamped).
     """
     check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)
-    block_idx = _select(qi, ki_cache, cache_lens, block_size, topk)                     # (B, Hkv, K)
-    return _attend(q, k_cache, v_cache, cache_lens, block_idx, block_size)              # (B, Hq, D)
+    return _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)[0]  # (B, Hq, D)

@@ -38,6 +38,11 @@ def prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K):
     return idx[rows, :, cache_lens - 1], out[rows, :, cache_lens - 1]
 
 
+def select(q, qi, k, v, ki, cache_lens, bs, K):
+    """The blocks sparse_decode chose, block_idx (B, Hkv, K) (written by its attention pass)."""
+    return dec._decode(q, qi, k, v, ki, cache_lens, bs, K)[1]
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -56,7 +61,7 @@ CASES = [
 def test_matches_prefill_row_and_reference(B, Hq, Hkv, Tmax, D, Di, bs, K, lens):
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens)
     want_idx, want_out = prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K)
-    idx = dec._select(qi, ki, cache_lens, bs, K)
+    idx = select(q, qi, k, v, ki, cache_lens, bs, K)
     assert torch.equal(idx.cpu(), want_idx.cpu()), "selection differs from index_topk"
     out = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -70,7 +75,7 @@ def test_ties_go_to_the_lower_block():
     # then the local block, then padding (msa_ref.select_blocks' stable sort)
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(2, 2, 2, 30, 16, 16, [30, 11], seed=1)
     qi = torch.zeros_like(qi)
-    idx = dec._select(qi, ki, cache_lens, 4, 5).cpu()
+    idx = select(q, qi, k, v, ki, cache_lens, 4, 5).cpu()
     assert idx[0, 0].tolist() == [0, 1, 2, 3, 7] and idx[1, 1].tolist() == [0, 1, 2, -1, -1]
     q_pos = (cache_lens - 1).view(2, 1, 1)
     S = msa_ref.block_scores(qi.unsqueeze(2), ki, 4, q_pos)
@@ -118,7 +123,7 @@ def test_bf16_m3_heads_on_gpu(lens):
     B, Hq, Hkv, Tmax, D, Di, bs, K = len(lens), 64, 4, 4096, 128, 128, 128, 16
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens, dtype=torch.bfloat16, seed=3)
     want_idx, want_out = prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K)
-    assert torch.equal(dec._select(qi, ki, cache_lens, bs, K), want_idx)
+    assert torch.equal(select(q, qi, k, v, ki, cache_lens, bs, K), want_idx)
     out = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
     assert out.dtype == torch.bfloat16 and rel_err(out, want_out) < 1e-2
 
@@ -160,17 +165,18 @@ def test_several_blocks_per_scoring_program(monkeypatch):
     monkeypatch.setattr(dec, "_score_config", lambda B, nb: (3, 4))
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(2, 4, 2, 45, 16, 16, [45, 22], seed=6)
     want_idx, _ = prefill_rows(qs, k, v, qis, ki, cache_lens, 4, 4)
-    assert torch.equal(dec._select(qi, ki, cache_lens, 4, 4).cpu(), want_idx.cpu())
+    assert torch.equal(select(q, qi, k, v, ki, cache_lens, 4, 4).cpu(), want_idx.cpu())
 
 
 @pytest.mark.parametrize("warps", [1, 2])
 def test_topk_warps(monkeypatch, warps):
-    # the top-k pass with other warp counts (other reduction layouts): the same blocks in the same order
-    monkeypatch.setattr(dec, "_topk_config", lambda B, Hkv, nb: warps)
+    # the attention pass (whose programs run the top-k) with other warp counts, so other reduction
+    # layouts: the same blocks in the same order
+    monkeypatch.setattr(dec, "_attend_config", lambda B, Hkv, K, bs: (16, 1, warps, 2))
     for lens, K in (([45, 22, 3], 4), ([45, 30, 9], 16)):
         q, qi, k, v, ki, cache_lens, qs, qis = make_case(3, 4, 2, 45, 16, 16, lens, seed=7)
         want_idx, _ = prefill_rows(qs, k, v, qis, ki, cache_lens, 4, K)
-        assert torch.equal(dec._select(qi, ki, cache_lens, 4, K).cpu(), want_idx.cpu())
+        assert torch.equal(select(q, qi, k, v, ki, cache_lens, 4, K).cpu(), want_idx.cpu())
 
 
 def test_attend_config_choices():
