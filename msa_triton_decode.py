@@ -2,21 +2,23 @@
 MSA decoding in Triton: one new token per sequence against KV and index-key caches.
 
 sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk) -> out computes exactly
-msa_ref.sparse_decode (same selection as index_topk, same output as sparse_attention's row) in four
+msa_ref.sparse_decode (same selection as index_topk, same output as sparse_attention's row) in three
 launches, none of which waits on the host, so the whole step can be captured in a CUDA graph:
 
   1. _score_kernel   index scores of the new token's Hkv index queries against every cached index key
                      of the earlier blocks, max-pooled per block -> S (B, Hkv, nb) float32. This pass
                      reads the whole index-key cache (Di values per token): at long context it is most
                      of the bytes of a step, so it is a plain streaming pass, one block per program.
-  2. _topk_kernel    per (row, group): the K-1 best earlier blocks (ties -> lower index), then the
-                     local block, then -1 -> block_idx (B, Hkv, K) int32, the order of msa_ref.select_blocks.
-  3. _attend_kernel  split-K ("flash-decoding"): one program per (row, group, piece of the selection);
-                     the G query heads of the group are the rows of one matrix product against the
-                     piece's keys; writes a partial (out, lse) per piece.
-  4. _merge_kernel   per (row, query head): combine the partials with their log-sum-exps.
-                     (One kernel doing steps 2-4, or all four, with counters in global memory was
-                     measured slower on the H100 at every batch size: DECODE_NOTES.md, run h6c-2.)
+  2. _attend_kernel  split-K ("flash-decoding"): one program per (row, group, piece of the selection).
+                     Each program first runs the top-k of its (row, group) from S (_select_blocks: the
+                     K-1 best earlier blocks, ties -> lower index, then the local block, then -1, the
+                     order of msa_ref.select_blocks); then the G query heads of the group are the rows of
+                     one matrix product against the piece's keys; writes a partial (out, lse) per piece.
+  3. _merge_kernel   per (row, query head): combine the partials with their log-sum-exps.
+                     (Measured on the H100, DECODE_NOTES.md: the previous version, with a top-k pass of
+                     its own, was up to 2.5 us slower at batch 1 and 8; the merge done by the last program
+                     of each group, found with a counter, 0.3-2.7 us slower at batch 1; one kernel for all
+                     steps, slower at every batch size.)
 
 Rows may have different lengths: cache_lens stays on the device and every kernel reads it, so grids
 depend only on (B, Hkv, Tmax, K), never on the lengths. Lengths outside [1, Tmax] are clamped in
