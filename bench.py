@@ -370,8 +370,8 @@ def bench_decode(args):
     Dense = SDPA over the whole cache, cuDNN and flash, eager and CUDA-graphed (best of all = vs_dense).
     MSA step = msa_triton_decode.sparse_decode (scoring + top-k + split-K attention + merge), eager and
     graphed; its pieces graphed alone. "N steps in one graph" rows: a decoding loop's steady state (see
-    graphed_loop), MSA against the best dense backend timed the same way. GB/s = bytes that must be read / time: index keys of the earlier
-    blocks + the selected K/V for MSA, the whole K/V cache for dense."""
+    graphed_loop), MSA against the best dense backend timed the same way. GB/s = bytes that must be read /
+    time: index keys of the earlier blocks + the selected K/V for MSA, the whole K/V cache for dense."""
     import msa_triton_decode as dec                                            # its pieces, timed alone
     rows = []
     Hq, Hkv, D, Di, bs, K = SHAPES["m3"][1:7]

@@ -412,12 +412,13 @@ def _launch_opts(t):
     return {k: v for k, v in t.items() if v is not None}
 
 
-def _chunks(block_idx, G, D, block_size):
-    """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer (B*Hkv, Tc, K, G, D)
-    stays under PARTIAL_ELEMS: yields (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that
-    the host builds chunk i + 1's lists while the GPU runs chunk i; the forward keeps them for the backward."""
+def _chunks(block_idx, per_slot, block_size):
+    """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer of per_slot elements
+    per (batch*group, token, slot) stays under PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D):
+    yields (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
+    lists while the GPU runs chunk i; the forward keeps them for the backward, kl_loss's passes use them too."""
     B, Hkv, T, K = block_idx.shape
-    Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * G * D)))
+    Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * per_slot)))
     for t0 in range(0, T, Tc):
         t1 = min(T, t0 + Tc)
         nbc = math.ceil(t1 / block_size)                                       # blocks a token of the chunk may see
@@ -437,7 +438,7 @@ def _forward(q, k, v, block_idx, block_size):
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     chunks = []
-    for chunk in _chunks(block_idx, G, D, block_size):
+    for chunk in _chunks(block_idx, G * D, block_size):
         chunks.append(chunk)
         t0, t1, nbc, slots, ent, start, cnt = chunk
         lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, SEG)
@@ -619,7 +620,7 @@ def linear_cross_entropy(h, w, y):
 
 # ---------------------------------------------------------------------------------------------
 # the rest of the API lives in two sibling files, so that each file reads as one topic; import them
-# from here. (msa_triton_index borrows this file's CSR helpers inside its functions, not at import
-# time, so either module may be imported first.)
+# from here. (msa_triton_index borrows this file's work-list helpers inside its functions, not at
+# import time, so either module may be imported first.)
 from msa_triton_index import index_topk, kl_loss  # noqa: E402,F401 the index branch: selection and KL loss
 from msa_triton_decode import sparse_decode       # noqa: E402,F401 one new token against the caches

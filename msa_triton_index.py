@@ -315,8 +315,7 @@ def _kl_loss_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, SEG_X, LQ, LU, 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
     (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
-    from msa_triton import (PARTIAL_ELEMS, _combine_kernel, _csr, _fixup_kernel, _segments, _slots,  # msa_triton
-                            _split_segments)                                                    # re-exports us
+    from msa_triton import _chunks, _combine_kernel, _fixup_kernel, _segments, _split_segments  # msa_triton re-exports us
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
@@ -339,12 +338,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     dqi = torch.empty(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
     dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
     losses = []
-    Tc = min(T, max(1, PARTIAL_ELEMS // (BH * K * nchunk * max(G, Di))))
-    for t0 in range(0, T, Tc):
-        t1 = min(T, t0 + Tc)
-        nbc = triton.cdiv(t1, block_size)
-        slots = _slots(block_idx, t0, t1, nbc)                                 # (BH, Tc, K)
-        ent, start, cnt = _csr(slots, nbc)
+    # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS
+    for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size):
         lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
