@@ -349,12 +349,15 @@ def rotating(fns):
     return run
 
 
-def decode_reference(q, qi, k, v, ki, lens, bs, K):
+def decode_reference(q, qi, k, v, ki, lens, bs, K, ki_scale=None):
     """fp32: msa_ref's selection (block_scores + select_blocks), then softmax over a gather of the selected
-    tokens only (no (B, Hkv, Tmax, D) fp32 copy). Returns block_idx (B, Hkv, K) and out (B, Hq, D)."""
+    tokens only (no (B, Hkv, Tmax, D) fp32 copy). Returns block_idx (B, Hkv, K) and out (B, Hq, D).
+    ki_scale: ki is an fp8 cache (msa_ref.fp8_quantize), scored as msa_ref.sparse_decode scores it."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     q_pos = (lens.long() - 1).view(B, 1, 1)
+    if ki_scale is not None:
+        qi, ki = msa_ref.fp8_dequantize(*msa_ref.fp8_quantize(qi)), msa_ref.fp8_dequantize(ki, ki_scale)
     idx = msa_ref.select_blocks(msa_ref.block_scores(qi.unsqueeze(2), ki, bs, q_pos), q_pos, bs, K).squeeze(2)
     tok = idx.long().clamp(min=0)[..., None] * bs + torch.arange(bs, device=q.device)   # (B, Hkv, K, bs)
     valid = (idx[..., None] >= 0) & (tok < lens.view(B, 1, 1, 1))
@@ -370,16 +373,19 @@ def bench_decode(args):
     Dense = SDPA over the whole cache, cuDNN and flash, eager and CUDA-graphed (best of all = vs_dense).
     MSA step = msa_triton_decode.sparse_decode (scoring + top-k + split-K attention + merge), eager and
     graphed; its pieces graphed alone. "N steps in one graph" rows: a decoding loop's steady state (see
-    graphed_loop), MSA against the best dense backend timed the same way. GB/s = bytes that must be read /
-    time: index keys of the earlier blocks + the selected K/V for MSA, the whole K/V cache for dense."""
+    graphed_loop), MSA against the best dense backend timed the same way. "fp8 index cache" rows: the same
+    step on e4m3 index keys (msa_ref.fp8_quantize; the selection is msa_ref's with fp8=True, which differs
+    from the bf16 one: the check line says how often). GB/s = bytes that must be read / time: index keys
+    of the earlier blocks (and their scales) + the selected K/V for MSA, the whole K/V cache for dense."""
     import msa_triton_decode as dec                                            # its pieces, timed alone
     rows = []
     Hq, Hkv, D, Di, bs, K = SHAPES["m3"][1:7]
     dt = torch.bfloat16
     for T in args.T or [32768, 131072]:
         for B in args.B:
-            copy_bytes = B * T * (2 * Hkv * D + Di) * 2
+            copy_bytes = B * T * ((2 * Hkv * D + Di) * 2 + Di + 4)                    # bf16 caches + the fp8 index cache
             ki_bytes = B * ((T - 1) // bs) * bs * Di * 2
+            ki8_bytes = B * ((T - 1) // bs) * bs * (Di + 4)                   # e4m3 keys + a float32 scale each
             kv_bytes = B * Hkv * min(K, (T - 1) // bs + 1) * bs * D * 2 * 2
             dense_bytes = B * Hkv * T * D * 2 * 2
             n = int(max(2, min(math.ceil(300e6 / (ki_bytes + kv_bytes)), 40e9 // copy_bytes, 64)))
@@ -387,14 +393,20 @@ def bench_decode(args):
             rnd = lambda *s: torch.randn(*s, device="cuda", dtype=dt, generator=gen)
             cs = [dict(q=rnd(B, Hq, D), qi=rnd(B, Hkv, Di), k=rnd(B, Hkv, T, D), v=rnd(B, Hkv, T, D), ki=rnd(B, T, Di),
                        lens=torch.full((B,), T, device="cuda", dtype=torch.int32)) for _ in range(n)]
+            for c in cs:
+                c["ki8"], c["ks"] = msa_ref.fp8_quantize(c["ki"])               # (B, T, Di) e4m3, (B, T)
             c = cs[0]
             ridx, rout = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
             out = msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
             sel = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)[1]
-            chk = dict(sel_rows_differing=int((sel != ridx).any(-1).sum()),
-                       out=rel_err(out, rout))
-            print(f"[check] decode T={T} B={B}: {chk}", flush=True)
-            del ridx, rout
+            ridx8, rout8 = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K, c["ks"])
+            out8, sel8 = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K, c["ks"])
+            same = lambda a, b: (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
+            chk = dict(sel_rows_differing=int((sel != ridx).any(-1).sum()), out=rel_err(out, rout),
+                       fp8_sel_rows_differing=int((sel8 != ridx8).any(-1).sum()), fp8_out=rel_err(out8, rout8),
+                       fp8_same_set_as_bf16=same(sel8, sel))
+            print(f"[check] decode T={T} B={B}: " + ", ".join(f"{a}={b:.3g}" for a, b in chk.items()), flush=True)
+            del ridx, rout, ridx8, rout8
             base = dict(shape="m3", T=T, sel="indexer", **{"pass": f"decode B={B}"}, copies=n, check=chk)
 
             def add(impl, fn, nbytes, dense_ms=None, steps=1):
@@ -422,12 +434,20 @@ def bench_decode(args):
             # a decoding loop's steady state: consecutive steps in one graph, per step, vs dense the same way
             add(f"MSA sparse_decode, {loop} steps in one graph", graphed_loop([lambda c=c: step(c) for c in cs], loop),
                 ki_bytes + kv_bytes, min(dense_loop), steps=loop)
+            step8 = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K,
+                                                       ki_scale=c["ks"])
+            add("MSA sparse_decode, fp8 index cache, graph", rotating([graphed(lambda c=c: step8(c)) for c in cs]),
+                ki8_bytes + kv_bytes, min(dense))
+            add(f"MSA sparse_decode, fp8 index cache, {loop} steps in one graph",
+                graphed_loop([lambda c=c: step8(c) for c in cs], loop), ki8_bytes + kv_bytes, min(dense_loop), steps=loop)
             # the pieces, each graphed alone (a graph of one tiny kernel shows the fixed cost of a replay)
             S = [dec._block_scores(c["qi"], c["ki"], c["lens"], bs) for c in cs]
             part = [dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K) for s, c in zip(S, cs)]
             tiny = torch.zeros(1, device="cuda")
             add("  graph of one tiny kernel", graphed(lambda: tiny.add_(1)), 4)
             add("  scoring graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki"], c["lens"], bs)) for c in cs]), ki_bytes)
+            add("  scoring, fp8 index cache, graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki8"], c["lens"], bs, c["ks"]))
+                                                               for c in cs]), ki8_bytes)
             add("  top-k + split-K + merge graph", rotating([graphed(lambda s=s, c=c: dec._merge(*dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K)[:2], c["q"]))
                                                              for s, c in zip(S, cs)]), kv_bytes)
             add("  top-k + split-K partials graph", rotating([graphed(lambda s=s, c=c: dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K))

@@ -61,6 +61,7 @@ class GPTConfig:
     n_dense_layers: int = 1
     msa_block_size: int = 64    # bs
     msa_topk: int = 4           # K blocks per query, the local block included
+    index_fp8: bool = False     # index scores in float8 e4m3 (msa_ref.fp8_quantize); the index-key cache in fp8
     n_expert: int = 8           # E
     expert_topk: int = 2        # experts per token (>= 2: the gates are a softmax over the chosen ones)
     shared_expert: bool = True  # one more expert that every token goes through
@@ -138,18 +139,25 @@ class Attention(nn.Module):
             if "k" not in cache:  # allocated once, at the prefill, for the whole generation (Tmax = cache["size"])
                 cache["k"] = k.new_zeros(B, Hkv, cache["size"], D)
                 cache["v"] = v.new_zeros(B, Hkv, cache["size"], D)
-                if self.sparse:
-                    cache["ki"] = ki.new_zeros(B, cache["size"], Di)
+                if self.sparse:  # fp8: e4m3 keys and one power-of-two scale per token (half the bytes)
+                    cache["ki"] = ki.new_zeros(B, cache["size"], Di, dtype=torch.uint8 if cfg.index_fp8 else ki.dtype)
+                    cache["ks"] = ki.new_zeros(B, cache["size"], dtype=torch.float32) if cfg.index_fp8 else None
             # index_copy_ with the positions as a device tensor: no host sync, so a CUDA graph replays it
             cache["k"].index_copy_(2, pos, k)
             cache["v"].index_copy_(2, pos, v)
-            if self.sparse:
+            if self.sparse and cfg.index_fp8:  # (fp8 bytes copied as uint8: index_copy_ may not know fp8)
+                ki8, ks = msa_ref.fp8_quantize(ki)                                    # (B, T, Di), (B, T)
+                cache["ki"].index_copy_(1, pos, ki8.view(torch.uint8))
+                cache["ks"].index_copy_(1, pos, ks)
+            elif self.sparse:
                 cache["ki"].index_copy_(1, pos, ki)
         if cache is not None and T == 1:  # decode one token against everything cached so far
             n = pos + 1                                                               # (1,) tokens cached, on the device
             if self.sparse and not cache.get("dense"):
                 lens = n.to(torch.int32).repeat(B)                                    # (B,) every row at the same length
-                y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], cache["ki"], lens, bs, K)
+                ki_cache = cache["ki"].view(torch.float8_e4m3fn) if cfg.index_fp8 else cache["ki"]
+                y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], ki_cache, lens, bs, K,
+                                               ki_scale=cache["ks"])
                 y = y.unsqueeze(2)                                                    # (B, Hq, 1, D)
             else:  # dense layers, and MSA layers when generate(decode='dense') asks for the comparison
                 # attention over the whole preallocated cache with its unwritten tail masked (fixed shapes: it
@@ -160,7 +168,7 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=visible, enable_gqa=True)
         elif self.sparse:  # a whole sequence from position 0 (training, eval, prefill)
             with torch.no_grad():
-                block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K)  # (B, Hkv, T, K) int32
+                block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K, fp8=cfg.index_fp8)  # (B, Hkv, T, K)
             y, lse = self.backend.sparse_attention(q, k, v, block_idx, bs)           # (B, Hq, T, D), (B, Hq, T)
             if kl_support is not None and not self.training:
                 # indexer recall: the dense teacher's attention mass inside the chosen blocks, averaged over

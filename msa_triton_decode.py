@@ -9,6 +9,8 @@ launches, none of which waits on the host, so the whole step can be captured in 
                      of the earlier blocks, max-pooled per block -> S (B, Hkv, nb) float32. This pass
                      reads the whole index-key cache (Di values per token): at long context it is most
                      of the bytes of a step, so it is a plain streaming pass, one block per program.
+                     An fp8 cache (e4m3 keys and a power-of-two scale per token, msa_ref.fp8_quantize)
+                     halves those bytes; qi is rounded in the kernel the same way (msa_ref's fp8 selection).
   2. _attend_kernel  split-K ("flash-decoding"): one program per (row, group, piece of the selection).
                      Each program first runs the top-k of its (row, group) from S (_select_blocks: the
                      K-1 best earlier blocks, ties -> lower index, then the local block, then -1, the
@@ -31,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import check_decode_inputs
+from msa_ref import _expect, check_decode_inputs
+from msa_triton_index import _fp8_rows
 
 LOG2E = 1.4426950408889634
 
@@ -45,11 +48,11 @@ def _pow2(n, lo=16):
 # 1. index scores, max-pooled per block
 
 @triton.jit
-def _score_kernel(qi_ptr, ki_ptr, lens_ptr, s_ptr,
-                  s_qb, s_qh, s_qd, s_kb, s_kt, s_kd, s_sb, s_sh,
+def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, s_ptr,
+                  s_qb, s_qh, s_qd, s_kb, s_kt, s_kd, s_ksb, s_sb, s_sh,
                   Tmax, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, FP8: tl.constexpr):
     first = tl.program_id(0) * BLOCKS                        # BLOCKS consecutive blocks of BS cached tokens
     b = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
@@ -62,13 +65,19 @@ def _score_kernel(qi_ptr, ki_ptr, lens_ptr, s_ptr,
     t = tl.arange(0, BS_P)
     qi = tl.load(qi_ptr + b * s_qb + h[:, None] * s_qh + d[None, :] * s_qd,
                  mask=(h[:, None] < HKV) & (d[None, :] < DI), other=0.0)                 # (HKV_P, DI_P)
+    if FP8:                                                  # e4m3 keys (half the bytes): round qi the same way
+        qi = _fp8_rows(qi.to(tl.float32))
     for i in tl.static_range(BLOCKS):                        # unrolled: the loads of all blocks in flight
         blk = first + i
         tok = blk * BS + t                                                               # (BS_P,)
+        seen = (t < BS) & (tok < local * BS)                                             # (BS_P,)
         ki = tl.load(ki_ptr + b * s_kb + tok[:, None] * s_kt + d[None, :] * s_kd,
-                     mask=(t[:, None] < BS) & (tok[:, None] < local * BS) & (d[None, :] < DI), other=0.0)
-        # scores without the 1/sqrt(Di) scale: a positive factor does not change which blocks win
-        s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                               # (HKV_P, BS_P) fp32
+                     mask=seen[:, None] & (d[None, :] < DI), other=0.0)
+        # scores without the 1/sqrt(Di) scale (nor fp8 qi's): a positive factor does not change which blocks win
+        if FP8:                                              # times each key's scale, a power of two
+            s = tl.dot(qi, tl.trans(ki)) * tl.load(ks_ptr + b * s_ksb + tok, mask=seen, other=0.0)[None, :]
+        else:
+            s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                           # (HKV_P, BS_P) fp32
         s = tl.where(t[None, :] < BS, s, float("-inf"))
         tl.store(s_ptr + b * s_sb + h * s_sh + blk, tl.max(s, axis=1), mask=(h < HKV) & (h * 0 + blk < local))
 
@@ -250,18 +259,20 @@ def _prec(t):
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def _block_scores(qi, ki_cache, cache_lens, block_size):
+def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
     """Step 1. qi (B, Hkv, Di), ki_cache (B, Tmax, Di), cache_lens (B,) -> S (B, Hkv, nb) float32,
-    written for the blocks before each row's local block only."""
+    written for the blocks before each row's local block only. fp8 keys: ki_scale (B, Tmax)."""
     B, Hkv, Di = qi.shape
     Tmax = ki_cache.shape[1]
     nb = triton.cdiv(Tmax, block_size)
     S = torch.empty(B, Hkv, nb, device=qi.device, dtype=torch.float32)                 # (B, Hkv, nb)
     blocks, warps = _score_config(B, nb)
-    _score_kernel[(triton.cdiv(nb, blocks), B)](qi, ki_cache, cache_lens, S,
-                                                *qi.stride(), *ki_cache.stride(), S.stride(0), S.stride(1),
-                                                Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di),
-                                                BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), num_warps=warps)
+    fp8 = ki_scale is not None
+    _score_kernel[(triton.cdiv(nb, blocks), B)](qi, ki_cache, ki_scale if fp8 else S, cache_lens, S,
+                                                *qi.stride(), *ki_cache.stride(), ki_scale.stride(0) if fp8 else 0,
+                                                S.stride(0), S.stride(1), Tmax, HKV=Hkv, DI=Di, BS=block_size,
+                                                HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16), BS_P=_pow2(block_size),
+                                                BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps)
     return S
 
 
@@ -296,19 +307,23 @@ def _merge(o_part, lse_part, like):
     return out
 
 
-def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
     """The three launches: out (B, Hq, D) and the selection block_idx (B, Hkv, K) int32 (for tests)."""
-    S = _block_scores(qi, ki_cache, cache_lens, block_size)                             # (B, Hkv, nb)
+    S = _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale)                   # (B, Hkv, nb)
     o_part, lse_part, block_idx = _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk)
     return _merge(o_part, lse_part, q), block_idx
 
 
-def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk):
+def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
     """
     q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,)
     on q's device: tokens in each row's cache, the new token's k, v and ki already written at
     cache_lens - 1. Returns out (B, Hq, D) in q's dtype: msa_ref.sparse_decode, computed in Triton.
+    An fp8 index-key cache (ki_cache float8_e4m3fn, ki_scale float32 (B, Tmax): msa_ref.fp8_quantize of the
+    keys; GPU only) halves the bytes of the scoring pass; the selection is then msa_ref.index_topk(fp8=True)'s.
     Capturable in a CUDA graph (then the lengths are not checked on the host, only clamped).
     """
-    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)
-    return _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk)[0]  # (B, Hq, D)
+    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+    if ki_scale is not None:
+        _expect(q.is_cuda, f"an fp8 index-key cache needs CUDA tensors, got {q.device}")
+    return _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)[0]  # (B, Hq, D)

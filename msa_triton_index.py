@@ -19,8 +19,10 @@ Two facts keep it simple:
     the high word, 0x7fffffff - block in the low word), so "higher score, ties to the lower block"
     is plain integer order: the running top-k is a [BLOCK_Q, KP] tile of keys where a new key
     replaces the row minimum if larger, and one tl.sort orders the winners at the end.
-fp8=True scores in float8 e4m3 (qi scaled per row in the kernel, ki per block by torch): twice the
-matrix rate on Hopper, and a selection within a measured tolerance of the bf16 one (INDEX_NOTES.md).
+fp8=True scores in float8 e4m3, rounded as msa_ref.fp8_quantize rounds (ki per token by torch, its scale
+applied to each score column; qi per row in the kernel, _fp8_rows): twice the matrix rate on Hopper; the
+selection of msa_ref.index_topk(fp8=True) up to the fp8 MMA's accumulation, within a measured tolerance
+of the bf16 one (INDEX_NOTES.md).
 
 kl_loss: see the section further down.
 """
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_inputs
+from msa_ref import _expect, check_inputs, fp8_quantize
 
 INT64_MIN = tl.constexpr(-(2 ** 63))
 
@@ -41,18 +43,29 @@ def _pow2(x, lo=16):
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE: true fp32 products (what msa_ref computes), not TF32."""
+    """a @ b with fp32 accumulation; IEEE: true fp32 products (what msa_ref computes), not TF32. (fp8 inputs
+    on Hopper: the MMA keeps fewer bits inside, Triton's fast default; exact promotion cost 2.6x, INDEX_NOTES.md)"""
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 
 
+@triton.jit
+def _fp8_rows(x):
+    """x (R, C) float32 -> float8e4nv (R, C): each row times the power of two 2^(8 - e), max|row| = m * 2^e with
+    m in [0.5, 1), then rounded: msa_ref.fp8_quantize's e4m3 values (its scale left off). The power of two
+    is built from the bits of max|row| (biased exponent f = e + 126), clamped as fp8_quantize clamps e."""
+    f = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    f = tl.minimum(tl.maximum(f, 8), 254)                                      # e in [-118, 128]
+    return (x * ((261 - f) << 23).to(tl.float32, bitcast=True)[:, None]).to(tl.float8e4nv)
+
+
 # ---------------------------------------------------------------------------------------------
 # index_topk
 
 @triton.jit
-def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
+def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
                        s_qb, s_qh, s_qt, s_qd, s_kb, s_kt, s_kd, s_ob, s_oh, s_ot, s_ok,
                        BS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
@@ -65,10 +78,8 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
     dcol = tl.arange(0, DIP)                                                   # Di padded to a power of 2
     qi = tl.load(qi_ptr + b * s_qb + g * s_qh + rows[:, None] * s_qt + dcol[None, :] * s_qd,
                  mask=(rows[:, None] < T) & (dcol[None, :] < DI), other=0.0)   # (BLOCK_Q, Di)
-    if FP8:   # each row scaled to |max| = 448 (e4m3's largest): a positive factor per query ranks nothing differently
-        qi = qi.to(tl.float32)
-        qa = tl.maximum(tl.max(tl.abs(qi), axis=1), 1e-30)
-        qi = (qi * (448.0 / qa)[:, None]).to(tl.float8e4nv)
+    if FP8:   # a positive factor per query (its scale, dropped) ranks nothing differently
+        qi = _fp8_rows(qi.to(tl.float32))
     local = rows // BS                                                         # (BLOCK_Q,) each row's local block
     cols = tl.arange(0, KP)
     # running top-k, distinct sentinels below every real key so "== row minimum" hits one column
@@ -86,11 +97,11 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
             ki = tl.load(ki_ptr + b * s_kb + (blk * BS + n)[:, None] * s_kt + dcol[None, :] * s_kd,
                          mask=kmask[:, None] & (dcol[None, :] < DI), other=0.0)  # (BLOCK_N, Di)
             s = _dot(qi, tl.trans(ki), IEEE)                                   # (BLOCK_Q, BLOCK_N)
+            if FP8:                                                            # each key's scale (a power of 2)
+                s = s * tl.load(ks_ptr + b * T + blk * BS + n, mask=kmask, other=0.0)[None, :]
             if BS % BLOCK_N != 0:
                 s = tl.where(kmask[None, :], s, float("-inf"))
             m = tl.maximum(m, tl.max(s, axis=1))
-        if FP8:                                                                # the block's ki scale
-            m = m * tl.load(ks_ptr + b * NB + blk)
         # the scale goes on after the max (x -> x / c is monotone), divided as msa_ref divides,
         # and + 0.0 turns -0.0 into +0.0 so the two zeros tie as they do in msa_ref
         score = m / sqrt_di + 0.0                                              # (BLOCK_Q,)
@@ -110,24 +121,13 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, NB, sqrt_di,
              mask=(rows[:, None] < T) & (cols[None, :] < K))
 
 
-def _fp8_keys(ki, block_size):
-    """ki (B, T, Di) as float8_e4m3fn for the FP8 scoring path, scaled per key block so the block's largest
-    |value| is 448 (e4m3's largest), and the scales ks (B, nb) fp32 the kernel multiplies each block's max by.
-    (qi is quantised inside the kernel, per query row.)"""
-    B, T, Di = ki.shape
-    nb = triton.cdiv(T, block_size)
-    kp = torch.nn.functional.pad(ki.float(), (0, 0, 0, nb * block_size - T)).view(B, nb, block_size, Di)
-    ks = kp.abs().amax((2, 3), keepdim=True).clamp_min(1e-30) / 448.0          # (B, nb, 1, 1)
-    ki8 = (kp / ks).to(torch.float8_e4m3fn).view(B, nb * block_size, Di)[:, :T]
-    return ki8, ks.view(B, nb).contiguous()
-
-
 def index_topk(qi, ki, block_size, topk, fp8=False):
     """qi (B, Hkv, T, Di), ki (B, T, Di) -> block_idx int32 (B, Hkv, T, K), the selection of msa_ref.index_topk:
     the K-1 best earlier blocks by descending block score (ties: lower block first), then the local block
     t // bs in the last valid slot, then -1.
-    fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): the selection is then
-    that of slightly perturbed scores; INDEX_NOTES.md gives the measured difference to the bf16 one."""
+    fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): msa_ref.index_topk(fp8=True) up
+    to the fp8 MMA's accumulation, the selection of slightly perturbed scores; INDEX_NOTES.md gives the measured
+    differences to both."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
     Di = qi.shape[3]
     out = torch.empty(B, Hkv, T, topk, dtype=torch.int32, device=qi.device)
@@ -136,14 +136,14 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
     ks = qi                                                                    # unused unless fp8
     if fp8:
         _expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
-        ki, ks = _fp8_keys(ki, block_size)
+        ki, ks = fp8_quantize(ki)                                              # (B, T, Di) e4m3, (B, T)
     on_gpu = qi.is_cuda
     # measured on an H100 at the M3 shape (INDEX_NOTES.md): 256-query tiles pay from T = 32K on
     block_q = (256 if T >= 16384 else 128) if on_gpu else 16
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, triton.cdiv(T, block_q))
     _index_topk_kernel[grid](
-        qi, ki, ks, out, T, Hkv, triton.cdiv(T, block_size), math.sqrt(Di),
+        qi, ki, ks, out, T, Hkv, math.sqrt(Di),
         *qi.stride(), *ki.stride(), *out.stride(),
         BS=block_size, K=topk, KP=_pow2(topk, 2), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
         NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32 and not fp8, FP8=fp8,

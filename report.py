@@ -133,7 +133,7 @@ def selection_maps(model, x, patches):
     for i, (h, pos) in msa_layer_inputs(model, x, patches).items():
         with _autocast(x):
             qi, ki = model.blocks[i].attn.index_branch(h, pos)                       # (1, Hkv, T, Di), (1, T, Di)
-        idx = model.backend.index_topk(qi, ki, bs, K)[0].long()                      # (Hkv, T, K), -1 padded
+        idx = model.backend.index_topk(qi, ki, bs, K, fp8=cfg.index_fp8)[0].long()  # (Hkv, T, K), -1 padded
         Hkv = idx.shape[0]
         qblock = (torch.arange(T, device=idx.device) // bs).view(1, T, 1).expand_as(idx)  # (Hkv, T, K)
         flat = (torch.arange(Hkv, device=idx.device).view(Hkv, 1, 1) * nb + qblock) * nb + idx
@@ -159,7 +159,7 @@ def recall_vs_best(model, x, patches, n_queries, chunk=256):
         attn = model.blocks[i].attn
         with _autocast(x):
             q, k, _ = attn.qkv(h, pos)                                               # (1, Hq, T, D), (1, Hkv, T, D)
-            idx = model.backend.index_topk(*attn.index_branch(h, pos), bs, K)[0]     # (Hkv, T, K)
+            idx = model.backend.index_topk(*attn.index_branch(h, pos), bs, K, fp8=cfg.index_fp8)[0]  # (Hkv, T, K)
         Hkv, D = k.shape[1], k.shape[3]
         q, k = q[0].float().view(Hkv, -1, T, D), k[0].float()                       # (Hkv, G, T, D), (Hkv, T, D)
         got, best = [], []

@@ -9,6 +9,7 @@ Sample from a trained nanoMSA model (the checkpoint that train.py leaves in out_
 
   python sample.py --start=FILE:long.txt --decode=dense   # the MSA layers decode densely: sparse vs dense tokens/s
   python sample.py --start=FILE:long.txt --msa_topk=64     # K raised to cover every block: sparse == dense
+  python sample.py --start=FILE:long.txt --index_fp8=True  # index keys cached (and scored) in fp8
 
 The prompt is prefilled with the sparse forward, which fills the KV caches and the index-key caches;
 then each new token selects its blocks from the cached index keys (the same rule as index_topk) and
@@ -39,6 +40,7 @@ image = ""              # '' for text; a .png path, or 'generated' for a random 
 backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
 decode = "sparse"       # 'sparse' (MSA layers read their selected blocks) or 'dense' (the whole cache)
 msa_topk = 0            # > 0: blocks per query instead of the checkpoint's (>= the context's blocks: MSA == dense)
+index_fp8 = False       # True: index scores and the index-key cache in fp8 (half the bytes a long decode step reads)
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +55,8 @@ if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt
     raise SystemExit(f"{ckpt_path} is not a checkpoint written by train.py")
 if decode not in ("sparse", "dense"):
     raise SystemExit(f"--decode must be 'sparse' or 'dense', got {decode!r}")
-model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 else {}))
+model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 else {}),
+                  **({"index_fp8": True} if index_fp8 else {}))
 try:
     model = GPT(GPTConfig(**model_args), backend=backend)
     model.load_state_dict(ckpt["model"])
@@ -61,7 +64,7 @@ except (TypeError, RuntimeError) as e:
     raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): {str(e)[:300]}")
 model.eval().to(device)
 print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}, {decode} decode, "
-      f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}")
+      f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}{', fp8 index' if model.cfg.index_fp8 else ''}")
 
 
 def generate(x, n, **kw):

@@ -52,6 +52,7 @@ attention = "msa"             # 'msa' or 'dense' (every layer dense, nothing els
 n_dense_layers = 1
 msa_block_size = 64
 msa_topk = 4
+index_fp8 = False             # index scores (selection only, not the KL) in float8 e4m3: faster at long T
 n_expert = 8
 expert_topk = 2
 shared_expert = True
@@ -129,7 +130,9 @@ if init_from == "resume":
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-    diff = {k: (ckpt["model_args"].get(k), v) for k, v in model_args.items() if ckpt["model_args"].get(k) != v}
+    defaults = {f.name: f.default for f in fields(GPTConfig)}                 # for keys older checkpoints lack
+    diff = {k: (ckpt["model_args"].get(k, defaults[k]), v) for k, v in model_args.items()
+            if ckpt["model_args"].get(k, defaults[k]) != v}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"the checkpoint {ckpt_path} comes from another config ({what}); "

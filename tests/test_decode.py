@@ -144,6 +144,39 @@ def test_bf16_m3_heads_on_gpu(lens):
 
 
 @requires_cuda
+@pytest.mark.parametrize("Hq,Hkv,Tmax,D,Di,bs,K,lens", [(64, 4, 4096, 128, 128, 128, 16, [4096, 1000, 129, 1]),
+                                                       (64, 4, 4096, 128, 128, 128, 16, [300]),
+                                                       (4, 2, 37, 16, 16, 4, 3, [37, 13, 1])])  # Di < 32, Tmax % bs
+def test_fp8_index_cache_selects_as_index_topk_fp8(Hq, Hkv, Tmax, D, Di, bs, K, lens):
+    # an fp8 index-key cache (the M3 head shape; a tiny one): the selection is msa_ref.index_topk(fp8=True)'s at
+    # each row's position, exactly (this pass's small fp8 products accumulate in fp32, unlike the prefill
+    # kernel's large ones: INDEX_NOTES.md), and the output sparse_attention's row with that selection
+    B = len(lens)
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens, dtype=torch.bfloat16, seed=9)
+    ki8, ks = msa_ref.fp8_quantize(ki)
+    rows = torch.arange(B, device=DEVICE)
+    want_idx = msa_ref.index_topk(qis, ki, bs, K, fp8=True)[rows, :, cache_lens - 1]      # (B, Hkv, K)
+    assert torch.equal(dec._decode(q, qi, k, v, ki8, cache_lens, bs, K, ks)[1], want_idx)
+    out = dec.sparse_decode(q, qi, k, v, ki8, cache_lens, bs, K, ki_scale=ks)
+    assert rel_err(out, msa_ref.sparse_decode(q, qi, k, v, ki8, cache_lens, bs, K, ki_scale=ks)) < 1e-2
+    g = torch.cuda.CUDAGraph()                               # still one capturable step
+    with torch.cuda.graph(g):
+        again = dec.sparse_decode(q, qi, k, v, ki8, cache_lens, bs, K, ki_scale=ks)
+    g.replay()
+    assert torch.equal(again, out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer: fp8 decoding needs a GPU")
+def test_fp8_index_cache_needs_a_gpu():
+    # the interpreter rounds float32 -> e4m3 differently from the GPU and from torch, so the Triton fp8 path
+    # refuses CPU tensors (msa_ref.sparse_decode serves them)
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(2, 4, 2, 12, 16, 16, [12, 5])
+    ki8, ks = msa_ref.fp8_quantize(ki)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        dec.sparse_decode(q, qi, k, v, ki8, cache_lens, 4, 2, ki_scale=ks)
+
+
+@requires_cuda
 def test_cuda_graph_replay_follows_new_lengths():
     # captured once, replayed after the lengths and the query change in place: no host sync inside
     B, Hq, Hkv, Tmax, D, Di, bs, K = 3, 16, 2, 2048, 64, 64, 64, 4

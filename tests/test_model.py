@@ -185,11 +185,12 @@ def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
         torch.testing.assert_close(everything(x, y, patches)[1]["recall_layers"], torch.ones(2))
 
 
-@pytest.mark.parametrize("attention", ["msa", "dense"])
-def test_cached_decode_equals_full_forward(attention):
+@pytest.mark.parametrize("attention,fp8", [("msa", False), ("dense", False), ("msa", True)])
+def test_cached_decode_equals_full_forward(attention, fp8):
     """Prefill 9 tokens (an image inside), then decode 31 more one at a time through the caches: every step's
-    logits equal the full forward's at that position (the selection is sparse: K * bs = 12 < 40)."""
-    model = tiny(attention=attention).eval()
+    logits equal the full forward's at that position (the selection is sparse: K * bs = 12 < 40). index_fp8:
+    the index-key cache holds e4m3 keys and scales, and the forward selects with fp8 scores too."""
+    model = tiny(attention=attention, index_fp8=fp8).eval()
     x, _, patches = batch()
     with torch.no_grad():
         full, _ = model(x, patches=patches)                        # (B, T, V)
@@ -200,6 +201,8 @@ def test_cached_decode_equals_full_forward(attention):
             step, _ = model(x[:, t:t + 1], cache=cache, pos0=t)
             got.append(step[:, 0])
     torch.testing.assert_close(torch.stack(got, 1), full[:, 8:], rtol=1e-4, atol=1e-4)
+    if fp8:  # the fp8 scores select other blocks here than the bf16 ones: the cache had to follow them
+        assert not torch.allclose(full, tiny(attention=attention).eval()(x, patches=patches)[0], atol=1e-3)
 
 
 def test_generate_greedy_equals_reforward():

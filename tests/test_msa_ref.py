@@ -342,6 +342,41 @@ def test_kl_loss_dense_equals_all_blocks_selected(T):
 
 
 # ---------------------------------------------------------------------------------------------
+# fp8 index scores
+
+def test_fp8_quantize_scales_by_powers_of_two():
+    """Each vector's scale is a power of two that puts its largest |value| in [128, 256] (the top of e4m3's
+    range, 448, is never reached); x8 is x / scale rounded to nearest e4m3, within e4m3's half step (1/16
+    of the value's binade) of x; zero and tiny vectors, float64 input."""
+    x = torch.randn(3, 9, 16, dtype=f64) * torch.logspace(-35, 35, 9, dtype=f64).view(1, 9, 1)
+    x[0, 0] = 0.0
+    x8, scale = msa_ref.fp8_quantize(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (3, 9)
+    assert torch.equal(torch.frexp(scale)[0], torch.full_like(scale, 0.5))           # powers of two
+    top = x8.float().abs().amax(-1)
+    assert top[0, 0] == 0 and ((top >= 128) & (top <= 256)).flatten()[1:].all()
+    want = (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)                   # exact division, one rounding
+    assert torch.equal(x8.view(torch.uint8), want.view(torch.uint8))
+    err = (msa_ref.fp8_dequantize(x8, scale) - x).abs() / x.abs().clamp_min(1e-300)
+    assert err[x.abs() > x.abs().amax(-1, keepdim=True) / 64].max() <= 1 / 16
+
+
+def test_index_topk_fp8_selection_of_the_rounded_scores():
+    """fp8=True selects on the e4m3-rounded qi and ki. Inputs that e4m3 holds exactly (3 mantissa bits, their
+    top within range after a power-of-two scale) round to themselves: the same selection as without fp8;
+    random inputs mostly keep it, and a different rounding of one key can change it."""
+    B, Hkv, T, Di, bs, K = 2, 2, 64, 8, 4, 5
+    _, _, _, qi, ki = rand_inputs(B, 2, Hkv, T, 8, Di, dtype=torch.float32, seed=41)
+    exact = lambda x: (x * 4).round().clamp(-15, 15) / 4 * 2.0 ** torch.randint(-3, 4, x.shape[:-1] + (1,))  # 4 bits
+    qe, ke = exact(qi), exact(ki)
+    assert torch.equal(msa_ref.fp8_dequantize(*msa_ref.fp8_quantize(ke)), ke)
+    assert torch.equal(msa_ref.index_topk(qe, ke, bs, K, fp8=True), msa_ref.index_topk(qe, ke, bs, K))
+    got, want = msa_ref.index_topk(qi, ki, bs, K, fp8=True), msa_ref.index_topk(qi, ki, bs, K)
+    assert torch.equal(got[..., -1], want[..., -1])                                    # the local block stays
+    assert (got != want).any(-1).float().mean() < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
 # decoding
 
 def test_sparse_decode_equals_prefill_row():
@@ -359,6 +394,24 @@ def test_sparse_decode_equals_prefill_row():
     assert out.shape == (B, Hq, D)
     torch.testing.assert_close(out, out_full[rows, :, pos])
     assert not torch.allclose(out[2:], dense_full[rows, :, pos][2:]), "selection should matter for long rows"
+
+
+def test_sparse_decode_fp8_cache_equals_fp8_prefill_row():
+    """An fp8 index-key cache (fp8_quantize of the keys): the selection is index_topk(fp8=True)'s for that
+    position, the output sparse_attention's row with it; a bf16-shaped call with the same numbers differs."""
+    B, Hq, Hkv, Tmax, D, Di, bs, K = 3, 4, 2, 27, 8, 16, 4, 2
+    q, k, v, qi, ki = rand_inputs(B, Hq, Hkv, Tmax, D, Di, dtype=torch.float32, seed=32)
+    lens = torch.tensor([27, 9, 1])
+    rows, pos = torch.arange(B), lens - 1
+    out_full, _ = msa_ref.sparse_attention(q, k, v, msa_ref.index_topk(qi, ki, bs, K, fp8=True), bs)
+    ki8, ks = msa_ref.fp8_quantize(ki)
+    out = msa_ref.sparse_decode(q[rows, :, pos], qi[rows, :, pos], k, v, ki8, lens, bs, K, ki_scale=ks)
+    torch.testing.assert_close(out, out_full[rows, :, pos])
+    args = (q[rows, :, pos], qi[rows, :, pos], k, v)
+    for cache, scale, msg in ((ki8, None, "ki_cache must have qi's dtype"), (ki, ks, "must be float8_e4m3fn"),
+                              (ki8, ks[:, :5], "ki_scale must be float32"), (ki8, ks.double(), "ki_scale must be float32")):
+        with pytest.raises(ValueError, match=msg):
+            msa_ref.sparse_decode(*args, cache, lens, bs, K, ki_scale=scale)
 
 
 def test_sparse_decode_rejects_bad_cache_lens():

@@ -41,7 +41,7 @@ def test_heatmap_is_the_forward_selection(runs, monkeypatch):
     x, _, patches = data.get_batch("val", 1, cfg["seq_len"], np.random.default_rng(5), report.device, cfg["p_image"])
     seen = []
     original = model.backend.index_topk
-    monkeypatch.setattr(model.backend, "index_topk", lambda *a: seen.append(original(*a)) or seen[-1])
+    monkeypatch.setattr(model.backend, "index_topk", lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1])
     with torch.no_grad(), report._autocast(x):                          # as selection_maps runs it (bf16 on a GPU)
         model(x, patches=patches)
     n_forward = len(seen)

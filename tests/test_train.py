@@ -143,6 +143,15 @@ def test_checkpoint_from_another_config(straight):
         run_script("train.py", *TINY, f"--out_dir={straight}", "--max_iters=6", "--init_from=resume", "--n_embd=48")
 
 
+def test_checkpoint_older_than_a_config_key_resumes(straight, tmp_path, capsys):
+    # a checkpoint written before GPTConfig had a key (here index_fp8) holds that key's default: it resumes
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    del ckpt["model_args"]["index_fp8"]
+    torch.save(ckpt, os.path.join(tmp_path, "ckpt.pt"))
+    run_script("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=5", "--init_from=resume")
+    assert "resumed from" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,msg", [(["--n_layers=3"], "unknown key 'n_layers'"),
                                       (["--init_from=resume", "--out_dir=/nonexistent/x"], "no checkpoint at"),
                                       (["--data_path=/nonexistent/corpus.txt"], "does not exist")])
