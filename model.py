@@ -61,7 +61,7 @@ class GPTConfig:
     n_dense_layers: int = 1
     msa_block_size: int = 64    # bs
     msa_topk: int = 4           # K blocks per query, the local block included
-    index_fp8: bool = False     # index scores in float8 e4m3 (msa_ref.fp8_quantize); the index-key cache in fp8
+    index_fp8: bool = False     # index scores in float8 e4m3 (msa_ref.fp8_quantize), so the decoding cache is fp8
     n_expert: int = 8           # E
     expert_topk: int = 2        # experts per token (>= 2: the gates are a softmax over the chosen ones)
     shared_expert: bool = True  # one more expert that every token goes through
