@@ -136,27 +136,26 @@ class Attention(nn.Module):
             qi, ki = self.index_branch(x, pos)                                        # (B, Hkv, T, Di), (B, T, Di)
         kl = recall = None
         if cache is not None:  # write this chunk's keys into the caches (B, Hkv, Tmax, D), (B, Tmax, Di)
+            if self.sparse:  # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token
+                kic, ksc = msa_ref.fp8_quantize(ki) if cfg.index_fp8 else (ki, None)   # (B, T, Di), (B, T) or None
             if "k" not in cache:  # allocated once, at the prefill, for the whole generation (Tmax = cache["size"])
                 cache["k"] = k.new_zeros(B, Hkv, cache["size"], D)
                 cache["v"] = v.new_zeros(B, Hkv, cache["size"], D)
-                if self.sparse:  # fp8: e4m3 keys and one power-of-two scale per token (half the bytes)
-                    cache["ki"] = ki.new_zeros(B, cache["size"], Di, dtype=torch.uint8 if cfg.index_fp8 else ki.dtype)
-                    cache["ks"] = ki.new_zeros(B, cache["size"], dtype=torch.float32) if cfg.index_fp8 else None
+                if self.sparse:
+                    cache["ki"] = kic.new_zeros(B, cache["size"], Di)
+                    cache["ks"] = None if ksc is None else ksc.new_zeros(B, cache["size"])
             # index_copy_ with the positions as a device tensor: no host sync, so a CUDA graph replays it
             cache["k"].index_copy_(2, pos, k)
             cache["v"].index_copy_(2, pos, v)
-            if self.sparse and cfg.index_fp8:  # (fp8 bytes copied as uint8: index_copy_ may not know fp8)
-                ki8, ks = msa_ref.fp8_quantize(ki)                                    # (B, T, Di), (B, T)
-                cache["ki"].index_copy_(1, pos, ki8.view(torch.uint8))
-                cache["ks"].index_copy_(1, pos, ks)
-            elif self.sparse:
-                cache["ki"].index_copy_(1, pos, ki)
+            if self.sparse:  # the keys copied as bytes: index_copy_ has no fp8 kernel
+                cache["ki"].view(torch.uint8).index_copy_(1, pos, kic.view(torch.uint8))
+                if ksc is not None:
+                    cache["ks"].index_copy_(1, pos, ksc)
         if cache is not None and T == 1:  # decode one token against everything cached so far
             n = pos + 1                                                               # (1,) tokens cached, on the device
             if self.sparse and not cache.get("dense"):
                 lens = n.to(torch.int32).repeat(B)                                    # (B,) every row at the same length
-                ki_cache = cache["ki"].view(torch.float8_e4m3fn) if cfg.index_fp8 else cache["ki"]
-                y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], ki_cache, lens, bs, K,
+                y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], cache["ki"], lens, bs, K,
                                                ki_scale=cache["ks"])
                 y = y.unsqueeze(2)                                                    # (B, Hq, 1, D)
             else:  # dense layers, and MSA layers when generate(decode='dense') asks for the comparison

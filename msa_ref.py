@@ -79,14 +79,12 @@ def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_siz
                              qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache, block_size=block_size, topk=topk)
     _expect(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
             f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
-    if ki_scale is None:
-        _expect(ki_cache.dtype == qi.dtype, f"ki_cache must have qi's dtype {qi.dtype} (or be float8_e4m3fn with "
-                                            f"ki_scale), got {ki_cache.dtype}")
-    else:
-        _expect(ki_cache.dtype == torch.float8_e4m3fn, f"with ki_scale, ki_cache must be float8_e4m3fn, got {ki_cache.dtype}")
-        _expect(isinstance(ki_scale, torch.Tensor) and ki_scale.dtype == torch.float32 and ki_scale.shape == (B, Tmax)
-                and ki_scale.device == q.device, f"ki_scale must be float32 [B={B}, Tmax={Tmax}] on {q.device}, got "
-                f"{getattr(ki_scale, 'dtype', type(ki_scale))} {tuple(getattr(ki_scale, 'shape', ()))}")
+    _expect(ki_cache.dtype == (qi.dtype if ki_scale is None else torch.float8_e4m3fn),
+            f"ki_cache must have qi's dtype {qi.dtype} without ki_scale and must be float8_e4m3fn with it; "
+            f"got {ki_cache.dtype} with{'out' * (ki_scale is None)} ki_scale")
+    _expect(ki_scale is None or (isinstance(ki_scale, torch.Tensor) and ki_scale.dtype == torch.float32 and ki_scale.shape
+            == (B, Tmax) and ki_scale.device == q.device), f"ki_scale must be float32 [B={B}, Tmax={Tmax}] on {q.device}, "
+            f"got {getattr(ki_scale, 'dtype', type(ki_scale))} {tuple(getattr(ki_scale, 'shape', ()))}")
     _expect(isinstance(cache_lens, torch.Tensor) and cache_lens.shape == (B,) and not cache_lens.is_floating_point()
             and cache_lens.dtype != torch.bool,
             f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
@@ -142,23 +140,19 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
     fp8=True: the scores of qi and ki rounded to float8 e4m3 (fp8_quantize), as an fp8 indexer computes them."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
     if fp8:
-        qi, ki = fp8_dequantize(*fp8_quantize(qi)), fp8_dequantize(*fp8_quantize(ki))
+        qi, ki = (fp8_dequantize(*fp8_quantize(x)) for x in (qi, ki))
     q_pos = torch.arange(T, device=qi.device)                                  # (T,)
     return select_blocks(block_scores(qi, ki, block_size, q_pos), q_pos, block_size, topk)
 
 
-# fp8 index scores (optional). The index branch's q . k may run in float8 e4m3, as DeepSeek's indexer does:
-# twice the matrix rate of bf16 on Hopper, and an index-key cache of half the bytes, which is most of what a
-# long-context decoding step reads. Each vector (one token's ki, one group's qi) is scaled by a power of two
-# so that its largest |value| lies in [128, 256) (e4m3 reaches 448): multiplying by a power of two is exact,
-# so every implementation rounds every element to the same e4m3 value. The selection is then that of
-# slightly perturbed scores (INDEX_NOTES.md measures how far from the bf16 one).
-
 def fp8_quantize(x):
-    """x (..., d) -> (x8 float8_e4m3fn (..., d), scale float32 (...,)) with x ~= x8 * scale."""
+    """x (..., d) -> (x8 float8_e4m3fn (..., d), scale float32 (...,)), x ~= x8 * scale: the rounding of the optional
+    fp8 index scores (DeepSeek's indexer runs in fp8: twice bf16's matrix rate on Hopper, half the key-cache bytes).
+    Each vector's scale is the power of two that puts max|x| in [128, 256) (e4m3 reaches 448); a power of two
+    scales exactly, so every implementation rounds every element alike."""
     e = torch.frexp(x.float().abs().amax(-1))[1].clamp(-118, 128)             # max|x| = m * 2^e, m in [0.5, 1)
     scale = ((e + 119) << 23).view(torch.float32)                              # 2^(e - 8), built from its bits
-    return (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale    # |x8| <= 256: never saturates
+    return (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale    # |x8| <= 256 after rounding
 
 
 def fp8_dequantize(x8, scale):
@@ -261,8 +255,7 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,):
     tokens in each row's cache, the new token's k, v and ki already written at cache_lens - 1.
     Returns out (B, Hq, D): the new token's row of sparse_attention, selected exactly as index_topk would.
-    An fp8 index-key cache: ki_cache float8_e4m3fn and ki_scale float32 (B, Tmax), fp8_quantize of the keys;
-    the selection is then index_topk(..., fp8=True)'s.
+    An fp8 index-key cache: ki_cache, ki_scale (B, Tmax) = fp8_quantize(keys); it selects as index_topk(fp8=True).
     """
     B, Hkv, Tmax = check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
     q_pos = (cache_lens.long() - 1).view(B, 1, 1)                 # (B, 1, 1) the new token's position
