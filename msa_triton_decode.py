@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from msa_ref import _expect, check_decode_inputs
-from msa_triton_index import _fp8_rows
+from msa_triton_index import INT64_MIN, _fp8_rows
 
 LOG2E = 1.4426950408889634
 
@@ -117,21 +117,21 @@ def _select_blocks(s_ptr, local, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.co
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     key = (ordered.to(tl.int64) << 32) | (NB_P - 1 - j).to(tl.int64)
-    key = tl.where(j < local, key, -9223372036854775807 - 1)  # int64 min: never chosen
+    key = tl.where(j < local, key, INT64_MIN)                # never chosen
     n_far = tl.minimum(local, K - 1)                         # earlier blocks to take
     slot = tl.arange(0, K_P)
     out = tl.where(slot == n_far, local, -1)                 # local block in the last valid slot
     # rounds of "best 4 keys, then remove them": one block-wide reduction finds 4 blocks at once, so the
     # K-1 = 15 blocks of the M3 shape take 4 dependent reductions instead of 15 (as a pass of its own on
     # the H100: 0.1-0.5 us of ~5 faster than 15 rounds of a plain max; DECODE_NOTES.md, session 5)
-    none = tl.full([NB_P], -9223372036854775807 - 1, tl.int64)
+    none = tl.full([NB_P], INT64_MIN, tl.int64)
     for r in tl.static_range(0, K - 1, 4):
         t0, t1, t2, t3 = tl.reduce((key, none, none, none), 0, _best4)
         out = _put(out, slot, r, t0, n_far, NB_P)
         out = _put(out, slot, r + 1, t1, n_far, NB_P)
         out = _put(out, slot, r + 2, t2, n_far, NB_P)
         out = _put(out, slot, r + 3, t3, n_far, NB_P)
-        key = tl.where(key >= t3, -9223372036854775807 - 1, key)  # keys are unique: drops those 4 blocks
+        key = tl.where(key >= t3, INT64_MIN, key)           # keys are unique: drops those 4 blocks
     return out
 
 
