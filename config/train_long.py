@@ -1,19 +1,16 @@
-# Long context on one GPU (issue 7): rows of 128K tokens. `python train.py config/train_long.py` is the MSA arm;
-# add `--attention=dense --out_dir=out-long-dense` for the dense arm: every layer dense GQA (cuDNN/flash SDPA),
-# nothing else changed, and the same batches (the data position depends only on seed, iteration and micro-step).
-# MSA: each query reads K=16 blocks of 128 = 2048 keys, 1/64 of the context (the issue's bar: at most 1/8).
-# Why 128K (MODEL_NOTES.md): the MoE, the LM head and the loss cost the same in both arms and grow with T, dense
-# attention grows with T^2, MSA's main branch with T. Measured on an H100 (one-step probes): at 64K MSA trains at
-# 1.24x the dense arm's tokens/s, at 128K at 2.0x (the 200-iteration arms: 2.14x). 128K fits one 80 GB card since
-# the loss is computed chunk by chunk (msa_triton.linear_cross_entropy: 28 GiB peak; fp32 logits would be 26 GB).
-# No dense first layer: it costs MSA's speed (n_dense_layers=1 measured 233K vs 261K tokens/s at 64K).
-# No dense-KL warm-up: at 64K 100 warm-up iterations (dense KL over every visible token, O(T^2)) did not raise
-# the recall at iteration 400 (MODEL_NOTES.md, runs 1 and 2), and at 128K they would cost about as much as the
-# whole run.
+# Long context on one GPU: rows of 128K tokens. `python train.py config/train_long.py` is the MSA arm; add
+# `--attention=dense --out_dir=out-long-dense` for the dense arm: every layer dense GQA (SDPA), nothing else
+# changed, and the same batches (the data position depends only on seed, iteration and micro-step).
+# MSA: each query reads K=16 blocks of 128 = 2048 keys, 1/64 of the context.
+# Why 128K: the MoE, the LM head and the loss cost the same in both arms and grow with T; dense attention grows
+# with T^2, MSA's main branch with T, so the arms part ways only at long contexts (dev/model.md has the
+# measurements). 128K fits one 80 GB card because the LM loss is computed chunk by chunk
+# (linear_cross_entropy never holds the fp32 logits, which would be 26 GB).
+# No dense first layer and no dense-KL warm-up: at this length both cost speed (the warm-up's KL over every
+# visible token is O(T^2), about as much as the whole run) and measured no better recall (dev/model.md).
 # The long-range questions ask ~100K-128K tokens after the password (first vs last tenth of the row): 50x the
 # 2048 keys a query reads, so only the indexer choosing that far block can answer it.
-# 200 iterations of 128K tokens = 26M tokens, as many as the earlier 64K runs saw (Shakespeare's 1.4M training
-# tokens are the limit: 800 iterations at 64K overfitted); each arm fits one 10-minute device command.
+# 200 iterations of 128K tokens = 26M tokens (Shakespeare's 1.4M training tokens are the limit).
 out_dir = "out-long"
 n_layer = 4
 n_head = 6
