@@ -134,23 +134,29 @@ def test_assignment_4_folder_is_small_and_self_contained(kits):
     text = open(os.path.join(folder, "query_forward.py")).read()
     imported = {(getattr(node, "module", None) or node.names[0].name).split(".")[0] if not getattr(node, "level", 0) else "."
                 for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))}
-    assert imported <= {"math", "os", "torch", "triton", "msa_ref"}, imported
+    assert imported <= set(sys.stdlib_module_names) | {"torch", "triton", "msa_ref"}, imported
     assert len(text.splitlines()) < 200
 
 
 def test_extract_fails_loudly(tmp_path, monkeypatch):
-    (tmp_path / "kern.py").write_text("import math\nfrom helpers import C\n\nA = 2\n\n\ndef f(x):\n    return math.sqrt(x) * A * C\n")
-    (tmp_path / "helpers.py").write_text("C = 3\n")
+    """A kernel package as the repository lays it out: a shared helper module and kernel modules importing it."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "common.py").write_text("C = 3\n")
+    (tmp_path / "pkg" / "attention.py").write_text("import math\n\nfrom .common import C\n\nA = 2\n\n\n"
+                                                  "def f(x):\n    return math.sqrt(x) * A * C\n")
+    (tmp_path / "pkg" / "decode.py").write_text("from pkg.common import C\n\n\ndef g(x):\n    return x + C\n")
     monkeypatch.setattr(make_student, "ROOT", str(tmp_path))
-    out = make_student.extract({"helpers.py": ["C"], "kern.py": ["A", "f"]})
-    assert "import math" in out and "helpers" not in out.split('"""')[2]
+    out = make_student.extract({"pkg/common.py": ["C"], "pkg/attention.py": ["A", "f"], "pkg/decode.py": ["g"]})
+    assert "import math" in out and "common" not in out.split('"""')[2]
     namespace = {}
     exec(out, namespace)
-    assert namespace["f"](4.0) == 12.0
+    assert namespace["f"](4.0) == 12.0 and namespace["g"](1) == 4
     with pytest.raises(KeyError, match="missing"):
-        make_student.extract({"kern.py": ["missing"]})
-    with pytest.raises(KeyError, match="C"):       # used, imported from a repository module, not extracted
-        make_student.extract({"kern.py": ["A", "f"]})
+        make_student.extract({"pkg/attention.py": ["missing"]})
+    with pytest.raises(KeyError, match="C"):       # used, imported from the package, not extracted
+        make_student.extract({"pkg/attention.py": ["A", "f"]})
+    with pytest.raises(KeyError, match="C"):
+        make_student.extract({"pkg/decode.py": ["g"]})
 
 
 def test_every_assignment_has_its_files():

@@ -35,12 +35,11 @@ def assert_close(actual, expected, atol=None, rtol=None, what="result"):
         return
     bad = (~ok).nonzero()
     first = tuple(bad[0].tolist())
+    a, e = actual.detach().cpu(), expected.detach().cpu()                      # the values in their own dtype
     msg = (f"{what}: {len(bad)} of {ok.numel()} elements differ (atol {atol:g}, rtol {rtol:g}); "
            f"first at index {first}: got {a[first].item()!r}, expected {e[first].item()!r}")
     if a.dim() > 1 and a.shape[-1] <= 16:
-        row = first[:-1]
-        show = lambda x: x[row].tolist() if actual.is_floating_point() else x[row].long().tolist()
-        msg += f"; that row: got {show(a)}, expected {show(e)}"
+        msg += f"; that row: got {a[first[:-1]].tolist()}, expected {e[first[:-1]].tolist()}"
     raise AssertionError(msg)
 
 
