@@ -3,7 +3,7 @@ Assignment 6's experiment: how do K (blocks per query) and the block size bs cha
 loss, the recall of its indexer, and its training speed?
 
   OMP_NUM_THREADS=1 python experiment.py   # the grid below, a small model, on a CPU: six runs of 2-7 minutes
-                                          # each on a busy 2-core machine (one thread is faster at this size)
+                                          # each on 2 cores (one thread is faster at this size)
   python experiment.py --quick             # a smoke test of the pipeline (a few steps per run): numbers mean nothing
 
 Each run is train.py (config/train_cpu.py plus the overrides below), run inside this process (torch is

@@ -4,6 +4,7 @@ code, its tests all fail before the student's work is done, and they all pass ag
 code (the kit generated with --solution). The folders are graded by course/grade.py, as a student's
 `cd assignment_N && python -m pytest` would, one process per kit (torch imported once), both kits at once.
 """
+import ast
 import importlib.util
 import json
 import os
@@ -27,14 +28,20 @@ def start_grading(kit, report):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    """{('student' | 'solution', n): {test id: outcome}} for every assignment, and the folder that assignment 6's
-    experiment wrote its --quick smoke run into (its output itself is graded from the measured sample run
-    that the reference kit holds, course/solutions/assignment_6)."""
+def kits(tmp_path_factory):
+    """{'student' | 'solution': folder holding assignment_1 ... assignment_N}"""
     kits = {kind: str(tmp_path_factory.mktemp(kind)) for kind in ("student", "solution")}
     for kind, out in kits.items():
         for n in ASSIGNMENTS:
             make_student.build(n, out, solution=kind == "solution")
+    return kits
+
+
+@pytest.fixture(scope="module")
+def outcomes(kits, tmp_path_factory):
+    """{('student' | 'solution', n): {test id: outcome}} for every assignment, and the folder that assignment 6's
+    experiment wrote its --quick smoke run into (its output itself is graded from the measured sample run
+    that the reference kit holds, course/solutions/assignment_6)."""
     reports = {kind: os.path.join(kits[kind], "grades.json") for kind in kits}
     procs = {kind: start_grading(kits[kind], reports[kind]) for kind in kits}
     # meanwhile, the experiment's whole pipeline (train.py, recall, plots) at a toy size, reading the
@@ -79,6 +86,79 @@ def test_repository_code_passes_every_test(outcomes, n):
     assert got and not failed, f"assignment {n}: these tests fail against the repository's code: {failed}"
 
 
+def definitions(folder):
+    """{qualified name: [FunctionDef, ...]} over every .py file of an assignment folder."""
+    found = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name)) as f:
+                    for qual, node in make_student._functions(ast.parse(f.read())).items():
+                        found.setdefault(qual, []).append(node)
+    return found
+
+
+def work(node, kind):
+    """What an assignment writes in a definition: the body after the docstring, or the kernel's first loop body."""
+    body = make_student._body_after_docstring(node) if kind == "blank" else next(s for s in node.body if isinstance(s, ast.For)).body
+    return ast.dump(ast.Module(body, []))
+
+
+def test_no_folder_holds_another_assignments_answer(kits):
+    """Each name that assignment m blanks (or whose loop it empties) is, in every other student folder that does not
+    list m in `complete`, either absent or emptied: never the repository's body. The real bodies come from m's
+    reference folder; a folder's own work is checked by its failing tests."""
+    real = {}
+    for m in ASSIGNMENTS:
+        defs = definitions(os.path.join(kits["solution"], f"assignment_{m}"))
+        spec = make_student.ASSIGNMENTS[m]
+        for kind, key in (("blank", "blank"), ("loop", "loops")):
+            for names in spec.get(key, {}).values():
+                real.update({(m, name): (kind, work(defs[name][0], kind)) for name in names})
+    for n in ASSIGNMENTS:
+        folder = os.path.join(kits["student"], f"assignment_{n}")
+        defs = definitions(folder)
+        keep = set(make_student.ASSIGNMENTS[n].get("complete", ())) | {n}
+        for (m, name), (kind, body) in real.items():
+            if m not in keep:
+                for node in defs.get(name, []):
+                    assert work(node, kind) != body, f"assignment {n}'s folder holds {name}, assignment {m}'s answer"
+
+
+def test_assignment_4_folder_is_small_and_self_contained(kits):
+    """The loop's folder holds the query-outer kernel, its launcher and their helpers in one file that imports no
+    kernel module: a few hundred lines, not the repository's kernels."""
+    folder = os.path.join(kits["student"], "assignment_4")
+    py = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    assert py == ["conftest.py", "msa_ref.py", "query_forward.py", "test_assignment_4.py"], py
+    text = open(os.path.join(folder, "query_forward.py")).read()
+    imported = {(getattr(node, "module", None) or node.names[0].name).split(".")[0] if not getattr(node, "level", 0) else "."
+                for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    assert imported <= set(sys.stdlib_module_names) | {"torch", "triton", "msa_ref"}, imported
+    assert len(text.splitlines()) < 200
+
+
+def test_extract_fails_loudly(tmp_path, monkeypatch):
+    """A kernel package as the repository lays it out: a shared helper module and kernel modules importing it."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "common.py").write_text("C = 3\n")
+    (tmp_path / "pkg" / "attention.py").write_text("import math\n\nfrom .common import C\n\nA = 2\n\n\n"
+                                                  "def f(x):\n    return math.sqrt(x) * A * C\n")
+    (tmp_path / "pkg" / "decode.py").write_text("from pkg.common import C\n\n\ndef g(x):\n    return x + C\n")
+    monkeypatch.setattr(make_student, "ROOT", str(tmp_path))
+    out = make_student.extract({"pkg/common.py": ["C"], "pkg/attention.py": ["A", "f"], "pkg/decode.py": ["g"]})
+    assert "import math" in out and "common" not in out.split('"""')[2]
+    namespace = {}
+    exec(out, namespace)
+    assert namespace["f"](4.0) == 12.0 and namespace["g"](1) == 4
+    with pytest.raises(KeyError, match="missing"):
+        make_student.extract({"pkg/attention.py": ["missing"]})
+    with pytest.raises(KeyError, match="C"):       # used, imported from the package, not extracted
+        make_student.extract({"pkg/attention.py": ["A", "f"]})
+    with pytest.raises(KeyError, match="C"):
+        make_student.extract({"pkg/decode.py": ["g"]})
+
+
 def test_every_assignment_has_its_files():
     for n in ASSIGNMENTS:
         for path in (f"course/assignment_{n}.md", f"course/tests/test_assignment_{n}.py"):
@@ -92,6 +172,8 @@ def test_blank_source():
     assert out.count('raise NotImplementedError("Assignment 7: write') == 2
     with pytest.raises(KeyError):
         make_student.blank_source(src, 7, ["h"])
+    out = make_student.blank_source(src, 7, foreign={"g": (2, "blank"), "h": (3, "blank")})   # h: not here, ignored
+    assert "return 2" not in out and "assignment 2's work" in out and "a + 1" in out
     loop = "def k(X):\n    acc = 0\n    for i in range(3):\n        acc += i\n        acc *= 2\n    return acc\n"
     out = make_student.blank_source(loop, 4, loops=["k"])
     assert "acc += i" not in out and "        pass" in out and "return acc" in out

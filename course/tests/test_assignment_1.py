@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import msa_ref
+from conftest import assert_close
 
 
 def ints(*shape, seed=0):
@@ -49,8 +50,7 @@ def test_block_scores_prefill(B, Hkv, T, Di, bs):
     q_pos = torch.arange(T)
     got = msa_ref.block_scores(qi, ki, bs, q_pos)
     want = brute_scores(qi, ki, bs, q_pos.expand(B, Hkv, T))
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want)
+    assert_close(got.double(), want, what="block_scores")
 
 
 def test_block_scores_one_query_per_row():
@@ -58,7 +58,7 @@ def test_block_scores_one_query_per_row():
     qi, ki = ints(3, 2, 1, 4, seed=3), ints(3, 21, 4, seed=4)
     q_pos = torch.tensor([0, 9, 20]).view(3, 1, 1)
     got = msa_ref.block_scores(qi, ki, 4, q_pos)
-    torch.testing.assert_close(got.double(), brute_scores(qi, ki, 4, q_pos.expand(3, 2, 1)))
+    assert_close(got.double(), brute_scores(qi, ki, 4, q_pos.expand(3, 2, 1)), what="block_scores")
 
 
 @pytest.mark.parametrize("T, bs, K", [(1, 4, 3), (37, 4, 3), (37, 4, 1), (16, 4, 8), (30, 5, 4)])
@@ -67,15 +67,14 @@ def test_select_blocks(T, bs, K):
     S = ints(2, 2, T, nb, seed=T + K)   # many ties
     q_pos = torch.arange(T)
     got = msa_ref.select_blocks(S, q_pos, bs, K)
-    assert got.dtype == torch.int32 and got.shape == (2, 2, T, K)
-    assert torch.equal(got, brute_select(S, q_pos.expand(2, 2, T), bs, K))
+    assert_close(got, brute_select(S, q_pos.expand(2, 2, T), bs, K), what="select_blocks")   # int32 (2, 2, T, K), exact
 
 
 def test_select_blocks_ignores_later_blocks():
     """Scores of the local block and of later blocks must not compete, however large they are."""
     S = torch.tensor([[1.0, 2.0, 9.0, 9.0, 9.0]])   # one query at position 11, bs 4: local block 2
     got = msa_ref.select_blocks(S, torch.tensor([11]), 4, 2)
-    assert got.tolist() == [[1, 2]]
+    assert_close(got, torch.tensor([[1, 2]], dtype=torch.int32), what="select_blocks")
 
 
 @pytest.mark.parametrize("B, Hkv, T, bs, K", [(1, 1, 1, 4, 2), (2, 2, 29, 4, 3), (1, 2, 24, 8, 16), (1, 1, 40, 4, 1)])
@@ -83,6 +82,6 @@ def test_index_topk_end_to_end(B, Hkv, T, bs, K):
     qi, ki = ints(B, Hkv, T, 4, seed=5), ints(B, T, 4, seed=6)
     got = msa_ref.index_topk(qi, ki, bs, K)
     want = brute_select(brute_scores(qi, ki, bs, torch.arange(T).expand(B, Hkv, T)), torch.arange(T).expand(B, Hkv, T), bs, K)
-    assert torch.equal(got, want)
+    assert_close(got, want, what="index_topk")
     valid = (got >= 0).sum(-1)                                   # min(K, l + 1) valid entries per query
-    assert torch.equal(valid, torch.clamp(torch.arange(T) // bs + 1, max=K).expand(B, Hkv, T).to(valid.dtype))
+    assert_close(valid, torch.clamp(torch.arange(T) // bs + 1, max=K).expand(B, Hkv, T).to(valid.dtype), what="valid entries per query")

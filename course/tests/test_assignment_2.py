@@ -1,5 +1,6 @@
 """Assignment 2: exact sparse attention with an online softmax (online_softmax.sparse_attention_online),
-checked against msa_ref.sparse_attention and, when every block is selected, against dense causal attention."""
+checked against msa_ref.sparse_attention and, when every block is selected, against dense causal attention.
+The selections are drawn at random (conftest.random_block_idx): any valid block_idx must work."""
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import msa_ref
+from conftest import assert_close, random_block_idx
 from online_softmax import sparse_attention_online
 
 
@@ -14,9 +16,9 @@ def rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
-def inputs(B, Hq, Hkv, T, D, Di=8, bs=4, K=3, seed=0, dtype=torch.float64):
+def inputs(B, Hq, Hkv, T, D, bs=4, K=3, seed=0, dtype=torch.float64):
     q, k, v = rand(B, Hq, T, D, seed=seed, dtype=dtype), rand(B, Hkv, T, D, seed=seed + 1, dtype=dtype), rand(B, Hkv, T, D, seed=seed + 2, dtype=dtype)
-    block_idx = msa_ref.index_topk(rand(B, Hkv, T, Di, seed=seed + 3), rand(B, T, Di, seed=seed + 4), bs, K)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=seed + 3)
     return q, k, v, block_idx
 
 
@@ -26,9 +28,8 @@ def test_matches_reference(B, Hq, Hkv, T, D, bs, K):
     q, k, v, block_idx = inputs(B, Hq, Hkv, T, D, bs=bs, K=K)
     out, lse = sparse_attention_online(q, k, v, block_idx, bs)
     want_out, want_lse = msa_ref.sparse_attention(q, k, v, block_idx, bs)
-    assert out.shape == (B, Hq, T, D) and lse.shape == (B, Hq, T) and out.dtype == q.dtype
-    torch.testing.assert_close(out, want_out)
-    torch.testing.assert_close(lse.double(), want_lse.double())
+    assert_close(out, want_out, what="out")
+    assert_close(lse.double(), want_lse.double(), what="lse")
 
 
 def test_equals_dense_when_every_block_is_chosen():
@@ -36,10 +37,10 @@ def test_equals_dense_when_every_block_is_chosen():
     q, k, v, block_idx = inputs(B, Hq, Hkv, T, D, bs=bs, K=math.ceil(29 / 4))
     out, lse = sparse_attention_online(q, k, v, block_idx, bs)
     dense = F.scaled_dot_product_attention(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1), is_causal=True)
-    torch.testing.assert_close(out, dense)
+    assert_close(out, dense, what="out")
     s = q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) / math.sqrt(D)
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    torch.testing.assert_close(lse.double(), s.logsumexp(-1))
+    assert_close(lse.double(), s.logsumexp(-1), what="lse")
 
 
 def test_float32_any_order_and_padding():
@@ -49,8 +50,8 @@ def test_float32_any_order_and_padding():
     block_idx[0, 0, 5] = -1                                      # token 5 reads nothing
     out, lse = sparse_attention_online(q, k, v, block_idx, 4)
     want_out, want_lse = msa_ref.sparse_attention(q, k, v, block_idx, 4)
-    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert_close(out, want_out, atol=1e-5, rtol=1e-5, what="out")
+    assert_close(lse, want_lse, atol=1e-5, rtol=1e-5, what="lse")
     assert torch.all(out[0, :, 5] == 0) and torch.all(lse[0, :, 5] == float("-inf"))
 
 
@@ -60,8 +61,8 @@ def test_large_scores_do_not_overflow():
     out, lse = sparse_attention_online(q * 300, k, v, block_idx, 4)
     want_out, want_lse = msa_ref.sparse_attention(q * 300, k, v, block_idx, 4)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, want_out)
-    torch.testing.assert_close(lse.double(), want_lse.double())
+    assert_close(out, want_out, what="out")
+    assert_close(lse.double(), want_lse.double(), what="lse")
 
 
 def test_gradients_match_reference():
@@ -74,8 +75,8 @@ def test_gradients_match_reference():
     for t in (q, k, v):
         t.grad = None
     (msa_ref.sparse_attention(q, k, v, block_idx, 4)[0] * w).sum().backward()
-    for a, t in zip(got, (q, k, v)):
-        torch.testing.assert_close(a, t.grad)
+    for a, t, name in zip(got, (q, k, v), ("dq", "dk", "dv")):
+        assert_close(a, t.grad, what=name)
 
 
 def test_bad_input_is_a_value_error():

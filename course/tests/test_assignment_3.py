@@ -1,11 +1,13 @@
 """Assignment 3: the KL alignment loss (msa_ref.kl_loss), compared with a loop over (b, g, t) written from
-DESIGN.md's formula, and its gradient: it reaches qi and ki only, as (r - p) / (B * Hkv * T) on the support."""
+DESIGN.md's formula, and its gradient: it reaches qi and ki only, as (r - p) / (B * Hkv * T) on the support.
+The selections are drawn at random (conftest.random_block_idx): the loss is defined for any valid block_idx."""
 import math
 
 import pytest
 import torch
 
 import msa_ref
+from conftest import assert_close, random_block_idx
 
 
 def rand(*shape, seed=0):
@@ -15,7 +17,7 @@ def rand(*shape, seed=0):
 def inputs(B, Hq, Hkv, T, D, Di, bs, K, seed=0):
     q, k = rand(B, Hq, T, D, seed=seed), rand(B, Hkv, T, D, seed=seed + 1)
     qi, ki = rand(B, Hkv, T, Di, seed=seed + 2), rand(B, T, Di, seed=seed + 3)
-    return q, k, qi, ki, msa_ref.index_topk(qi, ki, bs, K)
+    return q, k, qi, ki, random_block_idx(B, Hkv, T, bs, K, seed=seed + 4)
 
 
 def brute(q, k, qi, ki, block_idx, bs):
@@ -58,8 +60,8 @@ def test_gradient_reaches_the_index_branch_only():
     for (b, g, t), (js, d) in diffs.items():                     # d kl / d s_tj = (r - p) / (B Hkv T), s = qi.ki / sqrt(Di)
         dqi[b, g, t] += d @ ki.detach()[b, js] / math.sqrt(Di)
         dki[b, js] += d[:, None] * qi.detach()[b, g, t] / math.sqrt(Di)
-    torch.testing.assert_close(qi.grad, dqi)
-    torch.testing.assert_close(ki.grad, dki)
+    assert_close(qi.grad, dqi, what="d kl / d qi")
+    assert_close(ki.grad, dki, what="d kl / d ki")
 
 
 def test_zero_when_the_index_branch_copies_the_main_branch():
@@ -67,7 +69,7 @@ def test_zero_when_the_index_branch_copies_the_main_branch():
     q, k, _, _, _ = inputs(1, 2, 2, 21, 8, 8, 4, 3, seed=5)
     ki = k[:, 0]                                                  # (B, T, D): one key shared by both groups...
     k = ki.unsqueeze(1).expand(-1, 2, -1, -1)                     # ...so the main branch uses it too
-    block_idx = msa_ref.index_topk(q, ki, 4, 3)
+    block_idx = random_block_idx(1, 2, 21, 4, 3, seed=5)
     kl = msa_ref.kl_loss(q, k, q, ki, block_idx, 4)
     assert abs(float(kl)) < 1e-12
     q2, k2, qi2, ki2, b2 = inputs(1, 2, 1, 21, 8, 8, 4, 3, seed=6)
@@ -79,7 +81,7 @@ def test_lse_argument_and_dense_variant():
     q, k, qi, ki, block_idx = inputs(1, 4, 2, 18, 4, 4, 4, 2, seed=7)
     _, lse = msa_ref.sparse_attention(q, k, torch.randn_like(k), block_idx, 4)
     a = msa_ref.kl_loss(q, k, qi, ki, block_idx, 4)
-    torch.testing.assert_close(msa_ref.kl_loss(q, k, qi, ki, block_idx, 4, lse=lse), a)
+    assert_close(msa_ref.kl_loss(q, k, qi, ki, block_idx, 4, lse=lse), a, what="kl_loss with lse")
     want, _ = brute(q, k, qi, ki, msa_ref.dense_block_idx(1, 2, 18, 4), 4)
     assert abs(float(msa_ref.kl_loss_dense(q, k, qi, ki, 4)) - want) < 1e-9
 

@@ -1,12 +1,14 @@
-"""Assignment 4: the inner loop of the query-outer Triton forward kernel (msa_triton._fwd_query_kernel),
-run through msa_triton.attention_forward_query_outer and compared with msa_ref.sparse_attention.
+"""Assignment 4: the inner loop of the query-outer Triton forward kernel (query_forward._fwd_query_kernel),
+run through query_forward.attention_forward_query_outer and compared with msa_ref.sparse_attention on random
+selections (conftest.random_block_idx).
 Without a GPU, Triton runs in its interpreter (conftest.py sets TRITON_INTERPRET=1): tiny shapes, fp32 and
 fp16 only (the interpreter's bf16 matrix product is wrong). The bf16 test needs a CUDA GPU (optional)."""
 import pytest
 import torch
 
 import msa_ref
-import msa_triton
+from conftest import assert_close, random_block_idx
+from query_forward import attention_forward_query_outer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -15,17 +17,17 @@ def inputs(B, Hq, Hkv, T, D, bs, K, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(s, generator=g).to(DEVICE, dtype)
     q, k, v = r(B, Hq, T, D), r(B, Hkv, T, D), r(B, Hkv, T, D)
-    block_idx = msa_ref.index_topk(r(B, Hkv, T, 8).float(), r(B, T, 8).float(), bs, K)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=seed, device=DEVICE)
     return q, k, v, block_idx
 
 
 def check(q, k, v, block_idx, bs, tol):
-    out, lse = msa_triton.attention_forward_query_outer(q, k, v, block_idx, bs)
+    out, lse = attention_forward_query_outer(q, k, v, block_idx, bs)
     want_out, want_lse = msa_ref.sparse_attention(q.float(), k.float(), v.float(), block_idx, bs)
-    torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+    assert_close(out.float(), want_out.float(), atol=tol, rtol=tol, what="out")
     finite = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse[finite], want_lse[finite], atol=tol, rtol=tol)
+    assert_close(torch.isfinite(lse), finite, what="finite lse")
+    assert_close(lse[finite], want_lse[finite], atol=tol, rtol=tol, what="lse")
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, T, D, bs, K", [(1, 2, 1, 21, 16, 8, 2), (2, 2, 2, 9, 16, 4, 2), (1, 1, 1, 1, 16, 16, 1)])

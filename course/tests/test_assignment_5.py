@@ -4,6 +4,7 @@ compared with a per-token loop written from the docstrings."""
 import pytest
 import torch
 
+from conftest import assert_close
 from model import GPTConfig, MoE, moe_dispatch, swiglu
 
 
@@ -26,7 +27,7 @@ def test_dispatch_matches_per_token_loop():
     idx = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(N)])   # expert 4 gets no token
     gate = torch.rand(N, k, generator=g, dtype=torch.float64)
     x, w1, w3, w2 = rand(N, C, seed=2), rand(E, C, H, seed=3), rand(E, C, H, seed=4), rand(E, H, C, seed=5)
-    torch.testing.assert_close(moe_dispatch(x, idx, gate, w1, w3, w2), per_token(x, idx, gate, w1, w3, w2))
+    assert_close(moe_dispatch(x, idx, gate, w1, w3, w2), per_token(x, idx, gate, w1, w3, w2), what="moe_dispatch")
 
 
 def layer(shared, E=4, k=2, seed=0):
@@ -47,11 +48,11 @@ def test_forward_matches_the_definition(shared, E, k):
     want = per_token(xf, idx, gate, moe.w1, moe.w3, moe.w2)
     if shared:
         want = want + swiglu(xf, *moe.shared)
-    torch.testing.assert_close(out, want.view(2, 7, 8))
+    assert_close(out, want.view(2, 7, 8), what="out")
     f = torch.bincount(idx.reshape(-1), minlength=E).double() / idx.numel()    # fraction of assignments
     P = logits.softmax(-1).mean(0)                                              # mean router probability
-    torch.testing.assert_close(load.double(), f)
-    torch.testing.assert_close(balance.double(), E * (f * P).sum())
+    assert_close(load.double(), f, what="load")
+    assert_close(balance.double(), E * (f * P).sum(), what="balance")
     assert abs(float(load.sum()) - 1) < 1e-9
 
 
