@@ -12,9 +12,10 @@ One block is  x + attn(norm(x))  then  x + moe(norm(x)).
 - moe: a router picks the top-k of E SwiGLU experts per token (plus an optional shared expert that sees
   every token); a Switch-style auxiliary loss keeps the experts evenly loaded.
 The forward returns logits and the losses (LM, KL summed over MSA layers, balance), so train.py stays simple.
+GPT also measures itself for train.py: indexer_recall (how much of the dense attention the chosen blocks hold)
+and flops_per_token (for the MFU). generate() decodes with one KVCache per layer.
 """
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -93,8 +94,39 @@ def rope(x, pos, theta):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """
+    One attention layer's decoding cache: k, v (B, Hkv, Tmax, D) and, for an MSA layer, the index keys
+    ki (B, Tmax, Di), plus their scales ks (B, Tmax) when the index is fp8 (msa_ref.fp8_quantize).
+    The tensors are allocated once, at the first write (the prefill), for all Tmax = max_len positions and in
+    the dtype written (bf16 under autocast); positions not yet written hold zeros that attention masks out.
+    dense: an MSA layer decodes like a dense one, over the whole cache (generate(decode='dense')).
+    Every write is an index_copy_ at positions held in a device tensor, into tensors of fixed shape: nothing waits
+    on the host, so a CUDA graph can capture a decode step and replay it with a new position.
+    """
+
+    def __init__(self, max_len, dense=False):
+        self.max_len, self.dense = max_len, dense
+        self.k = self.v = self.ki = self.ks = None
+
+    def write(self, pos, k, v, ki=None, ks=None):
+        """pos (T,) long positions on the device; k, v (B, Hkv, T, D); ki (B, T, Di) or None; ks (B, T) or None."""
+        if self.k is None:
+            B, Hkv, _, D = k.shape
+            self.k, self.v = k.new_zeros(B, Hkv, self.max_len, D), v.new_zeros(B, Hkv, self.max_len, D)
+            if ki is not None:
+                self.ki = ki.new_zeros(B, self.max_len, ki.shape[-1])
+                self.ks = None if ks is None else ks.new_zeros(B, self.max_len)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        if ki is not None:  # copied as bytes: index_copy_ has no fp8 kernel
+            self.ki.view(torch.uint8).index_copy_(1, pos, ki.view(torch.uint8))
+            if ks is not None:
+                self.ks.index_copy_(1, pos, ks)
+
+
 class Attention(nn.Module):
-    """GQA with RoPE; sparse (MSA) or dense causal. With a cache it also serves prefill and decoding."""
+    """GQA with RoPE; sparse (MSA) or dense causal. With a KVCache it also serves prefill and decoding."""
 
     def __init__(self, cfg, sparse, backend):
         super().__init__()
@@ -125,65 +157,79 @@ class Attention(nn.Module):
         return qi, rope(self.wki(xd), pos, cfg.rope_theta)
 
     def forward(self, x, pos, cache=None, kl_support=None):
-        """x (B, T, C), pos (T,) positions. kl_support None (no KL), 'sparse' (the chosen blocks) or 'dense'
-        (every visible block: the warm-up). cache: this layer's dict, filled at pos; T == 1 decodes.
-        Returns y (B, T, C), the KL (a scalar tensor, or None) and, in eval mode with a KL, the indexer recall
-        (a scalar tensor, or None)."""
+        """
+        x (B, T, C), pos (T,) positions. Three paths:
+          a whole sequence from position 0 (training, eval, prefill): MSA (_sparse) or dense causal attention;
+          with a KVCache, this chunk's keys are also written into it at pos;
+          with a KVCache and T == 1: one token decoded against everything cached (_decode).
+        kl_support None (no KL), 'sparse' (the chosen blocks) or 'dense' (every visible block: the warm-up).
+        Returns y (B, T, C) and the KL (a scalar tensor, or None).
+        """
         cfg, B, T, _ = self.cfg, *x.shape
-        Hq, Hkv, D, Di, bs, K = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim, cfg.msa_block_size, cfg.msa_topk
         q, k, v = self.qkv(x, pos)                                                    # (B, Hq or Hkv, T, D)
-        if self.sparse:
-            qi, ki = self.index_branch(x, pos)                                        # (B, Hkv, T, Di), (B, T, Di)
-        kl = recall = None
-        if cache is not None:  # write this chunk's keys into the caches (B, Hkv, Tmax, D), (B, Tmax, Di)
-            if self.sparse:  # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token
-                kic, ksc = msa_ref.fp8_quantize(ki) if cfg.index_fp8 else (ki, None)   # (B, T, Di), (B, T) or None
-            if "k" not in cache:  # allocated once, at the prefill, for the whole generation (Tmax = cache["size"])
-                cache["k"] = k.new_zeros(B, Hkv, cache["size"], D)
-                cache["v"] = v.new_zeros(B, Hkv, cache["size"], D)
-                if self.sparse:
-                    cache["ki"] = kic.new_zeros(B, cache["size"], Di)
-                    cache["ks"] = None if ksc is None else ksc.new_zeros(B, cache["size"])
-            # index_copy_ with the positions as a device tensor: no host sync, so a CUDA graph replays it
-            cache["k"].index_copy_(2, pos, k)
-            cache["v"].index_copy_(2, pos, v)
-            if self.sparse:  # the keys copied as bytes: index_copy_ has no fp8 kernel
-                cache["ki"].view(torch.uint8).index_copy_(1, pos, kic.view(torch.uint8))
-                if ksc is not None:
-                    cache["ks"].index_copy_(1, pos, ksc)
-        if cache is not None and T == 1:  # decode one token against everything cached so far
-            n = pos + 1                                                               # (1,) tokens cached, on the device
-            if self.sparse and not cache.get("dense"):
-                lens = n.to(torch.int32).repeat(B)                                    # (B,) every row at the same length
-                y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache["k"], cache["v"], cache["ki"], lens, bs, K,
-                                               ki_scale=cache["ks"])
-                y = y.unsqueeze(2)                                                    # (B, Hq, 1, D)
-            else:  # dense layers, and MSA layers when generate(decode='dense') asks for the comparison
-                # attention over the whole preallocated cache with its unwritten tail masked (fixed shapes: it
-                # reads Tmax tokens, not n). Keep the Hq heads as heads (enable_gqa): on an H100 at this model's
-                # shape that runs 4-25x faster than folding a group's heads into query rows, which leaves
-                # the backend B * Hkv programs to stream the whole cache (DECODE_NOTES.md)
-                visible = (torch.arange(cache["size"], device=x.device) < n).view(1, 1, 1, -1)  # (1, 1, 1, Tmax)
-                y = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=visible, enable_gqa=True)
-        elif self.sparse:  # a whole sequence from position 0 (training, eval, prefill)
-            with torch.no_grad():
-                block_idx = self.backend.index_topk(qi.detach(), ki.detach(), bs, K, fp8=cfg.index_fp8)  # (B, Hkv, T, K)
-            y, lse = self.backend.sparse_attention(q, k, v, block_idx, bs)           # (B, Hq, T, D), (B, Hq, T)
-            if kl_support is not None and not self.training:
-                # indexer recall: the dense teacher's attention mass inside the chosen blocks, averaged over
-                # queries and heads; that mass is exp(lse over the chosen keys - lse over every visible key)
-                every = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device)             # (B, Hkv, T, nblocks)
-                with torch.no_grad():
-                    _, lse_all = self.backend.sparse_attention(q, k, v, every, bs)    # (B, Hq, T)
-                recall = (lse.detach().float() - lse_all.float()).exp().mean()
+        qi, ki = self.index_branch(x, pos) if self.sparse else (None, None)          # (B, Hkv, T, Di), (B, T, Di)
+        kl = None
+        if cache is not None:
+            # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token
+            kic, ksc = msa_ref.fp8_quantize(ki) if self.sparse and cfg.index_fp8 else (ki, None)
+            cache.write(pos, k, v, kic, ksc)
+        if cache is not None and T == 1:
+            y = self._decode(q, qi, pos, cache)
+        elif self.sparse:
+            y, block_idx, lse = self._sparse(q, k, v, qi, ki)
             if kl_support is not None:
-                if kl_support == "dense":  # another support: the attention's lse does not normalise it
-                    block_idx, lse = msa_ref.dense_block_idx(B, Hkv, T, bs, x.device), None
-                # grads reach qi, ki only; lse (the teacher's normaliser) spares the kernel a pass over q . k
-                kl = self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs, lse=lse)
+                kl = self._kl(q, k, qi, ki, block_idx, lse, kl_support)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), kl, recall
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kl
+
+    def _sparse(self, q, k, v, qi, ki):
+        """MSA over a whole sequence: the index branch picks K blocks per query and group (no gradient through the
+        choice), the main branch attends over them. Returns y (B, Hq, T, D), block_idx (B, Hkv, T, K), lse (B, Hq, T)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            block_idx = self.backend.index_topk(qi.detach(), ki.detach(), cfg.msa_block_size, cfg.msa_topk,
+                                                fp8=cfg.index_fp8)
+        y, lse = self.backend.sparse_attention(q, k, v, block_idx, cfg.msa_block_size)
+        return y, block_idx, lse
+
+    def _kl(self, q, k, qi, ki, block_idx, lse, support):
+        """The index branch's KL loss on the chosen blocks (support 'sparse') or on every visible block ('dense').
+        Gradients reach qi, ki only. lse, the teacher's normaliser on the chosen blocks, spares the kernel a pass
+        over q . k; on another support it does not normalise, so it is not passed."""
+        B, Hkv, T, _ = qi.shape
+        bs = self.cfg.msa_block_size
+        if support == "dense":
+            block_idx, lse = msa_ref.dense_block_idx(B, Hkv, T, bs, q.device), None
+        return self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs, lse=lse)
+
+    def _decode(self, q, qi, pos, cache):
+        """One new token: q (B, Hq, 1, D), qi (B, Hkv, 1, Di) at pos (1,), its keys already in the cache.
+        -> (B, Hq, 1, D). Everything stays on the device and in fixed shapes (a CUDA graph replays it)."""
+        cfg, B = self.cfg, q.shape[0]
+        n = pos + 1                                                                   # (1,) tokens cached
+        if self.sparse and not cache.dense:
+            lens = n.to(torch.int32).repeat(B)                                        # (B,) every row at the same length
+            y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache.k, cache.v, cache.ki, lens,
+                                           cfg.msa_block_size, cfg.msa_topk, ki_scale=cache.ks)
+            return y.unsqueeze(2)                                                     # (B, Hq, 1, D)
+        # dense layers, and MSA layers under decode='dense': attention over the whole preallocated cache with its
+        # unwritten tail masked (it reads Tmax tokens, not n: fixed shapes). The Hq heads stay heads (enable_gqa):
+        # folding a group's heads into query rows would leave the backend only B * Hkv programs to stream the cache
+        visible = (torch.arange(cache.max_len, device=q.device) < n).view(1, 1, 1, -1)  # (1, 1, 1, Tmax)
+        return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible, enable_gqa=True)
+
+    @torch.no_grad()
+    def recall(self, x, pos):
+        """The indexer recall of this MSA layer on x (B, T, C): the dense teacher's attention mass inside the chosen
+        blocks, averaged over batch, heads and queries. A head's mass on a set of keys is exp(lse over those keys -
+        lse over every visible key), so two attention passes give it: the chosen blocks', and every block's."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, pos)
+        _, _, lse = self._sparse(q, k, v, *self.index_branch(x, pos))             # (B, Hq, T)
+        every = msa_ref.dense_block_idx(B, self.cfg.n_kv_head, T, self.cfg.msa_block_size, x.device)
+        _, lse_all = self.backend.sparse_attention(q, k, v, every, self.cfg.msa_block_size)  # (B, Hq, T)
+        return (lse.float() - lse_all.float()).exp().mean()
 
 
 def swiglu(x, w1, w3, w2):
@@ -213,8 +259,8 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
             # host time, which the GPU spends idle; the group sizes change every step, the padded ones rarely
             rows = tokens[e][torch.arange(padded_rows(n), device=x.device).clamp(max=n - 1)]  # last one repeated
             # index_select, not x[rows]: its backward is one index_add_, where x[rows]'s sorts the rows to
-            # accumulate repeats (11% of a 128K-token training step on an H100, MODEL_NOTES.md). The sums stay
-            # exact and in order: a row's only nonzero gradient per expert is its one unpadded appearance
+            # accumulate repeats. The sums stay exact and in order: a row's only nonzero gradient per expert
+            # is its one unpadded appearance
             y = swiglu(x.index_select(0, rows), w1[e], w3[e], w2[e])[:n] * gates[e].unsqueeze(-1)
             out.index_add_(0, tokens[e], y.to(out.dtype))
     return out
@@ -295,10 +341,10 @@ class Block(nn.Module):
         self.moe = MoE(cfg)
 
     def forward(self, x, pos, cache=None, kl_support=None):
-        a, kl, recall = self.attn(self.norm1(x), pos, cache, kl_support)
+        a, kl = self.attn(self.norm1(x), pos, cache, kl_support)
         x = x + a
         m, balance, load = self.moe(self.norm2(x))
-        return x + m, kl, recall, balance, load
+        return x + m, kl, balance, load
 
 
 class GPT(nn.Module):
@@ -325,35 +371,42 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x, y=None, patches=None, kl_dense=False, cache=None, pos0=0):
-        """
-        x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
-        x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
-        cache/pos0: used by generate(); then only the last position's logits are returned. pos0 is the position of
-        x[:, 0]: an int, or a (1,) long tensor on x's device (a CUDA graph replays the step with a new value in it).
-        Without y: logits (B, T, V), None. With y: None (the loss is computed chunk by chunk from the last hidden
-        states, so a long-context step never holds the logits) and losses: lm, kl (summed over MSA layers),
-        balance (mean over layers), kl_layers (n_msa,), expert_load (n_layer, E), in eval mode recall_layers (n_msa,).
-        """
-        cfg = self.cfg
-        B, T = x.shape
-        if y is not None and y.shape != x.shape:
-            raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    def embed(self, x, patches=None, decoding=False):
+        """x (B, T) token ids, patches (B, T, patch_dim) read where x == img_patch_id -> h (B, T, C).
+        decoding: x holds sampled tokens, which are not checked for image-patch ids (that check is a host sync
+        per step); such a token embeds as a token."""
+        cfg, (B, T) = self.cfg, x.shape
         h = self.wte(x)                                                      # (B, T, C)
         is_patch = (x == cfg.img_patch_id).unsqueeze(-1)                     # (B, T, 1)
         if patches is not None:
             if patches.shape != (B, T, cfg.patch_dim):
                 raise ValueError(f"patches must be [B={B}, T={T}, {cfg.patch_dim}], got {tuple(patches.shape)}")
             h = torch.where(is_patch, self.patch_proj(patches.to(self.patch_proj.weight.dtype)).to(h.dtype), h)
-        elif (cache is None or T > 1) and bool(is_patch.any()):  # a decoded token is not checked (a host sync
-            raise ValueError("x holds image-patch tokens but no patches were given")  # per step); it embeds as a token
+        elif not decoding and bool(is_patch.any()):
+            raise ValueError("x holds image-patch tokens but no patches were given")
+        return h
+
+    def forward(self, x, y=None, patches=None, kl_dense=False, cache=None, pos0=0):
+        """
+        x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
+        x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
+        cache/pos0: used by generate(); cache is a list of KVCache, one per block, and then only the last position's
+        logits are returned. pos0 is the position of x[:, 0]: an int, or a (1,) long tensor on x's device (a CUDA
+        graph replays the step with a new value in it).
+        Without y: logits (B, T, V), None. With y: None (the loss is computed chunk by chunk from the last hidden
+        states, so a long-context step never holds the logits) and losses: lm, kl (summed over MSA layers),
+        balance (mean over layers), kl_layers (n_msa,), expert_load (n_layer, E).
+        """
+        B, T = x.shape
+        if y is not None and y.shape != x.shape:
+            raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+        h = self.embed(x, patches, decoding=cache is not None and T == 1)   # (B, T, C)
         pos = pos0 + torch.arange(T, device=x.device)                        # (T,); pos0 an int or a (1,) device tensor
         kl_support = None if y is None else ("dense" if kl_dense else "sparse")
-        kls, recalls, balances, loads = [], [], [], []
+        kls, balances, loads = [], [], []
         for i, block in enumerate(self.blocks):
-            h, kl, recall, balance, load = block(h, pos, None if cache is None else cache[i], kl_support)
+            h, kl, balance, load = block(h, pos, None if cache is None else cache[i], kl_support)
             kls += [] if kl is None else [kl]
-            recalls += [] if recall is None else [recall]
             balances.append(balance)
             loads.append(load)
         if cache is not None:
@@ -364,34 +417,75 @@ class GPT(nn.Module):
         # the loss straight from h and the head's weight: the Triton backend never builds the (B*T, V) logits
         lm = self.backend.linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, y.reshape(-1))
         kl_layers = torch.stack(kls).float() if kls else lm.new_zeros(0)
-        losses = dict(lm=lm, kl=kl_layers.sum(), kl_layers=kl_layers.detach(), balance=torch.stack(balances).mean(),
-                      expert_load=torch.stack(loads))
-        if recalls:  # eval mode only
-            losses["recall_layers"] = torch.stack(recalls)
-        return None, losses
+        return None, dict(lm=lm, kl=kl_layers.sum(), kl_layers=kl_layers.detach(),
+                          balance=torch.stack(balances).mean(), expert_load=torch.stack(loads))
+
+    @torch.no_grad()
+    def indexer_recall(self, x, patches=None):
+        """x (B, T) (patches as for forward) -> recall (n_msa,) float32, one per MSA layer: the dense teacher's
+        attention mass inside the blocks the indexer chose (Attention.recall), averaged over batch, heads and
+        queries. 1 when the chosen blocks hold all of it. Runs the blocks up to the last MSA layer only."""
+        T = x.shape[1]
+        sparse = [block.attn.sparse for block in self.blocks]
+        if not any(sparse):
+            return torch.zeros(0, device=x.device)
+        h, pos = self.embed(x, patches), torch.arange(T, device=x.device)   # (B, T, C), (T,)
+        recalls = []
+        for block in self.blocks[:len(sparse) - sparse[::-1].index(True)]:
+            if block.attn.sparse:
+                recalls.append(block.attn.recall(block.norm1(h), pos))
+            h = block(h, pos)[0]
+        return torch.stack(recalls)
+
+    def flops_per_token(self, seq_len, kl_dense=False):
+        """
+        Model FLOPs of one training token (forward + backward) on rows of seq_len tokens, for the MFU: what the
+        model needs, not what the kernels happen to do (no recomputation, no padding). A multiply-add is 2 FLOPs;
+        backward = 2x forward.
+          matmul weights: 6 * (active params per token): attention Wq, Wk, Wv, Wo, the router, expert_topk experts
+            (+ the shared one) of 3 C x H matrices, the LM head. The index branch (Wqi, Wki) counts 4, not 6: it
+            reads x.detach(), so its backward has no input gradient. Embedding lookups are not matmuls; the
+            image-patch projection (patch_dim inputs per token) is left out.
+          attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
+            dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
+            blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
+          MSA index branch, no gradient through the selection: scores qi.ki over all t + 1 visible tokens and the
+            block max, 2 * Hkv * Di * (t + 1);
+          MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up, kl_dense):
+            teacher q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
+        Averaged over the seq_len positions of a row.
+        """
+        cfg = self.cfg
+        C, H, Hq, Hkv, Di = cfg.n_embd, cfg.expert_hidden, cfg.n_head, cfg.n_kv_head, cfg.index_dim
+        D, bs, K, L = C // Hq, cfg.msa_block_size, cfg.msa_topk, cfg.n_layer
+        n_msa = sum(block.attn.sparse for block in self.blocks)
+        t = torch.arange(seq_len, dtype=torch.float64)                       # query positions
+        n_dense_keys = (t + 1).mean().item()
+        n_msa_keys = torch.where(t // bs + 1 <= K, t + 1, (K - 1) * bs + t % bs + 1).mean().item()
+        n_kl_keys = n_dense_keys if kl_dense else n_msa_keys
+        attn_params = 2 * C * Hq * D + 2 * C * Hkv * D
+        moe_params = C * cfg.n_expert + (cfg.expert_topk + cfg.shared_expert) * 3 * C * H
+        matmul = 6 * (L * (attn_params + moe_params) + cfg.vocab_size * C) + 4 * n_msa * (C * Hkv * Di + C * Di)
+        attn = 12 * Hq * D * ((L - n_msa) * n_dense_keys + n_msa * n_msa_keys)
+        index = n_msa * (2 * Hkv * Di * n_dense_keys + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
+        return matmul + attn + index
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse"):
         """
-        idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens).
-        The prompt is prefilled with the sparse forward, filling the KV and index-key caches (preallocated for
+        idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens) tokens.
+        The prompt is prefilled with the sparse forward, filling one KVCache per layer (allocated for
         T0 + max_new_tokens tokens); then each new token attends through backend.sparse_decode, or, with
         decode='dense', MSA layers attend to the whole cache like the dense layers (the index is ignored).
         temperature 0 is greedy. On CUDA one decode step (every layer, sampling excluded) is captured in a CUDA
         graph after one eager step, and replayed: nothing in it waits on the host.
-        Also returns the seconds spent on the prompt and on the new tokens (for tokens/s; the eager first step
-        and the capture are counted in the second).
         """
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         B, T0 = idx.shape
-        cache = [dict(size=T0 + max_new_tokens, dense=decode == "dense") for _ in self.blocks]
+        cache = [KVCache(T0 + max_new_tokens, dense=decode == "dense") for _ in self.blocks]
         out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)     # (B, T0 + max_new_tokens)
-        sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
-        t0 = time.time()
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
-        sync()
-        t1 = time.time()
         tok = idx.new_zeros(B, 1)                                            # (B, 1) the step's inputs: fixed
         pos = torch.zeros(1, dtype=torch.long, device=idx.device)            # (1,)   buffers a graph reads
         step = lambda: self(tok, cache=cache, pos0=pos)[0][:, -1].float()    # -> (B, V)
@@ -416,8 +510,7 @@ class GPT(nn.Module):
                 logits, replay = cuda_graphed(step)
             else:
                 logits = replay()
-        sync()
-        return out, t1 - t0, time.time() - t1
+        return out
 
 
 def cuda_graphed(fn):

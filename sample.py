@@ -19,6 +19,7 @@ and for the generation.
 """
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -67,12 +68,26 @@ print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backen
       f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}{', fp8 index' if model.cfg.index_fp8 else ''}")
 
 
+def timed(fn):
+    """fn() and the seconds it took, the GPU's work included."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.time()
+    out = fn()
+    sync()
+    return out, time.time() - t0
+
+
 def generate(x, n, **kw):
-    """model.generate, on CUDA after one untimed identical call: the first call compiles the Triton kernels and
+    """model.generate -> (tokens, seconds for the prompt, seconds for the n new tokens). The prompt is timed alone
+    (generate with no new token is the prefill: it draws no random number), then the whole call; the new tokens
+    take the difference. On CUDA after one untimed identical call: the first call compiles the Triton kernels and
     loads the libraries (seconds that are not tokens/s)."""
     if device == "cuda":
         model.generate(x, n, **{**kw, "generator": torch.Generator(device=device).manual_seed(seed)})
-    return model.generate(x, n, **kw)
+    _, t_prompt = timed(lambda: model.generate(x, 0, **kw))
+    out, t_all = timed(lambda: model.generate(x, n, **kw))
+    return out, t_prompt, max(t_all - t_prompt, 0.0)
 
 
 def report(n_seq, n_prompt, n_new, t_prompt, t_new):

@@ -168,42 +168,12 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def flops_per_token(kl_dense=False):
-    """Model FLOPs of one training token (forward + backward), for the MFU: what the model needs, not what the
-    kernels happen to do (no recomputation, no padding). A multiply-add is 2 FLOPs; backward = 2x forward.
-      matmul weights: 6 * (active params per token): attention Wq, Wk, Wv, Wo, the router, expert_topk experts
-        (+ the shared one) of 3 C x H matrices, the LM head. The index branch (Wqi, Wki) counts 4, not 6: it
-        reads x.detach(), so its backward has no input gradient. Embedding lookups are not matmuls; the image-patch
-        projection (192 inputs per token) is left out.
-      attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
-        dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
-        blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
-      MSA index branch, no gradient through the selection: scores qi.ki over all t + 1 visible tokens and the
-        block max, 2 * Hkv * Di * (t + 1);
-      MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up): teacher
-        q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
-    Averaged over the T positions of a row."""
-    C, H, Hq, Hkv, Di = n_embd, expert_hidden, n_head, n_kv_head, index_dim
-    D, bs, K, T = C // Hq, msa_block_size, msa_topk, seq_len
-    n_msa = 0 if attention == "dense" else n_layer - n_dense_layers
-    t = np.arange(T, dtype=np.float64)
-    n_dense_keys = (t + 1).mean()
-    n_msa_keys = np.where(t // bs + 1 <= K, t + 1, (K - 1) * bs + t % bs + 1).mean()
-    n_kl_keys = n_dense_keys if kl_dense else n_msa_keys
-    attn_params = 2 * C * Hq * D + 2 * C * Hkv * D
-    moe_params = C * n_expert + (expert_topk + shared_expert) * 3 * C * H
-    matmul = 6 * (n_layer * (attn_params + moe_params) + data.VOCAB_SIZE * C) + 4 * n_msa * (C * Hkv * Di + C * Di)
-    attn = 12 * Hq * D * ((n_layer - n_msa) * n_dense_keys + n_msa * n_msa_keys)
-    index = n_msa * (2 * Hkv * Di * n_dense_keys + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
-    return matmul + attn + index
-
-
 def caption_accuracy(n):
     """Greedy captions of n held-out images, all in one batch -> {attribute: fraction right, 'all': all four right}."""
     evalset = data.caption_eval_set(n, seed=seed)
     x, p = data.caption_prompt([img for img, _, _ in evalset], device)        # (n, 22), (n, 22, PATCH_DIM)
     with ctx:
-        out, _, _ = raw_model.generate(x, max_new_tokens=12, temperature=0, patches=p)
+        out = raw_model.generate(x, max_new_tokens=12, temperature=0, patches=p)
     right = {}
     for row, (_, _, attrs) in zip(out[:, x.shape[1]:].tolist(), evalset):
         scores = data.score_caption(data.decode(row), attrs)
@@ -217,7 +187,7 @@ def long_range_accuracy(n):
     ok = 0
     for prompt, answer in data.long_range_eval_set(n, seq_len, seed=seed):
         with ctx:
-            out, _, _ = raw_model.generate(torch.tensor([prompt], device=device), len(answer), temperature=0)
+            out = raw_model.generate(torch.tensor([prompt], device=device), len(answer), temperature=0)
         ok += out[0, len(prompt):].tolist() == list(answer)
     return ok / n
 
@@ -234,8 +204,11 @@ def evaluate():
         x, y, p = data.get_batch("val", batch_size, seq_len, r, device, p_image)
         with ctx:
             _, losses = raw_model(x, y, p)
+            recall = raw_model.indexer_recall(x, p)                             # (n_msa,)
+        if recall.numel():  # only a model with MSA layers has a recall
+            losses["recall_layers"] = recall
         for k in ("lm", "kl", "balance", "kl_layers", "recall_layers", "expert_load"):
-            if k in losses:  # recall_layers: only a model with MSA layers has it
+            if k in losses:
                 acc[k] = acc.get(k, 0) + losses[k].detach().float() / eval_iters
     res = {k: v.tolist() for k, v in acc.items()}
     if master:
@@ -273,7 +246,7 @@ def save_checkpoint():
 if master:
     os.makedirs(out_dir, exist_ok=True)
 start_iter, t_start = iter_num, time.time()
-fpt = {kd: flops_per_token(kd) for kd in (False, True)}  # kl_dense -> FLOPs per token
+fpt = {kd: raw_model.flops_per_token(seq_len, kd) for kd in (False, True)}  # kl_dense -> FLOPs per token
 say(f"model FLOPs per token: {fpt[False] / 1e9:.2f} G ({fpt[True] / 1e9:.2f} G with the dense KL warm-up); "
     f"MFU against {peak_flops / 1e12:.1f} TFLOP/s per GPU")
 x, y, p = train_batch(iter_num, 0)

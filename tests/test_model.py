@@ -1,11 +1,12 @@
 """model.py on the reference path (CPU, float32): MoE dispatch, patch embedding, loss masking, the index branch's
-gradients, MSA == dense when every block is selected, and cached decoding == a full forward."""
+gradients, MSA == dense when every block is selected, the indexer recall, the FLOPs count, and cached decoding
+(KVCache) == a full forward."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import msa_ref
-from model import GPT, GPTConfig, get_backend, moe_all_experts, moe_dispatch, padded_rows, rope, swiglu
+from model import GPT, GPTConfig, KVCache, get_backend, moe_all_experts, moe_dispatch, padded_rows, rope, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -153,10 +154,10 @@ def test_msa_equals_dense_when_every_block_is_selected():
     torch.testing.assert_close(msa(x, y, patches, kl_dense=True)[1]["kl"], lo["kl"])
 
 
-
 def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
-    """Eval mode reports recall per MSA layer: the dense softmax(q . k) mass inside the selected blocks, averaged
-    over batch, heads and queries (computed here by brute force from the layer's own q, k); 1 when K covers all."""
+    """indexer_recall per MSA layer: the dense softmax(q . k) mass inside the selected blocks, averaged over batch,
+    heads and queries (computed here by brute force from the layer's own q, k and msa_ref's selection); 1 when K
+    covers every block. The forward itself computes no recall, in training or in eval."""
     model = tiny().eval()
     x, y, patches = batch()
     seen = {}
@@ -175,14 +176,61 @@ def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
         p = torch.softmax((q @ k.repeat_interleave(G, 1).transpose(-1, -2)) / D ** 0.5
                           + torch.full((T, T), float("-inf")).triu(1), -1)          # (B, Hq, T, T)
         want = (p * inside.repeat_interleave(G, 1)).sum(-1).mean()
-    assert losses["recall_layers"].shape == (2,)
-    torch.testing.assert_close(losses["recall_layers"][1], want, rtol=1e-5, atol=1e-6)
+    recall = model.indexer_recall(x, patches)
+    assert recall.shape == (2,) and recall.dtype == torch.float32 and "recall_layers" not in losses
+    torch.testing.assert_close(recall[1], want, rtol=1e-5, atol=1e-6)
     assert 0.3 < want < 0.99                           # really sparse: some mass is missed
     model.train()
-    assert "recall_layers" not in model(x, y, patches)[1]          # training pays nothing for it
-    everything = tiny(msa_topk=10).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(everything(x, y, patches)[1]["recall_layers"], torch.ones(2))
+    torch.testing.assert_close(model.indexer_recall(x, patches), recall)  # no dropout: the mode does not matter
+    assert "recall_layers" not in model(x, y, patches)[1]
+    torch.testing.assert_close(tiny(msa_topk=10).indexer_recall(x, patches), torch.ones(2))
+    assert tiny(attention="dense").indexer_recall(x, patches).shape == (0,)  # no MSA layer, no recall
+    with pytest.raises(ValueError, match="no patches"):
+        model.indexer_recall(x)
+
+
+def test_flops_per_token_hand_count():
+    """GPT.flops_per_token against counts taken from the built model's parameters and from msa_ref's own
+    selection (the keys each query of an MSA layer attends); K * bs >= T makes MSA's attention count the dense one."""
+    model = tiny(n_layer=3, n_dense_layers=1)                     # 2 MSA layers; bs = 4, K = 3
+    cfg, T = model.cfg, 40
+    Hq, Hkv, D, Di, E, bs, K = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim, cfg.n_expert, \
+        cfg.msa_block_size, cfg.msa_topk
+    # matmul weights, from the parameters: index branch x4 (it reads x.detach(): no input gradient), the rest x6
+    six = sum(p.numel() for n, p in model.named_parameters()
+              if n.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "router.weight")) or ".shared." in n)
+    six += sum(p.numel() * cfg.expert_topk // E for n, p in model.named_parameters() if n.endswith(("w1", "w2", "w3")))
+    six += model.lm_head.weight.numel()                           # tied with wte: counted once, as the head
+    four = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wqi.weight", "wki.weight")))
+    n_msa = 2
+    torch.manual_seed(0)
+    idx = msa_ref.index_topk(torch.randn(1, Hkv, T, Di), torch.randn(1, T, Di), bs, K)[0, 0]   # (T, K)
+    t = torch.arange(T)[:, None]
+    keys = torch.where(idx >= 0, torch.clamp(t - idx * bs + 1, 0, bs), 0).sum(1).double().mean().item()
+    dense_keys = (T + 1) / 2
+    want = 6 * six + 4 * four + 12 * Hq * D * ((cfg.n_layer - n_msa) * dense_keys + n_msa * keys) \
+        + n_msa * (2 * Hkv * Di * dense_keys + (2 * Hq * D + 6 * Hkv * Di) * keys)
+    assert model.flops_per_token(T) == pytest.approx(want, rel=1e-9)
+    kl_extra = n_msa * (2 * Hq * D + 6 * Hkv * Di) * (dense_keys - keys)  # the dense warm-up's support: every key
+    assert model.flops_per_token(T, kl_dense=True) == pytest.approx(want + kl_extra, rel=1e-9)
+    dense = tiny(attention="dense")                               # every layer dense: no index branch
+    assert dense.flops_per_token(T) == pytest.approx(6 * six + 12 * Hq * D * cfg.n_layer * dense_keys, rel=1e-9)
+
+
+def test_flops_per_token_msa_equals_dense_when_every_block_is_read():
+    """K * bs >= T: every query of an MSA layer reads every visible key, so MSA's FLOPs are the dense model's plus
+    the index branch's (its weights, its scores over every visible key, the KL over the same support, which
+    kl_dense then does not change)."""
+    T = 40
+    msa, dense = tiny(msa_topk=10), tiny(msa_topk=10, attention="dense")   # 10 blocks of 4 = 40 tokens
+    cfg = msa.cfg
+    C, Hq, Hkv, D, Di = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim
+    n_msa, keys = 2, (T + 1) / 2
+    index = n_msa * (4 * (C * Hkv * Di + C * Di) + (2 * Hkv * Di + 2 * Hq * D + 6 * Hkv * Di) * keys)
+    assert msa.flops_per_token(T) == pytest.approx(dense.flops_per_token(T) + index, rel=1e-12)
+    assert msa.flops_per_token(T, kl_dense=True) == msa.flops_per_token(T)
+    assert dense.flops_per_token(T, kl_dense=True) == dense.flops_per_token(T)
+    assert tiny().flops_per_token(T) < msa.flops_per_token(T)     # K = 3 blocks of 4 < 40: fewer keys
 
 
 @pytest.mark.parametrize("attention,fp8", [("msa", False), ("dense", False), ("msa", True)])
@@ -194,30 +242,64 @@ def test_cached_decode_equals_full_forward(attention, fp8):
     x, _, patches = batch()
     with torch.no_grad():
         full, _ = model(x, patches=patches)                        # (B, T, V)
-        cache = [dict(size=40) for _ in model.blocks]
+        cache = [KVCache(40) for _ in model.blocks]
         step, _ = model(x[:, :9], patches=patches[:, :9], cache=cache)
         got = [step[:, 0]]
         for t in range(9, 40):
             step, _ = model(x[:, t:t + 1], cache=cache, pos0=t)
             got.append(step[:, 0])
     torch.testing.assert_close(torch.stack(got, 1), full[:, 8:], rtol=1e-4, atol=1e-4)
+    C, Hkv = model.cfg.n_embd, model.cfg.n_kv_head
+    assert all(c.k.shape == c.v.shape == (2, Hkv, 40, C // model.cfg.n_head) for c in cache)
+    sparse = [c for c, block in zip(cache, model.blocks) if block.attn.sparse]
+    assert len(sparse) == (2 if attention == "msa" else 0) and all(c.ki is None for c in cache if c not in sparse)
+    for c in sparse:
+        assert c.ki.shape == (2, 40, model.cfg.index_dim)
+        assert (c.ki.dtype, c.ks is not None) == ((torch.float8_e4m3fn, True) if fp8 else (torch.float32, False))
     if fp8:  # the fp8 scores select other blocks here than the bf16 ones: the cache had to follow them
         assert not torch.allclose(full, tiny(attention=attention).eval()(x, patches=patches)[0], atol=1e-3)
+
+
+def test_kv_cache_write_and_dense_flag():
+    """KVCache.write puts each chunk at its positions (a (1,) device tensor as a CUDA graph passes it, or a range).
+    dense=True: an MSA layer decodes over the whole cache. Prefilling one token and decoding every other one
+    through dense caches is then exactly the attention='dense' model with the same weights; without the flag it
+    is the MSA model's full forward."""
+    c = KVCache(6)
+    k, v, ki = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(2, 4, 7)
+    c.write(torch.arange(1, 5), k, v, ki)
+    c.write(torch.tensor([5]), k[:, :, :1], v[:, :, :1], ki[:, :1])
+    assert c.k.shape == (2, 3, 6, 5) and c.ki.shape == (2, 6, 7) and c.ks is None and not c.dense
+    torch.testing.assert_close(c.k[:, :, 1:5], k)
+    torch.testing.assert_close(c.v[:, :, 5], v[:, :, 0])
+    torch.testing.assert_close(c.ki[:, 1:5], ki)
+    assert c.k[:, :, 0].abs().max() == 0                  # not written yet
+    msa, dense = tiny(), tiny(attention="dense")          # K = 3 blocks of 4 < 40: MSA really differs from dense
+    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+    msa.eval()
+    x = batch()[0].clamp(max=PATCH - 1)                   # (B, 40) text only
+    with torch.no_grad():
+        for flag, want in ((True, dense(x)[0]), (False, msa(x)[0])):
+            cache = [KVCache(40, dense=flag) for _ in msa.blocks]
+            got = [msa(x[:, t:t + 1], cache=cache, pos0=torch.tensor([t]))[0][:, 0] for t in range(40)]
+            torch.testing.assert_close(torch.stack(got, 1), want, rtol=1e-4, atol=1e-4)
+    assert (dense(x)[0] - msa(x)[0]).abs().max() > 1e-3
 
 
 def test_generate_greedy_equals_reforward():
     model = tiny().eval()
     x, _, _ = batch()
     x = x[:, :11].clamp(max=PATCH - 1)
-    out, t_prompt, t_new = model.generate(x, max_new_tokens=6, temperature=0)
+    out = model.generate(x, max_new_tokens=6, temperature=0)
     ref = x
     with torch.no_grad():
         for _ in range(6):
             ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, ref) and t_prompt >= 0 and t_new >= 0
+    assert isinstance(out, torch.Tensor) and torch.equal(out, ref)
     g = torch.Generator().manual_seed(3)
-    sampled, _, _ = model.generate(x, 5, temperature=1.0, top_k=3, generator=g)
-    assert sampled.shape == (2, 16) and torch.equal(sampled[:, :11], x)
+    sampled = model.generate(x, 5, temperature=1.0, top_k=3, generator=g)
+    assert isinstance(sampled, torch.Tensor) and sampled.shape == (2, 16) and torch.equal(sampled[:, :11], x)
+    assert torch.equal(model.generate(x, 0), x)            # no new token: the prompt back
 
 
 def test_bad_config():

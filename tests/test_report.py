@@ -92,8 +92,8 @@ def test_max_pool_keeps_one_block_stripes():
 
 
 def test_recall_vs_best(runs):
-    """At every position, the indexer recall equals the recall the model logs in eval mode (computed there from the
-    attention kernels' lse); the best recall equals a brute-force loop (the heaviest K-1 earlier blocks of the
+    """At every position, the indexer recall equals the recall train.py logs (GPT.indexer_recall, computed there from
+    the attention kernels' lse); the best recall equals a brute-force loop (the heaviest K-1 earlier blocks of the
     group's teacher plus the local block) and is at least the indexer's; with every block selectable both are 1."""
     model, cfg = report.load_model(runs["msa"])
     T, bs, K = cfg["seq_len"], cfg["msa_block_size"], cfg["msa_topk"]
@@ -101,7 +101,7 @@ def test_recall_vs_best(runs):
     tol = 1e-5 if report.device == "cpu" else 1e-2                       # a GPU computes the report under bf16 autocast
     (got, best), = report.recall_vs_best(model, x, patches, n_queries=T, chunk=5).values()
     with torch.no_grad(), report._autocast(x):
-        logged = model(x, y, patches)[1]["recall_layers"]                   # (n_msa,)
+        logged = model.indexer_recall(x, patches)                           # (n_msa,), what train.py logs
         (h, pos), = report.msa_layer_inputs(model, x, patches).values()
         q, k, _ = model.blocks[1].attn.qkv(h, pos)                          # (1, Hq, T, D), (1, Hkv, T, D)
     assert got == pytest.approx(logged[0].item(), abs=tol)

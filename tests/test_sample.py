@@ -8,7 +8,7 @@ from PIL import Image
 import model as model_module
 from conftest import requires_cuda
 from data import encode, save_image
-from model import MOE_FEW_TOKENS
+from model import MOE_FEW_TOKENS, KVCache
 from test_model import PATCH, batch, tiny
 from test_train import run_script, train
 
@@ -78,15 +78,15 @@ def test_generate_dense_decode():
     x, _, _ = batch()
     x = x[:, :11].clamp(max=PATCH - 1)
     everything = tiny(msa_topk=10).eval()                  # 10 blocks of 4 >= 11 + 20 tokens
-    sparse, _, _ = everything.generate(x, 20, temperature=0)
-    dense, _, _ = everything.generate(x, 20, temperature=0, decode="dense")
+    sparse = everything.generate(x, 20, temperature=0)
+    dense = everything.generate(x, 20, temperature=0, decode="dense")
     assert torch.equal(sparse, dense)
     model = tiny().eval()                                  # K = 3 blocks of 4 < 31 tokens
     xs = batch()[0].clamp(max=PATCH - 1)                   # (B, 40) text only
     with torch.no_grad():
         last = []
         for dense_decode in (False, True):                 # prefill 30 tokens, decode the one at position 30
-            cache = [dict(size=40, dense=dense_decode) for _ in model.blocks]
+            cache = [KVCache(40, dense=dense_decode) for _ in model.blocks]
             model(xs[:, :30], cache=cache)
             last.append(model(xs[:, 30:31], cache=cache, pos0=torch.tensor([30]))[0])
     assert (last[0] - last[1]).abs().max() > 1e-3
@@ -112,7 +112,7 @@ def test_graphed_decode_step_equals_eager_step(dtype, attention):
         full = model(x, patches=patches)[0].float()                           # (B, T, V)
         caches = []
         for _ in range(2):                                                    # one for the graph, one eager
-            caches.append([dict(size=40) for _ in model.blocks])
+            caches.append([KVCache(40) for _ in model.blocks])
             model(x[:, :9], patches=patches[:, :9], cache=caches[-1])
         tok, pos = x.new_zeros(2, 1), torch.zeros(1, dtype=torch.long, device="cuda")
         graphed = lambda: model(tok, cache=caches[0], pos0=pos)[0][:, -1].float()
@@ -137,11 +137,11 @@ def test_generate_on_gpu_equals_reforward():
     # greedy generation through the graphed step == re-running the whole sequence (float32), sparse K
     model = gpu_tiny()
     x = batch()[0][:, :11].clamp(max=PATCH - 1).cuda()
-    out, _, _ = model.generate(x, max_new_tokens=25, temperature=0)
+    out = model.generate(x, max_new_tokens=25, temperature=0)
     ref = x
     with torch.no_grad():
         for _ in range(25):
             ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
-    dense, _, _ = model.generate(x, max_new_tokens=25, temperature=0, decode="dense")
+    dense = model.generate(x, max_new_tokens=25, temperature=0, decode="dense")
     assert dense.shape == out.shape and torch.equal(dense[:, :11], x)
