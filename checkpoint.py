@@ -16,10 +16,10 @@ import warnings
 import numpy as np
 import torch
 
-REQUIRED = ("model", "model_args", "iter_num")               # what sample.py and report.py read
-RESUME = ("optimizer", "config", "torch_rng", "cuda_rng")    # what train.py --init_from=resume reads too
-EXPECTED = "a checkpoint written by train.py (torch.save of a dict of tensors and plain values)"
+REQUIRED = ("model", "model_args", "iter_num", "config")     # what sample.py and report.py read
+RESUME = ("optimizer", "torch_rng", "cuda_rng")              # what train.py --init_from=resume reads too
 SAFE = "tensors, dicts, lists, tuples, strings, numbers, bools and None"
+EXPECTED = f"a checkpoint written by train.py (a dict of {SAFE})"
 
 
 class CheckpointError(ValueError):
@@ -60,7 +60,7 @@ def save(path, state):
 
 
 def _refuse(path, what):
-    return CheckpointError(f"{path}: {what}; expected {EXPECTED}")
+    return CheckpointError(f"{path}: expected {EXPECTED}, got {what}")
 
 
 def load(path, device="cpu", resume=False):
@@ -69,7 +69,7 @@ def load(path, device="cpu", resume=False):
     if not os.path.isfile(path):
         raise _refuse(path, "no such file")
     if os.path.getsize(path) == 0:
-        raise _refuse(path, "the file is empty (0 bytes)")
+        raise _refuse(path, "an empty file (0 bytes)")
     with open(path, "rb") as f:
         head = f.read(512)
     try:
@@ -80,25 +80,25 @@ def load(path, device="cpu", resume=False):
         msg = str(e)
         unsafe = re.search(r"GLOBAL (\S+)", msg)
         if unsafe:
-            raise CheckpointError(
-                f"{path}: refused, it needs the Python object {unsafe.group(1)} (unpickling objects can run code; the "
-                f"safe loader reads only {SAFE}); if you trust the file, convert it once: "
-                f"python checkpoint.py convert {path} NEW.pt") from None
+            raise _refuse(path, f"a file that needs the Python object {unsafe.group(1)} (refused: unpickling "
+                                f"objects can run code); if you trust the file, convert it once with "
+                                f"python checkpoint.py convert {path} NEW.pt") from None
         if head.startswith(b"PK\x03\x04"):
             raise _refuse(path, "a truncated or damaged torch.save archive") from None
         if _is_text(head):
             raise _refuse(path, "a text file") from None
-        raise _refuse(path, f"not a torch.save file the safe loader reads ({type(e).__name__})") from None
+        raise _refuse(path, f"a file that is not in torch.save's format ({type(e).__name__} while reading it)") from None
     if not isinstance(ckpt, dict):
-        raise _refuse(path, f"it holds a {type(ckpt).__name__}, not a dict")
+        raise _refuse(path, f"a {type(ckpt).__name__}, not a dict")
     keys = REQUIRED + (RESUME if resume else ())
     missing = [k for k in keys if k not in ckpt]
     if missing:
-        raise _refuse(path, f"the keys {', '.join(map(repr, missing))} are missing (it has "
+        raise _refuse(path, f"a dict without the keys {', '.join(map(repr, missing))} (its keys: "
                             f"{', '.join(map(repr, list(ckpt)[:8])) or 'none'})")
-    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_args"], dict) \
-            or not isinstance(ckpt["iter_num"], int):
-        raise _refuse(path, "'model' and 'model_args' must be dicts and 'iter_num' an int")
+    wrong = [f"{k} a {type(ckpt[k]).__name__}" for k, t in (("model", dict), ("model_args", dict), ("iter_num", int),
+                                                             ("config", dict)) if not isinstance(ckpt[k], t)]
+    if wrong:
+        raise _refuse(path, f"{', '.join(wrong)} (expected model, model_args and config dicts, iter_num an int)")
     return ckpt
 
 

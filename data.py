@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import tiktoken
@@ -160,12 +161,17 @@ def load_image(path):
     if not os.path.isfile(path):
         raise ValueError(f"image file {path!r} not found")
     try:
-        img = np.asarray(Image.open(path).convert("RGB"))
+        with warnings.catch_warnings():  # pillow's warning about a large image: the size check below says it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # lazy: reads the header, not the pixels
+                if im.size != (IMG_SIZE, IMG_SIZE):  # checked before decoding: a huge image costs nothing
+                    raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got {im.size[0]}x{im.size[1]}")
+                return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:  # Image.open itself refuses a header of more than 2 * MAX_IMAGE_PIXELS
+        raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got one of more than "
+                         f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
     except OSError as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from None
-    if img.shape != (IMG_SIZE, IMG_SIZE, 3):
-        raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got {img.shape[1]}x{img.shape[0]}")
-    return img
 
 
 def save_image(path, img):
