@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -27,14 +28,15 @@ class CheckpointError(ValueError):
 
 
 def _check_plain(obj, where):
-    """Raise CheckpointError unless obj holds only what load() accepts (so every saved file loads again)."""
-    if obj is None or isinstance(obj, (torch.Tensor, str, bool, int, float)):
+    """Raise CheckpointError unless obj holds only what load() accepts, so every saved file loads again. Exact
+    types: a numpy float64 is a float subclass, but the safe loader refuses it."""
+    if obj is None or isinstance(obj, torch.Tensor) or type(obj) in (str, bool, int, float):
         return
-    if isinstance(obj, dict):
+    if type(obj) in (dict, OrderedDict):
         for k, v in obj.items():
             _check_plain(k, where)
             _check_plain(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
+    elif type(obj) in (list, tuple):
         for i, v in enumerate(obj):
             _check_plain(v, f"{where}[{i}]")
     else:

@@ -162,6 +162,9 @@ if init_from == "resume":
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     iter_num = ckpt["iter_num"]
+    if iter_num > max_iters:
+        raise SystemExit(f"--init_from=resume: {ckpt_path} is at iteration {iter_num}, past max_iters={max_iters}; "
+                         f"pass a larger --max_iters")
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     if "cuda" in device and ckpt["cuda_rng"] is not None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
