@@ -50,7 +50,8 @@ def read_config_file(path):
                 continue
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 pass  # not a literal: refused below
-        text = (ast.get_source_segment(source, node) or "").splitlines()[0][:80]
+        text = (ast.get_source_segment(source, node) or "").splitlines()[0]
+        text = text if len(text) <= 80 else text[:77] + "..."
         _fail(f"{path} line {node.lineno}: expected `name = <literal>` (a number, string, bool or None; config "
               f"files are read, not run), got `{text}`")
     return found
