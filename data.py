@@ -364,7 +364,7 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE):
             keep = off + _PATCH_POS < seq_len
             pix.append(p[keep])
             pos.append(b * seq_len + off + _PATCH_POS[keep])  # flat index into (B * T)
-    # numpy, not torch, on the CPU: torch's CPU ops start threads that are ~50x slower on 2 busy cores
+    # numpy, not torch, on the CPU: for rows this small torch's CPU ops cost more in thread start-up than in work
     data = np.stack(rows)  # (B, T + 1)
     x, y = np.ascontiguousarray(data[:, :-1]), data[:, 1:].copy()
     y[np.isin(y, IMAGE_IDS)] = -1
