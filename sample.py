@@ -111,7 +111,7 @@ if image:
         try:
             img = data.load_image(image)
         except ValueError as e:
-            raise SystemExit(f"cannot caption {image!r}: {e}")
+            raise SystemExit(f"--image: {e}")  # e names the file, what was expected and what came
     x, p = data.caption_prompt([img], device)                                 # (1, 22), (1, 22, PATCH_DIM)
     with ctx:
         out, t_prompt, t_new = generate(x, 16, temperature=0, patches=p, decode=decode)

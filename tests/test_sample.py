@@ -57,8 +57,8 @@ def test_bad_settings_end_in_one_line(out_dir, tmp_path):
              ([f"--start=FILE:{tmp_path / 'missing.txt'}"],
               f"--start=FILE:{tmp_path / 'missing.txt'}: expected a readable UTF-8 text file, got FileNotFoundError"),
              (["--backend=triton"], "--backend=triton needs a CUDA GPU and none was found"),
-             ([f"--image={tmp_path / 'huge.png'}"], f"cannot caption '{tmp_path / 'huge.png'}': '{tmp_path / 'huge.png'}'"
-                                                  f": expected a 32x32 image, got one of more than"),
+             ([f"--image={tmp_path / 'huge.png'}"], f"--image: '{tmp_path / 'huge.png'}': expected a 32x32 image, "
+                                                  f"got one of more than"),
              ([f"--image={tmp_path / 'big.png'}"], "expected a 32x32 image, got 3000x3000")]
     for args, msg in cases:  # GPUs hidden and Triton's interpreter off: a machine without CUDA
         line = fails("sample.py", f"--out_dir={out_dir}", *args, env_extra=dict(CUDA_VISIBLE_DEVICES=""),
