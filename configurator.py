@@ -2,7 +2,8 @@
 The one small config mechanism of train.py and sample.py (after nanoGPT's configurator.py).
 
 A script defines its settings as plain module globals, then calls  configure(globals(), sys.argv[1:]):
-  - an argument without '--' is a config file: python code that assigns some of those settings;
+  - an argument without '--' is a config file: lines `name = <python literal>` and comments, read with ast
+    (no file we read runs code: a call, an import or any other statement is refused with its line);
   - --key=value overrides one setting; the value is read as a python literal (3, 3e-4, True, 'msa'),
     and anything that is not a literal is kept as a string (--out_dir=out-shapes).
 An unknown key, in a file or on the command line, or a value of the wrong type, stops the script with
@@ -30,6 +31,32 @@ def _set(settings, key, value, where):
     settings[key] = value
 
 
+def read_config_file(path):
+    """A config file -> {name: value}, in file order. Each statement must be `name = <literal>` (a number, string,
+    bool, None, or a tuple/list/dict of them): the file is parsed with ast, never executed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source, filename=path)
+    except (SyntaxError, UnicodeDecodeError) as e:
+        where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+        _fail(f"{path}{where}: expected lines `name = <literal>` and comments, got text that is not Python "
+              f"({e.msg if isinstance(e, SyntaxError) else e.reason})")
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+                continue
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                pass  # not a literal: refused below
+        text = (ast.get_source_segment(source, node) or "").splitlines()[0]
+        text = text if len(text) <= 80 else text[:77] + "..."
+        _fail(f"{path} line {node.lineno}: expected `name = <literal>` (a number, string, bool or None; config "
+              f"files are read, not run), got `{text}`")
+    return found
+
+
 def configure(script_globals, argv):
     """Apply config files and --key=value overrides to the settings among script_globals (the names bound
     to None, bool, int, float or str that do not start with '_'). Returns the settings as a dict."""
@@ -52,10 +79,7 @@ def configure(script_globals, argv):
         else:
             if not os.path.isfile(arg):
                 _fail(f"config file {arg!r} not found (arguments are config files or --key=value)")
-            file_vars = {}
-            exec(open(arg).read(), {}, file_vars)
-            for key, value in file_vars.items():
-                if not key.startswith("_"):
-                    _set(settings, key, value, arg)
+            for key, value in read_config_file(arg).items():
+                _set(settings, key, value, arg)
     script_globals.update(settings)
     return settings

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import tiktoken
@@ -160,12 +161,17 @@ def load_image(path):
     if not os.path.isfile(path):
         raise ValueError(f"image file {path!r} not found")
     try:
-        img = np.asarray(Image.open(path).convert("RGB"))
+        with warnings.catch_warnings():  # pillow's warning about a large image: the size check below says it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # lazy: reads the header, not the pixels
+                if im.size != (IMG_SIZE, IMG_SIZE):  # checked before decoding: a huge image costs nothing
+                    raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got {im.size[0]}x{im.size[1]}")
+                return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:  # Image.open itself refuses a header of more than 2 * MAX_IMAGE_PIXELS
+        raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got one of more than "
+                         f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
     except OSError as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from None
-    if img.shape != (IMG_SIZE, IMG_SIZE, 3):
-        raise ValueError(f"{path!r}: expected a {IMG_SIZE}x{IMG_SIZE} image, got {img.shape[1]}x{img.shape[0]}")
-    return img
 
 
 def save_image(path, img):
@@ -358,7 +364,7 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE):
             keep = off + _PATCH_POS < seq_len
             pix.append(p[keep])
             pos.append(b * seq_len + off + _PATCH_POS[keep])  # flat index into (B * T)
-    # numpy, not torch, on the CPU: torch's CPU ops start threads that are ~50x slower on 2 busy cores
+    # numpy, not torch, on the CPU: for rows this small torch's CPU ops cost more in thread start-up than in work
     data = np.stack(rows)  # (B, T + 1)
     x, y = np.ascontiguousarray(data[:, :-1]), data[:, 1:].copy()
     y[np.isin(y, IMAGE_IDS)] = -1

@@ -1,5 +1,5 @@
 """
-Plots of a long-context run (issue 7), from what train.py leaves in its out_dir (log.jsonl, ckpt.pt).
+Plots of a long-context run, from what train.py leaves in its out_dir (log.jsonl, ckpt.pt).
 
   python report.py curves OUT_MSA OUT_DENSE --png=assets/long_curves.png
       val LM loss of both arms, training tokens/s of both, and the MSA arm's indexer recall and KL per layer over
@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 
+import checkpoint
 import data
 from configurator import configure
 
@@ -93,7 +94,7 @@ def load_model(run_dir):
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: expected the out_dir of a train.py run")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = checkpoint.load(path, device)  # a CheckpointError is a ValueError: main() prints its one line
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import checkpoint
 import data
 from configurator import configure
 from model import GPT, GPTConfig
@@ -48,21 +49,43 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 torch.manual_seed(seed)
 
+# the settings first, so a wrong one stops the script before the checkpoint is read
+for ok, what, got in [(num_samples >= 1, "--num_samples must be >= 1", num_samples),
+                      (max_new_tokens >= 1, "--max_new_tokens must be >= 1", max_new_tokens),
+                      (temperature >= 0, "--temperature must be >= 0 (0 is greedy)", temperature),
+                      (top_k is None or top_k >= 1, "--top_k must be >= 1 (or None: no cut)", top_k),
+                      (msa_topk >= 0, "--msa_topk must be >= 0 (0: the checkpoint's)", msa_topk),
+                      (decode in ("sparse", "dense"), "--decode must be 'sparse' or 'dense'", decode)]:
+    if not ok:
+        raise SystemExit(f"{what}, got {got!r}")
+if backend == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("--backend=triton needs a CUDA GPU and none was found (TRITON_INTERPRET=1 runs the kernels in "
+                     "Triton's slow CPU interpreter); use --backend=ref or --backend=auto")
+if not image and start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--start=FILE:{start[5:]}: expected a readable UTF-8 text file, got "
+                         f"{type(e).__name__}: {e.strerror if isinstance(e, OSError) else e.reason}")
+
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if not os.path.isfile(ckpt_path):
     raise SystemExit(f"no checkpoint at {ckpt_path}: run `python train.py` first (or pass --out_dir=...)")
-ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-    raise SystemExit(f"{ckpt_path} is not a checkpoint written by train.py")
-if decode not in ("sparse", "dense"):
-    raise SystemExit(f"--decode must be 'sparse' or 'dense', got {decode!r}")
+try:
+    ckpt = checkpoint.load(ckpt_path, device)
+except checkpoint.CheckpointError as e:
+    raise SystemExit(str(e))
 model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 else {}),
                   **({"index_fp8": True} if index_fp8 else {}))
 try:
     model = GPT(GPTConfig(**model_args), backend=backend)
     model.load_state_dict(ckpt["model"])
+except ValueError as e:  # GPTConfig.check or model.get_backend
+    raise SystemExit(f"config error: {e}")
 except (TypeError, RuntimeError) as e:
-    raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): {str(e)[:300]}")
+    raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): "
+                     f"{' '.join(str(e).split())[:300]}")
 model.eval().to(device)
 print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}, {decode} decode, "
       f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}{', fp8 index' if model.cfg.index_fp8 else ''}")
@@ -103,16 +126,13 @@ if image:
         try:
             img = data.load_image(image)
         except ValueError as e:
-            raise SystemExit(f"cannot caption {image!r}: {e}")
+            raise SystemExit(f"--image: {e}")  # e names the file, what was expected and what came
     x, p = data.caption_prompt([img], device)                                 # (1, 22), (1, 22, PATCH_DIM)
     with ctx:
         out, t_prompt, t_new = generate(x, 16, temperature=0, patches=p, decode=decode)
     print("caption:", data.decode(out[0, x.shape[1]:].tolist()).split("\n")[0].split("<|endoftext|>")[0].strip())
     report(1, x.shape[1], 16, t_prompt, t_new)
 else:
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
     prompt = data.encode(start)
     if not prompt:
         raise SystemExit("--start must hold at least one token")

@@ -5,6 +5,7 @@ overrides change them (configurator.py; an unknown key is an error).
   python train.py                              # CUDA: config/train_gpu.py, else config/train_cpu.py
   python train.py config/train_cpu.py --max_iters=100
   python train.py --init_from=resume           # continue exactly where the last checkpoint left off
+  Ctrl-C                                       # saves a checkpoint at the current iteration, then stops
   torchrun --standalone --nproc_per_node=2 train.py config/train_gpu.py    # several GPUs (DDP; gloo on CPUs)
 
 Total loss = LM + kl_coeff * KL (summed over the MSA layers) + balance_coeff * balance (MoE).
@@ -18,18 +19,18 @@ needs only iter_num to continue exactly.
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
-
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast: it can take a shared host's GPUs down
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import data
 from configurator import configure
 from model import GPT, GPTConfig
@@ -92,6 +93,11 @@ if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file give
 config = configure(globals(), sys.argv[1:])
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_steps", 1), ("max_iters", 0),
+                     ("eval_interval", 1), ("eval_iters", 1), ("eval_captions", 0), ("eval_long_range", 0),
+                     ("log_interval", 1)]:
+    if config[_key] < _least:
+        raise SystemExit(f"config error: {_key} must be >= {_least}, got {config[_key]}")
 
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
@@ -108,6 +114,9 @@ else:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 master = rank == 0
 say = print if master else (lambda *a, **k: None)
+if backend == "triton" and "cuda" not in device and os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("config error: --backend=triton needs a CUDA GPU and none was found (TRITON_INTERPRET=1 runs "
+                     "the kernels in Triton's slow CPU interpreter); use --backend=ref or --backend=auto")
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * seq_len
 say(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed)
@@ -129,7 +138,10 @@ iter_num = 0
 if init_from == "resume":
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    try:
+        ckpt = checkpoint.load(ckpt_path, device, resume=True)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"--init_from=resume: {e}")
     defaults = {f.name: f.default for f in fields(GPTConfig)}                 # for keys older checkpoints lack
     diff = {k: (ckpt["model_args"].get(k, defaults[k]), v) for k, v in model_args.items()
             if ckpt["model_args"].get(k, defaults[k]) != v}
@@ -137,7 +149,10 @@ if init_from == "resume":
         what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"the checkpoint {ckpt_path} comes from another config ({what}); "
                          f"resume with the config it was trained with, or use another out_dir")
-model = GPT(GPTConfig(**model_args), backend=backend).to(device)
+try:
+    model = GPT(GPTConfig(**model_args), backend=backend).to(device)
+except ValueError as e:  # GPTConfig.check (e.g. n_embd not a multiple of n_head) or model.get_backend
+    raise SystemExit(f"config error: {e}")
 say(f"model: {model.num_params() / 1e6:.2f}M parameters, backend {model.backend.__name__}, attention {attention}")
 decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and expert weights decay; norms, biases don't
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -147,6 +162,9 @@ if init_from == "resume":
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     iter_num = ckpt["iter_num"]
+    if iter_num > max_iters:
+        raise SystemExit(f"--init_from=resume: {ckpt_path} is at iteration {iter_num}, past max_iters={max_iters}; "
+                         f"pass a larger --max_iters")
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     if "cuda" in device and ckpt["cuda_rng"] is not None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
@@ -224,6 +242,22 @@ def log(record):
             f.write(json.dumps(record) + "\n")
 
 
+def trim_log(last_iter):
+    """Drop the log records past iteration last_iter (a run that went on after its last checkpoint), so a resumed
+    run logs each iteration and evaluation once. Rewritten atomically, like the checkpoint."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not master or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    step = lambda rec: rec["iter"] if "iter" in rec else rec.get("eval", 0)  # a training record or an eval's
+    keep = [line for line in lines if step(json.loads(line)) <= last_iter]
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
 def train_batch(it, micro):
     """Micro-batch `micro` (0 .. gradient_accumulation_steps - 1 of this rank) of iteration `it`. Its seed names
     its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
@@ -233,24 +267,52 @@ def train_batch(it, micro):
 
 
 def save_checkpoint():
-    """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
+    """Everything a resume needs, as tensors and plain values only (checkpoint.load reads nothing else), written
+    atomically: a crash or a second Ctrl-C never leaves half a file."""
     if master:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
                      model_args=model_args, config=config,
                      torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if "cuda" in device else None)
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
+        checkpoint.save(ckpt_path, state)
+
+
+# Ctrl-C (SIGINT) sets a flag that the loop reads between iterations, where the model, the optimizer and the
+# data position agree: the checkpoint saved there resumes exactly. In one process a second Ctrl-C stops at once
+# without saving (the last checkpoint stays whole); under torchrun every process may get the signal twice (from
+# the terminal and from torchrun), so there it only sets the flag.
+interrupted = False
+
+
+def on_sigint(signum, frame):
+    global interrupted
+    if interrupted and not ddp:
+        print(f"interrupted again: stopped without saving; {ckpt_path} holds the last saved iteration",
+              file=sys.stderr)
+        raise SystemExit(130)
+    interrupted = True
+
+
+def stop_requested():
+    """Whether some process got Ctrl-C (under DDP all of them stop at the same iteration)."""
+    if not ddp:
+        return interrupted
+    flag = torch.tensor([float(interrupted)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 # training loop ---------------------------------------------------------------------------------
 if master:
     os.makedirs(out_dir, exist_ok=True)
+if init_from == "resume":
+    trim_log(iter_num)
 start_iter, t_start = iter_num, time.time()
 fpt = {kd: raw_model.flops_per_token(seq_len, kd) for kd in (False, True)}  # kl_dense -> FLOPs per token
 say(f"model FLOPs per token: {fpt[False] / 1e9:.2f} G ({fpt[True] / 1e9:.2f} G with the dense KL warm-up); "
     f"MFU against {peak_flops / 1e12:.1f} TFLOP/s per GPU")
 x, y, p = train_batch(iter_num, 0)
 t_last, tokens_since, flops_since = time.time(), 0, 0.0
+signal.signal(signal.SIGINT, on_sigint)
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -272,6 +334,12 @@ while True:
         t_last += time.time() - t_eval  # eval time does not count in tokens/s
     if iter_num == max_iters:
         break
+    if stop_requested():
+        save_checkpoint()
+        if master:
+            print(f"interrupted: saved {ckpt_path} at iteration {iter_num}; continue with --init_from=resume",
+                  file=sys.stderr)
+        raise SystemExit(130)
     kl_dense = iter_num < kl_warmup_iters
     parts = 0  # (loss, lm, kl, balance) averaged over this iteration's micro-steps (of all GPUs, at log time)
     for micro in range(gradient_accumulation_steps):

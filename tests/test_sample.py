@@ -9,6 +9,8 @@ import model as model_module
 from conftest import requires_cuda
 from data import encode, save_image
 from model import MOE_FEW_TOKENS, KVCache
+from test_checkpoint import evil_checkpoint, fails
+from test_data import png_header
 from test_model import PATCH, batch, tiny
 from test_train import run_script, train
 
@@ -41,8 +43,44 @@ def test_bad_input_gives_a_clear_message(out_dir, tmp_path):
         with pytest.raises(SystemExit, match=msg):
             run_script("sample.py", *args)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "ckpt.pt")  # something that is not train.py's checkpoint
-    with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
+    with pytest.raises(SystemExit, match="expected a checkpoint written by train.py.* got a dict without the keys"):
         run_script("sample.py", f"--out_dir={tmp_path}")
+
+
+def test_bad_settings_end_in_one_line(out_dir, tmp_path):
+    """Each ends in one line on stderr (what was expected, what came) and a non-zero exit, no traceback."""
+    png_header(tmp_path / "huge.png", 15000, 15000)
+    png_header(tmp_path / "big.png", 3000, 3000)
+    cases = [(["--num_samples=0"], "--num_samples must be >= 1, got 0"),
+             (["--top_k=0"], "--top_k must be >= 1 (or None: no cut), got 0"),
+             (["--temperature=-1"], "--temperature must be >= 0 (0 is greedy), got -1"),
+             ([f"--start=FILE:{tmp_path / 'missing.txt'}"],
+              f"--start=FILE:{tmp_path / 'missing.txt'}: expected a readable UTF-8 text file, got FileNotFoundError"),
+             (["--backend=triton"], "--backend=triton needs a CUDA GPU and none was found"),
+             ([f"--image={tmp_path / 'huge.png'}"], f"--image: '{tmp_path / 'huge.png'}': expected a 32x32 image, "
+                                                  f"got one of more than"),
+             ([f"--image={tmp_path / 'big.png'}"], "expected a 32x32 image, got 3000x3000")]
+    for args, msg in cases:  # GPUs hidden and Triton's interpreter off: a machine without CUDA
+        line = fails("sample.py", f"--out_dir={out_dir}", *args, env_extra=dict(CUDA_VISIBLE_DEVICES=""),
+                     drop_env=("TRITON_INTERPRET",))
+        assert msg in line, (args, line)
+
+
+@pytest.mark.parametrize("kind,got", [("empty", "got an empty file"), ("truncated", "got a truncated or damaged"),
+                                      ("text", "got a text file")])
+def test_damaged_checkpoint_ends_in_one_line(out_dir, tmp_path, kind, got):
+    raw = open(f"{out_dir}/ckpt.pt", "rb").read()
+    (tmp_path / "ckpt.pt").write_bytes({"empty": b"", "truncated": raw[:len(raw) // 2], "text": b"hello\n"}[kind])
+    line = fails("sample.py", f"--out_dir={tmp_path}")
+    assert line.startswith(f"{tmp_path / 'ckpt.pt'}: expected a checkpoint written by train.py") and got in line
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "created"
+    evil_checkpoint(tmp_path / "ckpt.pt", marker)
+    line = fails("sample.py", f"--out_dir={tmp_path}")
+    assert line.startswith(f"{tmp_path / 'ckpt.pt'}: expected a checkpoint") and "posix.system" in line
+    assert not marker.exists()
 
 
 # -----------------------------------------------------------------------------------------------

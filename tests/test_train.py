@@ -2,13 +2,16 @@
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from configurator import configure
+import checkpoint
+from configurator import configure, read_config_file
+from test_checkpoint import evil_checkpoint, fails
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["config/train_cpu.py", "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--index_dim=8",
@@ -50,6 +53,8 @@ def straight(tmp_path_factory):
 def test_resume_continues_exactly(straight, tmp_path):
     out = str(tmp_path)
     train(f"--out_dir={out}", "--max_iters=2")
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # as if the run had gone on past its last checkpoint
+        f.write(json.dumps(dict(iter=3, lm=-1.0)) + "\n" + json.dumps(dict(eval=4, lm=-1.0)) + "\n")
     r = train(f"--out_dir={out}", "--max_iters=4", "--init_from=resume")
     assert "resumed from" in r.stdout and "iteration 2" in r.stdout
     drop_speed = lambda recs: [{k: v for k, v in rec.items() if k not in ("tok_s", "mfu")} for rec in recs]
@@ -58,6 +63,9 @@ def test_resume_continues_exactly(straight, tmp_path):
     assert len(steps) == 3  # iterations 3, 4 and the eval at 4
     assert steps == [rec for rec in got if rec.get("iter", 0) > 2 or rec.get("eval", 0) > 2]  # bitwise equal losses
     assert [rec["lm"] for rec in want if "iter" in rec][:2] == [rec["lm"] for rec in got if "iter" in rec][:2]
+    # each iteration and evaluation logged once (the records past the checkpoint were dropped); the short run
+    # evaluated at its last iteration, 2, which the straight run does not
+    assert [rec for rec in got if rec.get("eval") != 2] == want
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
@@ -81,7 +89,8 @@ def test_two_processes_match_one_with_accumulation(straight, tmp_path):
         for k in ("loss", "lm", "kl", "balance"):
             if k in a:
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a, b)
-        assert a.get("recall_layers") == pytest.approx(b.get("recall_layers"), rel=1e-5)
+        if "recall_layers" in a:  # eval records only (the keys of a and b are equal, asserted above)
+            assert a["recall_layers"] == pytest.approx(b["recall_layers"], rel=1e-5), (a, b)
 
 
 def script_globals(*args):
@@ -121,19 +130,78 @@ def test_checkpoint_from_another_config(straight):
 
 def test_checkpoint_older_than_a_config_key_resumes(straight, tmp_path, capsys):
     # a checkpoint written before GPTConfig had a key (here index_fp8) holds that key's default: it resumes
-    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    ckpt = checkpoint.load(os.path.join(straight, "ckpt.pt"), resume=True)
     del ckpt["model_args"]["index_fp8"]
-    torch.save(ckpt, os.path.join(tmp_path, "ckpt.pt"))
+    checkpoint.save(os.path.join(tmp_path, "ckpt.pt"), ckpt)
     run_script("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=5", "--init_from=resume")
     assert "resumed from" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,msg", [(["--n_layers=3"], "unknown key 'n_layers'"),
                                       (["--init_from=resume", "--out_dir=/nonexistent/x"], "no checkpoint at"),
-                                      (["--data_path=/nonexistent/corpus.txt"], "does not exist")])
+                                      (["--data_path=/nonexistent/corpus.txt"], "does not exist"),
+                                      (["--eval_iters=0"], "eval_iters must be >= 1, got 0")])
 def test_bad_input_gives_a_clear_message(args, msg):
     with pytest.raises(SystemExit, match=msg):  # SystemExit(message): the user sees the message, no traceback
         run_script("train.py", *TINY, *args)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--n_head=3"], "config error: bad model config: n_embd=32 must be a multiple of n_head=3"),
+    (["--msa_topk=0"], "config error: bad model config: msa_block_size and msa_topk must be >= 1"),
+    (["--batch_size=0"], "config error: batch_size must be >= 1, got 0"),
+    (["--backend=triton"], "config error: --backend=triton needs a CUDA GPU and none was found")])
+def test_bad_settings_end_in_one_line(args, msg):
+    # GPUs hidden and Triton's interpreter off: --backend=triton is what a user asks for on a machine without CUDA
+    line = fails("train.py", *TINY, *args, "--out_dir=/nonexistent/never-written",
+                 env_extra=dict(CUDA_VISIBLE_DEVICES=""), drop_env=("TRITON_INTERPRET",))
+    assert line.startswith(msg), line
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path):
+    marker = tmp_path / "created"
+    evil_checkpoint(tmp_path / "ckpt.pt", marker)
+    line = fails("train.py", *TINY, f"--out_dir={tmp_path}", "--init_from=resume")
+    assert line.startswith(f"--init_from=resume: {tmp_path / 'ckpt.pt'}: expected a checkpoint written by train.py")
+    assert "posix.system" in line and not marker.exists()
+
+
+@pytest.mark.parametrize("kind,got", [("empty", "got an empty file"), ("truncated", "got a truncated or damaged"),
+                                      ("text", "got a text file")])
+def test_resume_refuses_a_damaged_checkpoint(straight, tmp_path, kind, got):
+    raw = open(os.path.join(straight, "ckpt.pt"), "rb").read()
+    (tmp_path / "ckpt.pt").write_bytes({"empty": b"", "truncated": raw[:len(raw) // 2], "text": b"hello\n"}[kind])
+    with pytest.raises(SystemExit) as e:
+        run_script("train.py", *TINY, f"--out_dir={tmp_path}", "--init_from=resume")
+    assert str(e.value).startswith(f"--init_from=resume: {tmp_path / 'ckpt.pt'}: expected a checkpoint")
+    assert got in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path):
+    """SIGINT after the first logged iteration: train.py saves at the iteration it reached, says so in one line
+    and exits with 130; the resumed run's log then equals the uninterrupted run's (each record once)."""
+    out = str(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--out_dir={out}", "--max_iters=1000"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("iter 1/"):
+                p.send_signal(signal.SIGINT)
+                break
+        stdout, stderr = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    n = checkpoint.load(os.path.join(out, "ckpt.pt"), resume=True)["iter_num"]
+    assert stderr.strip() == f"interrupted: saved {os.path.join(out, 'ckpt.pt')} at iteration {n}; continue with " \
+                             f"--init_from=resume"
+    assert 1 <= n <= 4  # the uninterrupted run to compare with stops at 4
+    assert [rec["iter"] for rec in records(out) if "iter" in rec] == list(range(1, n + 1))
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    train(f"--out_dir={out}", "--max_iters=4", "--init_from=resume")
+    drop_speed = lambda recs: [{k: v for k, v in rec.items() if k not in ("tok_s", "mfu")} for rec in recs]
+    assert drop_speed(records(out)) == drop_speed(records(straight))  # bitwise equal losses, no duplicates
 
 
 def test_configurator(tmp_path):
@@ -149,6 +217,37 @@ def test_configurator(tmp_path):
     cfg.write_text("n_layers = 3\n")
     with pytest.raises(SystemExit, match=f"unknown key 'n_layers' in {cfg}"):
         configure(dict(settings), [str(cfg)])
+
+
+@pytest.mark.parametrize("text,line,got", [
+    ("seq_len = 128\nimport os\n", 2, "import os"),
+    ("# a comment\nseq_len = int('3')\n", 2, "seq_len = int('3')"),
+    ("seq_len = 128\nos.system('touch MARKER')\n", 2, "os.system('touch MARKER')"),
+    ("seq_len = 128\nname = seq_len * 2\n", 2, "name = seq_len * 2"),
+    ("seq_len = name = 3\n", 1, "seq_len = name = 3"),
+    ("def f():\n    pass\n", 1, "def f():")])
+def test_config_files_are_read_not_run(tmp_path, monkeypatch, text, line, got):
+    """A config file holds `name = <literal>` lines and comments; anything else is refused, naming the file and
+    line, and nothing in it runs."""
+    monkeypatch.chdir(tmp_path)
+    cfg, marker = tmp_path / "c.py", "created"
+    cfg.write_text(text.replace("MARKER", marker))
+    with pytest.raises(SystemExit) as e:
+        configure(dict(seq_len=64, name="a"), [str(cfg)])
+    msg = str(e.value)
+    assert msg.startswith(f"config error: {cfg} line {line}: expected `name = <literal>`") and "\n" not in msg
+    assert msg.endswith(f"got `{got.replace('MARKER', marker)}`"), msg
+    assert not os.path.exists(marker)
+    cfg.write_text("seq_len = = 3\n")
+    with pytest.raises(SystemExit, match=f"config error: {cfg} line 1: expected lines `name = <literal>` and comments"):
+        configure(dict(seq_len=64, name="a"), [str(cfg)])
+    cfg.write_text("# the values may be any literal\nseq_len = -3  # negative\nname = 'x' 'y'\n")
+    assert configure(dict(seq_len=64, name="a"), [str(cfg)]) == dict(seq_len=-3, name="xy")
+
+
+def test_config_presets_are_literal_assignments():
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        assert read_config_file(os.path.join(ROOT, "config", name))
 
 
 def test_configurator_help_lists_settings(capsys):

@@ -1,0 +1,150 @@
+"""
+Checkpoints are data, not code. save() writes one atomically; load() reads it with torch.load(weights_only=True),
+which rebuilds only tensors, dicts, lists, tuples, strings, numbers, bools and None: nothing in the file runs.
+A file that is not such a checkpoint is refused with a CheckpointError, one line naming the file and what was
+expected (the scripts print it and exit).
+
+  python checkpoint.py convert OLD.pt NEW.pt
+      rewrites a checkpoint that holds other objects (numpy values, say) as a safe one. It unpickles OLD.pt
+      with the unsafe loader, which runs whatever the file asks: use it only on a file you trust.
+"""
+import os
+import re
+import sys
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+REQUIRED = ("model", "model_args", "iter_num", "config")     # what sample.py and report.py read
+RESUME = ("optimizer", "torch_rng", "cuda_rng")              # what train.py --init_from=resume reads too
+SAFE = "tensors, dicts, lists, tuples, strings, numbers, bools and None"
+EXPECTED = f"a checkpoint written by train.py (a dict of {SAFE})"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint the safe loader accepts; the message is one line."""
+
+
+def _check_plain(obj, where):
+    """Raise CheckpointError unless obj holds only what load() accepts, so every saved file loads again. Exact
+    types: a numpy float64 is a float subclass, but the safe loader refuses it."""
+    if obj is None or isinstance(obj, torch.Tensor) or type(obj) in (str, bool, int, float):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    else:
+        raise CheckpointError(f"cannot save {where}: a {type(obj).__name__}; checkpoints hold only {SAFE}")
+
+
+def save(path, state):
+    """Write state (a dict of tensors and plain values) to path atomically: into path + '.tmp' in the same folder,
+    flushed to disk, then renamed over path. A crash or Ctrl-C leaves either the old file or the new one whole."""
+    _check_plain(state, "state")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _refuse(path, what):
+    return CheckpointError(f"{path}: expected {EXPECTED}, got {what}")
+
+
+def load(path, device="cpu", resume=False):
+    """Read a checkpoint of train.py onto device -> dict with the keys REQUIRED (and RESUME if resume=True).
+    Raises CheckpointError (one line) for a missing, empty, truncated, foreign or unsafe file, or wrong keys."""
+    if not os.path.isfile(path):
+        raise _refuse(path, "no such file")
+    if os.path.getsize(path) == 0:
+        raise _refuse(path, "an empty file (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        with warnings.catch_warnings():  # the safe unpickler warns about pickle protocols it reads fine
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # the safe loader refused or could not parse the file: say which, in one line
+        msg = str(e)
+        unsafe = re.search(r"GLOBAL (\S+)", msg)
+        if unsafe:
+            raise _refuse(path, f"a file that needs the Python object {unsafe.group(1)} (refused: unpickling "
+                                f"objects can run code); if you trust the file, convert it once with "
+                                f"python checkpoint.py convert {path} NEW.pt") from None
+        if head.startswith(b"PK\x03\x04"):
+            raise _refuse(path, "a truncated or damaged torch.save archive") from None
+        if _is_text(head):
+            raise _refuse(path, "a text file") from None
+        raise _refuse(path, f"a file that is not in torch.save's format ({type(e).__name__} while reading it)") from None
+    if not isinstance(ckpt, dict):
+        raise _refuse(path, f"a {type(ckpt).__name__}, not a dict")
+    keys = REQUIRED + (RESUME if resume else ())
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise _refuse(path, f"a dict without the keys {', '.join(map(repr, missing))} (its keys: "
+                            f"{', '.join(map(repr, list(ckpt)[:8])) or 'none'})")
+    wrong = [f"{k} a {type(ckpt[k]).__name__}" for k, t in (("model", dict), ("model_args", dict), ("iter_num", int),
+                                                             ("config", dict)) if not isinstance(ckpt[k], t)]
+    if wrong:
+        raise _refuse(path, f"{', '.join(wrong)} (expected model, model_args and config dicts, iter_num an int)")
+    return ckpt
+
+
+def _is_text(head):
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
+
+
+def _plain(obj, where="state"):
+    """What the unsafe loader returned -> the same made of SAFE types (numpy arrays become tensors, numpy scalars
+    Python numbers); anything else is an error."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    _check_plain(obj, where)
+    return obj
+
+
+def convert(old, new):
+    """Load old with the unsafe loader (it runs what the file asks: only for a file you trust), write new safely."""
+    try:
+        state = torch.load(old, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{old}: cannot be read even by the unsafe loader ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); expected {EXPECTED}") from None
+    save(new, _plain(state))
+    return load(new)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "convert":
+        raise SystemExit("usage: python checkpoint.py convert OLD.pt NEW.pt  (OLD.pt is unpickled with the unsafe "
+                         f"loader: only for a file you trust); got {' '.join(sys.argv[1:]) or 'no arguments'}")
+    try:
+        ckpt = convert(sys.argv[2], sys.argv[3])
+    except CheckpointError as e:
+        raise SystemExit(str(e))
+    print(f"wrote {sys.argv[3]} (iteration {ckpt['iter_num']}): it loads with weights_only=True")
