@@ -16,6 +16,7 @@ GPT also measures itself for train.py: indexer_recall (how much of the dense att
 and flops_per_token (for the MFU). generate() decodes with one KVCache per layer.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ def get_backend(name="auto"):
         return msa_ref
     if name == "auto" and not torch.cuda.is_available():
         return msa_ref  # no GPU: the reference is the fast path (msa_triton would run in the interpreter)
+    if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs a CUDA GPU and none was found (TRITON_INTERPRET=1 runs the kernels "
+                         "in Triton's slow CPU interpreter); use backend 'ref' or 'auto'")
     try:
         import msa_triton
         missing = [f for f in BACKEND_FUNCTIONS if not hasattr(msa_triton, f)]

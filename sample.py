@@ -58,9 +58,6 @@ for ok, what, got in [(num_samples >= 1, "--num_samples must be >= 1", num_sampl
                       (decode in ("sparse", "dense"), "--decode must be 'sparse' or 'dense'", decode)]:
     if not ok:
         raise SystemExit(f"{what}, got {got!r}")
-if backend == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-    raise SystemExit("--backend=triton needs a CUDA GPU and none was found (TRITON_INTERPRET=1 runs the kernels in "
-                     "Triton's slow CPU interpreter); use --backend=ref or --backend=auto")
 if not image and start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:

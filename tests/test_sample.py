@@ -56,7 +56,7 @@ def test_bad_settings_end_in_one_line(out_dir, tmp_path):
              (["--temperature=-1"], "--temperature must be >= 0 (0 is greedy), got -1"),
              ([f"--start=FILE:{tmp_path / 'missing.txt'}"],
               f"--start=FILE:{tmp_path / 'missing.txt'}: expected a readable UTF-8 text file, got FileNotFoundError"),
-             (["--backend=triton"], "--backend=triton needs a CUDA GPU and none was found"),
+             (["--backend=triton"], "backend='triton' needs a CUDA GPU and none was found"),
              ([f"--image={tmp_path / 'huge.png'}"], f"--image: '{tmp_path / 'huge.png'}': expected a 32x32 image, "
                                                   f"got one of more than"),
              ([f"--image={tmp_path / 'big.png'}"], "expected a 32x32 image, got 3000x3000")]
