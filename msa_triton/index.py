@@ -112,7 +112,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
         qi_ptr=qi, ki_ptr=ki, ks_ptr=ks, out_ptr=out, T=T, Hkv=Hkv, sqrt_di=math.sqrt(Di),
         **_strides("qi", qi), **_strides("ki", ki, "btd"), **_strides("o", out, "bhtk"),
         BS=block_size, K=topk, K_P=_pow2(topk, 2), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
-        NCHUNK=triton.cdiv(block_size, block_n), PREC="tf32" if fp8 else _prec(qi), FP8=fp8,
+        NCHUNK=triton.cdiv(block_size, block_n), PREC=_prec(qi, ki), FP8=fp8,
         num_warps=8 if block_q >= 256 else 4, num_stages=3)
     return out
 
