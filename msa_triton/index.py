@@ -41,6 +41,7 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
                        BS: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
                        PREC: tl.constexpr, FP8: tl.constexpr):
+    """One program = BLOCK_Q consecutive queries of one (batch, group): writes their rows of out (B, Hkv, T, K)."""
     bh = tl.program_id(0)                    # axis 0 varies fastest: the first wave takes the
     qt = tl.num_programs(1) - 1 - tl.program_id(1)  # last (longest) query tiles of every (b, g)
     b = bh // Hkv
