@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 import msa_ref
 import msa_triton
+from msa_triton import common, decode as dec
 
 # (name, B, Hq, Hkv, D, Di, bs, K, default T list)
 SHAPES = {
@@ -67,7 +68,7 @@ def indexer_block_idx(B, Hkv, T, Di, bs, K, device, seed=0):
 
 def attended_pairs(block_idx, bs, T):
     """E: attended (query, key) pairs summed over (B, Hkv), from block_idx (repeats count once)."""
-    sl = msa_triton._slots(block_idx, 0, T, math.ceil(T / bs)).long()          # (B*Hkv, T, K) -1 = nothing
+    sl = common._slots(block_idx, 0, T, math.ceil(T / bs)).long()              # (B*Hkv, T, K) -1 = nothing
     t = torch.arange(T, device=block_idx.device)[None, :, None]
     n = (torch.minimum(t + 1, (sl + 1) * bs) - sl * bs).clamp(min=0)          # visible keys of each chosen block
     return int(torch.where(sl >= 0, n, 0).sum())
@@ -312,7 +313,7 @@ def bench_index(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# decode: one new token per sequence against full caches (issue 6), MSA sparse_decode vs dense SDPA
+# decode: one new token per sequence against full caches, MSA sparse_decode vs dense SDPA
 
 def graphed(fn):
     """fn() captured in a CUDA graph after one eager call (compiles, allocates); returns graph.replay."""
@@ -371,13 +372,12 @@ def bench_decode(args):
     """Per (T, B): N copies of the caches (every row full, at T tokens), N such that 300 MB (6 x L2) of
     sparse-step data lie between two reads of one copy (do_bench also clears L2 before each call).
     Dense = SDPA over the whole cache, cuDNN and flash, eager and CUDA-graphed (best of all = vs_dense).
-    MSA step = msa_triton_decode.sparse_decode (scoring + top-k + split-K attention + merge), eager and
+    MSA step = msa_triton.sparse_decode (scoring + top-k + split-K attention + merge), eager and
     graphed; its pieces graphed alone. "N steps in one graph" rows: a decoding loop's steady state (see
     graphed_loop), MSA against the best dense backend timed the same way. "fp8 index cache" rows: the same
     step on e4m3 index keys (msa_ref.fp8_quantize; the selection is msa_ref's with fp8=True, which differs
     from the bf16 one: the check line says how often). GB/s = bytes that must be read / time: index keys
     of the earlier blocks (and their scales) + the selected K/V for MSA, the whole K/V cache for dense."""
-    import msa_triton_decode as dec                                            # its pieces, timed alone
     rows = []
     Hq, Hkv, D, Di, bs, K = SHAPES["m3"][1:7]
     dt = torch.bfloat16
@@ -458,7 +458,7 @@ def bench_decode(args):
     return rows
 
 
-BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode}   # index / layer / decode families are added here by their owners
+BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode}
 
 
 def main():

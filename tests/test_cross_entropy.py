@@ -39,7 +39,7 @@ def both(h, w, y, autocast=False):
 @pytest.mark.parametrize("N,C,V,chunk", [(9, 16, 50, 2 ** 29), (23, 8, 70, 5 * 70), (5, 4, 5000, 2 ** 29),
                                          (1, 8, 33, 2 ** 29)])
 def test_equals_reference(N, C, V, chunk, monkeypatch):
-    monkeypatch.setattr(msa_triton, "CE_CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(msa_triton.cross_entropy, "CE_CHUNK_ELEMS", chunk)
     (loss, dh, dw), (rloss, rdh, rdw) = both(*inputs(N, C, V))
     torch.testing.assert_close(loss, rloss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dh, rdh, rtol=1e-4, atol=1e-6)
@@ -86,7 +86,7 @@ def test_no_gradient_work_without_grad():
 @requires_cuda
 def test_bf16_autocast_matches_reference(monkeypatch):
     """The model's case: fp32 h and w under bf16 autocast, V = 50304, three chunks."""
-    monkeypatch.setattr(msa_triton, "CE_CHUNK_ELEMS", 1000 * 50304)
+    monkeypatch.setattr(msa_triton.cross_entropy, "CE_CHUNK_ELEMS", 1000 * 50304)
     h, w, y = inputs(3000, 256, 50304)
     (loss, dh, dw), (rloss, rdh, rdw) = both(h, w, y, autocast=True)
     torch.testing.assert_close(loss, rloss, rtol=2e-3, atol=2e-3)

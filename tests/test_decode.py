@@ -1,5 +1,5 @@
 """
-Tests of msa_triton_decode.sparse_decode against msa_ref: its block selection must be exactly what
+Tests of msa_triton.sparse_decode (msa_triton/decode.py) against msa_ref: its block selection must be exactly what
 index_topk gives the new token's position, and its output must equal that position's row of
 sparse_attention (and msa_ref.sparse_decode). On CI this runs in the Triton interpreter (fp32, tiny
 shapes); on a GPU the compiled kernels also run in bf16 at the M3 head shape and inside a CUDA graph.
@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # before triton is imported (tests/conftest.p
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import msa_ref
-import msa_triton_decode as dec
+from msa_triton import decode as dec
 from conftest import DEVICE, rand_inputs, requires_cuda
 
 
@@ -150,7 +150,7 @@ def test_bf16_m3_heads_on_gpu(lens):
 def test_fp8_index_cache_selects_as_index_topk_fp8(Hq, Hkv, Tmax, D, Di, bs, K, lens):
     # an fp8 index-key cache (the M3 head shape; a tiny one): the selection is msa_ref.index_topk(fp8=True)'s at
     # each row's position, exactly (this pass's small fp8 products accumulate in fp32, unlike the prefill
-    # kernel's large ones: INDEX_NOTES.md), and the output sparse_attention's row with that selection
+    # kernel's large ones), and the output sparse_attention's row with that selection
     B = len(lens)
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens, dtype=torch.bfloat16, seed=9)
     ki8, ks = msa_ref.fp8_quantize(ki)

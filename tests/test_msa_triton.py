@@ -8,6 +8,7 @@ import torch
 
 import msa_ref
 import msa_triton
+from msa_triton import attention, common
 from conftest import DEVICE, rand_inputs, requires_cuda
 
 GPU = DEVICE == "cuda"
@@ -111,7 +112,7 @@ def test_empty_rows_and_repeats():
 
 def test_non_contiguous_and_chunked(monkeypatch):
     """Strided views of q, k, v, dout, and a partial-buffer bound small enough to force several chunks of T."""
-    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", 4096)
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", 4096)
     B, Hq, Hkv, T, D, bs, K = 2, 4, 2, 45, 16, 8, 3
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, T, Hq, D, generator=g).to(DEVICE).transpose(1, 2)       # (B, Hq, T, D), T-major
@@ -143,7 +144,7 @@ def test_backward_is_deterministic():
 # (shape, dtype, BWD_SEG, PARTIAL_ELEMS): NSUB = 1 and 2, D > 64, and on a GPU the M3 layout with the real settings
 HOT = [((1, 4, 2, 70, 16, 8, 3), torch.float32, 4, 16384), ((1, 2, 1, 150, 16, 96, 2), torch.float32, 4, 16384),
        ((1, 4, 2, 70, 72, 16, 3), torch.float32, 4, 16384)]
-HOT += [((1, 64, 4, 2048, 128, 128, 16), torch.bfloat16, msa_triton.BWD_SEG, msa_triton.PARTIAL_ELEMS)] if GPU else []
+HOT += [((1, 64, 4, 2048, 128, 128, 16), torch.bfloat16, attention.BWD_SEG, common.PARTIAL_ELEMS)] if GPU else []
 
 
 @pytest.mark.parametrize("shape, dtype, seg, partial", HOT)
@@ -151,8 +152,8 @@ def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
     """A block chosen by many tokens (block 0 by every token here, as an attention sink would be) is split over
     several backward programs of BWD_SEG entries; their dK, dV sums are added in a fixed order: equal to the
     reference, bitwise the same in two runs, across chunks of T too."""
-    monkeypatch.setattr(msa_triton, "BWD_SEG", seg)
-    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", partial)
+    monkeypatch.setattr(attention, "BWD_SEG", seg)
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", partial)
     B, Hq, Hkv, T, D, bs, K = shape
     q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=9)
     block_idx = random_block_idx(B, Hkv, T, bs, K, seed=9)

@@ -1,5 +1,5 @@
 """
-Tests of msa_triton_index.py (index_topk, kl_loss) against msa_ref, the definition.
+Tests of msa_triton/index.py (index_topk, kl_loss) against msa_ref, the definition.
 Without CUDA the kernels run in Triton's interpreter (tiny shapes, fp32: its bf16 tl.dot is wrong);
 on a GPU the same tests run compiled, plus bf16 checks at larger sizes.
 fp32 selections must equal msa_ref's exactly (random inputs have no ties unless a test builds them).
@@ -16,7 +16,8 @@ if not torch.cuda.is_available():                # before triton is imported; co
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import msa_ref
-import msa_triton_index as mti
+from msa_triton import common
+from msa_triton import index as mti
 from conftest import DEVICE, rand_inputs, requires_cuda
 
 
@@ -98,9 +99,9 @@ def test_index_topk_bf16_by_score(T, bs, K):
 @requires_cuda
 def test_index_topk_fp8_within_tolerance():
     """The FP8 path: the selection of msa_ref.index_topk(fp8=True) (the same e4m3 roundings) on nearly every
-    row: the H100's fp8 matrix products accumulate with fewer bits than fp32 (on 2.2% of these rows that
-    reorders near-equal block scores; promoting every partial sum to fp32, max_num_imprecise_acc=0, made all
-    rows equal at 2.6x the time: INDEX_NOTES.md, session 6). Against bf16: structure exact (local block,
+    row: Hopper's fp8 matrix products accumulate with fewer bits than fp32, which reorders near-equal block
+    scores on a few percent of rows (promoting every partial sum to fp32 would make all rows equal at
+    several times the cost; DESIGN.md section 4). Against bf16: structure exact (local block,
     -1 slots, distinct earlier blocks); the chosen blocks' fp32 reference scores fall short of the best K-1
     by < 0.05 per block (mean < 0.005) while the best scores are about 3.3; >= 95% of the chosen blocks are
     the bf16 ones."""
@@ -138,7 +139,7 @@ def kl_case(B, Hq, Hkv, T, D, Di, bs, K, dtype=torch.float32, seed=1, block_idx=
 
 
 def kl_both(q, k, qi, ki, idx, bs):
-    """(loss, dqi, dki) of msa_triton_index and of msa_ref on the same inputs."""
+    """(loss, dqi, dki) of msa_triton.kl_loss and of msa_ref on the same inputs."""
     out = []
     for fn in (mti.kl_loss, msa_ref.kl_loss):
         qg, kg = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
@@ -166,14 +167,13 @@ def test_kl_loss_matches_ref(B, Hq, Hkv, T, D, Di, bs, K, sel):
 
 def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):
     """Passing sparse_attention's lse (here msa_ref's, the same numbers) gives the same loss and gradients;
-    so does running the tokens in several chunks (a tiny msa_triton.PARTIAL_ELEMS forces them)."""
-    import msa_triton
+    so does running the tokens in several chunks (a tiny common.PARTIAL_ELEMS forces them)."""
     B, Hq, Hkv, T, D, Di, bs, K = 1, 4, 2, 40, 16, 16, 4, 3
     q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, seed=4)
     lse = msa_ref.sparse_attention(q, k, k, idx, bs)[1]
     ref = msa_ref.kl_loss(q, k, qi, ki, idx, bs)
     assert torch.allclose(mti.kl_loss(q, k, qi, ki, idx, bs, lse=lse), ref, rtol=1e-5)
-    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", B * Hkv * K * D * 12)  # 12 tokens per chunk
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", B * Hkv * K * D * 12)  # 12 tokens per chunk
     (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)
     assert torch.allclose(l1.cpu(), l0.cpu(), rtol=1e-5)
     for a, b in ((dqi1, dqi0), (dki1, dki0)):
@@ -185,11 +185,10 @@ def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):
 @pytest.mark.parametrize("bs", [4, 40])                                      # one key chunk per block, or two
 def test_kl_loss_hot_blocks_split(monkeypatch, bs):
     """Block 0 chosen by every token (a sink): pass 2 splits its list over several programs (a tiny KL_SEG) whose
-    dki sums msa_triton._fixup_kernel adds in order, also across chunks of T: equal to msa_ref, bitwise the same
+    dki sums common._fixup_kernel adds in order, also across chunks of T: equal to msa_ref, bitwise the same
     in two runs."""
-    import msa_triton
     monkeypatch.setattr(mti, "KL_SEG", 3)
-    monkeypatch.setattr(msa_triton, "PARTIAL_ELEMS", 2 * 3 * 16 * 24)        # 24 tokens per chunk
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", 2 * 3 * 16 * 24)        # 24 tokens per chunk
     q, k, qi, ki, idx = kl_case(1, 4, 2, 60, 16, 16, bs, 3, seed=6)
     idx[..., 0] = 0
     (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)

@@ -1,28 +1,23 @@
 """
 The index branch of MSA in Triton: index_topk (which blocks does each query read?) and kl_loss (teach
 the index branch where the main branch looks). msa_ref.py is the definition; these compute the same
-functions (DESIGN.md sections 1 and 3) without ever building a T x T tensor, and msa_triton.py
-re-exports them.
-
-Shapes: B batch, T tokens, Hq query heads, Hkv KV heads (= groups), G = Hq // Hkv, D head dim,
-Di index dim, bs block size, K blocks per query, nb = ceil(T / bs).
+functions (DESIGN.md sections 1 and 3) without ever building a T x T tensor. Shapes and naming: common.py.
 
 index_topk, one kernel: a program owns BLOCK_Q consecutive queries of one (batch, group) and walks
 the key blocks left to right. For each block it computes the [BLOCK_Q, bs] index scores with one
 matrix product, max-pools them to one score per query, and merges that score into a running top-k
-kept in registers. The [Hkv, T, nb] block-score matrix is never written (vLLM's indexer writes it:
-2.15 GB at 128K) and there is no second top-k pass.
+kept in registers. The [Hkv, T, nb] block-score matrix is never written (2.15 GB at 128K for a
+kernel that writes it) and there is no second top-k pass.
 Two facts keep it simple:
   - only earlier blocks b < t // bs compete (the local block is always taken), and those are
     entirely visible, so no token-level causal mask is needed: a block score is a plain max;
-  - a score and its block index pack into one int64 key (monotone int32 image of the fp32 score in
-    the high word, 0x7fffffff - block in the low word), so "higher score, ties to the lower block"
-    is plain integer order: the running top-k is a [BLOCK_Q, KP] tile of keys where a new key
-    replaces the row minimum if larger, and one tl.sort orders the winners at the end.
+  - a score and its block index pack into one int64 key (common._sortable_key), so "higher score,
+    ties to the lower block" is plain integer order: the running top-k is a [BLOCK_Q, K_P] tile of
+    keys where a new key replaces the row minimum if larger, and one tl.sort orders the winners.
 fp8=True scores in float8 e4m3, rounded as msa_ref.fp8_quantize rounds (ki per token by torch, its scale
-applied to each score column; qi per row in the kernel, _fp8_rows): twice the matrix rate on Hopper; the
-selection of msa_ref.index_topk(fp8=True) up to the fp8 MMA's accumulation, within a measured tolerance
-of the bf16 one (INDEX_NOTES.md).
+applied to each score column; qi per row in the kernel, common._fp8_rows): twice the matrix rate on Hopper;
+the selection of msa_ref.index_topk(fp8=True) up to the fp8 MMA's accumulation, which keeps fewer bits than
+fp32 (DESIGN.md section 4 gives the measured differences).
 
 kl_loss: see the section further down.
 """
@@ -33,32 +28,8 @@ import triton
 import triton.language as tl
 
 from msa_ref import _expect, check_inputs, fp8_quantize
-
-INT64_MIN = tl.constexpr(-(2 ** 63))
-
-
-def _pow2(x, lo=16):
-    return max(lo, triton.next_power_of_2(x))
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE: true fp32 products (what msa_ref computes), not TF32. (fp8 inputs
-    on Hopper: the MMA keeps fewer bits inside, Triton's fast default; exact promotion cost 2.6x, INDEX_NOTES.md)"""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _fp8_rows(x):
-    """x (R, C) float32 -> float8e4nv (R, C): each row times the power of two 2^(8 - e), max|row| = m * 2^e with
-    m in [0.5, 1), then rounded: msa_ref.fp8_quantize's e4m3 values (its scale left off). The power of two
-    is built from the bits of max|row| (biased exponent f = e + 126), clamped as fp8_quantize clamps e."""
-    f = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    f = tl.minimum(tl.maximum(f, 8), 254)                                      # e in [-118, 128]
-    return (x * ((261 - f) << 23).to(tl.float32, bitcast=True)[:, None]).to(tl.float8e4nv)
+from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block, _pow2,
+                     _prec, _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,24 +37,25 @@ def _fp8_rows(x):
 
 @triton.jit
 def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
-                       s_qb, s_qh, s_qt, s_qd, s_kb, s_kt, s_kd, s_ob, s_oh, s_ot, s_ok,
-                       BS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+                       s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid, s_ob, s_oh, s_ot, s_ok,
+                       BS: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
-                       IEEE: tl.constexpr, FP8: tl.constexpr):
+                       PREC: tl.constexpr, FP8: tl.constexpr):
+    """One program = BLOCK_Q consecutive queries of one (batch, group): writes their rows of out (B, Hkv, T, K)."""
     bh = tl.program_id(0)                    # axis 0 varies fastest: the first wave takes the
     qt = tl.num_programs(1) - 1 - tl.program_id(1)  # last (longest) query tiles of every (b, g)
     b = bh // Hkv
     g = bh % Hkv
     rows = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)                                # (BLOCK_Q,) query positions
-    dcol = tl.arange(0, DIP)                                                   # Di padded to a power of 2
-    qi = tl.load(qi_ptr + b * s_qb + g * s_qh + rows[:, None] * s_qt + dcol[None, :] * s_qd,
+    dcol = tl.arange(0, DI_P)                                                  # Di padded to a power of 2
+    qi = tl.load(qi_ptr + b * s_qib + g * s_qih + rows[:, None] * s_qit + dcol[None, :] * s_qid,
                  mask=(rows[:, None] < T) & (dcol[None, :] < DI), other=0.0)   # (BLOCK_Q, Di)
     if FP8:   # a positive factor per query (its scale, dropped) ranks nothing differently
         qi = _fp8_rows(qi.to(tl.float32))
     local = rows // BS                                                         # (BLOCK_Q,) each row's local block
-    cols = tl.arange(0, KP)
+    cols = tl.arange(0, K_P)
     # running top-k, distinct sentinels below every real key so "== row minimum" hits one column
-    top = tl.full([BLOCK_Q, KP], INT64_MIN + 1, tl.int64) + cols[None, :].to(tl.int64)  # (BLOCK_Q, KP)
+    top = tl.full([BLOCK_Q, K_P], INT64_MIN + 1, tl.int64) + cols[None, :].to(tl.int64)  # (BLOCK_Q, K_P)
     thr = tl.min(top, axis=1)                                                  # (BLOCK_Q,) row minimum
     n_blocks = 0                                                               # earlier blocks of the last row
     if K > 1:
@@ -94,26 +66,22 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
         for c in tl.static_range(NCHUNK):                                      # bs in chunks of BLOCK_N keys
             n = c * BLOCK_N + ncol                                             # (BLOCK_N,) offset inside the block
             kmask = n < BS
-            ki = tl.load(ki_ptr + b * s_kb + (blk * BS + n)[:, None] * s_kt + dcol[None, :] * s_kd,
+            ki = tl.load(ki_ptr + b * s_kib + (blk * BS + n)[:, None] * s_kit + dcol[None, :] * s_kid,
                          mask=kmask[:, None] & (dcol[None, :] < DI), other=0.0)  # (BLOCK_N, Di)
-            s = _dot(qi, tl.trans(ki), IEEE)                                   # (BLOCK_Q, BLOCK_N)
+            s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                 # (BLOCK_Q, BLOCK_N)
             if FP8:                                                            # each key's scale (a power of 2)
                 s = s * tl.load(ks_ptr + b * T + blk * BS + n, mask=kmask, other=0.0)[None, :]
             if BS % BLOCK_N != 0:
                 s = tl.where(kmask[None, :], s, float("-inf"))
             m = tl.maximum(m, tl.max(s, axis=1))
-        # the scale goes on after the max (x -> x / c is monotone), divided as msa_ref divides,
-        # and + 0.0 turns -0.0 into +0.0 so the two zeros tie as they do in msa_ref
-        score = m / sqrt_di + 0.0                                              # (BLOCK_Q,)
-        bits = score.to(tl.int32, bitcast=True)
-        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)                     # monotone: float order = int order
-        key = (bits.to(tl.int64) << 32) | (tl.zeros_like(bits).to(tl.int64) + (0x7FFFFFFF - blk))  # ties -> lower block
+        # the scale goes on after the max (x -> x / c is monotone), divided as msa_ref divides
+        key = _sortable_key(m / sqrt_di, blk)                                  # (BLOCK_Q,) ties -> lower block
         key = tl.where(blk < local, key, INT64_MIN)                            # only earlier blocks compete
         hit = (top == thr[:, None]) & (key > thr)[:, None]                     # replace the row minimum
         top = tl.where(hit, key[:, None], top)
         thr = tl.min(top, axis=1)
     top = tl.sort(top, dim=1, descending=True)                                 # best first, ties -> lower block
-    idx = 0x7FFFFFFF - (top & 0xFFFFFFFF).to(tl.int32)                         # (BLOCK_Q, KP) block indices
+    idx = _key_block(top)                                                      # (BLOCK_Q, K_P) block indices
     n_far = tl.minimum(local, K - 1)[:, None]                                  # earlier blocks taken
     out = tl.where(cols[None, :] < n_far, idx, -1)
     out = tl.where(cols[None, :] == n_far, local[:, None], out)                # local in the last valid slot
@@ -126,8 +94,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
     the K-1 best earlier blocks by descending block score (ties: lower block first), then the local block
     t // bs in the last valid slot, then -1.
     fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): msa_ref.index_topk(fp8=True) up
-    to the fp8 MMA's accumulation, the selection of slightly perturbed scores; INDEX_NOTES.md gives the measured
-    differences to both."""
+    to the fp8 MMA's accumulation, the selection of slightly perturbed scores (DESIGN.md section 4)."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
     Di = qi.shape[3]
     out = torch.empty(B, Hkv, T, topk, dtype=torch.int32, device=qi.device)
@@ -138,87 +105,69 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
         _expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
         ki, ks = fp8_quantize(ki)                                              # (B, T, Di) e4m3, (B, T)
     on_gpu = qi.is_cuda
-    # measured on an H100 at the M3 shape (INDEX_NOTES.md): 256-query tiles pay from T = 32K on
+    # 256-query tiles pay at long T (tuned on Hopper; see bench.py); small tiles for the interpreter
     block_q = (256 if T >= 16384 else 128) if on_gpu else 16
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, triton.cdiv(T, block_q))
     _index_topk_kernel[grid](
-        qi, ki, ks, out, T, Hkv, math.sqrt(Di),
-        *qi.stride(), *ki.stride(), *out.stride(),
-        BS=block_size, K=topk, KP=_pow2(topk, 2), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
-        NCHUNK=triton.cdiv(block_size, block_n), IEEE=qi.dtype == torch.float32 and not fp8, FP8=fp8,
+        qi_ptr=qi, ki_ptr=ki, ks_ptr=ks, out_ptr=out, T=T, Hkv=Hkv, sqrt_di=math.sqrt(Di),
+        **_strides("qi", qi), **_strides("ki", ki, "btd"), **_strides("o", out, "bhtk"),
+        BS=block_size, K=topk, K_P=_pow2(topk, 2), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
+        NCHUNK=triton.cdiv(block_size, block_n), PREC=_prec(qi, ki), FP8=fp8,
         num_warps=8 if block_q >= 256 else 4, num_stages=3)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# kl_loss, KV-outer over the same CSR as msa_triton.sparse_attention (DESIGN.md section 4)
+# kl_loss, KV-outer over the same work lists as sparse_attention (common.py, DESIGN.md section 4)
 #
-# msa_triton's CSR lists, for each (batch, group, KV block), the (token, slot) entries that chose the
-# block, tokens ascending. Tokens run in chunks [t0, t1) so that partial buffers stay under
-# msa_triton.PARTIAL_ELEMS. Two passes per chunk, each loading a block's k and ki once and running
+# The CSR lists, for each (batch, group, KV block), the (token, slot) entries that chose the block,
+# tokens ascending. Tokens run in chunks [t0, t1) so that partial buffers stay under
+# common.PARTIAL_ELEMS. Two passes per chunk, each loading a block's k and ki once and running
 # them against tiles of BLOCK_Q gathered entries (a tile = BLOCK_Q tokens of one group):
 #   1. stats (one program per segment of a block's list): per entry, the partial log-sum-exp over
 #      this block's visible tokens of every teacher head (q_h . k / sqrt(D)) and of the student
 #      (qi . ki / sqrt(Di)); torch merges the K partials into lse_h (BH, Tc, G) and lse_u (BH, Tc).
 #      The teacher half is skipped when the caller passes sparse_attention's lse, the same numbers;
 #   2. loss + gradient (one program per segment of a block's list; a block's further segments write their
-#      dki sums to slots that msa_triton's fix-up kernel adds in order: deterministic, no atomics):
+#      dki sums to slots that common._fixup_kernel adds in order: deterministic, no atomics):
 #      p = mean_h exp(s_h - lse_h), log r = u - lse_u, loss += sum p (log p - log r); with
 #      ds = (r - p) / (B Hkv T) / sqrt(Di): dki[block] += ds^T @ qi, and ds @ ki is written as a
-#      partial dqi per (token, slot) that msa_triton's combine kernel sums, as for sparse_attention's dq.
+#      partial dqi per (token, slot) that common._combine_kernel sums, as for sparse_attention's dq.
 # The loss is a scalar, so its gradient is computed in pass 2 and the backward only scales it by the
 # incoming gradient: two passes over the teacher's scores instead of FlashAttention's three.
 # Inside the kernels logits are in log2 units (exp2; log2(e) folded into the scales).
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-STATS_SEG = 64   # pass 1: entries per program, so a block chosen by many tokens is split (measured with 64)
-KL_SEG = 4096    # pass 2: the same, larger (a further segment costs a dki partial; 4096: INDEX_NOTES.md, session 4)
+# Entries per program of each pass, so that a block chosen by many tokens (a sink) is split over programs;
+# pass 2's segments are longer because each further one costs a dki partial. Tuned on Hopper; see bench.py.
+STATS_SEG = 64
+KL_SEG = 4096
 
 
 @triton.jit
-def _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv):
-    """The prologue of a KV-outer program over msa_triton._segments' lists (grid (NSEG, B * Hkv)): returns the
-    batch b (int64), the group g, bh = b * Hkv + g, and the program's entries [lo, hi) of KV block kb's list.
-    Shared with msa_triton's forward kernel, which imports it (msa_triton imports this file, not the reverse)."""
-    bh = tl.program_id(1)
-    i = bh * NSEG + tl.program_id(0)
-    return (bh // Hkv).to(tl.int64), bh % Hkv, bh, tl.load(SEG_LO + i), tl.load(SEG_HI + i), tl.load(SEG_BLK + i)
-
-
-@triton.jit
-def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets (BLOCK_N, BLOCK_D) of slot x, part sub, of (batch, group) bh in a buffer (BH, NX, NSUB, BLOCK_N,
-    BLOCK_D) of further segments' sums (msa_triton._split_segments): the one layout that the backward's and
-    pass 2's kernels write and msa_triton._fixup_kernel reads."""
-    r = ((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return r.to(tl.int64)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-
-
-@triton.jit
-def _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
+def _kl_block(k_ptr, ki_ptr, b, g, kb, c, T, s_kb, s_kh, s_kt, s_kd, s_kib, s_kit, s_kid, d, di,
               BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr):
     """Chunk c of key block kb: positions j (BLOCK_N,), which are real, k (BLOCK_N, D), ki (BLOCK_N, Di)."""
     jn = c * BLOCK_N + tl.arange(0, BLOCK_N)
     j = kb * BS + jn
     kmask = (jn < BS) & (j < T)
-    k = tl.load(Kc + b * skb + g * skh + j[:, None] * skt + d[None, :] * skd,
+    k = tl.load(k_ptr + b * s_kb + g * s_kh + j[:, None] * s_kt + d[None, :] * s_kd,
                 mask=kmask[:, None] & (d[None, :] < D), other=0.0)
-    ki = tl.load(KI + b * sjb + j[:, None] * sjt + di[None, :] * sjd,
+    ki = tl.load(ki_ptr + b * s_kib + j[:, None] * s_kit + di[None, :] * s_kid,
                  mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
     return j, kmask, k, ki
 
 
 @triton.jit
-def _kl_tile(ENT, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _kl_tile(ent_ptr, e0, hi, K, t0, qi_ptr, b, g, s_qib, s_qih, s_qit, s_qid, di,
+             DI: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Entries e0 .. e0 + BLOCK_Q of a block's list: tloc (token in chunk), slot, t, real rows, qi (BLOCK_Q, Di)."""
     e = e0 + tl.arange(0, BLOCK_Q)
     ev = e < hi
-    ent = tl.load(ENT + e, mask=ev, other=0)                                   # ent = tloc * K + slot
+    ent = tl.load(ent_ptr + e, mask=ev, other=0)                               # ent = tloc * K + slot
     tloc = ent // K
     t = (t0 + tloc).to(tl.int64)
-    qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
+    qi = tl.load(qi_ptr + b * s_qib + g * s_qih + t[:, None] * s_qit + di[None, :] * s_qid,
                  mask=ev[:, None] & (di[None, :] < DI), other=0.0)
     return tloc, ent % K, t, ev, qi
 
@@ -232,106 +181,110 @@ def _row_lse2(s):
 
 
 @triton.jit
-def _kl_stats_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, LQP, LUP,
-                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, sib, sih, sit, sid, sjb, sjt, sjd,
+def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, lqp_ptr, lup_ptr,
+                     s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
                      T, t0, Tc, K, NSEG, Hkv, scale_d2, scale_i2,
-                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                     DI: tl.constexpr, DIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                     NCHUNK: tl.constexpr, IEEE: tl.constexpr, TEACHER: tl.constexpr):
+                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                     DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NCHUNK: tl.constexpr, PREC: tl.constexpr, TEACHER: tl.constexpr):
     """Pass 1. Partial lse2 of every entry over chunk c of its block, at slot * NCHUNK + c of
-    LUP (BH, Tc, K*NCHUNK) for the student and, with TEACHER, LQP (BH, Tc, K*NCHUNK, G) for each head."""
-    b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
-    ENTb = ENT + bh.to(tl.int64) * Tc * K
-    d = tl.arange(0, DP)
-    di = tl.arange(0, DIP)
+    lup (BH, Tc, K*NCHUNK) for the student and, with TEACHER, lqp (BH, Tc, K*NCHUNK, G) for each head."""
+    b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
+    ent_b = ent_ptr + bh.to(tl.int64) * Tc * K
+    d = tl.arange(0, D_P)
+    di = tl.arange(0, DI_P)
     for c in tl.static_range(NCHUNK):                                          # bs in chunks of BLOCK_N keys
-        j, kmask, k, ki = _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
-                                    BS, D, DI, BLOCK_N)
+        j, kmask, k, ki = _kl_block(k_ptr, ki_ptr, b, g, kb, c, T, s_kb, s_kh, s_kt, s_kd, s_kib, s_kit, s_kid,
+                                    d, di, BS, D, DI, BLOCK_N)
         for e0 in range(lo, hi, BLOCK_Q):
-            tloc, slot, t, ev, qi = _kl_tile(ENTb, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI, BLOCK_Q)
+            tloc, slot, t, ev, qi = _kl_tile(ent_b, e0, hi, K, t0, qi_ptr, b, g, s_qib, s_qih, s_qit, s_qid, di,
+                                             DI, BLOCK_Q)
             vis = ev[:, None] & kmask[None, :] & (j[None, :] <= t[:, None])  # causal inside the local block
-            u = tl.where(vis, _dot(qi, tl.trans(ki), IEEE) * scale_i2, float("-inf"))  # (BLOCK_Q, BLOCK_N)
+            u = tl.where(vis, tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2,
+                         float("-inf"))                                        # (BLOCK_Q, BLOCK_N)
             po = (bh.to(tl.int64) * Tc + tloc) * (K * NCHUNK) + slot * NCHUNK + c      # (BLOCK_Q,) partial slot
-            tl.store(LUP + po, _row_lse2(u), mask=ev)
+            tl.store(lup_ptr + po, _row_lse2(u), mask=ev)
             if TEACHER:
                 for h in range(G):
-                    q = tl.load(Q + b * sqb + (g * G + h) * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                    q = tl.load(q_ptr + b * s_qb + (g * G + h) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                                 mask=ev[:, None] & (d[None, :] < D), other=0.0)  # (BLOCK_Q, D) head h
-                    s = tl.where(vis, _dot(q, tl.trans(k), IEEE) * scale_d2, float("-inf"))
-                    tl.store(LQP + po * G + h, _row_lse2(s), mask=ev)
+                    s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale_d2, float("-inf"))
+                    tl.store(lqp_ptr + po * G + h, _row_lse2(s), mask=ev)
 
 
 @triton.jit
-def _kl_loss_kernel(Q, Kc, QI, KI, ENT, SEG_LO, SEG_HI, SEG_BLK, SEG_X, LQ, LU, LOSS, DQP, DKI, DKIP,
-                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, sib, sih, sit, sid, sjb, sjt, sjd,
+def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
+                    lq_ptr, lu_ptr, loss_ptr, dqp_ptr, dki_ptr, dkip_ptr,
+                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
                     T, t0, Tc, K, NSEG, NX, Hkv, scale_d2, scale_i2, grad_scale,
-                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                    DI: tl.constexpr, DIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NCHUNK: tl.constexpr, IEEE: tl.constexpr, GRAD: tl.constexpr):
-    """Pass 2, one program per segment of a KV block's list (msa_triton._split_segments). LOSS (BH, NSEG): sum
-    over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of each entry into DQP
-    (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of DKI (B, Hkv, T, Di)
-    fp32 by its first segment (SEG_X = -1) or stored in slot SEG_X of DKIP for msa_triton._fixup_kernel."""
-    b, g, bh, lo, hi, kb = _segment(SEG_LO, SEG_HI, SEG_BLK, NSEG, Hkv)
-    x = tl.load(SEG_X + bh * NSEG + tl.program_id(0))
-    ENTb = ENT + bh.to(tl.int64) * Tc * K
-    d = tl.arange(0, DP)
-    di = tl.arange(0, DIP)
+                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                    DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                    NCHUNK: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr):
+    """Pass 2, one program per segment of a KV block's list (common._split_segments). loss (BH, NSEG): sum
+    over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of each entry into dqp
+    (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of dki (B, Hkv, T, Di)
+    fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for common._fixup_kernel."""
+    b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
+    x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
+    ent_b = ent_ptr + bh.to(tl.int64) * Tc * K
+    d = tl.arange(0, D_P)
+    di = tl.arange(0, DI_P)
     loss = tl.zeros([BLOCK_Q], tl.float32)
     for c in tl.static_range(NCHUNK):
-        j, kmask, k, ki = _kl_block(Kc, KI, b, g, kb, c, T, skb, skh, skt, skd, sjb, sjt, sjd, d, di,
-                                    BS, D, DI, BLOCK_N)
-        dki = tl.zeros([BLOCK_N, DIP], tl.float32)
+        j, kmask, k, ki = _kl_block(k_ptr, ki_ptr, b, g, kb, c, T, s_kb, s_kh, s_kt, s_kd, s_kib, s_kit, s_kid,
+                                    d, di, BS, D, DI, BLOCK_N)
+        dki = tl.zeros([BLOCK_N, DI_P], tl.float32)
         for e0 in range(lo, hi, BLOCK_Q):
-            tloc, slot, t, ev, qi = _kl_tile(ENTb, e0, hi, K, t0, QI, b, g, sib, sih, sit, sid, di, DI, BLOCK_Q)
+            tloc, slot, t, ev, qi = _kl_tile(ent_b, e0, hi, K, t0, qi_ptr, b, g, s_qib, s_qih, s_qit, s_qid, di,
+                                             DI, BLOCK_Q)
             vis = ev[:, None] & kmask[None, :] & (j[None, :] <= t[:, None])
             row = bh.to(tl.int64) * Tc + tloc                                  # (BLOCK_Q,) row of (BH, Tc)
-            log_r = _dot(qi, tl.trans(ki), IEEE) * scale_i2 - tl.load(LU + row, mask=ev, other=0.0)[:, None]
+            log_r = (tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2
+                     - tl.load(lu_ptr + row, mask=ev, other=0.0)[:, None])
             p = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
             for h in range(G):
-                q = tl.load(Q + b * sqb + (g * G + h) * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                q = tl.load(q_ptr + b * s_qb + (g * G + h) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
-                lse_h = tl.load(LQ + row * G + h, mask=ev, other=0.0)
-                p += tl.exp2(_dot(q, tl.trans(k), IEEE) * scale_d2 - lse_h[:, None])
+                lse_h = tl.load(lq_ptr + row * G + h, mask=ev, other=0.0)
+                p += tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_d2 - lse_h[:, None])
             p = tl.where(vis, p / G, 0.0)                                      # (BLOCK_Q, BLOCK_N) teacher
             loss += tl.sum(tl.where(p > 0, p * (tl.log2(tl.where(p > 0, p, 1.0)) - log_r), 0.0), axis=1)
             if GRAD:
                 ds = (tl.where(vis, tl.exp2(log_r), 0.0) - p) * grad_scale     # d loss / d (qi . ki)
                 po = (row * (K * NCHUNK) + slot * NCHUNK + c)                  # (BLOCK_Q,) partial slot
-                tl.store(DQP + po[:, None] * DI + di[None, :], _dot(ds.to(ki.dtype), ki, IEEE).to(DQP.dtype.element_ty),
+                dq = tl.dot(ds.to(ki.dtype), ki, input_precision=PREC)        # (BLOCK_Q, DI_P)
+                tl.store(dqp_ptr + po[:, None] * DI + di[None, :], dq.to(dqp_ptr.dtype.element_ty),
                          mask=ev[:, None] & (di[None, :] < DI))
-                dki += _dot(tl.trans(ds.to(qi.dtype)), qi, IEEE)
+                dki += tl.dot(tl.trans(ds.to(qi.dtype)), qi, input_precision=PREC)
         if GRAD:
             if lo < hi:                                                        # (a spare program writes nothing)
                 if x < 0:
-                    dptr = DKI + ((b * Hkv + g) * T + j[:, None]) * DI + di[None, :]
+                    dptr = dki_ptr + ((b * Hkv + g) * T + j[:, None]) * DI + di[None, :]
                     dmask = kmask[:, None] & (di[None, :] < DI)
                     tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + dki, mask=dmask)   # chunks of T add up
                 else:
-                    tl.store(DKIP + _slot_tile(bh, x, c, NX, NCHUNK, BLOCK_N, DIP), dki)
-    tl.store(LOSS + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
+                    tl.store(dkip_ptr + _slot_tile(bh, x, c, NX, NCHUNK, BLOCK_N, DI_P), dki)
+    tl.store(loss_ptr + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
 
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
     (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
-    from msa_triton import _chunks, _combine_kernel, _fixup_kernel, _segments, _split_segments  # msa_triton re-exports us
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
     dev = q.device
     on_gpu = q.is_cuda
-    block_q = 64 if on_gpu else 16        # tiles measured on an H100 (INDEX_NOTES.md): 64 x 128, 8 warps
+    block_q = 64 if on_gpu else 16        # 64 x 128 tiles, 8 warps (tuned on Hopper; see bench.py)
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     nchunk = triton.cdiv(block_size, block_n)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
-    ieee = q.dtype == torch.float32 and qi.dtype == torch.float32
-    meta = dict(G=G, BS=block_size, D=D, DP=_pow2(D), DI=Di, DIP=_pow2(Di), BLOCK_Q=block_q,
-                BLOCK_N=block_n, NCHUNK=nchunk, IEEE=ieee)
-    strides = (*q.stride(), *k.stride(), *qi.stride(), *ki.stride())
+    meta = dict(G=G, BS=block_size, D=D, D_P=_pow2(D), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q,
+                BLOCK_N=block_n, NCHUNK=nchunk, PREC=_prec(q, qi),
+                **_strides("q", q), **_strides("k", k), **_strides("qi", qi), **_strides("ki", ki, "btd"))
     scale_d2, scale_i2 = LOG2E / math.sqrt(D), LOG2E / math.sqrt(Di)
     n_rows = B * Hkv * T
     lq_all = None if lse is None else (lse.view(B, Hkv, G, T).transpose(2, 3) * LOG2E).reshape(BH, T, G)
@@ -345,30 +298,32 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
         lqp = (torch.full((BH, t1 - t0, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
                if lq_all is None else lup)
-        _kl_stats_kernel[(lo.shape[1], BH)](q, k, qi, ki, ent, lo, hi, blk, lqp, lup, *strides,
-                                            T, t0, t1 - t0, K, lo.shape[1], Hkv, scale_d2, scale_i2,
-                                            TEACHER=lq_all is None, num_warps=4, **meta)
+        _kl_stats_kernel[(lo.shape[1], BH)](
+            q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
+            lqp_ptr=lqp, lup_ptr=lup, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv,
+            scale_d2=scale_d2, scale_i2=scale_i2, TEACHER=lq_all is None, num_warps=4, **meta)
         lu = _lse2_merge(lup, 2)                                               # (BH, Tc)
         lq = _lse2_merge(lqp, 2) if lq_all is None else lq_all[:, t0:t1].contiguous()  # (BH, Tc, G)
         del lup, lqp
-        # pass 2: the loss, and its gradient while the scores are at hand; segments of <= KL_SEG entries, so that
-        # a block many tokens chose (a sink) is not one long program
+        # pass 2: the loss, and its gradient while the scores are at hand
         lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, KL_SEG)
         loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
         dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
-        dkip = torch.empty(BH, nx, nchunk, block_n, meta["DIP"], dtype=torch.float32, device=dev) if grad else loss
-        _kl_loss_kernel[(lo.shape[1], BH)](q, k, qi, ki, ent, lo, hi, blk, x, lq, lu, loss, dqp, dki if grad else loss,
-                                           dkip, *strides, T, t0, t1 - t0, K, lo.shape[1], nx, Hkv, scale_d2, scale_i2,
-                                           LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad,
-                                           num_warps=8 if on_gpu else 4, **meta)
+        dkip = torch.empty(BH, nx, nchunk, block_n, meta["DI_P"], dtype=torch.float32, device=dev) if grad else loss
+        _kl_loss_kernel[(lo.shape[1], BH)](
+            q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
+            seg_x_ptr=x, lq_ptr=lq, lu_ptr=lu, loss_ptr=loss, dqp_ptr=dqp, dki_ptr=dki if grad else loss, dkip_ptr=dkip,
+            T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=nx, Hkv=Hkv, scale_d2=scale_d2, scale_i2=scale_i2,
+            grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad, num_warps=8 if on_gpu else 4, **meta)
         if grad:
-            _fixup_kernel[(nbc, BH, nchunk)](dki, dkip, xbase, xcnt, T, nbc, nx, block_size, Di,
-                                             NSUB=nchunk, BLOCK_N=block_n, BLOCK_D=meta["DIP"])
+            _fixup_kernel[(nbc, BH, nchunk)](
+                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, T=T, NBC=nbc, NX=nx, BS=block_size, D=Di,
+                NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"])
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
-                dqp, dqp, slots, dqi, dqi, T, t0, t1 - t0, K, Hkv, Di,
-                G=1, GP=1, ROWS=32, BLOCK_D=_pow2(Di), WITH_LSE=False, NSUB=nchunk, num_warps=4)
+                op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dqi, lse_ptr=dqi, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv,
+                D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk, num_warps=4)
     loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
     return loss, dqi, (dki.sum(1) if grad else None)
 

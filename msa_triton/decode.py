@@ -1,5 +1,6 @@
 """
-MSA decoding in Triton: one new token per sequence against KV and index-key caches.
+MSA decoding in Triton: one new token per sequence against KV and index-key caches. Shapes and naming:
+common.py.
 
 sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk) -> out computes exactly
 msa_ref.sparse_decode (same selection as index_topk, same output as sparse_attention's row) in three
@@ -17,10 +18,9 @@ launches, none of which waits on the host, so the whole step can be captured in 
                      order of msa_ref.select_blocks); then the G query heads of the group are the rows of
                      one matrix product against the piece's keys; writes a partial (out, lse) per piece.
   3. _merge_kernel   per (row, query head): combine the partials with their log-sum-exps.
-                     (Measured on the H100, DECODE_NOTES.md: the previous version, with a top-k pass of
-                     its own, was up to 2.5 us slower at batch 1 and 8; the merge done by the last program
-                     of each group, found with a counter, 0.3-2.7 us slower at batch 1; one kernel for all
-                     steps, slower at every batch size.)
+The top-k runs inside the attention pass rather than as a launch of its own, and the merge is a launch
+of its own rather than the last program of each group: a batch-1 step is short enough that each launch
+and each dependent round trip to memory shows (DESIGN.md section 4).
 
 Rows may have different lengths: cache_lens stays on the device and every kernel reads it, so grids
 depend only on (B, Hkv, Tmax, K), never on the lengths. Lengths outside [1, Tmax] are clamped in
@@ -34,22 +34,16 @@ import triton
 import triton.language as tl
 
 from msa_ref import _expect, check_decode_inputs
-from msa_triton_index import INT64_MIN, _fp8_rows
-
-LOG2E = 1.4426950408889634
-
-
-def _pow2(n, lo=16):
-    """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16."""
-    return max(lo, triton.next_power_of_2(n))
+from .common import (INT64_MIN, LOG2E, _fp8_rows, _key_block, _pow2, _prec, _softmax_finish, _softmax_rescale,
+                     _sortable_key, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. index scores, max-pooled per block
 
 @triton.jit
-def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, s_ptr,
-                  s_qb, s_qh, s_qd, s_kb, s_kt, s_kd, s_ksb, s_sb, s_sh,
+def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr,
+                  s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch,
                   Tmax, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
                   PREC: tl.constexpr, FP8: tl.constexpr):
@@ -63,7 +57,7 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, s_ptr,
     h = tl.arange(0, HKV_P)
     d = tl.arange(0, DI_P)
     t = tl.arange(0, BS_P)
-    qi = tl.load(qi_ptr + b * s_qb + h[:, None] * s_qh + d[None, :] * s_qd,
+    qi = tl.load(qi_ptr + b * s_qib + h[:, None] * s_qih + d[None, :] * s_qid,
                  mask=(h[:, None] < HKV) & (d[None, :] < DI), other=0.0)                 # (HKV_P, DI_P)
     if FP8:                                                  # e4m3 keys (half the bytes): round qi the same way
         qi = _fp8_rows(qi.to(tl.float32))
@@ -71,7 +65,7 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, s_ptr,
         blk = first + i
         tok = blk * BS + t                                                               # (BS_P,)
         seen = (t < BS) & (tok < local * BS)                                             # (BS_P,)
-        ki = tl.load(ki_ptr + b * s_kb + tok[:, None] * s_kt + d[None, :] * s_kd,
+        ki = tl.load(ki_ptr + b * s_kib + tok[:, None] * s_kit + d[None, :] * s_kid,
                      mask=seen[:, None] & (d[None, :] < DI), other=0.0)
         # scores without the 1/sqrt(Di) scale (nor fp8 qi's): a positive factor does not change which blocks win
         if FP8:                                              # times each key's scale, a power of two
@@ -79,11 +73,11 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, s_ptr,
         else:
             s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                           # (HKV_P, BS_P) fp32
         s = tl.where(t[None, :] < BS, s, float("-inf"))
-        tl.store(s_ptr + b * s_sb + h * s_sh + blk, tl.max(s, axis=1), mask=(h < HKV) & (h * 0 + blk < local))
+        tl.store(sc_ptr + b * s_scb + h * s_sch + blk, tl.max(s, axis=1), mask=(h < HKV) & (h * 0 + blk < local))
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. top-k with the local block forced (run by every program of the attention pass, step 3)
+# 2a. top-k with the local block forced (run by every program of the attention pass)
 
 @triton.jit
 def _best4(a0, a1, a2, a3, b0, b1, b2, b3):
@@ -99,48 +93,41 @@ def _best4(a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @triton.jit
-def _put(out, slot, i: tl.constexpr, key, n_far, NB_P: tl.constexpr):
-    # the block of `key` (low word NB_P-1-j) into slot i, if i is one of the n_far slots of earlier blocks
-    return tl.where((slot == i) & (slot < n_far), NB_P - 1 - key.to(tl.int32), out)
+def _put(out, slot, i: tl.constexpr, key, n_far):
+    # the block of `key` into slot i, if i is one of the n_far slots of earlier blocks
+    return tl.where((slot == i) & (slot < n_far), _key_block(key), out)
 
 
 @triton.jit
-def _select_blocks(s_ptr, local, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
-    # s_ptr: one (row, group)'s block scores, the first `local` valid. Returns (K_P,) int32: the K-1 best
+def _select_blocks(sc_ptr, local, K: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr):
+    # sc_ptr: one (row, group)'s block scores, the first `local` valid. Returns (K_P,) int32: the K-1 best
     # earlier blocks best first (ties -> lower index), then the local block, then -1: msa_ref.select_blocks.
     j = tl.arange(0, NB_P)                                   # candidate blocks
-    s = tl.load(s_ptr + j, mask=j < local, other=0.0)
-    s = tl.where(s == 0.0, 0.0, s)                           # -0.0 and +0.0 tie, as in a float sort
-    # one int64 key per block, so that a max finds the best block and breaks ties:
-    # high word = the score's bits made order-preserving as a signed int, low word = NB_P-1-j
-    # (the larger, the lower the block index)
-    bits = s.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << 32) | (NB_P - 1 - j).to(tl.int64)
+    s = tl.load(sc_ptr + j, mask=j < local, other=0.0)
+    key = _sortable_key(s, j)                                # a max finds the best block and breaks ties
     key = tl.where(j < local, key, INT64_MIN)                # never chosen
     n_far = tl.minimum(local, K - 1)                         # earlier blocks to take
     slot = tl.arange(0, K_P)
     out = tl.where(slot == n_far, local, -1)                 # local block in the last valid slot
     # rounds of "best 4 keys, then remove them": one block-wide reduction finds 4 blocks at once, so the
-    # K-1 = 15 blocks of the M3 shape take 4 dependent reductions instead of 15 (as a pass of its own on
-    # the H100: 0.1-0.5 us of ~5 faster than 15 rounds of a plain max; DECODE_NOTES.md, session 5)
+    # K-1 = 15 blocks of the M3 shape take 4 dependent reductions instead of 15
     none = tl.full([NB_P], INT64_MIN, tl.int64)
     for r in tl.static_range(0, K - 1, 4):
         t0, t1, t2, t3 = tl.reduce((key, none, none, none), 0, _best4)
-        out = _put(out, slot, r, t0, n_far, NB_P)
-        out = _put(out, slot, r + 1, t1, n_far, NB_P)
-        out = _put(out, slot, r + 2, t2, n_far, NB_P)
-        out = _put(out, slot, r + 3, t3, n_far, NB_P)
+        out = _put(out, slot, r, t0, n_far)
+        out = _put(out, slot, r + 1, t1, n_far)
+        out = _put(out, slot, r + 2, t2, n_far)
+        out = _put(out, slot, r + 3, t3, n_far)
         key = tl.where(key >= t3, INT64_MIN, key)           # keys are unique: drops those 4 blocks
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. split-K attention over the selected blocks
+# 2b. split-K attention over the selected blocks
 
 @triton.jit
-def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, s_ptr, idx_ptr, o_ptr, lse_ptr,
-                   s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_sb, s_sh,
+def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, sc_ptr, idx_ptr, o_ptr, lse_ptr,
+                   s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_scb, s_sch,
                    Tmax, qk_scale,
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
                    SPLITS: tl.constexpr, ITEMS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,7 +144,7 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, s_ptr, idx_ptr, o_ptr, lse_ptr
     b = (bh // HKV).to(tl.int64)
     h = bh % HKV
     n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
-    sel = _select_blocks(s_ptr + b * s_sb + h * s_sh, (n - 1) // BS, K, NB_P, K_P)      # (K_P,) int32
+    sel = _select_blocks(sc_ptr + b * s_scb + h * s_sch, (n - 1) // BS, K, NB_P, K_P)      # (K_P,) int32
     slots = tl.arange(0, K_P)
     tl.store(idx_ptr + bh * K + slots, sel, mask=(slots < K) & (slots * 0 + p == 0))
     g = tl.arange(0, G_P)
@@ -184,23 +171,20 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, s_ptr, idx_ptr, o_ptr, lse_ptr
                      mask=valid[:, None] & (d[None, :] < D), other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale                    # (G_P, BLOCK_N)
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: avoid -inf - -inf
-        alpha = tl.exp2(m - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
+        m, m_ref, alpha = _softmax_rescale(m, tl.max(s, axis=1))
+        pr = tl.exp2(s - m_ref[:, None])
         l = l * alpha + tl.sum(pr, axis=1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)
-        m = m_new
     # an empty piece (padding, or past the row's length) gets lse = -inf: the merge ignores it
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
+    ls, lse = _softmax_finish(m, l)
+    acc = acc / ls[:, None]
     row = (b * HKV + h) * G + g                              # (G_P,) rows of the partial buffers (B*Hq)
     tl.store(lse_ptr + row * NS + p, lse, mask=g < G)
     tl.store(o_ptr + (row * NS + p)[:, None] * D + d[None, :], acc, mask=(g[:, None] < G) & (d[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. merge the partials of each query head
+# 3. merge the partials of each query head
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
@@ -208,9 +192,8 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
     # One row (b * Hq + head): the LSE-weighted sum of its NS partials, as an online softmax over the
     # pieces. Every piece is read (an empty one holds zeros and lse = -inf, weight 0) and nothing but
     # elementwise math follows a load, so the unrolled loop puts all loads in flight at once: one round
-    # trip to L2. (Reducing the lse first and reading only non-empty pieces costs two dependent round
-    # trips: the step measured 0.5-1.8 us slower at batch 1 and 8 on the H100; a variant whose every load
-    # waited on its own reduction, 10-13 us slower. DECODE_NOTES.md, runs h6c-1 to h6c-3.)
+    # trip to L2. (Reducing the lse first and reading only non-empty pieces would cost two dependent round
+    # trips, which a batch-1 step feels.)
     row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)   # (1,) the row, as a vector
     d = tl.arange(0, D_P)
     m = tl.full([1], float("-inf"), tl.float32)              # running max of the lse, log2 units
@@ -219,13 +202,10 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
     for i in tl.static_range(NS):
         lse = tl.load(lse_ptr + row * NS + i)                                            # (1,)
         o = tl.load(o_ptr + (row * NS + i)[:, None] * D + d[None, :], mask=d[None, :] < D, other=0.0)  # (1, D_P)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)                            # 0 for an empty piece
+        m, m_ref, alpha = _softmax_rescale(m, lse)
+        w = tl.exp2(lse - m_ref)                             # 0 for an empty piece
         den = den * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o
-        m = m_new
     res = acc / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(out_ptr + (row // HQ)[:, None] * s_ob + (row % HQ)[:, None] * s_oh + d[None, :] * s_od,
              res.to(out_ptr.dtype.element_ty), mask=d[None, :] < D)
@@ -241,9 +221,10 @@ def _score_config(B, nb):
 
 def _attend_config(B, Hkv, K, block_size):
     """(BLOCK_N, ITEMS, num_warps, num_stages): tokens per piece and pieces per program of the split-K
-    pass. Measured on the H100 (DECODE_NOTES.md): with few (row, group) pairs, blocks cut in halves and
-    one piece per program (more programs in flight); with many, several pieces per program, pipelined,
-    while at least 256 programs remain (fewer partials to write and merge)."""
+    pass (tuned on Hopper; see bench.py): with few (row, group) pairs (under two programs per SM of a
+    132-SM GPU), blocks cut in halves and one piece per program (more programs in flight); with many,
+    several pieces per program, pipelined, while at least 256 programs remain (fewer partials to write
+    and merge)."""
     bn = min(128, _pow2(block_size))
     if B * Hkv * K < 2 * 132 and block_size > 64:
         bn = 64
@@ -252,11 +233,6 @@ def _attend_config(B, Hkv, K, block_size):
     while items * 2 <= K and pieces // (items * 2) >= 256:
         items *= 2
     return bn, items, 4, 3 if items >= 4 else 2
-
-
-def _prec(t):
-    """fp32 inputs get exact fp32 products (a float32 tl.dot defaults to TF32); half types need none."""
-    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
@@ -268,16 +244,17 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
     S = torch.empty(B, Hkv, nb, device=qi.device, dtype=torch.float32)                 # (B, Hkv, nb)
     blocks, warps = _score_config(B, nb)
     fp8 = ki_scale is not None
-    _score_kernel[(triton.cdiv(nb, blocks), B)](qi, ki_cache, ki_scale if fp8 else S, cache_lens, S,
-                                                *qi.stride(), *ki_cache.stride(), ki_scale.stride(0) if fp8 else 0,
-                                                S.stride(0), S.stride(1), Tmax, HKV=Hkv, DI=Di, BS=block_size,
-                                                HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16), BS_P=_pow2(block_size),
-                                                BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps)
+    _score_kernel[(triton.cdiv(nb, blocks), B)](
+        qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
+        **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
+        s_scb=S.stride(0), s_sch=S.stride(1),
+        Tmax=Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16),
+        BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps)
     return S
 
 
 def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
-    """Steps 2-3. q (B, Hq, D), caches (B, Hkv, Tmax, D), S (B, Hkv, nb) -> o_part (B, Hq, NS, D) float32,
+    """Step 2. q (B, Hq, D), caches (B, Hkv, Tmax, D), S (B, Hkv, nb) -> o_part (B, Hq, NS, D) float32,
     lse_part (B, Hq, NS) float32 (log2 units) and the selection block_idx (B, Hkv, K) int32, exactly
     msa_ref.select_blocks' order."""
     B, Hq, D = q.shape
@@ -289,20 +266,21 @@ def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
     block_idx = torch.empty(B, Hkv, K, device=q.device, dtype=torch.int32)              # (B, Hkv, K)
     o_part = torch.empty(B, Hq, NS, D, device=q.device, dtype=torch.float32)            # (B, Hq, NS, D)
     lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS)
-    _attend_kernel[(B * Hkv, NS)](q, k_cache, v_cache, cache_lens, S, block_idx, o_part, lse_part,
-                                  *q.stride(), *k_cache.stride(), *v_cache.stride(), S.stride(0), S.stride(1),
-                                  Tmax, LOG2E / math.sqrt(D),
-                                  HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
-                                  BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), NB_P=_pow2(nb, 1), K_P=_pow2(K, 1),
-                                  PREC=_prec(q), num_warps=warps, num_stages=stages)
+    _attend_kernel[(B * Hkv, NS)](
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, lens_ptr=cache_lens, sc_ptr=S, idx_ptr=block_idx, o_ptr=o_part,
+        lse_ptr=lse_part, **_strides("q", q, "bhd"), **_strides("k", k_cache), **_strides("v", v_cache),
+        s_scb=S.stride(0), s_sch=S.stride(1), Tmax=Tmax, qk_scale=LOG2E / math.sqrt(D),
+        HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
+        BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), NB_P=_pow2(nb, 1), K_P=_pow2(K, 1),
+        PREC=_prec(q), num_warps=warps, num_stages=stages)
     return o_part, lse_part, block_idx
 
 
 def _merge(o_part, lse_part, like):
-    """Step 4. Partials (B, Hq, NS, D), (B, Hq, NS) -> out (B, Hq, D) shaped and typed like `like`."""
+    """Step 3. Partials (B, Hq, NS, D), (B, Hq, NS) -> out (B, Hq, D) shaped and typed like `like`."""
     B, Hq, NS, D = o_part.shape
     out = torch.empty_like(like)
-    _merge_kernel[(B * Hq,)](o_part, lse_part, out, *out.stride(),
+    _merge_kernel[(B * Hq,)](o_ptr=o_part, lse_ptr=lse_part, out_ptr=out, **_strides("o", out, "bhd"),
                              HQ=Hq, D=D, NS=NS, D_P=_pow2(D, 1), num_warps=4)
     return out
 

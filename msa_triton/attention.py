@@ -1,0 +1,392 @@
+"""
+The fused block-sparse attention of MSA in Triton: sparse_attention (forward and backward) and the
+query-outer baseline forward. msa_ref.sparse_attention is the definition; these compute the same
+function (DESIGN.md section 3) without ever building a T x T tensor. Shapes and naming: common.py.
+
+sparse_attention runs KV-outer (DESIGN.md section 4):
+  1. invert block_idx into a CSR: for each (batch, group, KV block), the list of (token, slot)
+     entries that chose it, sorted by token (common._chunks; torch sort, no host sync);
+  2. forward: one program per segment of one block's list loads that K/V block once and runs it
+     against tiles of gathered queries (rows = queries x G heads), writing a partial (out, lse) into
+     the slot the block has in each query's list; a combine kernel merges the K partials by LSE;
+  3. backward, over the same lists: delta = rowsum(out * dout); one program per segment of a block's
+     list accumulates dK, dV in registers and writes a partial dQ per (query, slot); a block's first
+     segment adds its dK, dV into the result, a fix-up kernel adds the further segments' in order (no
+     atomics: deterministic); a combine kernel sums the K dQ partials.
+Partial buffers are bounded by running over chunks of query tokens (common.PARTIAL_ELEMS).
+attention_forward_query_outer is the simple baseline (one program per token and group, looping over
+its K blocks, like the public vLLM / NSA kernels); bench.py measures both.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from msa_ref import _expect, check_inputs
+from .common import (LOG2E, LOG2E_K, LN2_K, _chunks, _combine_kernel, _fixup_kernel, _pow2, _prec, _segment,
+                     _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale, _split_segments,
+                     _strides)
+
+# Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
+# program walks all of T while the rest of the launch waits. The backward's segments are longer because
+# each further segment costs a dK, dV partial and a fix-up pass. Tuned on Hopper; see bench.py.
+SEG = 128
+BWD_SEG = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+@triton.jit
+def _tile_rows(ent_ptr, i, hi, G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr):
+    """Rows of a tile of gathered queries: row r = (entry i + r // G_P of a block's list, head r % G_P).
+    Returns per row: ent = token_in_chunk * K + slot, h (head in group), rv (a real row)."""
+    r = tl.arange(0, ROWS)
+    e = i + r // G_P
+    h = r % G_P
+    rv = (e < hi) & (h < G)
+    return tl.load(ent_ptr + e, mask=rv, other=0), h, rv
+
+
+@triton.jit
+def _gather(x_ptr, b, g, G, h, t, rv, s_xb, s_xh, s_xt, s_xd, d, dmask):
+    """Rows (head g * G + h, token t) of x (B, H, T, D) -> (ROWS, D_P), zeros where not rv."""
+    return tl.load(x_ptr + b * s_xb + (g * G + h).to(tl.int64)[:, None] * s_xh + t[:, None].to(tl.int64) * s_xt
+                   + d[None, :] * s_xd, mask=rv[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _kv_block(k_ptr, v_ptr, b, g, kb, jn, T, BS, D, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+              D_P: tl.constexpr):
+    """Keys kb * BS + jn of group g, the tile every KV-outer program holds while it walks its entries.
+    Returns the key positions n (BLOCK_N,), their mask (inside the block and < T), the head-dim offsets d and
+    mask, the (BLOCK_N, D_P) mask of both, and the K and V tiles (zeros where masked)."""
+    n = kb * BS + jn
+    kmask = (jn < BS) & (n < T)
+    d = tl.arange(0, D_P)
+    dmask = d < D
+    kvm = kmask[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + b * s_kb + g.to(tl.int64) * s_kh + n.to(tl.int64)[:, None] * s_kt + d[None, :] * s_kd, mask=kvm, other=0.0)
+    v = tl.load(v_ptr + b * s_vb + g.to(tl.int64) * s_vh + n.to(tl.int64)[:, None] * s_vt + d[None, :] * s_vd, mask=kvm, other=0.0)
+    return n, kmask, d, dmask, kvm, k, v
+
+
+@triton.jit
+def _fwd_kv_kernel(q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr,
+                   s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                   T, t0, Tc, K, NSEG, Hkv, BS, D, scale2,
+                   G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D_P: tl.constexpr, PREC: tl.constexpr):
+    """One program = one segment of one KV block's list of (token, slot) entries, for one (batch, group).
+    Writes the block's partial out (normalised) and lse2 into op (BH, Tc, K, G, D) and lp (BH, Tc, K, G)."""
+    b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
+    if lo < hi:
+        jn = tl.arange(0, BLOCK_N)
+        n, kmask, d, dmask, kvm, k, v = _kv_block(k_ptr, v_ptr, b, g, kb, jn, T, BS, D, s_kb, s_kh, s_kt, s_kd,
+                                                  s_vb, s_vh, s_vt, s_vd, D_P)  # k, v (BLOCK_N, D_P)
+        ent_b = ent_ptr + bh.to(tl.int64) * Tc * K
+        STEP: tl.constexpr = ROWS // G_P                                       # tokens per tile
+        # software pipeline: entry ids two tiles ahead, gathered q rows one tile ahead, so neither
+        # the index load nor the gather it feeds stalls the tile being computed
+        ent, h, rv = _tile_rows(ent_b, lo, hi, G, G_P, ROWS)
+        ent_n, h, rv_n = _tile_rows(ent_b, lo + STEP, hi, G, G_P, ROWS)
+        q = _gather(q_ptr, b, g, G, h, t0 + ent // K, rv, s_qb, s_qh, s_qt, s_qd, d, dmask)  # (ROWS, D_P)
+        for i in range(lo, hi, STEP):
+            ent_nn, h, rv_nn = _tile_rows(ent_b, i + 2 * STEP, hi, G, G_P, ROWS)
+            q_n = _gather(q_ptr, b, g, G, h, t0 + ent_n // K, rv_n, s_qb, s_qh, s_qt, s_qd, d, dmask)
+            tloc = ent // K
+            slot = ent % K
+            t = t0 + tloc
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2         # (ROWS, BLOCK_N)
+            vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])  # causal inside the block
+            s = tl.where(vis, s, float("-inf"))
+            m = tl.max(s, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)                           # a row seeing nothing: p = 0
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            o = tl.dot(p.to(v.dtype), v, input_precision=PREC)                # (ROWS, D_P)
+            ls, lse2 = _softmax_finish(m, l)
+            o = o / ls[:, None]
+            po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * G + h            # (ROWS,) partial row index
+            tl.store(op_ptr + po[:, None] * D + d[None, :], o.to(op_ptr.dtype.element_ty), mask=rv[:, None] & dmask[None, :])
+            tl.store(lp_ptr + po, lse2, mask=rv)
+            q, ent, rv, ent_n, rv_n = q_n, ent_n, rv_n, ent_nn, rv_nn
+
+
+@triton.jit
+def _fwd_query_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, slots_ptr,
+                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                      T, K, Hkv, BS, D, scale2,
+                      G: tl.constexpr, G_P: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr,
+                      PREC: tl.constexpr):
+    """The query-outer baseline: one program = one token t and one (batch, group); the G heads are the
+    rows (padded to G_P >= 16); loop over the token's K blocks with an online softmax."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    g = bh % Hkv
+    h = tl.arange(0, G_P)
+    d = tl.arange(0, D_P)
+    jn = tl.arange(0, BLOCK_N)
+    hm = h[:, None] < G
+    dm = d[None, :] < D
+    q = tl.load(q_ptr + b * s_qb + (g * G + h).to(tl.int64)[:, None] * s_qh + t.to(tl.int64) * s_qt + d[None, :] * s_qd,
+                mask=hm & dm, other=0.0)
+    acc = tl.zeros((G_P, D_P), dtype=tl.float32)
+    m = tl.full((G_P,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((G_P,), dtype=tl.float32)
+    for s in range(K):
+        kb = tl.load(slots_ptr + (bh.to(tl.int64) * T + t) * K + s)
+        if kb >= 0:
+            n = kb * BS + jn
+            kmask = (jn < BS) & (n <= t)
+            k = tl.load(k_ptr + b * s_kb + g.to(tl.int64) * s_kh + n.to(tl.int64)[:, None] * s_kt + d[None, :] * s_kd,
+                        mask=kmask[:, None] & dm, other=0.0)
+            v = tl.load(v_ptr + b * s_vb + g.to(tl.int64) * s_vh + n.to(tl.int64)[:, None] * s_vt + d[None, :] * s_vd,
+                        mask=kmask[:, None] & dm, other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+            sc = tl.where(kmask[None, :], sc, float("-inf"))
+            m, m_ref, alpha = _softmax_rescale(m, tl.max(sc, 1))
+            p = tl.exp2(sc - m_ref[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    ls, lse2 = _softmax_finish(m, l)
+    orow = (b * Hkv * G + g * G + h) * T + t                                   # (G_P,) rows of (B, Hq, T)
+    tl.store(lse_ptr + orow, lse2 * LN2_K, mask=h < G)
+    tl.store(o_ptr + orow[:, None] * D + d[None, :], (acc / ls[:, None]).to(o_ptr.dtype.element_ty), mask=hm & dm)
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, T, Hq, s_ob, s_oh, s_ot, s_od, s_dob, s_doh, s_dot, s_dod, D,
+                  ROWS: tl.constexpr, D_P: tl.constexpr):
+    """delta (B*Hq*T,) fp32 = rowsum(out * dout), the softmax-backward term of every row."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, D_P)
+    rv = r < N
+    rr = r.to(tl.int64)
+    t = rr % T
+    bh = rr // T
+    b = bh // Hq
+    h = bh % Hq
+    msk = rv[:, None] & (d[None, :] < D)
+    o = tl.load(o_ptr + (b * s_ob + h * s_oh + t * s_ot)[:, None] + d[None, :] * s_od, mask=msk, other=0.0)
+    do = tl.load(do_ptr + (b * s_dob + h * s_doh + t * s_dot)[:, None] + d[None, :] * s_dod, mask=msk, other=0.0)
+    tl.store(delta_ptr + r, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rv)
+
+
+@triton.jit
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_ptr, dv_ptr, dkp_ptr, dvp_ptr,
+                   ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
+                   s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_dob, s_doh, s_dot, s_dod,
+                   T, t0, Tc, K, NSEG, NX, Hkv, BS, D, scale, scale2,
+                   G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, NSUB: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr):
+    """One program = keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of one KV block (NSUB parts per block) of one
+    (batch, group), over one segment of the (token, slot) entries of the chunk that chose the block.
+    Writes each row's partial dQ into dqp (BH, Tc, K * NSUB, G, D) at slot * NSUB + sub. A block's first
+    segment (seg_x = -1) adds its dK, dV into dk, dv (B, Hkv, T, D) fp32; a further one (a block chosen by
+    many tokens) stores them in slot seg_x of dkp, dvp (BH, NX, NSUB, BLOCK_N, D_P) for _fixup_kernel:
+    no atomics, so the sums are deterministic."""
+    b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
+    sub = tl.program_id(2)
+    if lo < hi:
+        jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)                             # key offsets inside the block
+        n, kmask, d, dmask, kvm, k, v = _kv_block(k_ptr, v_ptr, b, g, kb, jn, T, BS, D, s_kb, s_kh, s_kt, s_kd,
+                                                  s_vb, s_vh, s_vt, s_vd, D_P)  # k, v (BLOCK_N, D_P)
+        dk = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
+        ent_b = ent_ptr + bh.to(tl.int64) * Tc * K
+        STEP: tl.constexpr = ROWS // G_P
+        # software pipeline as in the forward: entry ids two tiles ahead, row data one tile ahead
+        ent, h, rv = _tile_rows(ent_b, lo, hi, G, G_P, ROWS)
+        ent_n, h, rv_n = _tile_rows(ent_b, lo + STEP, hi, G, G_P, ROWS)
+        t = t0 + ent // K
+        q = _gather(q_ptr, b, g, G, h, t, rv, s_qb, s_qh, s_qt, s_qd, d, dmask)  # (ROWS, D_P)
+        do = _gather(do_ptr, b, g, G, h, t, rv, s_dob, s_doh, s_dot, s_dod, d, dmask)
+        row = ((b * Hkv + g) * G + h) * T + t                                  # (ROWS,) rows of (B, Hq, T)
+        lse2 = tl.load(lse_ptr + row, mask=rv, other=0.0) * LOG2E_K
+        delta = tl.load(delta_ptr + row, mask=rv, other=0.0)
+        for i in range(lo, hi, STEP):
+            ent_nn, h, rv_nn = _tile_rows(ent_b, i + 2 * STEP, hi, G, G_P, ROWS)
+            t_n = t0 + ent_n // K
+            q_n = _gather(q_ptr, b, g, G, h, t_n, rv_n, s_qb, s_qh, s_qt, s_qd, d, dmask)
+            do_n = _gather(do_ptr, b, g, G, h, t_n, rv_n, s_dob, s_doh, s_dot, s_dod, d, dmask)
+            row_n = ((b * Hkv + g) * G + h) * T + t_n
+            lse2_n = tl.load(lse_ptr + row_n, mask=rv_n, other=0.0) * LOG2E_K
+            delta_n = tl.load(delta_ptr + row_n, mask=rv_n, other=0.0)
+            tloc = ent // K
+            slot = ent % K
+            t = t0 + tloc
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2          # (ROWS, BLOCK_N)
+            vis = rv[:, None] & kmask[None, :] & (n[None, :] <= t[:, None])
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)                 # the forward's probabilities
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)                # (ROWS, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale      # (ROWS, D_P)
+            po = ((bh.to(tl.int64) * Tc + tloc) * K + slot) * NSUB + sub       # (ROWS,) partial slot
+            tl.store(dqp_ptr + (po * G + h)[:, None] * D + d[None, :], dq.to(dqp_ptr.dtype.element_ty),
+                     mask=rv[:, None] & dmask[None, :])
+            q, do, lse2, delta, ent, rv, ent_n, rv_n = q_n, do_n, lse2_n, delta_n, ent_n, rv_n, ent_nn, rv_nn
+        x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
+        if x < 0:
+            kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
+            tl.store(dk_ptr + kvo, tl.load(dk_ptr + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
+            tl.store(dv_ptr + kvo, tl.load(dv_ptr + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
+        else:
+            xo = _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P)
+            tl.store(dkp_ptr + xo, dk * scale)
+            tl.store(dvp_ptr + xo, dv)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+def _check(q, k, v, block_idx, block_size):
+    """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T)."""
+    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
+    _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
+            f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
+    _expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
+    _expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
+    _expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+            f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
+    return B, Hkv, T
+
+
+def _consts(q, block_size):
+    """Compile-time constants shared by every kernel of one call."""
+    return dict(BLOCK_N=_pow2(block_size), D_P=_pow2(q.shape[3]), PREC=_prec(q))
+
+
+def _tiles(kind, D, G_P, BLOCK_N):
+    """Tile shape and launch options of the 'fwd' and 'bwd' KV-outer kernels and of the 'combine' kernel (tuned on
+    Hopper; see bench.py): ROWS = tokens x G_P heads per tile; BLOCK_N keys per program (a backward program may
+    take part of a block: fewer registers, but one more dq partial per slot); maxnreg caps registers per thread
+    so that more programs share an SM (None: the compiler's choice)."""
+    if kind == "combine":
+        return dict(ROWS=max(G_P, 32), num_warps=2)   # 2 warps: more programs, more loads in flight per SM
+    if kind == "fwd":
+        return dict(ROWS=max(G_P, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=None)
+    if D > 64:   # whole blocks, 2 tokens x 16 heads a tile: half the dq partials and gathers of 64 x 64 tiles
+        return dict(ROWS=max(G_P, 32), BLOCK_N=BLOCK_N, num_warps=8, num_stages=2, maxnreg=None)
+    return dict(ROWS=max(G_P, 64), BLOCK_N=min(BLOCK_N, 64), num_warps=4, num_stages=2, maxnreg=None)
+
+
+def _launch_opts(t):
+    """Kernel keyword arguments from a _tiles dict (maxnreg only when set: the interpreter knows no such option)."""
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _forward(q, k, v, block_idx, block_size):
+    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype, lse fp32 (B, Hq, T) and the chunks."""
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], block_idx.shape[3]
+    G = Hq // Hkv
+    G_P = triton.next_power_of_2(G)
+    c = _consts(q, block_size)
+    tiles = _launch_opts(_tiles("fwd", D, G_P, c["BLOCK_N"]))
+    ct = _tiles("combine", D, G_P, c["BLOCK_N"])
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    chunks = []
+    for chunk in _chunks(block_idx, G * D, block_size):
+        chunks.append(chunk)
+        t0, t1, nbc, slots, ent, start, cnt = chunk
+        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, SEG)
+        op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
+        lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
+        _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
+            q_ptr=q, k_ptr=k, v_ptr=v, op_ptr=op, lp_ptr=lp, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
+            **_strides("q", q), **_strides("k", k), **_strides("v", v),
+            T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv, BS=block_size, D=D, scale2=LOG2E / math.sqrt(D),
+            G=G, G_P=G_P, D_P=c["D_P"], PREC=c["PREC"], **tiles)
+        _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
+            op_ptr=op, lp_ptr=lp, slots_ptr=slots, o_ptr=out, lse_ptr=lse, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
+            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1, **ct)
+    return out, lse, chunks
+
+
+def _backward(q, k, v, out, lse, dout, chunks, block_size):
+    """KV-outer backward over the forward's chunks: dK, dV summed per block (its segments in a fixed order), dQ
+    from per-slot partials. Returns dq, dk, dv."""
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], chunks[0][3].shape[2]                                 # slots: (BH, Tc, K)
+    G = Hq // Hkv
+    G_P = triton.next_power_of_2(G)
+    c = _consts(q, block_size)
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(B * Hq * T, 64),)](
+        o_ptr=out, do_ptr=dout, delta_ptr=delta, N=B * Hq * T, T=T, Hq=Hq, **_strides("o", out), **_strides("do", dout),
+        D=D, ROWS=64, D_P=c["D_P"])
+    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
+    ct = _tiles("combine", D, G_P, c["BLOCK_N"])
+    NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
+    for t0, t1, nbc, slots, ent, start, cnt in chunks:
+        lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, BWD_SEG)
+        dkp, dvp = torch.empty(2, B * Hkv, NX, NSUB, tiles["BLOCK_N"], c["D_P"], device=q.device, dtype=torch.float32)
+        dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
+        _bwd_kv_kernel[(lo.shape[1], B * Hkv, NSUB)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=dout, lse_ptr=lse, delta_ptr=delta, dqp_ptr=dqp, dk_ptr=dk, dv_ptr=dv,
+            dkp_ptr=dkp, dvp_ptr=dvp, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk, seg_x_ptr=x,
+            **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("do", dout),
+            T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=NX, Hkv=Hkv, BS=block_size, D=D,
+            scale=1.0 / math.sqrt(D), scale2=LOG2E / math.sqrt(D),
+            G=G, G_P=G_P, NSUB=NSUB, D_P=c["D_P"], PREC=c["PREC"], **tiles)
+        for grad, partial in ((dk, dkp), (dv, dvp)):
+            _fixup_kernel[(nbc, B * Hkv, NSUB)](
+                x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, T=T, NBC=nbc, NX=NX, BS=block_size, D=D,
+                NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"])
+        _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
+            op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
+            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB, **ct)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size):
+        out, lse, ctx.chunks = _forward(q, k, v, block_idx, block_size)   # work lists: intermediates, kept on ctx
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block_size = block_size
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.chunks, ctx.block_size)
+        return dq, dk, dv, None, None
+
+
+def sparse_attention(q, k, v, block_idx, block_size):
+    """
+    q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1 padding, any order.
+    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse fp32 (B, Hq, T), as msa_ref does.
+    Differentiable in q, k, v through out (lse is returned without gradient). Deterministic backward.
+    """
+    _check(q, k, v, block_idx, block_size)
+    return _SparseAttention.apply(q, k, v, block_idx, block_size)
+
+
+def attention_forward_query_outer(q, k, v, block_idx, block_size):
+    """The query-outer baseline forward (no autograd): same inputs and outputs as sparse_attention."""
+    B, Hkv, T = _check(q, k, v, block_idx, block_size)
+    Hq, D, K = q.shape[1], q.shape[3], block_idx.shape[3]
+    G = Hq // Hkv
+    slots = _slots(block_idx, 0, T, math.ceil(T / block_size))
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    _fwd_query_kernel[(T, B * Hkv)](
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, slots_ptr=slots,
+        **_strides("q", q), **_strides("k", k), **_strides("v", v),
+        T=T, K=K, Hkv=Hkv, BS=block_size, D=D, scale2=LOG2E / math.sqrt(D),
+        G=G, G_P=_pow2(G), num_warps=4, num_stages=2, **_consts(q, block_size))
+    return out, lse

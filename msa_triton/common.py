@@ -1,0 +1,266 @@
+"""
+What the MSA kernels share: constants, small Triton helpers, the precision switch, and the KV-outer
+work lists (which queries read each KV block?) with the kernels that combine their partial results.
+Every kernel module of this package imports this module and msa_ref, never a sibling.
+
+Shapes: B batch, T tokens, Hq query heads, Hkv KV heads (= groups), G = Hq // Hkv, D head dim,
+Di index dim, bs block size, K blocks per query, nb = ceil(T / bs). A "row" is one (query token, head)
+pair. BH = B * Hkv indexes one (batch, group).
+
+Naming, in every kernel of the package:
+  x_ptr                      a pointer to tensor x (q_ptr, k_ptr, op_ptr, ...)
+  s_xb, s_xh, s_xt, s_xd     x's strides along batch, head, token and feature (s_qb, s_kt, s_qid, ...)
+  X_P                        a size padded to a power of two for tl.arange (D_P, G_P, K_P, DI_P)
+  BLOCK_*                    a tile: BLOCK_N keys, BLOCK_Q queries per program or step
+  ROWS                       rows (tokens x heads) of a tile of gathered queries
+Inside the kernels scores are in log2 units, s2 = q.k * scale * log2(e), so that exp2 replaces exp;
+an "lse2" is a log-sum-exp in those units (lse = lse2 * ln 2).
+
+The KV-outer work lists (DESIGN.md section 4): the selection block_idx (B, Hkv, T, K) is inverted into
+a CSR that lists, for each (batch, group, KV block), the (token, slot) entries that chose it, tokens
+ascending. A program takes one segment of one block's list, loads the block once and runs it against
+tiles of the gathered rows. Segments bound a program's work, so a block chosen by many tokens (a sink)
+is split over programs; tokens run in chunks so that partial buffers stay under PARTIAL_ELEMS.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634                # log2(e): natural-log units -> log2 units
+LN2 = 0.6931471805599453                  # ln(2) = 1 / LOG2E: log2 units -> natural-log units
+LOG2E_K = tl.constexpr(LOG2E)             # the same numbers inside kernels (a @triton.jit function
+LN2_K = tl.constexpr(LN2)                 # reads only globals that are tl.constexpr)
+INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_key)
+PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
+
+
+def _pow2(n, lo=16):
+    """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16."""
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _prec(*tensors):
+    """The input_precision of every tl.dot of a launch: 'ieee' (true fp32 products, what msa_ref computes)
+    when all operands are float32, else 'tf32' (Triton's default: a float32 tl.dot would use TF32, and half
+    or fp8 operands have no other choice)."""
+    return "ieee" if all(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def _strides(prefix, x, dims="bhtd"):
+    """x's strides as a kernel's keyword arguments: _strides("q", q) = {"s_qb": .., "s_qh": .., "s_qt": .., "s_qd": ..};
+    dims names x's dimensions in order (b batch, h head, t token, d feature)."""
+    assert x.dim() == len(dims), (x.shape, dims)
+    return {f"s_{prefix}{a}": st for a, st in zip(dims, x.stride())}
+
+
+# ---------------------------------------------------------------------------------------------
+# small Triton helpers
+
+@triton.jit
+def _sortable_key(score, blk):
+    """One int64 key per (score, block) whose integer order is "higher score first, ties to the lower
+    block", the order of msa_ref.select_blocks: the high word is the fp32 score's bits made monotone as a
+    signed int (negative floats have their magnitude bits flipped), the low word 0x7FFFFFFF - blk. -0.0 is
+    made +0.0 first so that the two zeros tie, as they do in a float sort. blk: a scalar or score's shape."""
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits.to(tl.int64) << 32) | (tl.zeros_like(bits).to(tl.int64) + (0x7FFFFFFF - blk))
+
+
+@triton.jit
+def _key_block(key):
+    """The block index of a _sortable_key."""
+    return 0x7FFFFFFF - (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _fp8_rows(x):
+    """x (R, C) float32 -> float8e4nv (R, C): each row times the power of two 2^(8 - e), max|row| = m * 2^e with
+    m in [0.5, 1), then rounded: msa_ref.fp8_quantize's e4m3 values (its scale left off). The power of two
+    is built from the bits of max|row| (biased exponent f = e + 126), clamped as fp8_quantize clamps e."""
+    f = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    f = tl.minimum(tl.maximum(f, 8), 254)                                      # e in [-118, 128]
+    return (x * ((261 - f) << 23).to(tl.float32, bitcast=True)[:, None]).to(tl.float8e4nv)
+
+
+@triton.jit
+def _softmax_rescale(m, m_in):
+    """One step of an online softmax (log2 units): the running max m meets new maxima m_in (a tile's row
+    maxima, or partial results' lse2). Returns m_new = max(m, m_in); m_ref, the reference the new terms are
+    taken against (0 while everything seen is -inf, so no -inf - -inf); and alpha = exp2(m - m_ref), the
+    factor that rescales what was accumulated so far."""
+    m_new = tl.maximum(m, m_in)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_ref, tl.exp2(m - m_ref)
+
+
+@triton.jit
+def _softmax_finish(m, l):
+    """The end of a softmax over rows with running max m and sum l of exp2: returns ls, the divisor of
+    the accumulated output (1 for a row that saw nothing, whose output stays 0), and the rows' lse2
+    (-inf for a row that saw nothing)."""
+    ls = tl.where(l > 0, l, 1.0)
+    return ls, tl.where(l > 0, m + tl.log2(ls), float("-inf"))
+
+
+@triton.jit
+def _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv):
+    """The prologue of a KV-outer program over _segments' lists (grid (NSEG, B * Hkv)): returns the batch b
+    (int64), the group g, bh = b * Hkv + g, and the program's entries [lo, hi) of KV block kb's list."""
+    bh = tl.program_id(1)
+    i = bh * NSEG + tl.program_id(0)
+    return (bh // Hkv).to(tl.int64), bh % Hkv, bh, tl.load(seg_lo_ptr + i), tl.load(seg_hi_ptr + i), tl.load(seg_blk_ptr + i)
+
+
+@triton.jit
+def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
+    """Offsets (BLOCK_N, D_P) of slot x, part sub, of (batch, group) bh in a buffer (BH, NX, NSUB, BLOCK_N, D_P)
+    of further segments' sums (_split_segments): the one layout that the gradient kernels write and
+    _fixup_kernel reads."""
+    r = ((bh * NX + x) * NSUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return r.to(tl.int64)[:, None] * D_P + tl.arange(0, D_P)[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# the selection, inverted: which queries read each KV block?
+
+def _slots(block_idx, t0, t1, nbc):
+    """The selection of tokens [t0, t1) as a slot table: block_idx (B, Hkv, T, K) -> int32 (B*Hkv, Tc, K),
+    each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1).
+    Slot s of (token, group) is where that block's partial result goes."""
+    B, Hkv, _, K = block_idx.shape
+    sl = block_idx[:, :, t0:t1].reshape(B * Hkv, t1 - t0, K).sort(-1).values   # -1 first, then ascending
+    dup = F.pad(sl[..., 1:] == sl[..., :-1], (1, 0))                           # a block chosen twice counts once
+    return sl.masked_fill(dup | (sl >= nbc), -1).to(torch.int32).contiguous()
+
+
+def _csr(slots, nbc):
+    """slots (BH, Tc, K) -> ent int32 (BH, Tc*K): entry ids e = token * K + slot grouped by block, tokens
+    ascending; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are."""
+    BH, Tc, K = slots.shape
+    key = slots.view(BH, Tc * K)
+    key = key.masked_fill(key < 0, nbc)                                        # padding -> a spare block nbc
+    key, ent = key.sort(dim=-1, stable=True)                                   # int32 keys: a cheaper radix sort;
+    ent = ent.to(torch.int32)                                                  # stable: tokens stay ascending
+    # the keys are sorted, so block b's entries begin where the first key >= b sits (no histogram needed)
+    edge = torch.searchsorted(key, torch.arange(nbc + 1, device=key.device, dtype=key.dtype).expand(BH, nbc + 1).contiguous())
+    start = edge[:, :nbc].contiguous()                                         # (BH, nbc) int64
+    return ent, start, edge[:, 1:] - start
+
+
+def _segments(start, cnt, n_entries, seg):
+    """Split each block's list into segments of <= seg entries, one program each, with no host sync.
+    n_entries bounds the entries of one (batch, group). Returns seg_lo, seg_hi, seg_blk, seg_part int32 (BH, n):
+    the entries [lo, hi) of block blk, part = which of the block's segments this is (0 = its first);
+    n = ceil(n_entries / seg) + nbc is an upper bound on the segments; spare programs get lo = hi."""
+    BH, nbc = cnt.shape
+    nseg = (cnt + seg - 1) // seg                                              # (BH, nbc)
+    last = torch.cumsum(nseg, 1)                                               # segments up to each block
+    n = math.ceil(n_entries / seg) + nbc
+    pid = torch.arange(n, device=cnt.device).expand(BH, n).contiguous()
+    blk = torch.searchsorted(last, pid, right=True)                            # block whose segments hold pid
+    used = blk < nbc
+    blk = blk.clamp(max=nbc - 1)
+    part = pid - (last - nseg).gather(1, blk)
+    lo = start.gather(1, blk) + part * seg
+    hi = torch.minimum(lo + seg, (start + cnt).gather(1, blk))
+    lo, hi = torch.where(used, lo, 0), torch.where(used, hi, 0)
+    return lo.to(torch.int32), hi.to(torch.int32), blk.to(torch.int32), part.to(torch.int32)
+
+
+def _split_segments(start, cnt, n_entries, seg):
+    """_segments for a pass whose programs each sum a block's gradient rows (dK, dV; kl_loss's dKI). A block's
+    first segment adds its sum into the result, each further one (a block many tokens chose, such as a sink)
+    writes it to a slot of a partial buffer that _fixup_kernel then adds in order: no atomics, deterministic.
+    Returns lo, hi, blk, x int32 (BH, n) (x = the program's slot, -1 for a first segment), xbase, xcnt int32
+    (BH, nbc) (each block's slots) and nx, a bound on the slots one (batch, group) needs."""
+    lo, hi, blk, part = _segments(start, cnt, n_entries, seg)
+    xcnt = ((cnt + seg - 1) // seg - 1).clamp(min=0)                          # further segments of each block
+    xbase = torch.cumsum(xcnt, 1) - xcnt                                       # their first slot
+    x = torch.where(part > 0, xbase.gather(1, blk.long()) + part - 1, -1)
+    return lo, hi, blk, x.to(torch.int32), xbase.to(torch.int32), xcnt.to(torch.int32), max(1, n_entries // seg)
+
+
+def _chunks(block_idx, per_slot, block_size):
+    """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer of per_slot elements
+    per (batch*group, token, slot) stays under PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D):
+    yields (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
+    lists while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
+    B, Hkv, T, K = block_idx.shape
+    Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * per_slot)))
+    for t0 in range(0, T, Tc):
+        t1 = min(T, t0 + Tc)
+        nbc = math.ceil(t1 / block_size)                                       # blocks a token of the chunk may see
+        slots = _slots(block_idx, t0, t1, nbc)
+        yield (t0, t1, nbc, slots, *_csr(slots, nbc))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels that finish a KV-outer pass
+
+@triton.jit
+def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K, Hkv, D,
+                    G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, D_P: tl.constexpr,
+                    WITH_LSE: tl.constexpr, NSUB: tl.constexpr):
+    """Merge the K partials of ROWS // G_P tokens of one (batch, group) into o (B, Hq, T, D), contiguous.
+    WITH_LSE: partial outs weighted by their lse2 (the attention forward; also writes lse (B, Hq, T) in
+    natural log); else a plain sum (a gradient: NSUB partials per slot). Slots with slots < 0 were never
+    written and are not read."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.arange(0, ROWS)
+    tloc = pid * (ROWS // G_P) + r // G_P
+    h = r % G_P
+    d = tl.arange(0, D_P)
+    rv = (tloc < Tc) & (t0 + tloc < T) & (h < G)
+    dm = d[None, :] < D
+    row0 = (bh.to(tl.int64) * Tc + tloc) * K                                   # (ROWS,) first slot of each token
+    acc = tl.zeros((ROWS, D_P), dtype=tl.float32)
+    m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((ROWS,), dtype=tl.float32)
+    for s in range(K * NSUB):
+        ok = rv & (tl.load(slots_ptr + row0 + s // NSUB, mask=rv, other=-1) >= 0)
+        po = (row0 * NSUB + s) * G + h
+        o = tl.load(op_ptr + po[:, None] * D + d[None, :], mask=ok[:, None] & dm, other=0.0).to(tl.float32)
+        if WITH_LSE:
+            lse2_in = tl.load(lp_ptr + po, mask=ok, other=float("-inf"))
+            m, m_ref, alpha = _softmax_rescale(m, lse2_in)
+            beta = tl.exp2(lse2_in - m_ref)
+            acc = acc * alpha[:, None] + o * beta[:, None]
+            l = l * alpha + beta
+        else:
+            acc += o
+    b = bh // Hkv
+    g = bh % Hkv
+    orow = ((b * Hkv + g) * G + h).to(tl.int64) * T + t0 + tloc               # (ROWS,) row of (B, Hq, T)
+    if WITH_LSE:
+        ls, lse2 = _softmax_finish(m, l)
+        acc = acc / ls[:, None]
+        tl.store(lse_ptr + orow, lse2 * LN2_K, mask=rv)
+    tl.store(o_ptr + orow[:, None] * D + d[None, :], acc.to(o_ptr.dtype.element_ty), mask=rv[:, None] & dm)
+
+
+@triton.jit
+def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, T, NBC, NX, BS, D,
+                  NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
+    """Grid (NBC, BH, NSUB): add the sums of block kb's further segments (slots xbase .. xbase + xcnt of xp
+    (BH, NX, NSUB, BLOCK_N, D_P), in order) into its rows of x (BH, T, D) fp32 (dK, dV or dKI)."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    sub = tl.program_id(2)
+    x0 = tl.load(xbase_ptr + bh * NBC + kb)
+    nx = tl.load(xcnt_ptr + bh * NBC + kb)
+    if nx > 0:
+        jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = kb * BS + jn
+        d = tl.arange(0, D_P)
+        m = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
+        acc = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
+        for x in range(x0, x0 + nx):
+            acc += tl.load(xp_ptr + _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P))
+        xo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
+        tl.store(x_ptr + xo, tl.load(x_ptr + xo, mask=m, other=0.0) + acc, mask=m)
