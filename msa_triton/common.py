@@ -23,6 +23,7 @@ tiles of the gathered rows. Segments bound a program's work, so a block chosen b
 is split over programs; tokens run in chunks so that partial buffers stay under PARTIAL_ELEMS.
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,43 @@ LOG2E_K = tl.constexpr(LOG2E)             # the same numbers inside kernels (a @
 LN2_K = tl.constexpr(LN2)                 # reads only globals that are tl.constexpr)
 INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_key)
 PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# the checking mode: the input checks that read the device's data (block_idx's range, cache_lens' range)
+# cost a host sync, so they run only in this mode: on for CPU tensors (the interpreter) and off on CUDA by
+# default; NANOMSA_CHECKS=1 (or 0), read once at import, or checks(True / False) sets it for every device.
+# With it off, bad values are harmless: block ids outside [0, nb) are dropped from the work lists (_slots)
+# and lengths outside [1, Tmax] are clamped by the decode kernels.
+
+_CHECKS = {"1": True, "0": False}.get(os.environ.get("NANOMSA_CHECKS", "").strip())   # None: by device
+
+
+def checks(on):
+    """Turn the data-dependent input checks on (True), off (False) or back to the default (None: on for CPU
+    tensors, off for CUDA ones). Returns the previous setting."""
+    global _CHECKS
+    if on not in (True, False, None):
+        raise ValueError(f"checks takes True, False or None, got {on!r}")
+    prev, _CHECKS = _CHECKS, on
+    return prev
+
+
+def _checking(x):
+    """Whether the data-dependent checks run for tensor x (never while a CUDA graph is being captured)."""
+    if x.is_cuda:
+        return bool(_CHECKS) and not torch.cuda.is_current_stream_capturing()
+    return _CHECKS is not False
+
+
+def _op(name):
+    """Register the decorated function as the custom op nanomsa::name (torch.library.custom_op; it allocates its
+    outputs and mutates no input), once per process: importing a module again returns the op registered first."""
+    def register(fn):
+        qualname = f"nanomsa::{name}"
+        from torch._library.custom_ops import OPDEFS                           # the registry of custom ops
+        return OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=())
+    return register
 
 
 def _pow2(n, lo=16):
@@ -130,12 +168,13 @@ def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: t
 
 def _slots(block_idx, t0, t1, nbc):
     """The selection of tokens [t0, t1) as a slot table: block_idx (B, Hkv, T, K) -> int32 (B*Hkv, Tc, K),
-    each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1).
+    each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1) or < 0
+    (so that ids out of range, unchecked outside the checking mode, are dropped, never read).
     Slot s of (token, group) is where that block's partial result goes."""
     B, Hkv, _, K = block_idx.shape
     sl = block_idx[:, :, t0:t1].reshape(B * Hkv, t1 - t0, K).sort(-1).values   # -1 first, then ascending
     dup = F.pad(sl[..., 1:] == sl[..., :-1], (1, 0))                           # a block chosen twice counts once
-    return sl.masked_fill(dup | (sl >= nbc), -1).to(torch.int32).contiguous()
+    return sl.masked_fill(dup | (sl >= nbc) | (sl < 0), -1).to(torch.int32).contiguous()
 
 
 def _csr(slots, nbc):
@@ -185,16 +224,19 @@ def _split_segments(start, cnt, n_entries, seg):
     return lo, hi, blk, x.to(torch.int32), xbase.to(torch.int32), xcnt.to(torch.int32), max(1, n_entries // seg)
 
 
-def _chunks(block_idx, per_slot, block_size):
-    """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer of per_slot elements
-    per (batch*group, token, slot) stays under PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D):
-    yields (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
-    lists while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
-    B, Hkv, T, K = block_idx.shape
+def _chunk_bounds(B, Hkv, T, K, per_slot, block_size):
+    """Chunks of tokens whose partial buffer of per_slot elements per (batch*group, token, slot) stays under
+    PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D): a list of (t0, t1, nbc), nbc = the
+    blocks a token of the chunk may see. From the shapes alone, so a fake (meta) implementation gets them too."""
     Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * per_slot)))
-    for t0 in range(0, T, Tc):
-        t1 = min(T, t0 + Tc)
-        nbc = math.ceil(t1 / block_size)                                       # blocks a token of the chunk may see
+    return [(t0, min(T, t0 + Tc), math.ceil(min(T, t0 + Tc) / block_size)) for t0 in range(0, T, Tc)]
+
+
+def _chunks(block_idx, per_slot, block_size):
+    """The selection as KV-outer work lists, chunk by chunk of tokens (_chunk_bounds): yields
+    (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
+    lists while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
+    for t0, t1, nbc in _chunk_bounds(*block_idx.shape, per_slot, block_size):
         slots = _slots(block_idx, t0, t1, nbc)
         yield (t0, t1, nbc, slots, *_csr(slots, nbc))
 
