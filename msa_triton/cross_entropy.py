@@ -74,8 +74,8 @@ def _ce_op(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_h: bool, grad
 @_ce_op.register_fake
 def _(h, w, y, grad_h, grad_w, cdt):
     f32 = dict(dtype=torch.float32)
-    return (h.new_empty((), **f32), h.new_empty((), **f32), h.new_empty(h.shape if grad_h else (0,)),
-            h.new_empty(w.shape if grad_w else (0,), **f32))
+    return (h.new_empty((), **f32), h.new_empty((), **f32), torch.empty_like(h) if grad_h else h.new_empty(0),
+            torch.empty_like(w, **f32) if grad_w else h.new_empty(0, **f32))
 
 
 def _ce_setup(ctx, inputs, output):
