@@ -297,7 +297,7 @@ def _forward(q, k, v, block_idx, block_size):
     lists = []
     for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, G * D, block_size):
         lists += [slots, ent, start, cnt]
-        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, SEG)
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
         op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
         lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
         _fwd_kv_kernel[(lo.shape[1], B * Hkv)](

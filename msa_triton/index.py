@@ -305,7 +305,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS
     for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size):
-        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
         lqp = (torch.full((BH, t1 - t0, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
