@@ -3,6 +3,7 @@ Benchmark of the MSA kernels against dense attention (DESIGN.md section 5). GPU 
 
     python bench.py                          # attention: M3 layer shape at 8K/32K/128K + the repo model's shape
     python bench.py --what attn --T 8192 32768 --json out/bench.json
+    python bench.py --what small             # the model's shape at B*T = 32K tokens: MSA step vs dense, launches
 
 Each benchmark family is one function bench_<what>(args) -> list of rows (dicts); they share the
 helpers below: selections, timing (do_bench, median), FLOP counts, the markdown table and the JSON.
@@ -373,92 +374,198 @@ def bench_decode(args):
     sparse-step data lie between two reads of one copy (do_bench also clears L2 before each call).
     Dense = SDPA over the whole cache, cuDNN and flash, eager and CUDA-graphed (best of all = vs_dense).
     MSA step = msa_triton.sparse_decode (scoring + top-k + split-K attention + merge), eager and
-    graphed; its pieces graphed alone. "N steps in one graph" rows: a decoding loop's steady state (see
+    graphed (eager_over_graph: the host's share of an eager call; launches: GPU operations per call); its pieces
+    graphed alone. Shapes: M3's at 32K and 128K, the repository model's at 1K (--shape). "N steps in one graph" rows: a decoding loop's steady state (see
     graphed_loop), MSA against the best dense backend timed the same way. "fp8 index cache" rows: the same
     step on e4m3 index keys (msa_ref.fp8_quantize; the selection is msa_ref's with fp8=True, which differs
     from the bf16 one: the check line says how often). GB/s = bytes that must be read / time: index keys
     of the earlier blocks (and their scales) + the selected K/V for MSA, the whole K/V cache for dense."""
     rows = []
-    Hq, Hkv, D, Di, bs, K = SHAPES["m3"][1:7]
     dt = torch.bfloat16
-    for T in args.T or [32768, 131072]:
-        for B in args.B:
-            copy_bytes = B * T * ((2 * Hkv * D + Di) * 2 + Di + 4)                    # bf16 caches + the fp8 index cache
-            ki_bytes = B * ((T - 1) // bs) * bs * Di * 2
-            ki8_bytes = B * ((T - 1) // bs) * bs * (Di + 4)                   # e4m3 keys + a float32 scale each
-            kv_bytes = B * Hkv * min(K, (T - 1) // bs + 1) * bs * D * 2 * 2
-            dense_bytes = B * Hkv * T * D * 2 * 2
-            n = int(max(2, min(math.ceil(300e6 / (ki_bytes + kv_bytes)), 40e9 // copy_bytes, 64)))
-            gen = torch.Generator(device="cuda").manual_seed(T + B)
-            rnd = lambda *s: torch.randn(*s, device="cuda", dtype=dt, generator=gen)
-            cs = [dict(q=rnd(B, Hq, D), qi=rnd(B, Hkv, Di), k=rnd(B, Hkv, T, D), v=rnd(B, Hkv, T, D), ki=rnd(B, T, Di),
-                       lens=torch.full((B,), T, device="cuda", dtype=torch.int32)) for _ in range(n)]
-            for c in cs:
-                c["ki8"], c["ks"] = msa_ref.fp8_quantize(c["ki"])               # (B, T, Di) e4m3, (B, T)
-            c = cs[0]
-            ridx, rout = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
-            out = msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
-            sel = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)[1]
-            ridx8, rout8 = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K, c["ks"])
-            out8, sel8 = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K, c["ks"])
-            same = lambda a, b: (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
-            chk = dict(sel_rows_differing=int((sel != ridx).any(-1).sum()), out=rel_err(out, rout),
-                       fp8_sel_rows_differing=int((sel8 != ridx8).any(-1).sum()), fp8_out=rel_err(out8, rout8),
-                       fp8_same_set_as_bf16=same(sel8, sel))
-            print(f"[check] decode T={T} B={B}: " + ", ".join(f"{a}={b:.3g}" for a, b in chk.items()), flush=True)
-            del ridx, rout, ridx8, rout8
-            base = dict(shape="m3", T=T, sel="indexer", **{"pass": f"decode B={B}"}, copies=n, check=chk)
+    for shape in args.shape:
+        Hq, Hkv, D, Di, bs, K = SHAPES[shape][1:7]
+        for T in args.T or ([32768, 131072] if shape == "m3" else [1024]):
+            for B in args.B:
+                copy_bytes = B * T * ((2 * Hkv * D + Di) * 2 + Di + 4)                    # bf16 caches + the fp8 index cache
+                ki_bytes = B * ((T - 1) // bs) * bs * Di * 2
+                ki8_bytes = B * ((T - 1) // bs) * bs * (Di + 4)                   # e4m3 keys + a float32 scale each
+                kv_bytes = B * Hkv * min(K, (T - 1) // bs + 1) * bs * D * 2 * 2
+                dense_bytes = B * Hkv * T * D * 2 * 2
+                n = int(max(2, min(math.ceil(300e6 / (ki_bytes + kv_bytes)), 40e9 // copy_bytes, 64)))
+                gen = torch.Generator(device="cuda").manual_seed(T + B)
+                rnd = lambda *s: torch.randn(*s, device="cuda", dtype=dt, generator=gen)
+                cs = [dict(q=rnd(B, Hq, D), qi=rnd(B, Hkv, Di), k=rnd(B, Hkv, T, D), v=rnd(B, Hkv, T, D), ki=rnd(B, T, Di),
+                           lens=torch.full((B,), T, device="cuda", dtype=torch.int32)) for _ in range(n)]
+                for c in cs:
+                    c["ki8"], c["ks"] = msa_ref.fp8_quantize(c["ki"])               # (B, T, Di) e4m3, (B, T)
+                c = cs[0]
+                ridx, rout = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+                out = msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+                sel = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)[1]
+                ridx8, rout8 = decode_reference(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K, c["ks"])
+                out8, sel8 = dec._decode(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K, c["ks"])
+                same = lambda a, b: (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
+                chk = dict(sel_rows_differing=int((sel != ridx).any(-1).sum()), out=rel_err(out, rout),
+                           fp8_sel_rows_differing=int((sel8 != ridx8).any(-1).sum()), fp8_out=rel_err(out8, rout8),
+                           fp8_same_set_as_bf16=same(sel8, sel))
+                print(f"[check] decode {shape} T={T} B={B}: " + ", ".join(f"{a}={b:.3g}" for a, b in chk.items()), flush=True)
+                del ridx, rout, ridx8, rout8
+                base = dict(shape=shape, T=T, sel="indexer", **{"pass": f"decode B={B}"}, copies=n, check=chk)
 
-            def add(impl, fn, nbytes, dense_ms=None, steps=1):
-                ms = timed(fn, rep_ms=100) / steps
-                rows.append(dict(base, impl=impl, ms=round(ms, 4), GBps=round(nbytes / ms / 1e6),
-                                 vs_dense=f"{dense_ms / ms:.2f}x" if dense_ms else ""))
-                return ms
+                def add(impl, fn, nbytes, dense_ms=None, steps=1):
+                    ms = timed(fn, rep_ms=100) / steps
+                    rows.append(dict(base, impl=impl, ms=round(ms, 4), GBps=round(nbytes / ms / 1e6),
+                                     vs_dense=f"{dense_ms / ms:.2f}x" if dense_ms else ""))
+                    return ms
 
-            dense, dense_loop = [], []
-            loop = n * math.ceil(16 / n)          # steps per graph in the steady-state rows (graphed_loop)
-            for name, be in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-                def sdpa(c, be=be):
-                    with sdpa_kernel(be):
-                        return F.scaled_dot_product_attention(c["q"].unsqueeze(2), c["k"], c["v"], enable_gqa=True)
-                try:
-                    dense.append(add(f"dense SDPA {name}", rotating([lambda c=c: sdpa(c) for c in cs]), dense_bytes))
-                    dense.append(add(f"dense SDPA {name} graph", rotating([graphed(lambda c=c: sdpa(c)) for c in cs]), dense_bytes))
-                    dense_loop.append(add(f"dense SDPA {name}, {loop} steps in one graph",
-                                          graphed_loop([lambda c=c: sdpa(c) for c in cs], loop), dense_bytes, steps=loop))
-                except RuntimeError as e:                                      # backend refuses this shape
-                    rows.append(dict(base, impl=f"dense SDPA {name}", ms="n/a", note=str(e)[:80]))
-            step = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
-            add("MSA sparse_decode", rotating([lambda c=c: step(c) for c in cs]), ki_bytes + kv_bytes, min(dense))
-            add("MSA sparse_decode graph", rotating([graphed(lambda c=c: step(c)) for c in cs]), ki_bytes + kv_bytes, min(dense))
-            # a decoding loop's steady state: consecutive steps in one graph, per step, vs dense the same way
-            add(f"MSA sparse_decode, {loop} steps in one graph", graphed_loop([lambda c=c: step(c) for c in cs], loop),
-                ki_bytes + kv_bytes, min(dense_loop), steps=loop)
-            step8 = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K,
-                                                       ki_scale=c["ks"])
-            add("MSA sparse_decode, fp8 index cache, graph", rotating([graphed(lambda c=c: step8(c)) for c in cs]),
-                ki8_bytes + kv_bytes, min(dense))
-            add(f"MSA sparse_decode, fp8 index cache, {loop} steps in one graph",
-                graphed_loop([lambda c=c: step8(c) for c in cs], loop), ki8_bytes + kv_bytes, min(dense_loop), steps=loop)
-            # the pieces, each graphed alone (a graph of one tiny kernel shows the fixed cost of a replay)
-            S = [dec._block_scores(c["qi"], c["ki"], c["lens"], bs) for c in cs]
-            part = [dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K) for s, c in zip(S, cs)]
-            tiny = torch.zeros(1, device="cuda")
-            add("  graph of one tiny kernel", graphed(lambda: tiny.add_(1)), 4)
-            add("  scoring graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki"], c["lens"], bs)) for c in cs]), ki_bytes)
-            add("  scoring, fp8 index cache, graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki8"], c["lens"], bs, c["ks"]))
-                                                               for c in cs]), ki8_bytes)
-            add("  top-k + split-K + merge graph", rotating([graphed(lambda s=s, c=c: dec._merge(*dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K)[:2], c["q"]))
-                                                             for s, c in zip(S, cs)]), kv_bytes)
-            add("  top-k + split-K partials graph", rotating([graphed(lambda s=s, c=c: dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K))
-                                                              for s, c in zip(S, cs)]), kv_bytes)
-            add("  merge graph", rotating([graphed(lambda p=p, c=c: dec._merge(*p[:2], c["q"])) for p, c in zip(part, cs)]), part[0][0].numel() * 4)
-            del cs, S, part
-            torch.cuda.empty_cache()
+                dense, dense_loop = [], []
+                loop = n * math.ceil(16 / n)          # steps per graph in the steady-state rows (graphed_loop)
+                for name, be in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                    def sdpa(c, be=be):
+                        with sdpa_kernel(be):
+                            return F.scaled_dot_product_attention(c["q"].unsqueeze(2), c["k"], c["v"], enable_gqa=True)
+                    try:
+                        dense.append(add(f"dense SDPA {name}", rotating([lambda c=c: sdpa(c) for c in cs]), dense_bytes))
+                        dense.append(add(f"dense SDPA {name} graph", rotating([graphed(lambda c=c: sdpa(c)) for c in cs]), dense_bytes))
+                        dense_loop.append(add(f"dense SDPA {name}, {loop} steps in one graph",
+                                              graphed_loop([lambda c=c: sdpa(c) for c in cs], loop), dense_bytes, steps=loop))
+                    except RuntimeError as e:                                      # backend refuses this shape
+                        rows.append(dict(base, impl=f"dense SDPA {name}", ms="n/a", note=str(e)[:80]))
+                step = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki"], c["lens"], bs, K)
+                eager = add("MSA sparse_decode", rotating([lambda c=c: step(c) for c in cs]), ki_bytes + kv_bytes, min(dense))
+                graph = add("MSA sparse_decode graph", rotating([graphed(lambda c=c: step(c)) for c in cs]), ki_bytes + kv_bytes,
+                            min(dense))
+                rows[-2].update(eager_over_graph=f"{eager / graph:.2f}x", launches=gpu_ops(lambda: step(cs[0])))
+                # a decoding loop's steady state: consecutive steps in one graph, per step, vs dense the same way
+                add(f"MSA sparse_decode, {loop} steps in one graph", graphed_loop([lambda c=c: step(c) for c in cs], loop),
+                    ki_bytes + kv_bytes, min(dense_loop), steps=loop)
+                step8 = lambda c: msa_triton.sparse_decode(c["q"], c["qi"], c["k"], c["v"], c["ki8"], c["lens"], bs, K,
+                                                           ki_scale=c["ks"])
+                add("MSA sparse_decode, fp8 index cache, graph", rotating([graphed(lambda c=c: step8(c)) for c in cs]),
+                    ki8_bytes + kv_bytes, min(dense))
+                add(f"MSA sparse_decode, fp8 index cache, {loop} steps in one graph",
+                    graphed_loop([lambda c=c: step8(c) for c in cs], loop), ki8_bytes + kv_bytes, min(dense_loop), steps=loop)
+                # the pieces, each graphed alone (a graph of one tiny kernel shows the fixed cost of a replay)
+                S = [dec._block_scores(c["qi"], c["ki"], c["lens"], bs) for c in cs]
+                part = [dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K) for s, c in zip(S, cs)]
+                tiny = torch.zeros(1, device="cuda")
+                add("  graph of one tiny kernel", graphed(lambda: tiny.add_(1)), 4)
+                add("  scoring graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki"], c["lens"], bs)) for c in cs]), ki_bytes)
+                add("  scoring, fp8 index cache, graph", rotating([graphed(lambda c=c: dec._block_scores(c["qi"], c["ki8"], c["lens"], bs, c["ks"]))
+                                                                   for c in cs]), ki8_bytes)
+                add("  top-k + split-K + merge graph", rotating([graphed(lambda s=s, c=c: dec._merge(*dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K)[:2], c["q"]))
+                                                                 for s, c in zip(S, cs)]), kv_bytes)
+                add("  top-k + split-K partials graph", rotating([graphed(lambda s=s, c=c: dec._partials(c["q"], c["k"], c["v"], c["lens"], s, bs, K))
+                                                                  for s, c in zip(S, cs)]), kv_bytes)
+                add("  merge graph", rotating([graphed(lambda p=p, c=c: dec._merge(*p[:2], c["q"])) for p, c in zip(part, cs)]), part[0][0].numel() * 4)
+                del cs, S, part
+                torch.cuda.empty_cache()
     return rows
 
 
-BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode}
+# ---------------------------------------------------------------------------------------------
+# small: the repository model's shape (Hq=8, Hkv=2, D=Di=64, bs=64) at B*T = 32K tokens, where a call's fixed
+# cost (launches, host work) shows: the MSA training step and forward against dense SDPA, eager and in a CUDA
+# graph, with the GPU operations (kernels, memsets, copies) that one call launches
+
+SMALL = dict(Hq=8, Hkv=2, D=64, Di=64, bs=64, tokens=32768, T=[1024, 4096, 16384], K=[4, 8])
+
+
+def gpu_ops(fn):
+    """The GPU operations (kernels, memsets, copies) that one call of fn() launches, counted by torch.profiler
+    after a warm-up call; 'n/a' if the profiler reports none."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    return n or "n/a"
+
+
+def graph_of(fn):
+    """fn() captured in a CUDA graph after two eager calls on a side stream (they compile the kernels and
+    allocate, which a capture must not do); returns graph.replay. fn may run a backward (torch.autograd.grad)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def bench_small(args):
+    rows = []
+    dev, dtype = "cuda", torch.bfloat16
+    Hq, Hkv, D, Di, bs = (SMALL[x] for x in ("Hq", "Hkv", "D", "Di", "bs"))
+    msa_triton.checks(False)                                                   # the hot path: no host sync
+    for K in SMALL["K"]:
+        for T in args.T or SMALL["T"]:
+            B = max(1, SMALL["tokens"] // T)
+            q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype, dev)
+            gen = torch.Generator(device=dev).manual_seed(4)
+            qi = torch.randn(B, Hkv, T, Di, device=dev, dtype=dtype, generator=gen)
+            ki = torch.randn(B, T, Di, device=dev, dtype=dtype, generator=gen)
+            dout = torch.randn_like(q)
+            base = dict(shape="model", T=T, B=B, K=K, sel="indexer")
+            block_idx = msa_triton.index_topk(qi, ki, bs, K)
+            if T <= REF_MAX_T:                                                 # two batch rows against msa_ref
+                chk = check_attention(q[:2], k[:2], v[:2], block_idx[:2], bs)
+                qr, kr = (x[:2].detach().float().requires_grad_() for x in (qi, ki))
+                qg, kg = (x[:2].detach().requires_grad_() for x in (qi, ki))
+                lse2 = msa_triton.sparse_attention(q[:2], k[:2], v[:2], block_idx[:2], bs)[1]
+                lg = msa_triton.kl_loss(q[:2], k[:2], qg, kg, block_idx[:2], bs, lse=lse2)
+                lr = msa_ref.kl_loss(q[:2], k[:2], qr, kr, block_idx[:2], bs)
+                g1, g0 = torch.autograd.grad(lg, [qg, kg]), torch.autograd.grad(lr, [qr, kr])
+                chk.update(kl=abs(lg.item() / lr.item() - 1), dqi=rel_err(g1[0], g0[0]), dki=rel_err(g1[1], g0[1]))
+                print(f"[check] small K={K} T={T}: " + ", ".join(f"{a}={b:.2e}" if isinstance(b, float) else f"{a}={b}"
+                                                                 for a, b in chk.items()), flush=True)
+            qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+            qiv, kiv = (x.detach().requires_grad_() for x in (qi, ki))
+
+            def dense_step():
+                o = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=True)
+                return torch.autograd.grad(o, qkv, dout)
+
+            def msa_fwd():
+                with torch.no_grad():
+                    return msa_triton.sparse_attention(q, k, v, msa_triton.index_topk(qi, ki, bs, K), bs)
+
+            def msa_step():
+                with torch.no_grad():
+                    idx = msa_triton.index_topk(qi, ki, bs, K)
+                o, lse = msa_triton.sparse_attention(*qkv, idx, bs)
+                kl = msa_triton.kl_loss(q, k, qiv, kiv, idx, bs, lse=lse)
+                return torch.autograd.grad([o, kl], qkv + [qiv, kiv], [dout, torch.ones_like(kl)])
+
+            dense_ms = None
+            for impl, pas, fn in (("dense SDPA (causal, enable_gqa)", "fwd+bwd", dense_step),
+                                  ("MSA step", "fwd+bwd", msa_step),
+                                  ("MSA forward (index_topk + sparse_attention)", "fwd", msa_fwd),
+                                  ("MSA step, CUDA graph", "fwd+bwd", "graph")):
+                try:
+                    if fn == "graph":
+                        fn, ops = graph_of(msa_step), 1
+                    else:
+                        ops = gpu_ops(fn)
+                    ms = timed(fn)
+                except Exception as e:                                         # one row's failure keeps the rest
+                    rows.append(dict(base, impl=impl, **{"pass": pas}, ms="n/a", note=f"{type(e).__name__}: {str(e)[:80]}"))
+                    continue
+                dense_ms = dense_ms or ms
+                rows.append(dict(base, impl=impl, **{"pass": pas}, ms=round(ms, 3), launches=ops,
+                                 msa_over_dense=f"{ms / dense_ms:.2f}x"))
+            del q, k, v, qi, ki, qiv, kiv, qkv, dout, block_idx
+            torch.cuda.empty_cache()
+    msa_triton.checks(None)
+    return rows
+
+
+BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode, "small": bench_small}
 
 
 def main():
@@ -481,7 +588,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, median ms (do_bench)")
-    print_table(rows, ["shape", "T", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB"])
+    print_table(rows, ["shape", "T", "B", "K", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB",
+                       "msa_over_dense", "eager_over_graph", "launches"])
 
 
 if __name__ == "__main__":

@@ -213,8 +213,25 @@ def _expect(cond, msg):
         raise ValueError(msg)
 
 
-def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block_size=None, topk=None):
-    """Raise ValueError, saying what was expected, for any inconsistent argument. Returns (B, Hkv, T)."""
+def check_block_idx(block_idx, nb):
+    """block_idx's values: -1 (padding) or a block in [0, nb). Reads the tensor: a host sync on a GPU."""
+    if block_idx.numel():
+        lo, hi = torch.stack(torch.aminmax(block_idx)).tolist()                  # one host sync, not two
+        _expect(lo >= -1 and hi < nb, f"block_idx entries must be -1 (padding) or a block in [0, {nb}), got range [{lo}, {hi}]")
+
+
+def check_cache_lens(cache_lens, Tmax):
+    """cache_lens' values lie in [1, Tmax]. Reads the tensor (a host sync on a GPU), so it is skipped while a
+    CUDA graph is being captured (the kernels clamp the lengths)."""
+    if not (cache_lens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()):         # build the message only on failure:
+            raise ValueError(f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")  # it copies
+
+
+def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block_size=None, topk=None, values=True):
+    """Raise ValueError, saying what was expected, for any inconsistent argument. Returns (B, Hkv, T).
+    values=False checks shapes, dtypes and devices only, not block_idx's values (which need a host sync):
+    msa_triton checks those in its checking mode (msa_triton.checks)."""
     if block_size is not None:
         _expect(isinstance(block_size, int) and block_size >= 1, f"block_size must be an int >= 1, got {block_size!r}")
     if topk is not None:
@@ -243,16 +260,14 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
         _expect(block_idx.shape[:3] == (B, Hkv, T) and block_idx.shape[3] >= 1,
                 f"block_idx must be [B={B}, Hkv={Hkv}, T={T}, K>=1], got {tuple(block_idx.shape)}")
         _expect(not block_idx.is_floating_point(), f"block_idx must be an integer tensor, got {block_idx.dtype}")
-        nb = math.ceil(T / block_size)
-        if block_idx.numel():
-            lo, hi = torch.stack(torch.aminmax(block_idx)).tolist()              # one host sync, not two
-            _expect(lo >= -1 and hi < nb, f"block_idx entries must be -1 (padding) or a block in [0, {nb}), got range [{lo}, {hi}]")
+        if values:
+            check_block_idx(block_idx, math.ceil(T / block_size))
     return B, Hkv, T
 
 
-def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
-    """sparse_decode's checks (both modules). Returns (B, Hkv, Tmax). Reading cache_lens syncs with the
-    host, so it is skipped while a CUDA graph is being captured (the kernels clamp the lengths)."""
+def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, values=True):
+    """sparse_decode's checks (both modules). Returns (B, Hkv, Tmax). values=False leaves out cache_lens' values
+    (check_cache_lens, a host sync)."""
     for name, t, want in (("q", q, "[B, Hq, D]"), ("qi", qi, "[B, Hkv, Di]"), ("k_cache", k_cache, "[B, Hkv, Tmax, D]")):
         _expect(isinstance(t, torch.Tensor) and t.dim() == want.count(",") + 1, f"{name} must be {want}, got {getattr(t, 'shape', t)}")
     Tmax = k_cache.shape[2]
@@ -272,7 +287,6 @@ def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_siz
             and cache_lens.dtype != torch.bool,
             f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
     _expect(cache_lens.device == q.device, f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if not bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()):         # build the message only on failure:
-            raise ValueError(f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")  # it copies
+    if values:
+        check_cache_lens(cache_lens, Tmax)
     return B, Hkv, Tmax

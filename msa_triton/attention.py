@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_inputs
-from .common import (LOG2E, LOG2E_K, LN2_K, _chunks, _combine_kernel, _fixup_kernel, _pow2, _prec, _segment,
-                     _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale, _split_segments,
-                     _strides)
+from msa_ref import _expect, check_block_idx, check_inputs
+from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel, _op,
+                     _pow2, _prec, _segment, _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale,
+                     _split_segments, _strides)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
@@ -245,9 +245,9 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
 # ---------------------------------------------------------------------------------------------
 # launchers
 
-def _check(q, k, v, block_idx, block_size):
-    """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T)."""
-    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
+def _check(q, k, v, block_idx, block_size, values=True):
+    """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T). values=False: not block_idx's values."""
+    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=values)
     _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
             f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
     _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
@@ -283,7 +283,8 @@ def _launch_opts(t):
 
 
 def _forward(q, k, v, block_idx, block_size):
-    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype, lse fp32 (B, Hq, T) and the chunks."""
+    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype, lse fp32 (B, Hq, T) and the work lists,
+    flat: slots, ent, start, cnt of each chunk in turn (common._chunks)."""
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], block_idx.shape[3]
     G = Hq // Hkv
@@ -293,11 +294,10 @@ def _forward(q, k, v, block_idx, block_size):
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    chunks = []
-    for chunk in _chunks(block_idx, G * D, block_size):
-        chunks.append(chunk)
-        t0, t1, nbc, slots, ent, start, cnt = chunk
-        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, SEG)
+    lists = []
+    for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, G * D, block_size):
+        lists += [slots, ent, start, cnt]
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, SEG)
         op = torch.empty(B * Hkv, t1 - t0, K, G, D, device=q.device, dtype=q.dtype)  # partial outs
         lp = torch.empty(B * Hkv, t1 - t0, K, G, device=q.device, dtype=torch.float32)  # partial lse2
         _fwd_kv_kernel[(lo.shape[1], B * Hkv)](
@@ -308,14 +308,14 @@ def _forward(q, k, v, block_idx, block_size):
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=op, lp_ptr=lp, slots_ptr=slots, o_ptr=out, lse_ptr=lse, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
             G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1, **ct)
-    return out, lse, chunks
+    return out, lse, lists
 
 
-def _backward(q, k, v, out, lse, dout, chunks, block_size):
-    """KV-outer backward over the forward's chunks: dK, dV summed per block (its segments in a fixed order), dQ
-    from per-slot partials. Returns dq, dk, dv."""
+def _backward(q, k, v, out, lse, dout, lists, block_size):
+    """KV-outer backward over the forward's work lists (flat, as _forward returns them): dK, dV summed per block (its
+    segments in a fixed order), dQ from per-slot partials. Returns dq, dk, dv."""
     B, Hq, T, D = q.shape
-    Hkv, K = k.shape[1], chunks[0][3].shape[2]                                 # slots: (BH, Tc, K)
+    Hkv, K = k.shape[1], lists[0].shape[2]                                     # slots: (BH, Tc, K)
     G = Hq // Hkv
     G_P = triton.next_power_of_2(G)
     c = _consts(q, block_size)
@@ -329,7 +329,8 @@ def _backward(q, k, v, out, lse, dout, chunks, block_size):
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
-    for t0, t1, nbc, slots, ent, start, cnt in chunks:
+    for i, (t0, t1, nbc) in enumerate(_chunk_bounds(B, Hkv, T, K, G * D, block_size)):
+        slots, ent, start, cnt = lists[4 * i:4 * i + 4]
         lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, BWD_SEG)
         dkp, dvp = torch.empty(2, B * Hkv, NX, NSUB, tiles["BLOCK_N"], c["D_P"], device=q.device, dtype=torch.float32)
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
@@ -350,20 +351,59 @@ def _backward(q, k, v, out, lse, dout, chunks, block_size):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size):
-        out, lse, ctx.chunks = _forward(q, k, v, block_idx, block_size)   # work lists: intermediates, kept on ctx
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.block_size = block_size
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# ---------------------------------------------------------------------------------------------
+# the custom ops (torch.library): torch.compile traces through them without a graph break, and their fake
+# implementations give the output shapes from the input shapes alone.
+# The forward returns its work lists as outputs and the backward takes them: they are what the forward saved
+# for the backward, and rebuilding them there would cost every launch of common._chunks again (two sorts, a
+# searchsorted and a dozen elementwise kernels per chunk), which at small shapes is most of a call's cost.
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.chunks, ctx.block_size)
-        return dq, dk, dv, None, None
+@_op("sparse_attention_fwd")
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+            block_size: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    if _checking(block_idx):
+        check_block_idx(block_idx, math.ceil(q.shape[2] / block_size))
+    return _forward(q, k, v, block_idx, block_size)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, block_idx, block_size):
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], block_idx.shape[3]
+    lists = []
+    for t0, t1, nbc in _chunk_bounds(B, Hkv, T, K, (Hq // Hkv) * D, block_size):
+        lists += [q.new_empty(B * Hkv, t1 - t0, K, dtype=torch.int32), q.new_empty(B * Hkv, (t1 - t0) * K, dtype=torch.int32),
+                  q.new_empty(B * Hkv, nbc, dtype=torch.int64), q.new_empty(B * Hkv, nbc, dtype=torch.int64)]
+    return q.new_empty(B, Hq, T, D), q.new_empty(B, Hq, T, dtype=torch.float32), lists
+
+
+@_op("sparse_attention_bwd")
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+            lists: list[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, out, lse, dout, lists, block_size)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, out, lse, dout, lists, block_size):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, _, block_size = inputs
+    out, lse, lists = output
+    ctx.save_for_backward(q, k, v, out, lse, *lists)
+    ctx.block_size = block_size
+
+
+def _fwd_grad(ctx, dout, dlse, dlists):
+    q, k, v, out, lse, *lists = ctx.saved_tensors
+    if dout is None:                                                           # only lse was used: no gradient
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, lists, ctx.block_size)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 
 
 def sparse_attention(q, k, v, block_idx, block_size):
@@ -371,9 +411,12 @@ def sparse_attention(q, k, v, block_idx, block_size):
     q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1 padding, any order.
     Returns out (B, Hq, T, D) in q's dtype and the natural-log lse fp32 (B, Hq, T), as msa_ref does.
     Differentiable in q, k, v through out (lse is returned without gradient). Deterministic backward.
+    No host sync: block_idx's values are checked only in the checking mode (common.checks); outside it,
+    ids outside [0, nb) are ignored.
     """
-    _check(q, k, v, block_idx, block_size)
-    return _SparseAttention.apply(q, k, v, block_idx, block_size)
+    _check(q, k, v, block_idx, block_size, values=False)
+    out, lse, _ = torch.ops.nanomsa.sparse_attention_fwd(q, k, v, block_idx, block_size)
+    return out, lse
 
 
 def attention_forward_query_outer(q, k, v, block_idx, block_size):

@@ -23,6 +23,7 @@ tiles of the gathered rows. Segments bound a program's work, so a block chosen b
 is split over programs; tokens run in chunks so that partial buffers stay under PARTIAL_ELEMS.
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,43 @@ LOG2E_K = tl.constexpr(LOG2E)             # the same numbers inside kernels (a @
 LN2_K = tl.constexpr(LN2)                 # reads only globals that are tl.constexpr)
 INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_key)
 PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# the checking mode: the input checks that read the device's data (block_idx's range, cache_lens' range)
+# cost a host sync, so they run only in this mode: on for CPU tensors (the interpreter) and off on CUDA by
+# default; NANOMSA_CHECKS=1 (or 0), read once at import, or checks(True / False) sets it for every device.
+# With it off, bad values are harmless: block ids outside [0, nb) are dropped from the work lists (_slots)
+# and lengths outside [1, Tmax] are clamped by the decode kernels.
+
+_CHECKS = {"1": True, "0": False}.get(os.environ.get("NANOMSA_CHECKS", "").strip())   # None: by device
+
+
+def checks(on):
+    """Turn the data-dependent input checks on (True), off (False) or back to the default (None: on for CPU
+    tensors, off for CUDA ones). Returns the previous setting."""
+    global _CHECKS
+    if on not in (True, False, None):
+        raise ValueError(f"checks takes True, False or None, got {on!r}")
+    prev, _CHECKS = _CHECKS, on
+    return prev
+
+
+def _checking(x):
+    """Whether the data-dependent checks run for tensor x (never while a CUDA graph is being captured)."""
+    if x.is_cuda:
+        return bool(_CHECKS) and not torch.cuda.is_current_stream_capturing()
+    return _CHECKS is not False
+
+
+def _op(name):
+    """Register the decorated function as the custom op nanomsa::name (torch.library.custom_op; it allocates its
+    outputs and mutates no input), once per process: importing a module again returns the op registered first."""
+    def register(fn):
+        qualname = f"nanomsa::{name}"
+        from torch._library.custom_ops import OPDEFS                           # the registry of custom ops
+        return OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=())
+    return register
 
 
 def _pow2(n, lo=16):
@@ -130,12 +168,13 @@ def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: t
 
 def _slots(block_idx, t0, t1, nbc):
     """The selection of tokens [t0, t1) as a slot table: block_idx (B, Hkv, T, K) -> int32 (B*Hkv, Tc, K),
-    each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1).
+    each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1) or < 0
+    (so that ids out of range, unchecked outside the checking mode, are dropped, never read).
     Slot s of (token, group) is where that block's partial result goes."""
     B, Hkv, _, K = block_idx.shape
     sl = block_idx[:, :, t0:t1].reshape(B * Hkv, t1 - t0, K).sort(-1).values   # -1 first, then ascending
     dup = F.pad(sl[..., 1:] == sl[..., :-1], (1, 0))                           # a block chosen twice counts once
-    return sl.masked_fill(dup | (sl >= nbc), -1).to(torch.int32).contiguous()
+    return sl.masked_fill(dup | (sl >= nbc) | (sl < 0), -1).to(torch.int32).contiguous()
 
 
 def _csr(slots, nbc):
@@ -152,49 +191,81 @@ def _csr(slots, nbc):
     return ent, start, edge[:, 1:] - start
 
 
-def _segments(start, cnt, n_entries, seg):
-    """Split each block's list into segments of <= seg entries, one program each, with no host sync.
-    n_entries bounds the entries of one (batch, group). Returns seg_lo, seg_hi, seg_blk, seg_part int32 (BH, n):
-    the entries [lo, hi) of block blk, part = which of the block's segments this is (0 = its first);
-    n = ceil(n_entries / seg) + nbc is an upper bound on the segments; spare programs get lo = hi."""
-    BH, nbc = cnt.shape
-    nseg = (cnt + seg - 1) // seg                                              # (BH, nbc)
-    last = torch.cumsum(nseg, 1)                                               # segments up to each block
-    n = math.ceil(n_entries / seg) + nbc
-    pid = torch.arange(n, device=cnt.device).expand(BH, n).contiguous()
-    blk = torch.searchsorted(last, pid, right=True)                            # block whose segments hold pid
-    used = blk < nbc
-    blk = blk.clamp(max=nbc - 1)
-    part = pid - (last - nseg).gather(1, blk)
-    lo = start.gather(1, blk) + part * seg
-    hi = torch.minimum(lo + seg, (start + cnt).gather(1, blk))
-    lo, hi = torch.where(used, lo, 0), torch.where(used, hi, 0)
-    return lo.to(torch.int32), hi.to(torch.int32), blk.to(torch.int32), part.to(torch.int32)
+@triton.jit
+def _segments_kernel(start_ptr, cnt_ptr, lo_ptr, hi_ptr, blk_ptr, x_ptr, xbase_ptr, xcnt_ptr, NBC, N, SEG,
+                     BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (BH,): one (batch, group)'s block lists cut in segments (_segments). Blocks run in chunks of BLOCK_B;
+    block b's nseg segments are programs first .. first + nseg - 1 (first: a running sum), part j at first + j."""
+    bh = tl.program_id(0)
+    row = bh.to(tl.int64) * N
+    used = tl.full((), 0, tl.int32)                                            # segments of the blocks so far
+    xused = tl.full((), 0, tl.int32)                                           # further segments so far
+    for b0 in range(0, NBC, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        bm = b < NBC
+        start = tl.load(start_ptr + bh * NBC + b, mask=bm, other=0).to(tl.int32)
+        cnt = tl.load(cnt_ptr + bh * NBC + b, mask=bm, other=0).to(tl.int32)
+        nseg = (cnt + SEG - 1) // SEG                                          # (BLOCK_B,) segments of each block
+        xcnt = tl.maximum(nseg - 1, 0)                                         # its further segments
+        first = used + tl.cumsum(nseg, 0) - nseg                               # its first segment
+        xbase = xused + tl.cumsum(xcnt, 0) - xcnt                              # its first partial slot
+        tl.store(xbase_ptr + bh * NBC + b, xbase, mask=bm)
+        tl.store(xcnt_ptr + bh * NBC + b, xcnt, mask=bm)
+        for j in range(0, tl.max(nseg, 0)):
+            m = bm & (j < nseg)
+            lo = start + j * SEG
+            i = row + first + j
+            tl.store(lo_ptr + i, lo, mask=m)
+            tl.store(hi_ptr + i, tl.minimum(lo + SEG, start + cnt), mask=m)
+            tl.store(blk_ptr + i, b, mask=m)
+            tl.store(x_ptr + i, tl.where(j > 0, xbase + j - 1, -1), mask=m)
+        used += tl.sum(nseg, 0)
+        xused += tl.sum(xcnt, 0)
+    for p0 in range(used, N, BLOCK):                                           # spare programs: nothing to do
+        p = p0 + tl.arange(0, BLOCK)
+        m = p < N
+        zero = tl.zeros([BLOCK], tl.int32)
+        tl.store(lo_ptr + row + p, zero, mask=m)
+        tl.store(hi_ptr + row + p, zero, mask=m)
+        tl.store(blk_ptr + row + p, zero + NBC - 1, mask=m)
+        tl.store(x_ptr + row + p, zero - 1, mask=m)
 
 
 def _split_segments(start, cnt, n_entries, seg):
-    """_segments for a pass whose programs each sum a block's gradient rows (dK, dV; kl_loss's dKI). A block's
-    first segment adds its sum into the result, each further one (a block many tokens chose, such as a sink)
-    writes it to a slot of a partial buffer that _fixup_kernel then adds in order: no atomics, deterministic.
-    Returns lo, hi, blk, x int32 (BH, n) (x = the program's slot, -1 for a first segment), xbase, xcnt int32
-    (BH, nbc) (each block's slots) and nx, a bound on the slots one (batch, group) needs."""
-    lo, hi, blk, part = _segments(start, cnt, n_entries, seg)
-    xcnt = ((cnt + seg - 1) // seg - 1).clamp(min=0)                          # further segments of each block
-    xbase = torch.cumsum(xcnt, 1) - xcnt                                       # their first slot
-    x = torch.where(part > 0, xbase.gather(1, blk.long()) + part - 1, -1)
-    return lo, hi, blk, x.to(torch.int32), xbase.to(torch.int32), xcnt.to(torch.int32), max(1, n_entries // seg)
+    """Split each block's list into segments of <= seg entries, one program each, in one launch with no host sync.
+    n_entries bounds the entries of one (batch, group). Returns lo, hi, blk, x int32 (BH, n): the entries [lo, hi)
+    of block blk; n = ceil(n_entries / seg) + nbc bounds the segments, and spare programs get lo = hi = 0.
+    For a pass whose programs each sum a block's gradient rows (dK, dV; kl_loss's dKI), a block's first segment
+    adds its sum into the result and each further one (a block many tokens chose, such as a sink) writes it to
+    slot x of a partial buffer (x = -1 for a first segment) that _fixup_kernel then adds in order: no atomics,
+    deterministic. Also returns xbase, xcnt int32 (BH, nbc) (each block's slots) and nx, a bound on the slots one
+    (batch, group) needs."""
+    BH, nbc = cnt.shape
+    n = math.ceil(n_entries / seg) + nbc
+    lo, hi, blk, x = torch.empty(4, BH, n, device=cnt.device, dtype=torch.int32)
+    xbase, xcnt = torch.empty(2, BH, nbc, device=cnt.device, dtype=torch.int32)
+    _segments_kernel[(BH,)](start, cnt, lo, hi, blk, x, xbase, xcnt, nbc, n, seg, BLOCK_B=256, BLOCK=256)
+    return lo, hi, blk, x, xbase, xcnt, max(1, n_entries // seg)
+
+
+def _segments(start, cnt, n_entries, seg):
+    """_split_segments' lo, hi, blk (BH, n), for a pass that needs no partial slots (a forward, kl_loss's stats)."""
+    return _split_segments(start, cnt, n_entries, seg)[:3]
+
+
+def _chunk_bounds(B, Hkv, T, K, per_slot, block_size):
+    """Chunks of tokens whose partial buffer of per_slot elements per (batch*group, token, slot) stays under
+    PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D): a list of (t0, t1, nbc), nbc = the
+    blocks a token of the chunk may see. From the shapes alone, so a fake (meta) implementation gets them too."""
+    Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * per_slot)))
+    return [(t0, min(T, t0 + Tc), math.ceil(min(T, t0 + Tc) / block_size)) for t0 in range(0, T, Tc)]
 
 
 def _chunks(block_idx, per_slot, block_size):
-    """The selection as KV-outer work lists, chunk by chunk of tokens so that a partial buffer of per_slot elements
-    per (batch*group, token, slot) stays under PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D):
-    yields (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
+    """The selection as KV-outer work lists, chunk by chunk of tokens (_chunk_bounds): yields
+    (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
     lists while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
-    B, Hkv, T, K = block_idx.shape
-    Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * per_slot)))
-    for t0 in range(0, T, Tc):
-        t1 = min(T, t0 + Tc)
-        nbc = math.ceil(t1 / block_size)                                       # blocks a token of the chunk may see
+    for t0, t1, nbc in _chunk_bounds(*block_idx.shape, per_slot, block_size):
         slots = _slots(block_idx, t0, t1, nbc)
         yield (t0, t1, nbc, slots, *_csr(slots, nbc))
 

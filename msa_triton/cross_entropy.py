@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from msa_ref import _expect
+from .common import _op
 
 CE_CHUNK_ELEMS = 2 ** 29  # logits per chunk (1 GB in bf16)
 
@@ -42,42 +43,55 @@ def _ce_rows_kernel(l_ptr, y_ptr, loss_ptr, V, s_lt, BLOCK_V: tl.constexpr):
         tl.store(l_row + cols, tl.where(y == -1, 0.0, g).to(l_ptr.dtype.element_ty), mask=cols < V)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, y, grad_enabled):
-        # the dtype the logits would have: autocast's if it is on (it does not reach inside the explicit
-        # casts below), else h's
-        dev = h.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        # gradients only where a backward can come (needs_input_grad ignores torch.no_grad(): eval would pay 3x)
-        grad_h, grad_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        N, V = h.shape[0], w.shape[0]
-        rows = max(1, CE_CHUNK_ELEMS // V)
-        loss = torch.empty(N, device=h.device, dtype=torch.float32)
-        with torch.autocast(dev, enabled=False):
-            hc, wc = h.to(cdt), w.to(cdt)                                      # (N, C), (V, C)
-            dh = torch.empty_like(h) if grad_h else None                       # (N, C)
-            dw = torch.zeros_like(w, dtype=torch.float32) if grad_w else None  # (V, C), summed over chunks
-            for i in range(0, N, rows):
-                hi = hc[i:i + rows]                                            # (n, C)
-                logits = hi @ wc.t()                                           # (n, V), then d loss / d logits
-                _ce_rows_kernel[(hi.shape[0],)](l_ptr=logits, y_ptr=y[i:i + rows], loss_ptr=loss[i:i + rows], V=V,
-                                                s_lt=logits.stride(0), BLOCK_V=4096, num_warps=8)
-                if grad_h:
-                    dh[i:i + rows] = logits @ wc
-                if grad_w:
-                    dw += (logits.t() @ hi).float()
-        n = (y != -1).sum()                                                    # the mean is over scored tokens
-        ctx.save_for_backward(dh, dw, n)
-        ctx.dtypes = h.dtype, w.dtype
-        return loss.sum() / n
+# linear_cross_entropy as a custom op: the forward returns the mean loss, the scored-token count n, and, when asked,
+# the gradients of the summed row losses dh (N, C) and dw (V, C) fp32 (empty tensors otherwise); the backward
+# scales them by dloss / n.
 
-    @staticmethod
-    def backward(ctx, dloss):
-        dh, dw, n = ctx.saved_tensors
-        scale = dloss / n                                                      # d mean / d (sum of row losses)
-        return (None if dh is None else (dh * scale).to(ctx.dtypes[0]),
-                None if dw is None else (dw * scale).to(ctx.dtypes[1]), None, None)
+@_op("linear_cross_entropy")
+def _ce_op(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_h: bool, grad_w: bool,
+           cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = h.device.type
+    N, V = h.shape[0], w.shape[0]
+    rows = max(1, CE_CHUNK_ELEMS // V)
+    loss = torch.empty(N, device=h.device, dtype=torch.float32)
+    with torch.autocast(dev, enabled=False):
+        hc, wc = h.to(cdt), w.to(cdt)                                          # (N, C), (V, C)
+        dh = torch.empty_like(h) if grad_h else h.new_empty(0)                 # (N, C)
+        dw = torch.zeros_like(w, dtype=torch.float32) if grad_w else h.new_empty(0, dtype=torch.float32)  # (V, C)
+        for i in range(0, N, rows):
+            hi = hc[i:i + rows]                                                # (n, C)
+            logits = hi @ wc.t()                                               # (n, V), then d loss / d logits
+            _ce_rows_kernel[(hi.shape[0],)](l_ptr=logits, y_ptr=y[i:i + rows], loss_ptr=loss[i:i + rows], V=V,
+                                            s_lt=logits.stride(0), BLOCK_V=4096, num_warps=8)
+            if grad_h:
+                dh[i:i + rows] = logits @ wc
+            if grad_w:
+                dw += (logits.t() @ hi).float()
+    n = (y != -1).sum().float()                                                # the mean is over scored tokens
+    return loss.sum() / n, n, dh, dw
+
+
+@_ce_op.register_fake
+def _(h, w, y, grad_h, grad_w, cdt):
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty((), **f32), h.new_empty((), **f32), torch.empty_like(h) if grad_h else h.new_empty(0),
+            torch.empty_like(w, **f32) if grad_w else h.new_empty(0, **f32))
+
+
+def _ce_setup(ctx, inputs, output):
+    h, w = inputs[0], inputs[1]
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = h.dtype, w.dtype
+
+
+def _ce_grad(ctx, dloss, _dn, _dh, _dw):
+    n, dh, dw = ctx.saved_tensors
+    scale = dloss / n                                                          # d mean / d (sum of row losses)
+    return ((dh * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
+            (dw * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+_ce_op.register_autograd(_ce_grad, setup_context=_ce_setup)
 
 
 def linear_cross_entropy(h, w, y):
@@ -88,4 +102,11 @@ def linear_cross_entropy(h, w, y):
     _expect(y.shape == (h.shape[0],) and not y.is_floating_point(),
             f"y must be integer targets of shape ({h.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     _expect(h.device == w.device == y.device, f"h, w, y must be on one device, got {h.device}, {w.device}, {y.device}")
-    return _LinearCrossEntropy.apply(h, w, y.contiguous(), torch.is_grad_enabled())
+    # the dtype the logits would have: autocast's if it is on (it does not reach inside the op's explicit casts),
+    # else h's; gradients only where a backward can come (eval would pay 3x)
+    dev = h.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    grad = torch.is_grad_enabled()
+    loss, _, _, _ = torch.ops.nanomsa.linear_cross_entropy(h, w, y.contiguous(), grad and h.requires_grad,
+                                                           grad and w.requires_grad, cdt)
+    return loss

@@ -24,18 +24,19 @@ and each dependent round trip to memory shows (DESIGN.md section 4).
 
 Rows may have different lengths: cache_lens stays on the device and every kernel reads it, so grids
 depend only on (B, Hkv, Tmax, K), never on the lengths. Lengths outside [1, Tmax] are clamped in
-the kernels (no out-of-bounds access); sparse_decode rejects them with a ValueError except while a
-CUDA graph is being captured (checking values would need a host sync).
+the kernels (no out-of-bounds access); sparse_decode rejects them with a ValueError only in the checking
+mode (common.checks: on for CPU tensors, off on CUDA by default), since reading them is a host sync.
 """
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_decode_inputs
-from .common import (INT64_MIN, LOG2E, _fp8_rows, _key_block, _pow2, _prec, _softmax_finish, _softmax_rescale,
-                     _sortable_key, _strides)
+from msa_ref import _expect, check_cache_lens, check_decode_inputs
+from .common import (INT64_MIN, LOG2E, _checking, _fp8_rows, _key_block, _op, _pow2, _prec, _softmax_finish,
+                     _softmax_rescale, _sortable_key, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,9 +300,23 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     cache_lens - 1. Returns out (B, Hq, D) in q's dtype: msa_ref.sparse_decode, computed in Triton.
     An fp8 index-key cache (ki_cache float8_e4m3fn, ki_scale float32 (B, Tmax): msa_ref.fp8_quantize of the
     keys; GPU only) halves the bytes of the scoring pass; the selection is then msa_ref.index_topk(fp8=True)'s.
-    Capturable in a CUDA graph (then the lengths are not checked on the host, only clamped).
+    No host sync, so capturable in a CUDA graph: the lengths are checked only in the checking mode
+    (common.checks), and clamped to [1, Tmax] by the kernels.
     """
-    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale, values=False)
     if ki_scale is not None:
         _expect(q.is_cuda, f"an fp8 index-key cache needs CUDA tensors, got {q.device}")
+    return torch.ops.nanomsa.sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+
+
+@_op("sparse_decode")
+def _decode_op(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ki_cache: torch.Tensor,
+               cache_lens: torch.Tensor, block_size: int, topk: int, ki_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    if _checking(cache_lens):
+        check_cache_lens(cache_lens, k_cache.shape[2])
     return _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)[0]  # (B, Hq, D)
+
+
+@_decode_op.register_fake
+def _(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale):
+    return torch.empty_like(q)

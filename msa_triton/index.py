@@ -22,14 +22,15 @@ fp32 (DESIGN.md section 4 gives the measured differences).
 kl_loss: see the section further down.
 """
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_inputs, fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block, _pow2,
-                     _prec, _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides)
+from msa_ref import _expect, check_block_idx, check_inputs, fp8_quantize
+from .common import (INT64_MIN, LN2, LOG2E, _checking, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block,
+                     _op, _pow2, _prec, _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,17 +93,23 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
 def index_topk(qi, ki, block_size, topk, fp8=False):
     """qi (B, Hkv, T, Di), ki (B, T, Di) -> block_idx int32 (B, Hkv, T, K), the selection of msa_ref.index_topk:
     the K-1 best earlier blocks by descending block score (ties: lower block first), then the local block
-    t // bs in the last valid slot, then -1.
+    t // bs in the last valid slot, then -1. No gradient (qi and ki are read detached).
     fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): msa_ref.index_topk(fp8=True) up
     to the fp8 MMA's accumulation, the selection of slightly perturbed scores (DESIGN.md section 4)."""
-    B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
-    Di = qi.shape[3]
+    check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
+    if fp8:
+        _expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
+    return torch.ops.nanomsa.index_topk(qi.detach(), ki.detach(), block_size, topk, fp8)
+
+
+@_op("index_topk")
+def _index_topk_op(qi: torch.Tensor, ki: torch.Tensor, block_size: int, topk: int, fp8: bool) -> torch.Tensor:
+    B, Hkv, T, Di = qi.shape
     out = torch.empty(B, Hkv, T, topk, dtype=torch.int32, device=qi.device)
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
     ks = qi                                                                    # unused unless fp8
     if fp8:
-        _expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
         ki, ks = fp8_quantize(ki)                                              # (B, T, Di) e4m3, (B, T)
     on_gpu = qi.is_cuda
     # 256-query tiles pay at long T (tuned on Hopper; see bench.py); small tiles for the interpreter
@@ -116,6 +123,11 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
         NCHUNK=triton.cdiv(block_size, block_n), PREC=_prec(qi, ki), FP8=fp8,
         num_warps=8 if block_q >= 256 else 4, num_stages=3)
     return out
+
+
+@_index_topk_op.register_fake
+def _(qi, ki, block_size, topk, fp8):
+    return qi.new_empty(*qi.shape[:3], topk, dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +305,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS
     for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size):
-        lo, hi, blk, _ = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
+        lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
         lqp = (torch.full((BH, t1 - t0, K * nchunk, G), float("-inf"), dtype=torch.float32, device=dev)
@@ -333,31 +345,55 @@ def _lse2_merge(x, dim):
     return (torch.logsumexp(x * LN2, dim=dim) * LOG2E).contiguous()
 
 
-class _KLLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, qi, ki, block_idx, block_size, lse, grad):
-        loss, dqi, dki = _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse)
-        ctx.save_for_backward(dqi, dki)
-        ctx.dtypes = (qi.dtype, ki.dtype)
-        return loss.to(torch.promote_types(qi.dtype, torch.float32))
+# kl_loss as a custom op: the forward returns the loss and, when asked (grad), its gradients d loss / d qi and
+# d loss / d ki (fp32; empty tensors otherwise), which the backward only scales by the incoming gradient.
 
-    @staticmethod
-    def backward(ctx, dloss):
-        dqi, dki = ctx.saved_tensors
-        return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
+@_op("kl_loss")
+def _kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor, block_size: int,
+           lse: Optional[torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _checking(block_idx):
+        check_block_idx(block_idx, math.ceil(q.shape[2] / block_size))
+    loss, dqi, dki = _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse)
+    if not grad:
+        dqi, dki = loss.new_empty(0), loss.new_empty(0)
+    return loss, dqi, dki
+
+
+@_kl_op.register_fake
+def _(q, k, qi, ki, block_idx, block_size, lse, grad):
+    B, Hkv, T, Di = qi.shape
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty((), **f32), q.new_empty((B, Hkv, T, Di) if grad else (0,), **f32),
+            q.new_empty((B, T, Di) if grad else (0,), **f32))
+
+
+def _kl_setup(ctx, inputs, output):
+    qi, ki = inputs[2], inputs[3]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (qi.dtype, ki.dtype)
+
+
+def _kl_grad(ctx, dloss, _dqi, _dki):
+    dqi, dki = ctx.saved_tensors
+    return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
+            (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
+
+
+_kl_op.register_autograd(_kl_grad, setup_context=_kl_setup)
 
 
 def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
     """msa_ref.kl_loss on the GPU (or the Triton interpreter): mean over (b, g, t) of KL(p || r) on the
     support of block_idx. Differentiable in qi and ki only; q and k are a target and get no gradient.
     lse: optional fp32 (B, Hq, T), the lse that msa_triton.sparse_attention returned for these q, k and
-    block_idx: it is the teacher's per-head lse over the support, so passing it skips recomputing it."""
-    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
+    block_idx: it is the teacher's per-head lse over the support, so passing it skips recomputing it.
+    No host sync: block_idx's values are checked only in the checking mode (common.checks)."""
+    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
     if lse is not None:
         _expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
                 f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
                 f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
         lse = lse.detach()
     grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
-    return _KLLoss.apply(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)
+    loss, _, _ = torch.ops.nanomsa.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)
+    return loss.to(torch.promote_types(qi.dtype, torch.float32))

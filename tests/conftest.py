@@ -5,6 +5,8 @@ decides how Triton runs:
   - without one (CI, laptops), TRITON_INTERPRET=1 makes Triton run kernels in its numpy interpreter.
     The variable is read when triton is imported, so it must be set here, before any test imports it.
     The interpreter is slow (use tiny shapes) and its tl.dot is wrong for bf16: test fp32/fp16 there.
+NANOMSA_CHECKS=1 turns msa_triton's checking mode on for the suite, on a GPU too (the checks of block_idx's and
+cache_lens' values, a host sync each); tests of the hot path turn it off with msa_triton.checks.
 
 Helpers for several test files (the tests directory is on sys.path, so `from conftest import ...`):
   DEVICE         "cuda" when a GPU is present, else "cpu"
@@ -18,6 +20,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NANOMSA_CHECKS", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -195,3 +195,38 @@ def test_bad_inputs():
         msa_triton.sparse_attention(q2, k2, v2, random_block_idx(1, 1, 4, 4, 1), 4)
     with pytest.raises(ValueError, match="block_idx must be"):
         msa_triton.sparse_attention(q, k, v, bi[..., :4, :], 4)
+
+
+def segments_by_torch(start, cnt, n_entries, seg):
+    """common._split_segments in plain torch (searchsorted over the running count of segments): lo, hi, blk, x,
+    used (which programs hold a segment), xbase, xcnt."""
+    BH, nbc = cnt.shape
+    nseg = (cnt + seg - 1) // seg
+    last = torch.cumsum(nseg, 1)
+    pid = torch.arange(-(-n_entries // seg) + nbc, device=cnt.device).expand(BH, -1).contiguous()
+    blk = torch.searchsorted(last, pid, right=True)
+    used = blk < nbc
+    blk = blk.clamp(max=nbc - 1)
+    part = pid - (last - nseg).gather(1, blk)
+    lo = torch.where(used, start.gather(1, blk) + part * seg, 0)
+    hi = torch.where(used, torch.minimum(lo + seg, (start + cnt).gather(1, blk)), 0)
+    xcnt = (nseg - 1).clamp(min=0)
+    xbase = torch.cumsum(xcnt, 1) - xcnt
+    return lo, hi, blk, torch.where(part > 0, xbase.gather(1, blk) + part - 1, -1), used, xbase, xcnt
+
+
+@pytest.mark.parametrize("BH, nbc, T, K, seg", [(3, 5, 20, 2, 4), (2, 300, 1500, 2, 7), (1, 1, 10, 1, 3),
+                                                (2, 600, 600, 4, 128)])
+def test_segments_kernel(BH, nbc, T, K, seg):
+    """The one-launch segment lists equal the torch formulation, across chunks of 256 blocks, with a sink block."""
+    g = torch.Generator().manual_seed(BH + nbc)
+    bi = torch.randint(-1, nbc, (1, BH, T, K), generator=g).int()
+    bi[..., 0] = 0                                                             # every token chooses block 0
+    slots = common._slots(bi.to(DEVICE), 0, T, nbc)
+    ent, start, cnt = common._csr(slots, nbc)
+    got = common._split_segments(start, cnt, T * K, seg)
+    lo, hi, blk, x, used, xbase, xcnt = segments_by_torch(start, cnt, T * K, seg)
+    assert torch.equal(got[0].long(), lo) and torch.equal(got[1].long(), hi)
+    assert torch.equal(got[2].long()[used], blk[used]) and torch.equal(got[3].long()[used], x[used])
+    assert bool((got[3][~used] == -1).all()) and torch.equal(got[4].long(), xbase) and torch.equal(got[5].long(), xcnt)
+    assert int(xcnt.sum(1).max()) <= got[6]                                     # slots of one (batch, group)

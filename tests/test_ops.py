@@ -1,0 +1,324 @@
+"""
+msa_triton's functions as custom ops (torch.ops.nanomsa.*), the checking mode, and no host sync.
+On the CPU (Triton interpreter, fp32, tiny shapes): torch.library.opcheck of every op (schema, fake
+implementation, autograd registration, AOT dispatch with dynamic shapes); torch.compile(fullgraph=True) of
+each public function, of the MSA step with its backward and of a tiny MSA model's training forward (no graph
+break); the checking mode raises on bad values, and with it off bad values are harmless.
+On a GPU (requires_cuda), at the repository model's shape (Hq=8, Hkv=2, D=Di=64, bs=64, K=4, B=2, T=1024, bf16):
+each function under torch.cuda.set_sync_debug_mode("error"); the MSA step captured in a CUDA graph and replayed
+on new inputs; torch.compile (inductor) equal to eager.
+"""
+import importlib
+
+import pytest
+import torch
+
+import msa_ref
+import msa_triton
+from msa_triton import attention, common
+from conftest import DEVICE, rand_inputs, requires_cuda
+
+# (B, Hq, Hkv, T, D, Di, bs, K): B > 1, T not a multiple of bs, G = 2
+SHAPE = (2, 4, 2, 21, 16, 16, 8, 3)
+
+
+def case(shape=SHAPE, dtype=torch.float32, device=DEVICE, seed=0):
+    """q, k, v, qi, ki and the selection block_idx of msa_ref.index_topk (the local block, -1 padding)."""
+    B, Hq, Hkv, T, D, Di, bs, K = shape
+    q, k, v, qi, ki = rand_inputs(B, Hq, Hkv, T, D, Di, dtype=dtype, device=device, seed=seed)
+    return q, k, v, qi, ki, msa_ref.index_topk(qi.float(), ki.float(), bs, K)
+
+
+def decode_case(B=2, Hq=4, Hkv=2, Tmax=21, D=16, Di=16, lens=(21, 9), dtype=torch.float32, device=DEVICE, seed=0):
+    """q (B, Hq, D), qi (B, Hkv, Di), caches and cache_lens for sparse_decode."""
+    q, k, v, qi, ki = rand_inputs(B, Hq, Hkv, Tmax, D, Di, dtype=dtype, device=device, seed=seed)
+    return q[:, :, 0], qi[:, :, 0], k, v, ki, torch.tensor(lens, device=device, dtype=torch.int32)
+
+
+@pytest.fixture
+def checks_off():
+    prev = msa_triton.checks(False)
+    yield
+    msa_triton.checks(prev)
+
+
+def grads(x):
+    return [t.detach().clone().requires_grad_() for t in x]
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops: registered once, and what torch.library.opcheck asks of them
+
+def test_ops_registered_once():
+    for name in ("index_topk", "sparse_attention_fwd", "sparse_attention_bwd", "kl_loss", "sparse_decode",
+                 "linear_cross_entropy"):
+        assert hasattr(torch.ops.nanomsa, name), name
+    op = torch.ops.nanomsa.sparse_attention_fwd.default
+    importlib.reload(attention)                                                # importing again registers nothing
+    assert torch.ops.nanomsa.sparse_attention_fwd.default is op
+
+
+def opcheck_cases():
+    bs, K = SHAPE[6], SHAPE[7]
+    q, k, v, qi, ki, bi = case()
+    out, lse, lists = torch.ops.nanomsa.sparse_attention_fwd(q, k, v, bi, bs)
+    dout = torch.randn_like(out)
+    dq, dk, dv, dqi, dki = grads((q, k, v, qi, ki))
+    dcase = decode_case()
+    h, w = torch.randn(13, 8, dtype=torch.float64).float(), torch.randn(11, 8, dtype=torch.float64).float()
+    y = torch.tensor([1, 2, -1, 4, 0, 10, 3, 3, -1, 7, 8, 9, 5])
+    return {
+        "index_topk": (torch.ops.nanomsa.index_topk, (qi, ki, bs, K, False)),
+        "sparse_attention_fwd": (torch.ops.nanomsa.sparse_attention_fwd, (dq, dk, dv, bi, bs)),
+        "sparse_attention_bwd": (torch.ops.nanomsa.sparse_attention_bwd, (q, k, v, out, lse, dout, lists, bs)),
+        "kl_loss": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, None, True)),
+        "kl_loss_lse": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True)),
+        "kl_loss_nograd": (torch.ops.nanomsa.kl_loss, (q, k, qi, ki, bi, bs, lse, False)),
+        "sparse_decode": (torch.ops.nanomsa.sparse_decode, (*dcase, 8, K, None)),
+        "linear_cross_entropy": (torch.ops.nanomsa.linear_cross_entropy,
+                                 (h.requires_grad_(), w.requires_grad_(), y, True, True, torch.float32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(opcheck_cases()))
+def test_opcheck(name):
+    op, args = opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile traces each public function whole (fullgraph=True: a graph break is an error)
+
+def compiled(fn, backend="eager"):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+def msa_step(q, k, v, qi, ki, bs, K):
+    """The MSA part of a training step: the selection (no grad), the attention and the KL loss given its lse."""
+    with torch.no_grad():
+        bi = msa_triton.index_topk(qi, ki, bs, K)
+    out, lse = msa_triton.sparse_attention(q, k, v, bi, bs)
+    kl = msa_triton.kl_loss(q, k, qi, ki, bi, bs, lse=lse)
+    return out, lse, kl
+
+
+def step_grads(step, q, k, v, qi, ki, bs, K, dout):
+    """(out, lse, kl) of step and the gradients of (out . dout + kl) with respect to q, k, v, qi, ki."""
+    x = grads((q, k, v, qi, ki))
+    out, lse, kl = step(*x, bs, K)
+    g = torch.autograd.grad((out * dout).sum() + kl, x)
+    return [t.detach() for t in (out, lse, kl, *g)]
+
+
+def test_compile_each_function_without_graph_break():
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, bi = case()
+    fns = {
+        "index_topk": (lambda qi, ki: msa_triton.index_topk(qi, ki, bs, K), (qi, ki)),
+        "sparse_attention": (lambda q, k, v, bi: msa_triton.sparse_attention(q, k, v, bi, bs), (q, k, v, bi)),
+        "kl_loss": (lambda q, k, qi, ki, bi: msa_triton.kl_loss(q, k, qi, ki, bi, bs), (q, k, qi, ki, bi)),
+        "sparse_decode": (lambda *a: msa_triton.sparse_decode(*a, 8, K), decode_case()),
+        "linear_cross_entropy": (lambda h, w, y: msa_triton.linear_cross_entropy(h, w, y),
+                                 (q.reshape(-1, D)[:30], k.reshape(-1, D)[:7], torch.arange(30) % 8 - 1)),
+    }
+    for name, (fn, args) in fns.items():
+        want, got = fn(*args), compiled(fn)(*args)
+        for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_msa_step_with_backward(backend):
+    """The MSA step traced whole, forward and backward (aot_eager: through the fake implementations and the
+    registered autograd, as inductor traces it), equal to eager."""
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, _ = case()
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want = step_grads(msa_step, q, k, v, qi, ki, bs, K, dout)
+    got = step_grads(compiled(msa_step, backend), q, k, v, qi, ki, bs, K, dout)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_tiny_model_training_forward():
+    """A tiny MSA model with backend='triton' (the interpreter here): its training forward (losses included)
+    traces without a graph break and equals the eager one. Patches are given (without them the embedding checks
+    the tokens on the host) and B * T stays under model.MOE_FEW_TOKENS (moe_dispatch reads expert counts)."""
+    from model import GPT, GPTConfig
+    cfg = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, index_dim=16, n_dense_layers=1,
+               msa_block_size=8, msa_topk=2, n_expert=4, expert_topk=2, expert_hidden=16, patch_dim=6, img_patch_id=50)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg), backend="triton")
+    assert model.backend is msa_triton
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 50, (1, 24), generator=g), torch.randint(0, 50, (1, 24), generator=g)
+    patches = torch.rand(1, 24, 6, generator=g)
+    _, want = model(x, y, patches=patches)
+    _, got = compiled(model)(x, y, patches=patches)
+    for key in ("lm", "kl", "balance"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    got["lm"].backward()                                                       # the backward runs through the ops
+
+
+# ---------------------------------------------------------------------------------------------
+# the checking mode: bad values raise in it; outside it they are dropped (block ids) or clamped (lengths)
+
+def test_checking_mode_switch(monkeypatch):
+    assert common._CHECKS is True                                              # conftest.py turns it on
+    prev = msa_triton.checks(None)
+    try:
+        assert common._checking(torch.zeros(1))                                # default: on for CPU tensors
+        msa_triton.checks(False)
+        assert not common._checking(torch.zeros(1))
+    finally:
+        msa_triton.checks(prev)
+    with pytest.raises(ValueError, match="True, False or None"):
+        msa_triton.checks("yes")
+
+
+def bad_block_idx(bi, nb):
+    """bi with some ids out of range (nb, nb + 5, -2, -7) and the same with those replaced by -1."""
+    bad = bi.clone()
+    bad[0, 0, 3, 0], bad[1, 1, 20, 1], bad[0, 1, 10, 2], bad[1, 0, 0, 1] = nb, nb + 5, -2, -7
+    return bad, torch.where((bad < 0) | (bad >= nb), -1, bad)
+
+
+def test_bad_block_idx_raises_in_checking_mode():
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, bi = case()
+    bad, _ = bad_block_idx(bi, -(-T // bs))
+    with pytest.raises(ValueError, match="block_idx entries"):
+        msa_triton.sparse_attention(q, k, v, bad, bs)
+    with pytest.raises(ValueError, match="block_idx entries"):
+        msa_triton.kl_loss(q, k, qi, ki, bad, bs)
+    with pytest.raises(ValueError, match="block_idx entries"):
+        msa_ref.sparse_attention(q, k, v, bad, bs)                             # msa_ref checks always
+
+
+def test_bad_block_idx_ignored_without_checks(checks_off):
+    """Out-of-range ids (>= nb, < -1) are dropped from the work lists: the result of the same ids set to -1."""
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, bi = case()
+    bad, clean = bad_block_idx(bi, -(-T // bs))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    x = grads((q, k, v))
+    out, lse = msa_triton.sparse_attention(*x, bad, bs)
+    got = (out, lse, *torch.autograd.grad(out, x, dout))
+    x = grads((q, k, v))
+    rout, rlse = msa_ref.sparse_attention(*x, clean, bs)
+    for a, b in zip(got, (rout, rlse, *torch.autograd.grad(rout, x, dout))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    xi = grads((qi, ki))
+    kl = msa_triton.kl_loss(q, k, *xi, bad, bs)
+    got = (kl, *torch.autograd.grad(kl, xi))
+    xi = grads((qi, ki))
+    rkl = msa_ref.kl_loss(q, k, *xi, clean, bs)
+    for a, b in zip(got, (rkl, *torch.autograd.grad(rkl, xi))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_cache_lens(checks_off):
+    """Outside the checking mode lengths are clamped to [1, Tmax] by the kernels; in it (and in msa_ref) they raise."""
+    q, qi, k, v, ki, lens = decode_case(lens=(25, 0))
+    got = msa_triton.sparse_decode(q, qi, k, v, ki, lens, 8, 3)
+    want = msa_ref.sparse_decode(q, qi, k, v, ki, lens.clamp(1, k.shape[2]), 8, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    msa_triton.checks(True)
+    with pytest.raises(ValueError, match="cache_lens must lie in"):
+        msa_triton.sparse_decode(q, qi, k, v, ki, lens, 8, 3)
+    with pytest.raises(ValueError, match="cache_lens must lie in"):
+        msa_ref.sparse_decode(q, qi, k, v, ki, lens, 8, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# on the GPU, at the repository model's shape
+
+MODEL = (2, 8, 2, 1024, 64, 64, 64, 4)
+
+
+def gpu_case(seed=0):
+    return case(MODEL, dtype=torch.bfloat16, device="cuda", seed=seed)
+
+
+@pytest.fixture
+def gpu_checks_default():
+    prev = msa_triton.checks(None)                                             # off on CUDA: the hot path
+    yield
+    msa_triton.checks(prev)
+
+
+@requires_cuda
+def test_no_host_sync(gpu_checks_default):
+    """Every function, forward and backward, with torch.cuda.set_sync_debug_mode('error'): a synchronizing
+    CUDA call raises. One warm-up call first (Triton compiles on it)."""
+    B, Hq, Hkv, T, D, Di, bs, K = MODEL
+    q, k, v, qi, ki, _ = gpu_case()
+    dout = torch.randn_like(q)
+    dcase = decode_case(B, Hq, Hkv, T, D, Di, lens=(T, 300), dtype=torch.bfloat16, device="cuda")
+    h = torch.randn(B * T, 512, device="cuda", requires_grad=True)
+    w = torch.randn(1000, 512, device="cuda", requires_grad=True)
+    y = torch.randint(-1, 1000, (B * T,), device="cuda")
+
+    def run():
+        step_grads(msa_step, q, k, v, qi, ki, bs, K, dout)
+        xi = grads((qi, ki))
+        torch.autograd.grad(msa_triton.kl_loss(q, k, *xi, msa_triton.index_topk(qi, ki, bs, K), bs), xi)  # no lse
+        msa_triton.sparse_decode(*dcase, bs, K)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = msa_triton.linear_cross_entropy(h, w, y)
+        torch.autograd.grad(loss, (h, w))
+
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_msa_step_in_a_cuda_graph(gpu_checks_default):
+    """index_topk + sparse_attention forward and backward + kl_loss (given the lse) forward and backward,
+    captured once, replayed on new inputs copied into the static tensors: equal to the eager step."""
+    B, Hq, Hkv, T, D, Di, bs, K = MODEL
+    static = [t.clone() for t in gpu_case(seed=0)[:5]]
+    dout = torch.randn_like(static[0])
+
+    def step():
+        return step_grads(msa_step, *static, bs, K, dout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):                                                     # compiles the kernels
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in (1, 2):
+        new = gpu_case(seed=seed)[:5]
+        for s, n in zip(static, new):
+            s.copy_(n)
+        graph.replay()
+        want = step_grads(msa_step, *new, bs, K, dout)
+        for a, b in zip(outs, want):                                           # the same kernels on the same data
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-3)
+
+
+@requires_cuda
+def test_inductor_compile_equals_eager(gpu_checks_default):
+    """torch.compile (inductor) of the MSA step with the backward, and of sparse_decode: equal to eager."""
+    B, Hq, Hkv, T, D, Di, bs, K = MODEL
+    q, k, v, qi, ki, _ = gpu_case(seed=3)
+    dout = torch.randn_like(q)
+    want = step_grads(msa_step, q, k, v, qi, ki, bs, K, dout)
+    got = step_grads(compiled(msa_step, "inductor"), q, k, v, qi, ki, bs, K, dout)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    dc = decode_case(B, Hq, Hkv, T, D, Di, lens=(T, 300), dtype=torch.bfloat16, device="cuda")
+    dec = lambda *a: msa_triton.sparse_decode(*a, bs, K)
+    torch.testing.assert_close(compiled(dec, "inductor")(*dc), dec(*dc), rtol=0, atol=0)
