@@ -565,7 +565,172 @@ def bench_small(args):
     return rows
 
 
-BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode, "small": bench_small}
+# model: the default GPU config's model (config/train_gpu.py) end to end, randomly initialised
+
+def bench_model(args):
+    """Training forward + backward of one micro-batch (16 x 1024 random tokens, bf16 autocast, median of 10 steps
+    after 3) for the dense and the MSA arm, eager and torch.compile'd (compile time apart): tokens/s and MFU
+    against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token). The MoE layer alone (16K
+    tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its three F.grouped_mm alone.
+    GPT.generate (512-token prompt, 256 new tokens, greedy) at batch 1 and 8, sparse and dense decode, tokens/s,
+    and the CUDA kernels of one eager decode step (torch.profiler). Takes about 2 minutes on an H200."""
+    import os
+    from dataclasses import fields
+
+    import data  # imported here: only this family needs the model, its data constants and its config
+    from configurator import read_config_file
+    from model import GPT, GPTConfig, KVCache, gpu_peak_flops, moe_dispatch
+    rows, dev = [], "cuda"
+    gpu = torch.cuda.get_device_name()
+    peak = gpu_peak_flops(gpu)
+    if peak is None:
+        print(f"MFU: unknown peak for {gpu}")
+    conf = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_gpu.py"))
+    B, T = conf["batch_size"], conf["seq_len"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def build(attention):
+        kw = {f.name: conf[f.name] for f in fields(GPTConfig) if f.name in conf}
+        kw.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH, attention=attention)
+        torch.manual_seed(0)
+        return GPT(GPTConfig(**kw), backend="auto").to(dev)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randint(0, data.EOT, (B, T), device=dev, generator=g)             # text tokens only
+    y = torch.randint(0, data.EOT, (B, T), device=dev, generator=g)
+    patches = torch.zeros(B, T, data.PATCH_DIM, device=dev)                      # as train.py passes them
+
+    def train_step(m):
+        m.zero_grad(set_to_none=True)
+        with autocast:
+            _, losses = m(x, y, patches)
+            loss = losses["lm"] + losses["kl"] + 0.01 * losses["balance"]
+        loss.backward()
+        return loss.detach()
+
+    def median_ms(fn, warmup=3, steps=10):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    def add(impl, pas, ms=None, tok_s=None, flops=None, **extra):
+        row = dict(shape="model", T=T, impl=impl, **{"pass": pas}, **extra)
+        if ms is not None:
+            row["ms"] = round(ms, 3)
+        if tok_s is not None:
+            row["tok_s"] = round(tok_s)
+        if flops is not None:
+            row["tflops"] = round(flops / ms / 1e9, 1)
+            row["mfu"] = f"{100 * flops / ms / 1e-3 / peak:.1f}%" if peak else "unknown peak"
+        rows.append(row)
+        print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+
+    # training: eager, then compiled, per arm
+    for attention in ("dense", "msa"):
+        m = build(attention).train()
+        fpt = m.flops_per_token(T)
+        eager_loss = train_step(m).item()
+        ms = median_ms(lambda: train_step(m))
+        add(f"train {attention}, eager", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T)
+        try:
+            c = torch.compile(m)
+            t0 = time.time()
+            loss = train_step(c).item()                                         # compiles forward and backward
+            compile_s = time.time() - t0
+            ms = median_ms(lambda: train_step(c))
+            add(f"train {attention}, torch.compile", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T,
+                compile_s=round(compile_s, 1), check=f"loss {loss:.4f} vs eager {eager_loss:.4f}")
+        except Exception as e:  # report and go on: the eager numbers stand
+            print(f"train {attention}, torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        del m
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+    # the MoE layer alone: 16K tokens, bf16 inputs and weights
+    N, C, H, E, k = 16384, 512, 1024, 8, 2
+    gm = torch.Generator(device=dev).manual_seed(1)
+    xs = (torch.randn(N, C, device=dev, generator=gm)).bfloat16().requires_grad_()
+    ws = [(torch.randn(E, a, b, device=dev, generator=gm) / a ** 0.5).bfloat16().requires_grad_()
+          for a, b in ((C, H), (C, H), (H, C))]
+    top, idx = torch.randn(N, E, device=dev, generator=gm).topk(k, -1)
+    gate = top.softmax(-1)
+    dy = torch.randn(N, C, device=dev, generator=gm).bfloat16()
+    with torch.no_grad():  # check against a loop over experts in float32
+        want = torch.zeros(N, C, device=dev)
+        for e in range(E):
+            n, j = (idx == e).nonzero(as_tuple=True)
+            xe = xs[n].float()
+            he = F.silu(xe @ ws[0][e].float()) * (xe @ ws[1][e].float())
+            want.index_add_(0, n, gate[n, j].unsqueeze(1) * (he @ ws[2][e].float()))
+        err = rel_err(moe_dispatch(xs, idx, gate, *ws), want)
+    flops = 18 * N * k * C * H                                                  # 3 products, forward + 2x backward
+
+    def moe_step():
+        moe_dispatch(xs, idx, gate, *ws).backward(dy)
+
+    order = idx.reshape(-1).argsort()
+    ends = torch.searchsorted(idx.reshape(-1)[order], torch.arange(E, device=dev), right=True).to(torch.int32)
+    rows_in = xs.detach().repeat_interleave(k, 0)[order].requires_grad_()
+    dyk = dy.repeat_interleave(k, 0)
+
+    def grouped_only():
+        h = F.silu(F.grouped_mm(rows_in, ws[0], offs=ends)) * F.grouped_mm(rows_in, ws[1], offs=ends)
+        F.grouped_mm(h, ws[2], offs=ends).backward(dyk)
+
+    for impl, fn in (("MoE layer: moe_dispatch", moe_step), ("MoE layer: its 3 F.grouped_mm alone", grouped_only)):
+        ms = timed(fn)
+        add(impl, "fwd+bwd", ms, flops=flops, check=f"rel err {err:.1e}" if fn is moe_step else "")
+    del xs, ws, dy, rows_in, dyk, want
+    torch.cuda.empty_cache()
+
+    # generation: GPT.generate, greedy, after one untimed identical call (Triton compiles, the graph captures)
+    m = build("msa").eval()
+    T0, n_new = 512, 256
+    prompt = torch.randint(0, data.EOT, (8, T0), device=dev, generator=g)
+
+    def seconds(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    with torch.no_grad(), autocast:
+        for Bg in (1, 8):
+            for decode in ("sparse", "dense"):
+                p = prompt[:Bg]
+                m.generate(p, n_new, temperature=0, decode=decode)
+                _, t_prompt = seconds(lambda: m.generate(p, 0, temperature=0, decode=decode))
+                out, t_all = seconds(lambda: m.generate(p, n_new, temperature=0, decode=decode))
+                t_new = t_all - t_prompt
+                add(f"generate B={Bg}, {decode} decode", f"{n_new} tokens after {T0}", t_new / n_new * 1e3,
+                    Bg * n_new / t_new)
+        # kernels of one eager decode step (batch 1): prefill, one warm-up step, then the profiled one
+        for decode in ("sparse", "dense"):
+            cache = [KVCache(T0 + 2, dense=decode == "dense") for _ in m.blocks]
+            m(prompt[:1], cache=cache)
+            tok, pos = prompt[:1, :1].clone(), torch.tensor([T0], device=dev)
+            m(tok, cache=cache, pos0=pos)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                m(tok, cache=cache, pos0=pos)
+                torch.cuda.synchronize()
+            n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            add(f"decode step B=1, {decode} decode: CUDA kernels", "eager", kernels=n)
+    del m
+    torch.cuda.empty_cache()
+    return rows
+
+
+BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode, "small": bench_small,
+           "model": bench_model}
 
 
 def main():

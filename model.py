@@ -17,6 +17,7 @@ and flops_per_token (for the MFU). generate() decodes with one KVCache per layer
 """
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -241,60 +242,62 @@ def swiglu(x, w1, w3, w2):
     return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
+def compute_dtype(x):
+    """The dtype matrix products on x run in: autocast's when it is on for x's device (bf16 in train.py and
+    sample.py on CUDA), else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def grouped_mm(a, w, ends):
+    """
+    Each row of a times its group's matrix: a (M, K) with the rows of each group together, w (G, K, N), ends (G,)
+    int32 on a's device, where each group's rows end (group g is rows ends[g - 1] .. ends[g] - 1, ends[-1] == M)
+    -> (M, N). torch.nn.functional.grouped_mm does it in one kernel that reads ends on the device, in bf16 on CUDA
+    compute capability 9.x and 10.x. On other GPUs, and on a CPU (float32, bf16, fp16: rows of a multiple of 16
+    bytes), it loops over the groups on the host, reading ends: a host sync, harmless on a CPU, but no CUDA graph
+    can capture it. torch.compile traces it in bf16 only. Where it does not fit (float64, unaligned rows, float32
+    on CUDA or compiled, a capture without its kernel) the batched product below computes the same.
+    """
+    size = a.element_size()
+    native = a.dtype in (torch.float32, torch.bfloat16, torch.float16) and (a.shape[1] * size) % 16 == 0 \
+        and (w.shape[2] * size) % 16 == 0
+    if a.is_cuda or torch.compiler.is_compiling():
+        native = native and a.dtype == torch.bfloat16
+    if native and a.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        native = torch.cuda.get_device_capability(a.device)[0] in (9, 10)
+    if native:
+        return F.grouped_mm(a, w, offs=ends)
+    # every group's matrix on every row in one batched product, each row keeping its own group's: G times the
+    # FLOPs, but the same fixed shapes and nothing read on the host
+    M = a.shape[0]
+    rows = torch.arange(M, device=a.device)
+    group = torch.searchsorted(ends, rows.to(ends.dtype), right=True)          # (M,) group of each row
+    return torch.bmm(a.expand(w.shape[0], M, -1), w)[group, rows]              # (G, M, N) -> (M, N)
+
+
 def moe_dispatch(x, idx, gate, w1, w3, w2):
     """
-    out[n] = sum over j of gate[n, j] * expert_{idx[n, j]}(x[n]), computed expert by expert.
+    out[n] = sum over j of gate[n, j] * expert_{idx[n, j]}(x[n]).
     x (N, C); idx, gate (N, k); expert weights w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
-    The N*k (token, expert) assignments are sorted by expert, so each expert runs one matrix product
-    on the contiguous group of tokens that chose it: a loop over experts, never over tokens.
+    The N*k (token, expert) assignments are sorted by expert, so each expert's rows are one contiguous group, and
+    grouped matrix products (grouped_mm) run every expert on its own group at once. The routing stays on the
+    device in shapes fixed by N and k (no expert's token count reaches the host): with grouped_mm's kernel (bf16 on
+    an H100 or H200) a training step never waits on the host, and a decode step runs this same code inside a CUDA
+    graph. The products run in autocast's dtype.
     """
     N, k = idx.shape
-    E = w1.shape[0]
-    flat = idx.reshape(-1)                                   # (N*k,) expert of each assignment
-    order = flat.argsort(stable=True)                        # assignments grouped by expert
-    tokens = (order // k).split(torch.bincount(flat, minlength=E).tolist())  # E groups of token ids
-    gates = gate.reshape(-1)[order].split([len(t) for t in tokens])
-    out = torch.zeros_like(x)
-    for e in range(E):
-        n = len(tokens[e])
-        if n:
-            # the group runs padded to one of a few sizes (its last token repeated, those results dropped):
-            # cuBLAS picks a kernel per matrix shape, and each shape it has not seen costs milliseconds of
-            # host time, which the GPU spends idle; the group sizes change every step, the padded ones rarely
-            rows = tokens[e][torch.arange(padded_rows(n), device=x.device).clamp(max=n - 1)]  # last one repeated
-            # index_select, not x[rows]: its backward is one index_add_, where x[rows]'s sorts the rows to
-            # accumulate repeats. The sums stay exact and in order: a row's only nonzero gradient per expert
-            # is its one unpadded appearance
-            y = swiglu(x.index_select(0, rows), w1[e], w3[e], w2[e])[:n] * gates[e].unsqueeze(-1)
-            out.index_add_(0, tokens[e], y.to(out.dtype))
-    return out
-
-
-def padded_rows(n):
-    """n rounded up to one of 8 sizes per power of two (at most 1/8 more rows), and to at least 16."""
-    step = 1 << max(1, n.bit_length() - 4)
-    return max(16, -(-n // step) * step)
-
-
-def moe_all_experts(x, idx, gate, w1, w3, w2):
-    """
-    The same sum as moe_dispatch, computed for a few tokens (decoding): every expert runs on every token in one
-    batched matrix product over E, and each token keeps its chosen experts' outputs weighted by their gates
-    (the others get weight 0). x (N, C); idx, gate (N, k); w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
-    One idea, two regimes: moe_dispatch does k/E of these FLOPs but needs each expert's token count on the host
-    (a sync, and shapes that change every step); this one has fixed shapes and never waits on the host, so a
-    decode step can be captured in a CUDA graph. For a few tokens the expert products are bound by reading the
-    weights (about N FLOPs per byte in bf16, far below the ridge of a GPU), and moe_dispatch reads nearly every
-    expert anyway once N * k >= E: the E/k times more FLOPs are then almost free. For many tokens they are not.
-    """
-    E = w1.shape[0]
-    weight = torch.zeros(x.shape[0], E, dtype=gate.dtype, device=x.device).scatter_(1, idx, gate)  # (N, E)
-    xe = x.unsqueeze(0).expand(E, -1, -1)                                    # (E, N, C)
-    y = torch.bmm(F.silu(torch.bmm(xe, w1)) * torch.bmm(xe, w3), w2)         # (E, N, C)
-    return (y * weight.t().unsqueeze(-1)).sum(0).to(x.dtype)                 # (N, C)
-
-
-MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens, moe_dispatch above
+    E, C = w1.shape[0], x.shape[1]
+    dt = compute_dtype(x)
+    expert, order = idx.reshape(-1).sort(stable=True)                          # (N*k,) assignments by expert
+    ends = torch.searchsorted(expert, torch.arange(E, device=x.device), right=True).to(torch.int32)  # (E,)
+    # each token's row k times (a copy), then in expert order (a permutation). The backward of each adds every
+    # gradient row once, in a fixed order: gathering x[order // k] instead would sum a token's k gradient rows
+    # with atomic adds on CUDA, in an order that changes from run to run
+    xs = x.to(dt).unsqueeze(1).expand(N, k, C).reshape(N * k, C).index_select(0, order)     # (N*k, C)
+    h = F.silu(grouped_mm(xs, w1.to(dt), ends)) * grouped_mm(xs, w3.to(dt), ends)            # (N*k, H)
+    y = grouped_mm(h, w2.to(dt), ends)                                                       # (N*k, C)
+    y = y.index_select(0, order.argsort()).view(N, k, C)                       # back to token order
+    return (gate.unsqueeze(-1) * y).sum(1).to(x.dtype)                         # (N, C): a token's k rows summed
 
 
 class MoE(nn.Module):
@@ -318,6 +321,21 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.randn(E, H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # down projection
         self.shared = nn.ParameterList([nn.Parameter(torch.randn(C, H) * 0.02), nn.Parameter(torch.randn(C, H) * 0.02),
                                         nn.Parameter(torch.randn(H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))]) if cfg.shared_expert else None
+        self.cast = None  # (key, (w1, w3, w2) cast): see experts()
+
+    def experts(self, x):
+        """w1, w3, w2 for moe_dispatch on x. Under autograd as they are (moe_dispatch casts them, as autocast casts
+        a Linear's weight each forward). Without a gradient (evaluation, generation) cast once to the dtype the
+        products run in and kept until the weights change (a new version or place): a decode step then reads
+        bf16 copies instead of casting every fp32 expert matrix again, the way autocast's cache spares nn.Linear."""
+        ws, dt = (self.w1, self.w3, self.w2), compute_dtype(x)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or all(w.dtype == dt for w in ws):
+            return ws
+        key = (dt,) + tuple((w.data_ptr(), w._version) for w in ws)
+        if self.cast is None or self.cast[0] != key:
+            self.cast = None  # the old copies go before the new ones are made
+            self.cast = (key, tuple(w.to(dt) for w in ws))
+        return self.cast[1]
 
     def forward(self, x):
         """x (B, T, C) -> out (B, T, C), balance loss (scalar), load (E,) fraction of assignments per expert."""
@@ -326,10 +344,9 @@ class MoE(nn.Module):
         logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = logits.topk(self.k, dim=-1)                 # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
-        moe = moe_all_experts if B * T <= MOE_FEW_TOKENS else moe_dispatch
-        out = moe(xf, idx, gate, self.w1, self.w3, self.w2)
-        if self.shared is not None:
-            out = out + swiglu(xf, *self.shared).to(out.dtype)
+        out = moe_dispatch(xf, idx, gate, *self.experts(xf))
+        if self.shared is not None:  # indexed, not unpacked (*self.shared): torch.compile traces indexing
+            out = out + swiglu(xf, self.shared[0], self.shared[1], self.shared[2]).to(out.dtype)
         E = logits.shape[-1]
         # f: (E,), sums to 1. Counted by comparison, not torch.bincount, which syncs with the host on CUDA
         load = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).float().mean(0)
@@ -535,3 +552,14 @@ def cuda_graphed(fn):
         graph.replay()
         return static
     return first, replay
+
+
+# dense (not 2:4 sparse) bf16 tensor-core peak FLOP/s per GPU, by a word of torch.cuda.get_device_name() (so an
+# "RTX A1000" is no A100); the first match counts: the PCIe and NVL H100s come before the SXM one
+GPU_PEAK_FLOPS = [("H100 PCIE", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("G?H200", 989e12), ("A100", 312e12)]
+
+
+def gpu_peak_flops(name):
+    """The dense bf16 peak FLOP/s of the GPU named name (as torch.cuda.get_device_name gives it), or None when
+    it is not in GPU_PEAK_FLOPS: the MFU is then left unsaid rather than computed against a wrong peak."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if re.search(rf"\b{key}\b", name.upper())), None)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import data
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------
 # settings (the defaults here are overridden by config/train_gpu.py or config/train_cpu.py)
@@ -76,14 +76,14 @@ grad_clip = 1.0
 kl_coeff = 1.0
 kl_warmup_iters = 0           # the first steps train the indexer with the dense KL (every visible token)
 balance_coeff = 0.01
-compile = False
+compile = False               # torch.compile the model (CUDA only: on a CPU it is skipped, with a message)
 # evaluation and logging
 eval_interval = 250
 eval_iters = 20               # val batches per evaluation
 eval_captions = 64            # held-out images captioned greedily per evaluation
 eval_long_range = 16          # long-range questions per evaluation
 log_interval = 10
-peak_flops = 989.5e12         # per GPU, for the MFU printed with tokens/s (H100 SXM dense bf16)
+peak_flops = 0.0              # per GPU, for the MFU: 0 = the GPU's dense bf16 peak by its name (model.gpu_peak_flops)
 # -----------------------------------------------------------------------------------------------
 if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file given: pick the preset
     _preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
@@ -168,8 +168,10 @@ if init_from == "resume":
     say(f"resumed from {ckpt_path} at iteration {iter_num}")
     del ckpt
 raw_model = model
-if compile:
-    model = torch.compile(model)
+if compile and "cuda" not in device:
+    say("compile: skipped on the CPU (torch.compile is for the GPU; the CPU preset trains eagerly)")
+elif compile:
+    model = torch.compile(model)  # training's forward and backward; evaluation and generation use raw_model
 if ddp:
     model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
 
@@ -305,8 +307,13 @@ if init_from == "resume":
     trim_log(iter_num)
 start_iter, t_start = iter_num, time.time()
 fpt = {kd: raw_model.flops_per_token(seq_len, kd) for kd in (False, True)}  # kl_dense -> FLOPs per token
-say(f"model FLOPs per token: {fpt[False] / 1e9:.2f} G ({fpt[True] / 1e9:.2f} G with the dense KL warm-up); "
-    f"MFU against {peak_flops / 1e12:.1f} TFLOP/s per GPU")
+say(f"model FLOPs per token: {fpt[False] / 1e9:.2f} G ({fpt[True] / 1e9:.2f} G with the dense KL warm-up)")
+peak = None  # FLOP/s per GPU for the MFU: none on a CPU, nor on a GPU of unknown peak (unless peak_flops is set)
+if "cuda" in device:
+    gpu = torch.cuda.get_device_name(device)
+    peak = peak_flops if peak_flops > 0 else gpu_peak_flops(gpu)
+    say(f"MFU against {peak / 1e12:.1f} TFLOP/s per GPU ({gpu})" if peak else
+        f"MFU: unknown peak for {gpu} (set --peak_flops=<dense bf16 FLOP/s per GPU> to print it)")
 x, y, p = train_batch(iter_num, 0)
 t_last, tokens_since, flops_since = time.time(), 0, 0.0
 signal.signal(signal.SIGINT, on_sigint)
@@ -363,12 +370,14 @@ while True:
         parts = (parts / gradient_accumulation_steps / world).tolist()
         rec = dict(iter=iter_num, lr=lr, **dict(zip(("loss", "lm", "kl", "balance"), parts)))
         dt = time.time() - t_last
-        tok_s, mfu = tokens_since / dt, flops_since / dt / (peak_flops * world)
+        tok_s = tokens_since / dt
+        speed = dict(tok_s=tok_s) if peak is None else dict(tok_s=tok_s, mfu=flops_since / dt / (peak * world))
         eta = (max_iters - iter_num) * tokens_per_iter / tok_s
+        mfu = f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else ""
         say(f"iter {iter_num}/{max_iters}: loss {rec['loss']:.4f} (lm {rec['lm']:.4f} kl {rec['kl']:.4f} "
             f"balance {rec['balance']:.3f}{' dense-kl' if kl_dense else ''}) | lr {lr:.2e} | "
-            f"{tok_s:,.0f} tok/s, MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min")
-        log(dict(rec, tok_s=tok_s, mfu=mfu))
+            f"{tok_s:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min")
+        log(dict(rec, **speed))
         t_last, tokens_since, flops_since = time.time(), 0, 0.0
 say(f"done: {iter_num - start_iter} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}")
 if ddp:

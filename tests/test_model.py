@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import msa_ref
-from model import GPT, GPTConfig, KVCache, get_backend, moe_all_experts, moe_dispatch, padded_rows, rope, swiglu
+import model as model_module
+from conftest import requires_cuda
+from model import GPT, GPTConfig, KVCache, get_backend, gpu_peak_flops, grouped_mm, moe_dispatch, rope, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -44,30 +46,70 @@ def test_backend_choice():
         get_backend("fast")
 
 
-@pytest.mark.parametrize("moe", [moe_dispatch, moe_all_experts])
-@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (37, 5, 2), (64, 8, 3)])
-def test_moe_equals_per_token_loop(N, E, k, moe):
-    """Both MoE regimes (expert groups for many tokens, every expert for a few) compute the naive sum."""
-    g = torch.Generator().manual_seed(N)
-    C, H = 12, 20
-    f64 = dict(generator=g, dtype=torch.float64)
-    x = torch.randn(N, C, **f64)
-    w1, w3, w2 = torch.randn(E, C, H, **f64), torch.randn(E, C, H, **f64), torch.randn(E, H, C, **f64)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])  # k distinct experts per token
-    gate = torch.rand(N, k, **f64)
-    want = torch.zeros(N, C, dtype=torch.float64)
-    for n in range(N):          # the naive way: token by token, expert by expert
-        for j in range(k):
+def moe_inputs(N, E, k, C, H, dtype, seed=0):
+    """x, idx (k distinct experts per token; expert E - 1 chosen by none when k < E), gates, expert weights."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=dtype)
+    x = torch.randn(N, C, **kw)
+    w1, w3 = torch.randn(E, C, H, **kw) / C ** 0.5, torch.randn(E, C, H, **kw) / C ** 0.5
+    w2 = torch.randn(E, H, C, **kw) / H ** 0.5
+    free = E - 1 if k < E else E
+    idx = torch.stack([torch.randperm(free, generator=g)[:k] for _ in range(N)])
+    return x, idx, torch.rand(N, k, **kw), w1, w3, w2
+
+
+def per_token(x, idx, gate, w1, w3, w2):
+    """The naive way: token by token, expert by expert."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
             e = idx[n, j]
-            want[n] += gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
-    torch.testing.assert_close(moe(x, idx, gate, w1, w3, w2), want)
+            out[n] = out[n] + gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
+    return out
 
 
-def test_padded_rows_few_sizes_little_waste():
-    """moe_dispatch pads each expert's group to padded_rows(n): >= n, at most 1/8 more (or 16), 8 sizes per octave."""
-    sizes = [padded_rows(n) for n in range(1, 70000)]
-    assert all(n <= m <= max(16, n * 9 / 8) for n, m in zip(range(1, 70000), sizes))
-    assert sorted(set(padded_rows(n) for n in range(8193, 16385))) == list(range(9216, 16385, 1024))
+# float64 and float32 rows of 6 (24 bytes) run grouped_mm's batched fallback; float32 rows of 12 and 20 (48 and
+# 80 bytes) run F.grouped_mm
+@pytest.mark.parametrize("dtype,C,H", [(torch.float64, 12, 20), (torch.float32, 12, 20), (torch.float32, 6, 20)])
+@pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (37, 5, 2), (64, 8, 3), (9, 4, 4), (1, 3, 3), (6, 8, 8)])
+def test_moe_dispatch_equals_per_token_loop(N, E, k, dtype, C, H):
+    """moe_dispatch computes the naive sum, and its gradients (x, gates, every expert's weights: zero for an
+    expert that no token chose), for one token and many, k = 2 .. E."""
+    inputs = moe_inputs(N, E, k, C, H, dtype, seed=N + 10 * k)
+    a = [t if i == 1 else t.clone().requires_grad_() for i, t in enumerate(inputs)]
+    b = [t if i == 1 else t.clone().requires_grad_() for i, t in enumerate(inputs)]
+    got, want = moe_dispatch(*a), per_token(*b)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    got.backward(g)
+    want.backward(g)
+    for i in (0, 2, 3, 4, 5):
+        torch.testing.assert_close(a[i].grad, b[i].grad, **tol)
+    if k < E:
+        assert a[3].grad[E - 1].abs().max() == 0 and a[5].grad[E - 1].abs().max() == 0
+
+
+def test_moe_dispatch_is_deterministic():
+    """The same inputs twice: bitwise the same output and gradients (out.sum().backward(): an expanded gradient)."""
+    runs = []
+    for _ in range(2):
+        x, idx, gate, *ws = moe_inputs(50, 8, 2, 16, 32, torch.float32)
+        ps = [x.requires_grad_(), gate.requires_grad_()] + [w.requires_grad_() for w in ws]
+        out = moe_dispatch(x, idx, gate, *ws)
+        out.sum().backward()
+        runs.append([out] + [p.grad for p in ps])
+    assert all(torch.equal(u, v) for u, v in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype,K", [(torch.float32, 8), (torch.float32, 5), (torch.float64, 8)])
+def test_grouped_mm_equals_a_loop_over_groups(dtype, K):
+    """grouped_mm (F.grouped_mm, or its batched fallback for unaligned rows and float64): each row times its
+    group's matrix, with empty groups first, in the middle and last, and a group of one row."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(9, K, generator=g, dtype=dtype), torch.randn(5, K, 4 * K, generator=g, dtype=dtype)
+    ends = torch.tensor([0, 1, 1, 9, 9], dtype=torch.int32)
+    torch.testing.assert_close(grouped_mm(a, w, ends), torch.cat([a[:1] @ w[1], a[1:] @ w[3]]))
 
 
 def test_moe_layer_routing_and_balance():
@@ -85,6 +127,80 @@ def test_moe_layer_routing_and_balance():
     # the balance loss pushes router probability away from overloaded experts
     balance.backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_dispatch_on_gpu(dtype):
+    """On the GPU: moe_dispatch == the per-token loop, forward and backward (an expert without tokens); in bf16 on
+    compute capability 9.x / 10.x (F.grouped_mm's kernel) it never waits on the host; a CUDA graph captures it
+    (float32: the batched fallback) and replays it with new routing."""
+    N, E, k, C, H = 300, 8, 2, 64, 128
+    inputs = [t.cuda() for t in moe_inputs(N, E, k, C, H, torch.float32)]
+    a = [t if i == 1 else (t if i == 2 else t.to(dtype)).requires_grad_() for i, t in enumerate(inputs)]
+    b = [t if i == 1 else t.detach().float().requires_grad_() for i, t in enumerate(a)]  # gates stay float32
+    g = torch.randn(N, C, device="cuda")
+    kernel = dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10)
+    torch.cuda.set_sync_debug_mode("error" if kernel else 0)
+    try:
+        got = moe_dispatch(*a)
+        got.backward(g.to(dtype))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = per_token(*b)
+    want.backward(g)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    for i in (0, 2, 3, 4, 5):
+        torch.testing.assert_close(a[i].grad.float(), b[i].grad, **tol)
+    assert a[3].grad[E - 1].abs().max() == 0
+    with torch.no_grad():
+        static = [t.detach().clone() for t in a]
+        first, replay = model_module.cuda_graphed(lambda: moe_dispatch(*static))
+        torch.testing.assert_close(first, got.detach(), rtol=0, atol=0)
+        static[1].copy_(torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(N)]))  # new routing
+        torch.testing.assert_close(replay().float(), moe_dispatch(*static).float(), **tol)
+
+
+def test_moe_casts_experts_once_without_gradient():
+    """Under autocast without a gradient (generation) the MoE casts its experts once and reuses the copies until a
+    weight changes; with a gradient it keeps no copy. The output is the same either way."""
+    moe = tiny().blocks[0].moe
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = moe(x)[0]
+        assert moe.cast is None
+        with torch.no_grad():
+            first = moe.experts(x)
+            assert [w.dtype for w in first] == [torch.bfloat16] * 3 and moe.experts(x) is first
+            torch.testing.assert_close(moe(x)[0], with_grad)
+            moe.w2.mul_(2)                                         # a new version of w2: cast again
+            again = moe.experts(x)
+            assert again is not first and torch.equal(again[2], (2 * first[2].float()).bfloat16())
+    with torch.no_grad():
+        assert moe.experts(x)[0] is moe.w1                         # no autocast: the weights themselves
+
+
+def test_compile_traces_training():
+    """torch.compile traces a training forward and loss: the dense arm in one graph (fullgraph, no graph break),
+    the MSA arm on msa_ref (graph breaks allowed there); same losses and gradients as eager."""
+    x, y, patches = batch()
+    for attention, fullgraph in (("dense", True), ("msa", False)):
+        eager, compiled = tiny(attention=attention), tiny(attention=attention)
+        run = torch.compile(compiled, fullgraph=fullgraph, backend="eager")
+        for model in (eager, run):
+            _, losses = model(x, y, patches)
+            (losses["lm"] + losses["kl"] + 0.01 * losses["balance"]).backward()
+        torch.testing.assert_close(run(x, y, patches)[1]["lm"], eager(x, y, patches)[1]["lm"], rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gpu_peak_flops_by_name():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == gpu_peak_flops("NVIDIA H200") == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == gpu_peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA RTX A1000") is None and gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
 
 
 def test_patch_embedding_and_checks():

@@ -8,7 +8,7 @@ from PIL import Image
 import model as model_module
 from conftest import requires_cuda
 from data import encode, save_image
-from model import MOE_FEW_TOKENS, KVCache
+from model import KVCache
 from test_checkpoint import evil_checkpoint, fails
 from test_data import png_header
 from test_model import PATCH, batch, tiny
@@ -100,14 +100,16 @@ def test_sample_dense_decode_equals_sparse_when_k_covers_everything(out_dir, cap
         run_script("sample.py", f"--out_dir={out_dir}", "--decode=fast")
 
 
-def test_moe_layer_regimes_agree():
-    # the same layer on the same tokens: a few at a time (moe_all_experts), then all at once (moe_dispatch)
+def test_moe_layer_same_whatever_the_token_count():
+    # the same layer on the same tokens: one and a few at a time (decoding), then all at once (training); one
+    # moe_dispatch for all of them
     moe = tiny().blocks[0].moe
-    x = torch.randn(2, MOE_FEW_TOKENS, 32)
+    x = torch.randn(2, 64, 32)
     whole, _, load = moe(x)
-    parts = [moe(x[:, i:i + 8]) for i in range(0, MOE_FEW_TOKENS, 8)]       # 16 tokens each
-    torch.testing.assert_close(torch.cat([p[0] for p in parts], 1), whole, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.stack([p[2] for p in parts]).mean(0), load)
+    for n in (1, 8):
+        parts = [moe(x[:, i:i + n]) for i in range(0, 64, n)]                 # 2 * n tokens each
+        torch.testing.assert_close(torch.cat([p[0] for p in parts], 1), whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.stack([p[2] for p in parts]).mean(0), load)
 
 
 def test_generate_dense_decode():

@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 from configurator import configure, read_config_file
+from model import gpu_peak_flops
 from test_checkpoint import evil_checkpoint, fails
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +121,24 @@ def test_log_holds_eval_metrics(straight):
     assert len(last["kl_layers"]) == 1 and len(last["expert_load"]) == 2 and 0 <= last["long_range"] <= 1
     assert len(last["recall_layers"]) == 1 and 0 < last["recall_layers"][0] <= 1 + 1e-6
     steps = [rec for rec in records(straight) if "iter" in rec]
-    assert all(0 < rec["mfu"] < 1 and rec["tok_s"] > 0 for rec in steps)
+    # an MFU only against a known peak: on a GPU that gpu_peak_flops knows, never on a CPU
+    peak = torch.cuda.is_available() and gpu_peak_flops(torch.cuda.get_device_name()) is not None
+    assert all(rec["tok_s"] > 0 and (0 < rec["mfu"] < 1 if peak else "mfu" not in rec) for rec in steps)
+
+
+def test_compile_setting_and_mfu_peak(tmp_path, capsys):
+    """--compile=True compiles the model on a GPU (lazily: these 0 iterations compile nothing) and is skipped with
+    a message on a CPU; the MFU's peak is the GPU's (or --peak_flops), and on a CPU there is none."""
+    g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0", "--compile=True")
+    out = capsys.readouterr().out
+    if torch.cuda.is_available():
+        assert isinstance(g["model"], torch._dynamo.eval_frame.OptimizedModule) and "compile: skipped" not in out
+        assert g["peak"] == gpu_peak_flops(torch.cuda.get_device_name()) and ("MFU against" in out) == bool(g["peak"])
+        g = script_globals(*TINY, f"--out_dir={tmp_path / 'b'}", "--max_iters=0", "--peak_flops=1e14")
+        assert g["peak"] == 1e14 and "MFU against 100.0 TFLOP/s" in capsys.readouterr().out
+    else:
+        assert "compile: skipped on the CPU" in out and g["model"] is g["raw_model"]
+        assert g["peak"] is None and "MFU" not in out
 
 
 def test_checkpoint_from_another_config(straight):
