@@ -257,14 +257,21 @@ def _limits(q, Hkv, block_size):
             f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
 
 
+def reads_shape(B, Hkv, T, G, block_size):
+    """The shape (B * Hkv, nb, NT) of the forward's int8 table "query tile i reads key block kb", which the backward
+    takes (a custom op's fake implementation needs it): NT tiles of ROWS // G_P tokens."""
+    G_P = _pow2(G, 1)
+    return B * Hkv, triton.cdiv(T, block_size), triton.cdiv(T, max(ROWS, G_P) // G_P)
+
+
 def _meta(q, block_idx, block_size, Hkv):
     """Tile shape and compile-time constants shared by the attention kernels of one call. Returns (meta, NT, NB)."""
     B, Hq, T, D = q.shape
     G = Hq // Hkv
     G_P = _pow2(G, 1)
-    rows = max(ROWS, G_P)
-    meta = dict(G=G, G_P=G_P, ROWS=rows, K_P=_pow2(block_idx.shape[3], 2), D_P=_pow2(D), PREC=_prec(q))
-    return meta, triton.cdiv(T, rows // G_P), triton.cdiv(T, block_size)
+    meta = dict(G=G, G_P=G_P, ROWS=max(ROWS, G_P), K_P=_pow2(block_idx.shape[3], 2), D_P=_pow2(D), PREC=_prec(q))
+    _, NB, NT = reads_shape(B, Hkv, T, G, block_size)
+    return meta, NT, NB
 
 
 def _warps(D, block_n):
@@ -280,7 +287,7 @@ def _forward(q, k, v, block_idx, block_size, with_out=True):
     block_n = _pow2(block_size)
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype) if with_out else None
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    reads = torch.empty(B * Hkv, NB, NT, device=q.device, dtype=torch.int8)
+    reads = torch.empty(B * Hkv, NB, NT, device=q.device, dtype=torch.int8)   # = reads_shape(...)
     _fwd_kernel[(NT, B * Hkv)](
         q_ptr=q, k_ptr=k, v_ptr=v, bi_ptr=block_idx, o_ptr=out if with_out else lse, lse_ptr=lse, rd_ptr=reads,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("i", block_idx, "bhtk"),
