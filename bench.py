@@ -472,8 +472,20 @@ def bench_paths(args):
     rows = []
     dev, dtype = "cuda", torch.bfloat16
     Hq, Hkv, D, Di, bs = 8, 2, 64, 64, 64
+
+    def tiles(fn, rows, block_q):
+        """fn run with the tile path's tile shape set to (rows, block_q) (a forward keeps its rows for its backward)."""
+        def run(*a, **kw):
+            old = tile.ROWS, tile.BLOCK_Q
+            tile.ROWS, tile.BLOCK_Q = rows, block_q
+            try:
+                return fn(*a, **kw)
+            finally:
+                tile.ROWS, tile.BLOCK_Q = old
+        return run
     paths = {"kv": (kv_attention.sparse_attention, kv_index.kl_loss),
-             "tile": (tile.sparse_attention_tile, tile.kl_loss_tile)}
+             "tile": (tile.sparse_attention_tile, tile.kl_loss_tile),
+             "tile ROWS=16": (tiles(tile.sparse_attention_tile, 16, 16), tiles(tile.kl_loss_tile, 16, 16))}
     for T in args.T or [1024, 4096, 16384]:
         B = max(1, 32768 // T)
         q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype, dev)
@@ -495,14 +507,18 @@ def bench_paths(args):
             for sel in args.sel:
                 block_idx = (random_block_idx(B, Hkv, T, bs, K, dev) if sel == "random"
                              else msa_triton.index_topk(qi, ki, bs, K))
-                (o_kv, l_kv), (o_t, l_t) = (p[0](q, k, v, block_idx, bs) for p in paths.values())
+                o_kv, l_kv = kv_attention.sparse_attention(q, k, v, block_idx, bs)
+                kl_kv = kv_index.kl_loss(q, k, qi, ki, block_idx, bs, lse=l_kv)
                 fin = l_kv.isfinite()
-                kl_kv, kl_t = (p[1](q, k, qi, ki, block_idx, bs, lse=l_kv) for p in paths.values())
-                chk = dict(out=(o_kv.float() - o_t.float()).abs().max().item(),
-                           lse=(l_kv[fin] - l_t[fin]).abs().max().item(), lse_inf_match=torch.equal(fin, l_t.isfinite()),
-                           kl=abs(kl_kv.item() / kl_t.item() - 1))
-                print(f"[check] paths T={T} K={K} {sel}: tile vs kv " + ", ".join(
-                    f"{a}={b:.2e}" if isinstance(b, float) else f"{a}={b}" for a, b in chk.items()), flush=True)
+                chk = {}
+                for name, (attn, kl) in list(paths.items())[1:]:
+                    o_t, l_t = attn(q, k, v, block_idx, bs)
+                    chk[name] = dict(out=(o_kv.float() - o_t.float()).abs().max().item(),
+                                     lse=(l_kv[fin] - l_t[fin]).abs().max().item(),
+                                     lse_inf_match=torch.equal(fin, l_t.isfinite()),
+                                     kl=abs(kl(q, k, qi, ki, block_idx, bs, lse=l_kv).item() / kl_kv.item() - 1))
+                    print(f"[check] paths T={T} K={K} {sel}: {name} vs kv " + ", ".join(
+                        f"{a}={b:.2e}" if isinstance(b, float) else f"{a}={b}" for a, b in chk[name].items()), flush=True)
                 base = dict(shape=f"model K={K}", T=T, sel=sel, check=chk)
                 for name, (attn, kl) in paths.items():
                     def fwd():
@@ -528,7 +544,7 @@ def bench_paths(args):
                         ms = timed(fn, rep_ms=100)
                         rows.append(dict(base, impl=f"{impl} [{name}]", **{"pass": pas}, ms=round(ms, 3),
                                          vs_dense=f"{dense / ms:.2f}x" if pas == "fwd+bwd" and not impl.startswith("kl") else ""))
-                del block_idx, o_kv, l_kv, o_t, l_t
+                del block_idx, o_kv, l_kv, o_t, l_t, kl_kv
         del q, k, v, dout, qi, ki, qiv, kiv
         torch.cuda.empty_cache()
     return rows

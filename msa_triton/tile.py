@@ -27,8 +27,10 @@ from msa_ref import _expect, check_inputs
 from .common import LOG2E, LN2, LOG2E_K, LN2_K, _pow2, _prec, _softmax_finish, _softmax_rescale, _strides
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
-ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens
-BLOCK_Q = 32          # tokens of a kl_loss_tile tile (one row each)
+ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
+BLOCK_Q = 32          # tokens of a kl_loss_tile tile (one row each; >= 16)
+# Smaller tiles read fewer blocks (the union of fewer tokens' lists) at a lower matrix-unit efficiency and with
+# more tiles for each dK, dV program to walk; bench.py --what paths measures ROWS = 64 and 16.
 TILE_MAX_T = 4096     # use_tile: sequences up to this length take the tile path
 TILE_MAX_READS = 16   # use_tile: ... and longer ones when a tile reads at most this many blocks
 
@@ -44,7 +46,7 @@ def use_tile(B, Hkv, T, K, block_size, G, D):
         return FORCE == "tile"
     if G > 64 or D > 128 or block_size > 128:
         return False
-    tt = ROWS // min(_pow2(G, 1), ROWS)                                        # tokens per tile
+    tt = max(1, ROWS // _pow2(G, 1))                                           # tokens per tile
     return T <= TILE_MAX_T or min(math.ceil(T / block_size), tt * K) <= TILE_MAX_READS
 
 
@@ -257,20 +259,22 @@ def _limits(q, Hkv, block_size):
             f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
 
 
-def reads_shape(B, Hkv, T, G, block_size):
+def reads_shape(B, Hkv, T, G, block_size, rows):
     """The shape (B * Hkv, nb, NT) of the forward's int8 table "query tile i reads key block kb", which the backward
-    takes (a custom op's fake implementation needs it): NT tiles of ROWS // G_P tokens."""
+    takes (a custom op's fake implementation needs it): NT tiles of rows // G_P tokens (rows: see _meta)."""
     G_P = _pow2(G, 1)
-    return B * Hkv, triton.cdiv(T, block_size), triton.cdiv(T, max(ROWS, G_P) // G_P)
+    return B * Hkv, triton.cdiv(T, block_size), triton.cdiv(T, max(rows, G_P) // G_P)
 
 
-def _meta(q, block_idx, block_size, Hkv):
-    """Tile shape and compile-time constants shared by the attention kernels of one call. Returns (meta, NT, NB)."""
+def _meta(q, block_idx, block_size, Hkv, rows):
+    """Tile shape and compile-time constants shared by the attention kernels of one call: rows (tokens x G_P heads)
+    per tile, at least G_P; the forward and the backward of one call must use the same rows (the forward reads
+    ROWS once and the backward gets it from there). Returns (meta, NT, NB)."""
     B, Hq, T, D = q.shape
     G = Hq // Hkv
     G_P = _pow2(G, 1)
-    meta = dict(G=G, G_P=G_P, ROWS=max(ROWS, G_P), K_P=_pow2(block_idx.shape[3], 2), D_P=_pow2(D), PREC=_prec(q))
-    _, NB, NT = reads_shape(B, Hkv, T, G, block_size)
+    meta = dict(G=G, G_P=G_P, ROWS=max(rows, G_P), K_P=_pow2(block_idx.shape[3], 2), D_P=_pow2(D), PREC=_prec(q))
+    _, NB, NT = reads_shape(B, Hkv, T, G, block_size, rows)
     return meta, NT, NB
 
 
@@ -279,11 +283,11 @@ def _warps(D, block_n):
     return 8 if D > 64 or block_n > 64 else 4
 
 
-def _forward(q, k, v, block_idx, block_size, with_out=True):
+def _forward(q, k, v, block_idx, block_size, rows, with_out=True):
     """Returns out (B, Hq, T, D) in q's dtype (None without with_out), lse fp32 (B, Hq, T), reads (BH, NB, NT) int8."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    meta, NT, NB = _meta(q, block_idx, block_size, Hkv)
+    meta, NT, NB = _meta(q, block_idx, block_size, Hkv, rows)
     block_n = _pow2(block_size)
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype) if with_out else None
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
@@ -296,11 +300,11 @@ def _forward(q, k, v, block_idx, block_size, with_out=True):
     return out, lse, reads
 
 
-def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size):
-    """Returns dq, dk, dv in the inputs' dtypes."""
+def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
+    """Returns dq, dk, dv in the inputs' dtypes. reads and rows: what the forward used."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    meta, NT, NB = _meta(q, block_idx, block_size, Hkv)
+    meta, NT, NB = _meta(q, block_idx, block_size, Hkv, rows)
     block_n = _pow2(block_size)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
@@ -325,7 +329,8 @@ def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size):
 class _SparseAttentionTile(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size):
-        out, lse, reads = _forward(q, k, v, block_idx, block_size)
+        ctx.rows = ROWS                                                        # the tiles' shape, for the backward
+        out, lse, reads = _forward(q, k, v, block_idx, block_size, ctx.rows)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, reads)
         ctx.block_size = block_size
         ctx.mark_non_differentiable(lse)
@@ -334,7 +339,7 @@ class _SparseAttentionTile(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, block_idx, reads = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, block_idx, reads, ctx.block_size)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, block_idx, reads, ctx.block_size, ctx.rows)
         return dq, dk, dv, None, None
 
 
@@ -527,7 +532,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
         k = k.to(q.dtype)
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
-    lse = _forward(q, k, k, block_idx, block_size, with_out=False)[1] if lse is None else lse.contiguous()
+    lse = _forward(q, k, k, block_idx, block_size, ROWS, with_out=False)[1] if lse is None else lse.contiguous()
     NT, NB = triton.cdiv(T, BLOCK_Q), triton.cdiv(T, block_size)
     block_n = _pow2(block_size)
     n_rows = BH * T

@@ -261,3 +261,22 @@ def test_gpu_deterministic():
         runs.append(torch.autograd.grad(tile.sparse_attention_tile(*qkv, block_idx, bs)[0], qkv, dout))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_smaller_tiles(monkeypatch):
+    """ROWS = 16 (4 tokens x 4 heads a tile) and BLOCK_Q = 16; a forward keeps its tile shape for its backward
+    even when ROWS changes in between."""
+    monkeypatch.setattr(tile, "ROWS", 16)
+    monkeypatch.setattr(tile, "BLOCK_Q", 16)
+    check_attention((1, 4, 1, 45, 16, 8, 3), torch.float32, "sink")
+    check_kl((1, 4, 2, 45, 16, 8, 3), 16, "random")
+    q, k, v, _, _ = rand_inputs(1, 4, 1, 45, 16, 8, seed=2)
+    block_idx = selection("random", 1, 1, 45, 8, 3, seed=2)
+    qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, _ = tile.sparse_attention_tile(*qkv, block_idx, 8)
+    monkeypatch.setattr(tile, "ROWS", 64)
+    grads = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rgrads = torch.autograd.grad(msa_ref.sparse_attention(*ref_in, block_idx, 8)[0], ref_in, torch.ones_like(out).double())
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(a, b, torch.float32, name)
