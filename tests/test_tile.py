@@ -154,9 +154,10 @@ def check_kl(shape, Di, kind, dtype=torch.float32, seed=0):
         assert loss.dim() == 0 and loss.dtype == torch.float32
         assert abs(loss.item() - ref.item()) <= tol * max(abs(ref.item()), 1e-3), (loss.item(), ref.item())
         g = torch.autograd.grad(loss, [qg, kg])
-        for name, a, b in zip(("dqi", "dki"), g, rg):
+        for name, a, b in zip(("dqi", "dki"), g, rg):                        # relative to the gradient's scale
             assert a.dtype == dtype
-            assert_close(a, b, dtype, name)
+            err = ((a.double() - b).norm() / b.norm()).item()
+            assert err < {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype], (name, err)
 
 
 @pytest.mark.parametrize("shape, Di, kind", [
