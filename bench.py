@@ -4,6 +4,7 @@ Benchmark of the MSA kernels against dense attention (DESIGN.md section 5). GPU 
     python bench.py                          # attention: M3 layer shape at 8K/32K/128K + the repo model's shape
     python bench.py --what attn --T 8192 32768 --json out/bench.json
     python bench.py --what small             # the model's shape at B*T = 32K tokens: MSA step vs dense, launches
+    python bench.py --what paths             # KV-outer vs query-tile path at the model's shape, T = 1K, 4K, 16K
 
 Each benchmark family is one function bench_<what>(args) -> list of rows (dicts); they share the
 helpers below: selections, timing (do_bench, median), FLOP counts, the markdown table and the JSON.
@@ -729,8 +730,98 @@ def bench_model(args):
     return rows
 
 
+# paths: the KV-outer path against the query-tile path (msa_triton/tile.py) at the repository model's shape
+
+def bench_paths(args):
+    """At the model's shape (Hq=8, Hkv=2, D=Di=64, bs=64), B*T = 32K tokens, T in 1K, 4K, 16K (or --T), K in 4
+    and 8, `random` and `indexer` selections: sparse_attention forward and forward+backward, kl_loss forward+backward
+    given the attention's lse, and (indexer only) the MSA training step (index_topk + both), on the KV-outer
+    path (attention.py, index.py) and on the tile path (tile.py), next to dense cuDNN forward+backward. Each
+    configuration first checks the tile path against the KV-outer one (max abs diff of out and lse, kl)."""
+    from msa_triton import attention as kv_attention, index as kv_index, tile   # each path by name, not the dispatch
+    rows = []
+    dev, dtype = "cuda", torch.bfloat16
+    Hq, Hkv, D, Di, bs = 8, 2, 64, 64, 64
+
+    def tiles(fn, rows, block_q):
+        """fn run with the tile path's tile shape set to (rows, block_q) (a forward keeps its rows for its backward)."""
+        def run(*a, **kw):
+            old = tile.ROWS, tile.BLOCK_Q
+            tile.ROWS, tile.BLOCK_Q = rows, block_q
+            try:
+                return fn(*a, **kw)
+            finally:
+                tile.ROWS, tile.BLOCK_Q = old
+        return run
+    paths = {"kv": (kv_attention.sparse_attention, kv_index.kl_loss),
+             "tile": (tile.sparse_attention_tile, tile.kl_loss_tile),
+             "tile ROWS=16": (tiles(tile.sparse_attention_tile, 16, 16), tiles(tile.kl_loss_tile, 16, 16))}
+    for T in args.T or [1024, 4096, 16384]:
+        B = max(1, 32768 // T)
+        q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype, dev)
+        dout = torch.randn_like(q)
+        gen = torch.Generator(device=dev).manual_seed(3)
+        qi = torch.randn(B, Hkv, T, Di, device=dev, dtype=dtype, generator=gen)
+        ki = torch.randn(B, T, Di, device=dev, dtype=dtype, generator=gen)
+        qiv, kiv = (x.detach().requires_grad_() for x in (qi, ki))
+
+        def dense_step():
+            qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                o = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, qkv, dout)
+        dense = timed(dense_step, rep_ms=100)
+        rows.append(dict(shape="model", T=T, sel="-", impl=f"dense cuDNN B={B}", **{"pass": "fwd+bwd"}, ms=round(dense, 3),
+                         vs_dense="1.00x"))
+        for K in (4, 8):
+            for sel in args.sel:
+                block_idx = (random_block_idx(B, Hkv, T, bs, K, dev) if sel == "random"
+                             else msa_triton.index_topk(qi, ki, bs, K))
+                o_kv, l_kv = kv_attention.sparse_attention(q, k, v, block_idx, bs)
+                kl_kv = kv_index.kl_loss(q, k, qi, ki, block_idx, bs, lse=l_kv)
+                fin = l_kv.isfinite()
+                chk = {}
+                for name, (attn, kl) in list(paths.items())[1:]:
+                    o_t, l_t = attn(q, k, v, block_idx, bs)
+                    chk[name] = dict(out=(o_kv.float() - o_t.float()).abs().max().item(),
+                                     lse=(l_kv[fin] - l_t[fin]).abs().max().item(),
+                                     lse_inf_match=torch.equal(fin, l_t.isfinite()),
+                                     kl=abs(kl(q, k, qi, ki, block_idx, bs, lse=l_kv).item() / kl_kv.item() - 1))
+                    print(f"[check] paths T={T} K={K} {sel}: {name} vs kv " + ", ".join(
+                        f"{a}={b:.2e}" if isinstance(b, float) else f"{a}={b}" for a, b in chk[name].items()), flush=True)
+                base = dict(shape=f"model K={K}", T=T, sel=sel, check=chk)
+                for name, (attn, kl) in paths.items():
+                    def fwd():
+                        return attn(q, k, v, block_idx, bs)
+
+                    def fwdbwd():
+                        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+                        return torch.autograd.grad(attn(*qkv, block_idx, bs)[0], qkv, dout)
+
+                    def kl_step():
+                        return torch.autograd.grad(kl(q, k, qiv, kiv, block_idx, bs, lse=l_kv), [qiv, kiv])
+
+                    def msa_step():
+                        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+                        idx = msa_triton.index_topk(qi, ki, bs, K)
+                        o, lse = attn(*qkv, idx, bs)
+                        loss = kl(q, k, qiv, kiv, idx, bs, lse=lse)
+                        return torch.autograd.grad([o, loss], qkv + [qiv, kiv], [dout, torch.ones_like(loss)])
+                    todo = [("sparse_attention", "fwd", fwd), ("sparse_attention", "fwd+bwd", fwdbwd),
+                            ("kl_loss (given lse)", "fwd+bwd", kl_step)]
+                    todo += [("MSA step (index_topk + attention + kl)", "fwd+bwd", msa_step)] if sel == "indexer" else []
+                    for impl, pas, fn in todo:
+                        ms = timed(fn, rep_ms=100)
+                        rows.append(dict(base, impl=f"{impl} [{name}]", **{"pass": pas}, ms=round(ms, 3),
+                                         vs_dense=f"{dense / ms:.2f}x" if pas == "fwd+bwd" and not impl.startswith("kl") else ""))
+                del block_idx, o_kv, l_kv, o_t, l_t, kl_kv
+        del q, k, v, dout, qi, ki, qiv, kiv
+        torch.cuda.empty_cache()
+    return rows
+
+
 BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode, "small": bench_small,
-           "model": bench_model}
+           "paths": bench_paths, "model": bench_model}
 
 
 def main():
