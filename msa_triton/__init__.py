@@ -2,23 +2,52 @@
 MiniMax Sparse Attention (MSA) in Triton: the fast path. msa_ref.py is the definition; these kernels
 compute the same functions (DESIGN.md section 3) without ever building a T x T tensor.
 
-The package is a star: each kernel module imports only msa_triton.common (shared helpers and the
-KV-outer work lists) and msa_ref, never a sibling.
-  attention.py       sparse_attention (forward and backward) and the query-outer baseline forward
-  index.py           index_topk (which blocks each query reads) and kl_loss (the index branch's loss)
+The package is a star: each kernel module imports only msa_triton.common (shared helpers, the KV-outer work
+lists, the checking mode) and msa_ref, never a sibling. This facade is the one place that knows them all.
+  attention.py       sparse_attention on the KV-outer path (forward, backward) and the query-outer baseline
+  tile.py            sparse_attention and kl_loss on the query-tile path (short sequences: no work lists)
+  index.py           index_topk (which blocks each query reads) and kl_loss on the KV-outer path
   decode.py          sparse_decode (one new token against the caches)
   cross_entropy.py   linear_cross_entropy (the language-model loss, chunked)
   common.py          constants, Triton helpers, the naming convention of every kernel, the checking mode
-Each public function checks its arguments' shapes and calls a custom op (torch.ops.nanomsa.*, registered on
+Each public function checks its arguments' shapes and calls custom ops (torch.ops.nanomsa.*, registered on
 import), so torch.compile traces through it without a graph break and a CUDA graph can capture it: no call
 waits on the host. The checks that read the data (block_idx's and cache_lens' values) run in the checking mode
 only: checks(True / False / None), or NANOMSA_CHECKS=1 / 0; by default on for CPU tensors, off on CUDA.
+sparse_attention and kl_loss pick their path from the shapes alone (tile.use_tile, DESIGN.md section 4), so
+an eager call, a compiled graph and its fake implementations all take the same one.
 """
-from .attention import attention_forward_query_outer, sparse_attention
+from msa_ref import check_inputs
+
+from . import attention, index, tile
+from .attention import attention_forward_query_outer
 from .common import checks
 from .cross_entropy import linear_cross_entropy
 from .decode import sparse_decode
-from .index import index_topk, kl_loss
+from .index import index_topk
 
 __all__ = ["index_topk", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy",
            "attention_forward_query_outer", "checks"]
+
+
+def _tile_path(q, k, block_idx, block_size):
+    """Whether a call takes the query-tile path (tile.use_tile on its shapes)."""
+    B, Hkv, T = check_inputs(q=q, k=k, block_idx=block_idx, block_size=block_size, values=False)
+    return tile.use_tile(B, Hkv, T, block_idx.shape[3], block_size, q.shape[1] // Hkv, q.shape[3])
+
+
+def sparse_attention(q, k, v, block_idx, block_size):
+    """msa_ref.sparse_attention: q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1
+    padding -> out (B, Hq, T, D) in q's dtype, lse fp32 (B, Hq, T). Differentiable in q, k, v through out;
+    deterministic backward; no host sync."""
+    if _tile_path(q, k, block_idx, block_size):
+        return tile.sparse_attention_tile(q, k, v, block_idx, block_size)
+    return attention.sparse_attention(q, k, v, block_idx, block_size)
+
+
+def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
+    """msa_ref.kl_loss: mean over (b, g, t) of KL(teacher || index scores) on the support of block_idx;
+    differentiable in qi and ki only. lse: optional, what sparse_attention returned for these q, k, block_idx."""
+    if _tile_path(q, k, block_idx, block_size):
+        return tile.kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse)
+    return index.kl_loss(q, k, qi, ki, block_idx, block_size, lse)

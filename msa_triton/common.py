@@ -24,11 +24,14 @@ is split over programs; tokens run in chunks so that partial buffers stay under 
 """
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from msa_ref import _expect, check_block_idx, check_inputs
 
 LOG2E = 1.4426950408889634                # log2(e): natural-log units -> log2 units
 LN2 = 0.6931471805599453                  # ln(2) = 1 / LOG2E: log2 units -> natural-log units
@@ -335,3 +338,55 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, T, NBC, NX, BS, D,
             acc += tl.load(xp_ptr + _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P))
         xo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
         tl.store(x_ptr + xo, tl.load(x_ptr + xo, mask=m, other=0.0) + acc, mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_loss as a custom op, for both of its paths (index.py's KV-outer passes, tile.py's query tiles)
+
+def _kl_custom_op(name, launch):
+    """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse) -> (loss fp32 scalar, dqi, dki) as the custom
+    op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di) and d loss / d ki
+    (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its backward only scales them by
+    the incoming gradient. Returns the op."""
+    @_op(name)
+    def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
+              block_size: int, lse: Optional[torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if _checking(block_idx):
+            check_block_idx(block_idx, math.ceil(q.shape[2] / block_size))
+        loss, dqi, dki = launch(q, k, qi, ki, block_idx, block_size, grad, lse)
+        if not grad:
+            dqi, dki = loss.new_empty(0), loss.new_empty(0)
+        return loss, dqi, dki
+
+    @kl_op.register_fake
+    def _(q, k, qi, ki, block_idx, block_size, lse, grad):
+        B, Hkv, T, Di = qi.shape
+        f32 = dict(dtype=torch.float32)
+        return (q.new_empty((), **f32), q.new_empty((B, Hkv, T, Di) if grad else (0,), **f32),
+                q.new_empty((B, T, Di) if grad else (0,), **f32))
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1], output[2])
+        ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
+
+    def backward(ctx, dloss, _dqi, _dki):
+        dqi, dki = ctx.saved_tensors
+        return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
+                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
+
+    kl_op.register_autograd(backward, setup_context=setup)
+    return kl_op
+
+
+def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse):
+    """What both kl_loss paths do around their op: shape checks (no host sync), lse's check, whether gradients are
+    wanted; q and k enter detached (the teacher is a target). Returns the loss in qi's dtype promoted to fp32."""
+    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
+    if lse is not None:
+        _expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
+                f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
+                f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+        lse = lse.detach()
+    grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
+    loss, _, _ = kl_op(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)
+    return loss.to(torch.promote_types(qi.dtype, torch.float32))

@@ -22,15 +22,15 @@ fp32 (DESIGN.md section 4 gives the measured differences).
 kl_loss: see the section further down.
 """
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_block_idx, check_inputs, fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, _checking, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block,
-                     _op, _pow2, _prec, _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides)
+from msa_ref import _expect, check_inputs, fp8_quantize
+from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block,
+                     _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile, _sortable_key,
+                     _split_segments, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,41 +345,7 @@ def _lse2_merge(x, dim):
     return (torch.logsumexp(x * LN2, dim=dim) * LOG2E).contiguous()
 
 
-# kl_loss as a custom op: the forward returns the loss and, when asked (grad), its gradients d loss / d qi and
-# d loss / d ki (fp32; empty tensors otherwise), which the backward only scales by the incoming gradient.
-
-@_op("kl_loss")
-def _kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor, block_size: int,
-           lse: Optional[torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _checking(block_idx):
-        check_block_idx(block_idx, math.ceil(q.shape[2] / block_size))
-    loss, dqi, dki = _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse)
-    if not grad:
-        dqi, dki = loss.new_empty(0), loss.new_empty(0)
-    return loss, dqi, dki
-
-
-@_kl_op.register_fake
-def _(q, k, qi, ki, block_idx, block_size, lse, grad):
-    B, Hkv, T, Di = qi.shape
-    f32 = dict(dtype=torch.float32)
-    return (q.new_empty((), **f32), q.new_empty((B, Hkv, T, Di) if grad else (0,), **f32),
-            q.new_empty((B, T, Di) if grad else (0,), **f32))
-
-
-def _kl_setup(ctx, inputs, output):
-    qi, ki = inputs[2], inputs[3]
-    ctx.save_for_backward(output[1], output[2])
-    ctx.dtypes = (qi.dtype, ki.dtype)
-
-
-def _kl_grad(ctx, dloss, _dqi, _dki):
-    dqi, dki = ctx.saved_tensors
-    return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-            (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
-
-
-_kl_op.register_autograd(_kl_grad, setup_context=_kl_setup)
+_kl_op = _kl_custom_op("kl_loss", _kl_launch)
 
 
 def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
@@ -388,12 +354,4 @@ def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
     lse: optional fp32 (B, Hq, T), the lse that msa_triton.sparse_attention returned for these q, k and
     block_idx: it is the teacher's per-head lse over the support, so passing it skips recomputing it.
     No host sync: block_idx's values are checked only in the checking mode (common.checks)."""
-    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
-    if lse is not None:
-        _expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
-                f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
-                f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
-        lse = lse.detach()
-    grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
-    loss, _, _ = torch.ops.nanomsa.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)
-    return loss.to(torch.promote_types(qi.dtype, torch.float32))
+    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse)

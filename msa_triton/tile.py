@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_inputs
-from .common import LOG2E, LN2, LOG2E_K, LN2_K, _pow2, _prec, _softmax_finish, _softmax_rescale, _strides
+from msa_ref import _expect, check_block_idx, check_inputs
+from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _checking, _kl_call, _kl_custom_op, _op, _pow2, _prec,
+                     _softmax_finish, _softmax_rescale, _strides)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
 ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
@@ -242,7 +243,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bi_ptr, rd_
 
 def _check(q, k, v, block_idx, block_size):
     """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T)."""
-    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
+    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=False)
     _expect(k.dtype == q.dtype and v.dtype == q.dtype, f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _limits(q, Hkv, block_size)
     return B, Hkv, T
@@ -326,21 +327,53 @@ def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
     return dq, dk, dv
 
 
-class _SparseAttentionTile(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size):
-        ctx.rows = ROWS                                                        # the tiles' shape, for the backward
-        out, lse, reads = _forward(q, k, v, block_idx, block_size, ctx.rows)
-        ctx.save_for_backward(q, k, v, out, lse, block_idx, reads)
-        ctx.block_size = block_size
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# sparse_attention_tile as custom ops (torch.library): the forward returns the reads table and the backward takes
+# it; rows, the tiles' shape, is an argument so that the two use the same tiles.
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, block_idx, reads = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, block_idx, reads, ctx.block_size, ctx.rows)
-        return dq, dk, dv, None, None
+@_op("sparse_attention_tile_fwd")
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block_size: int,
+            rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _checking(block_idx):
+        check_block_idx(block_idx, math.ceil(q.shape[2] / block_size))
+    return _forward(q, k, v, block_idx, block_size, rows)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, block_idx, block_size, rows):
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
+    return (q.new_empty(q.shape), q.new_empty(B, Hq, T, dtype=torch.float32),
+            q.new_empty(reads_shape(B, Hkv, T, Hq // Hkv, block_size, rows), dtype=torch.int8))
+
+
+@_op("sparse_attention_tile_bwd")
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+            block_idx: torch.Tensor, reads: torch.Tensor, block_size: int,
+            rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, block_idx, block_size, rows = inputs
+    out, lse, reads = output
+    ctx.save_for_backward(q, k, v, out, lse, block_idx, reads)
+    ctx.block_size, ctx.rows = block_size, rows
+
+
+def _fwd_grad(ctx, dout, dlse, dreads):
+    q, k, v, out, lse, block_idx, reads = ctx.saved_tensors
+    if dout is None:                                                           # only lse was used: no gradient
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, block_idx, reads, ctx.block_size, ctx.rows)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 
 
 def sparse_attention_tile(q, k, v, block_idx, block_size):
@@ -351,7 +384,8 @@ def sparse_attention_tile(q, k, v, block_idx, block_size):
     Launches: forward 1, backward 2.
     """
     _check(q, k, v, block_idx, block_size)
-    return _SparseAttentionTile.apply(q, k, v, block_idx, block_size)
+    out, lse, _ = _fwd_op(q, k, v, block_idx, block_size, ROWS)
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,19 +597,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     return loss.sum(), dqi, dki
 
 
-class _KLLossTile(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, qi, ki, block_idx, block_size, lse, grad):
-        loss, dqi, dki = _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse)
-        ctx.save_for_backward(dqi, dki)
-        ctx.dtypes = (qi.dtype, ki.dtype)
-        return loss.to(torch.promote_types(qi.dtype, torch.float32))
-
-    @staticmethod
-    def backward(ctx, dloss):
-        dqi, dki = ctx.saved_tensors
-        return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
+_kl_op = _kl_custom_op("kl_loss_tile", _kl_launch)
 
 
 def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
@@ -584,15 +606,9 @@ def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
     block_idx (the teacher's normaliser; without it one more launch recomputes it).
     Launches: forward 3 with lse, 4 without (+1 for the gradients when qi or ki requires grad: they are computed
     here, with the loss); backward 1-2 per gradient (scale by the incoming gradient, cast)."""
-    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
+    _, Hkv, _ = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
     _limits(q, Hkv, block_size)
     _expect(qi.dtype in (torch.float16, torch.bfloat16, torch.float32),
             f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
     _expect(qi.shape[3] <= 128, f"index dim Di must be <= 128, got {qi.shape[3]}")
-    if lse is not None:
-        _expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
-                f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
-                f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
-        lse = lse.detach()
-    grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
-    return _KLLossTile.apply(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)
+    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse)

@@ -15,7 +15,7 @@ import torch
 
 import msa_ref
 import msa_triton
-from msa_triton import attention, common
+from msa_triton import attention, common, tile
 from conftest import DEVICE, rand_inputs, requires_cuda
 
 # (B, Hq, Hkv, T, D, Di, bs, K): B > 1, T not a multiple of bs, G = 2
@@ -35,6 +35,14 @@ def decode_case(B=2, Hq=4, Hkv=2, Tmax=21, D=16, Di=16, lens=(21, 9), dtype=torc
     return q[:, :, 0], qi[:, :, 0], k, v, ki, torch.tensor(lens, device=device, dtype=torch.int32)
 
 
+@pytest.fixture(params=["kv", "tile"])
+def path(request):
+    """Both paths of sparse_attention and kl_loss (tile.FORCE overrides the shape rule)."""
+    prev, tile.FORCE = tile.FORCE, request.param
+    yield request.param
+    tile.FORCE = prev
+
+
 @pytest.fixture
 def checks_off():
     prev = msa_triton.checks(False)
@@ -51,7 +59,7 @@ def grads(x):
 
 def test_ops_registered_once():
     for name in ("index_topk", "sparse_attention_fwd", "sparse_attention_bwd", "kl_loss", "sparse_decode",
-                 "linear_cross_entropy"):
+                 "linear_cross_entropy", "sparse_attention_tile_fwd", "sparse_attention_tile_bwd", "kl_loss_tile"):
         assert hasattr(torch.ops.nanomsa, name), name
     op = torch.ops.nanomsa.sparse_attention_fwd.default
     importlib.reload(attention)                                                # importing again registers nothing
@@ -62,6 +70,7 @@ def opcheck_cases():
     bs, K = SHAPE[6], SHAPE[7]
     q, k, v, qi, ki, bi = case()
     out, lse, lists = torch.ops.nanomsa.sparse_attention_fwd(q, k, v, bi, bs)
+    tout, tlse, reads = torch.ops.nanomsa.sparse_attention_tile_fwd(q, k, v, bi, bs, tile.ROWS)
     dout = torch.randn_like(out)
     dq, dk, dv, dqi, dki = grads((q, k, v, qi, ki))
     dcase = decode_case()
@@ -74,6 +83,11 @@ def opcheck_cases():
         "kl_loss": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, None, True)),
         "kl_loss_lse": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True)),
         "kl_loss_nograd": (torch.ops.nanomsa.kl_loss, (q, k, qi, ki, bi, bs, lse, False)),
+        "sparse_attention_tile_fwd": (torch.ops.nanomsa.sparse_attention_tile_fwd, (dq, dk, dv, bi, bs, tile.ROWS)),
+        "sparse_attention_tile_bwd": (torch.ops.nanomsa.sparse_attention_tile_bwd,
+                                      (q, k, v, tout, tlse, dout, bi, reads, bs, tile.ROWS)),
+        "kl_loss_tile": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, None, True)),
+        "kl_loss_tile_lse": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, tlse, True)),
         "sparse_decode": (torch.ops.nanomsa.sparse_decode, (*dcase, 8, K, None)),
         "linear_cross_entropy": (torch.ops.nanomsa.linear_cross_entropy,
                                  (h.requires_grad_(), w.requires_grad_(), y, True, True, torch.float32)),
@@ -111,7 +125,7 @@ def step_grads(step, q, k, v, qi, ki, bs, K, dout):
     return [t.detach() for t in (out, lse, kl, *g)]
 
 
-def test_compile_each_function_without_graph_break():
+def test_compile_each_function_without_graph_break(path):
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
     q, k, v, qi, ki, bi = case()
     fns = {
@@ -129,7 +143,7 @@ def test_compile_each_function_without_graph_break():
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compile_msa_step_with_backward(backend):
+def test_compile_msa_step_with_backward(backend, path):
     """The MSA step traced whole, forward and backward (aot_eager: through the fake implementations and the
     registered autograd, as inductor traces it), equal to eager."""
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
@@ -184,7 +198,7 @@ def bad_block_idx(bi, nb):
     return bad, torch.where((bad < 0) | (bad >= nb), -1, bad)
 
 
-def test_bad_block_idx_raises_in_checking_mode():
+def test_bad_block_idx_raises_in_checking_mode(path):
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
     q, k, v, qi, ki, bi = case()
     bad, _ = bad_block_idx(bi, -(-T // bs))
@@ -196,7 +210,7 @@ def test_bad_block_idx_raises_in_checking_mode():
         msa_ref.sparse_attention(q, k, v, bad, bs)                             # msa_ref checks always
 
 
-def test_bad_block_idx_ignored_without_checks(checks_off):
+def test_bad_block_idx_ignored_without_checks(checks_off, path):
     """Out-of-range ids (>= nb, < -1) are dropped from the work lists: the result of the same ids set to -1."""
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
     q, k, v, qi, ki, bi = case()
@@ -249,7 +263,7 @@ def gpu_checks_default():
 
 
 @requires_cuda
-def test_no_host_sync(gpu_checks_default):
+def test_no_host_sync(gpu_checks_default, path):
     """Every function, forward and backward, with torch.cuda.set_sync_debug_mode('error'): a synchronizing
     CUDA call raises. One warm-up call first (Triton compiles on it)."""
     B, Hq, Hkv, T, D, Di, bs, K = MODEL
@@ -280,7 +294,7 @@ def test_no_host_sync(gpu_checks_default):
 
 
 @requires_cuda
-def test_msa_step_in_a_cuda_graph(gpu_checks_default):
+def test_msa_step_in_a_cuda_graph(gpu_checks_default, path):
     """index_topk + sparse_attention forward and backward + kl_loss (given the lse) forward and backward,
     captured once, replayed on new inputs copied into the static tensors: equal to the eager step."""
     B, Hq, Hkv, T, D, Di, bs, K = MODEL
@@ -310,7 +324,7 @@ def test_msa_step_in_a_cuda_graph(gpu_checks_default):
 
 
 @requires_cuda
-def test_inductor_compile_equals_eager(gpu_checks_default):
+def test_inductor_compile_equals_eager(gpu_checks_default, path):
     """torch.compile (inductor) of the MSA step with the backward, and of sparse_decode: equal to eager."""
     B, Hq, Hkv, T, D, Di, bs, K = MODEL
     q, k, v, qi, ki, _ = gpu_case(seed=3)

@@ -238,7 +238,7 @@ def test_attention_gpu(shape, kind, dtype):
     B, Hq, Hkv, T, D, bs, K = shape
     q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=0)
     block_idx = selection(kind, B, Hkv, T, bs, K, seed=0)
-    out, lse = msa_triton.sparse_attention(q, k, v, block_idx, bs)            # the KV-outer path, same inputs
+    out, lse = attention.sparse_attention(q, k, v, block_idx, bs)            # the KV-outer path, same inputs
     assert (out.float() - got[0].float()).abs().max().item() < 3e-2
     fin = lse.isfinite()
     assert torch.equal(fin, got[1].isfinite()) and (lse[fin] - got[1][fin]).abs().max().item() < 1e-2
@@ -281,3 +281,21 @@ def test_smaller_tiles(monkeypatch):
     rgrads = torch.autograd.grad(msa_ref.sparse_attention(*ref_in, block_idx, 8)[0], ref_in, torch.ones_like(out).double())
     for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
         assert_close(a, b, torch.float32, name)
+
+
+def test_facade_picks_a_path_by_shape_alone(monkeypatch):
+    """msa_triton.sparse_attention and kl_loss call the path tile.use_tile names for the shapes (never the data):
+    the tile path for the repository model's short rows, the KV-outer one at the MiniMax-M3 shape."""
+    assert tile.use_tile(16, 2, 1024, 4, 64, 4, 64) and not tile.use_tile(1, 4, 32768, 16, 128, 16, 128)
+    called = []
+    monkeypatch.setattr(tile, "sparse_attention_tile", lambda *a: called.append("tile") or ("out", "lse"))
+    monkeypatch.setattr(msa_triton.attention, "sparse_attention", lambda *a: called.append("kv") or ("out", "lse"))
+    monkeypatch.setattr(tile, "kl_loss_tile", lambda *a: called.append("kl tile"))
+    monkeypatch.setattr(msa_triton.index, "kl_loss", lambda *a: called.append("kl kv"))
+    q, k, v, qi, ki = rand_inputs(1, 4, 2, 40, 16, 16, dtype=torch.float32, seed=0)
+    bi = random_block_idx(1, 2, 40, 8, 3)
+    for force in ("tile", "kv"):
+        monkeypatch.setattr(tile, "FORCE", force)
+        msa_triton.sparse_attention(q, k, v, bi, 8)
+        msa_triton.kl_loss(q, k, qi, ki, bi, 8)
+    assert called == ["tile", "kl tile", "kv", "kl kv"]
