@@ -321,21 +321,6 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.randn(E, H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # down projection
         self.shared = nn.ParameterList([nn.Parameter(torch.randn(C, H) * 0.02), nn.Parameter(torch.randn(C, H) * 0.02),
                                         nn.Parameter(torch.randn(H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))]) if cfg.shared_expert else None
-        self.cast = None  # (key, (w1, w3, w2) cast): see experts()
-
-    def experts(self, x):
-        """w1, w3, w2 for moe_dispatch on x. Under autograd as they are (moe_dispatch casts them, as autocast casts
-        a Linear's weight each forward). Without a gradient (evaluation, generation) cast once to the dtype the
-        products run in and kept until the weights change (a new version or place): a decode step then reads
-        bf16 copies instead of casting every fp32 expert matrix again, the way autocast's cache spares nn.Linear."""
-        ws, dt = (self.w1, self.w3, self.w2), compute_dtype(x)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or all(w.dtype == dt for w in ws):
-            return ws
-        key = (dt,) + tuple((w.data_ptr(), w._version) for w in ws)
-        if self.cast is None or self.cast[0] != key:
-            self.cast = None  # the old copies go before the new ones are made
-            self.cast = (key, tuple(w.to(dt) for w in ws))
-        return self.cast[1]
 
     def forward(self, x):
         """x (B, T, C) -> out (B, T, C), balance loss (scalar), load (E,) fraction of assignments per expert."""
@@ -344,7 +329,7 @@ class MoE(nn.Module):
         logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = logits.topk(self.k, dim=-1)                 # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
-        out = moe_dispatch(xf, idx, gate, *self.experts(xf))
+        out = moe_dispatch(xf, idx, gate, self.w1, self.w3, self.w2)
         if self.shared is not None:  # indexed, not unpacked (*self.shared): torch.compile traces indexing
             out = out + swiglu(xf, self.shared[0], self.shared[1], self.shared[2]).to(out.dtype)
         E = logits.shape[-1]

@@ -32,23 +32,29 @@ ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROW
 BLOCK_Q = 32          # tokens of a kl_loss_tile tile (one row each; >= 16)
 # Smaller tiles read fewer blocks (the union of fewer tokens' lists) at a lower matrix-unit efficiency and with
 # more tiles for each dK, dV program to walk; bench.py --what paths measures ROWS = 64 and 16.
-TILE_MAX_T = 4096     # use_tile: sequences up to this length take the tile path
-TILE_MAX_READS = 16   # use_tile: ... and longer ones when a tile reads at most this many blocks
+TILE_MAX_T = 4096     # use_tile: eager calls on sequences up to this length take the tile path
 
 
 def use_tile(B, Hkv, T, K, block_size, G, D):
-    """The path rule (provisional, to be set from GPU measurements): True for the tile path.
-    The KV-outer path costs a fixed ~5 ms per training step at small shapes (dozens of launches and list
-    builds) and then scales with the selected pairs; the tile path has no fixed cost beyond a few launches
-    but reads the union of its tokens' blocks, at most min(visible blocks, TT * K) per tile, so it wins while
-    T is short (the union is most of the visible blocks: near-dense work, and dense is cheap there) or while
-    that union stays small whatever T. B, Hkv and D scale both paths alike and do not enter the rule."""
+    """The path rule: True for the tile path, from the call's shapes and whether torch.compile is tracing it (never
+    from the data, so a compiled graph's fake implementations choose alike). Measured with bench.py --what small
+    and --what paths (dev/kernels.md):
+    - in a CUDA graph the launches cost no host time, and the KV-outer path is faster at every length measured:
+      a tile reads the union of its tokens' blocks, close to dense work, while the KV-outer passes read each
+      chosen block once per query. A compiled model (torch.compile, whose "reduce-overhead" mode replays CUDA
+      graphs) therefore takes the KV-outer path;
+    - called eagerly, the KV-outer path's ~100 small launches per training step (the work lists, the passes,
+      the combine) cost more host time than the tile path's extra reads up to TILE_MAX_T tokens, not beyond.
+      A CUDA graph captured by hand (torch.cuda.graph) keeps the eager choice, so that its warm-up call has
+      compiled the kernels the capture replays.
+    B, Hkv and D scale both paths alike and do not enter the rule."""
     if FORCE is not None:
         return FORCE == "tile"
     if G > 64 or D > 128 or block_size > 128:
         return False
-    tt = max(1, ROWS // _pow2(G, 1))                                           # tokens per tile
-    return T <= TILE_MAX_T or min(math.ceil(T / block_size), tt * K) <= TILE_MAX_READS
+    if torch.compiler.is_compiling():
+        return False
+    return T <= TILE_MAX_T
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,9 +150,15 @@ def test_moe_dispatch_on_gpu(dtype):
     want = per_token(*b)
     want.backward(g)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(got.float(), want, **tol)
+
+    def close(x, y):  # bf16: elementwise where the sums are short, by norm for the gates' gradient (a sum over C)
+        if dtype == torch.float32:
+            torch.testing.assert_close(x, y, **tol)
+        else:
+            assert (x.float() - y).norm() <= 1e-2 * y.norm(), (x.float() - y).norm() / y.norm()
+    close(got.float(), want)
     for i in (0, 2, 3, 4, 5):
-        torch.testing.assert_close(a[i].grad.float(), b[i].grad, **tol)
+        close(a[i].grad.float(), b[i].grad)
     assert a[3].grad[E - 1].abs().max() == 0
     with torch.no_grad():
         static = [t.detach().clone() for t in a]
@@ -160,25 +166,6 @@ def test_moe_dispatch_on_gpu(dtype):
         torch.testing.assert_close(first, got.detach(), rtol=0, atol=0)
         static[1].copy_(torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(N)]))  # new routing
         torch.testing.assert_close(replay().float(), moe_dispatch(*static).float(), **tol)
-
-
-def test_moe_casts_experts_once_without_gradient():
-    """Under autocast without a gradient (generation) the MoE casts its experts once and reuses the copies until a
-    weight changes; with a gradient it keeps no copy. The output is the same either way."""
-    moe = tiny().blocks[0].moe
-    x = torch.randn(2, 5, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with_grad = moe(x)[0]
-        assert moe.cast is None
-        with torch.no_grad():
-            first = moe.experts(x)
-            assert [w.dtype for w in first] == [torch.bfloat16] * 3 and moe.experts(x) is first
-            torch.testing.assert_close(moe(x)[0], with_grad)
-            moe.w2.mul_(2)                                         # a new version of w2: cast again
-            again = moe.experts(x)
-            assert again is not first and torch.equal(again[2], (2 * first[2].float()).bfloat16())
-    with torch.no_grad():
-        assert moe.experts(x)[0] is moe.w1                         # no autocast: the weights themselves
 
 
 def test_compile_traces_training():

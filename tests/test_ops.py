@@ -74,8 +74,8 @@ def opcheck_cases():
     dout = torch.randn_like(out)
     dq, dk, dv, dqi, dki = grads((q, k, v, qi, ki))
     dcase = decode_case()
-    h, w = torch.randn(13, 8, dtype=torch.float64).float(), torch.randn(11, 8, dtype=torch.float64).float()
-    y = torch.tensor([1, 2, -1, 4, 0, 10, 3, 3, -1, 7, 8, 9, 5])
+    h, w = (torch.randn(n, 8, dtype=torch.float64).float().to(DEVICE) for n in (13, 11))
+    y = torch.tensor([1, 2, -1, 4, 0, 10, 3, 3, -1, 7, 8, 9, 5], device=DEVICE)
     return {
         "index_topk": (torch.ops.nanomsa.index_topk, (qi, ki, bs, K, False)),
         "sparse_attention_fwd": (torch.ops.nanomsa.sparse_attention_fwd, (dq, dk, dv, bi, bs)),
@@ -134,7 +134,7 @@ def test_compile_each_function_without_graph_break(path):
         "kl_loss": (lambda q, k, qi, ki, bi: msa_triton.kl_loss(q, k, qi, ki, bi, bs), (q, k, qi, ki, bi)),
         "sparse_decode": (lambda *a: msa_triton.sparse_decode(*a, 8, K), decode_case()),
         "linear_cross_entropy": (lambda h, w, y: msa_triton.linear_cross_entropy(h, w, y),
-                                 (q.reshape(-1, D)[:30], k.reshape(-1, D)[:7], torch.arange(30) % 8 - 1)),
+                                 (q.reshape(-1, D)[:30], k.reshape(-1, D)[:7], torch.arange(30, device=DEVICE) % 8 - 1)),
     }
     for name, (fn, args) in fns.items():
         want, got = fn(*args), compiled(fn)(*args)
@@ -156,18 +156,18 @@ def test_compile_msa_step_with_backward(backend, path):
 
 
 def test_compile_tiny_model_training_forward():
-    """A tiny MSA model with backend='triton' (the interpreter here): its training forward (losses included)
-    traces without a graph break and equals the eager one. Patches are given (without them the embedding checks
-    the tokens on the host) and B * T stays under model.MOE_FEW_TOKENS (moe_dispatch reads expert counts)."""
+    """A tiny MSA model with backend='triton' (the interpreter on a CPU): its training forward (losses included)
+    traces without a graph break and equals the eager one. Patches are given: without them the embedding checks
+    the tokens for image patches on the host."""
     from model import GPT, GPTConfig
     cfg = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, index_dim=16, n_dense_layers=1,
                msa_block_size=8, msa_topk=2, n_expert=4, expert_topk=2, expert_hidden=16, patch_dim=6, img_patch_id=50)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**cfg), backend="triton")
+    model = GPT(GPTConfig(**cfg), backend="triton").to(DEVICE)
     assert model.backend is msa_triton
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, 50, (1, 24), generator=g), torch.randint(0, 50, (1, 24), generator=g)
-    patches = torch.rand(1, 24, 6, generator=g)
+    x, y = (torch.randint(0, 50, (1, 24), generator=g).to(DEVICE) for _ in range(2))
+    patches = torch.rand(1, 24, 6, generator=g).to(DEVICE)
     _, want = model(x, y, patches=patches)
     _, got = compiled(model)(x, y, patches=patches)
     for key in ("lm", "kl", "balance"):

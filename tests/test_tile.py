@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import msa_ref
 import msa_triton
-from msa_triton import tile
+from msa_triton import attention, tile
 from conftest import DEVICE, rand_inputs, requires_cuda
 from test_msa_triton import assert_close, random_block_idx
 
