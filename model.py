@@ -300,6 +300,26 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
     return (gate.unsqueeze(-1) * y).sum(1).to(x.dtype)                         # (N, C): a token's k rows summed
 
 
+def moe_all_experts(x, idx, gate, w1, w3, w2):
+    """
+    The same sum as moe_dispatch for a few tokens (a decode step): every expert runs on every token in one batched
+    matrix product over E, and each token keeps its chosen experts' outputs weighted by their gates (the others
+    get weight 0). x (N, C); idx, gate (N, k); w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
+    For a few tokens the expert products are bound by reading the weights (about N FLOPs per byte in bf16, far
+    below a GPU's ridge) and moe_dispatch reads nearly every expert anyway once N * k >= E, so the E / k times more
+    FLOPs are almost free, and this takes five kernels where moe_dispatch's routing (sort, gathers, group ends,
+    scatter back) takes several times as many: what a decode step of small kernels costs.
+    """
+    E = w1.shape[0]
+    weight = torch.zeros(x.shape[0], E, dtype=gate.dtype, device=x.device).scatter_(1, idx, gate)  # (N, E)
+    xe = x.unsqueeze(0).expand(E, -1, -1)                                    # (E, N, C)
+    y = torch.bmm(F.silu(torch.bmm(xe, w1)) * torch.bmm(xe, w3), w2)         # (E, N, C), in autocast's dtype
+    return (y * weight.t().unsqueeze(-1)).sum(0).to(x.dtype)                 # (N, C)
+
+
+MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens (decoding), moe_dispatch above
+
+
 class MoE(nn.Module):
     """
     Top-k routing over E SwiGLU experts, plus an optional shared expert.
@@ -329,7 +349,8 @@ class MoE(nn.Module):
         logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = logits.topk(self.k, dim=-1)                 # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
-        out = moe_dispatch(xf, idx, gate, self.w1, self.w3, self.w2)
+        moe = moe_all_experts if B * T <= MOE_FEW_TOKENS else moe_dispatch
+        out = moe(xf, idx, gate, self.w1, self.w3, self.w2)
         if self.shared is not None:  # indexed, not unpacked (*self.shared): torch.compile traces indexing
             out = out + swiglu(xf, self.shared[0], self.shared[1], self.shared[2]).to(out.dtype)
         E = logits.shape[-1]

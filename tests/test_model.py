@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import msa_ref
 import model as model_module
 from conftest import requires_cuda
-from model import GPT, GPTConfig, KVCache, get_backend, gpu_peak_flops, grouped_mm, moe_dispatch, rope, swiglu
+from model import (GPT, GPTConfig, KVCache, get_backend, gpu_peak_flops, grouped_mm, moe_all_experts, moe_dispatch,
+                   rope, swiglu)
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -72,13 +73,14 @@ def per_token(x, idx, gate, w1, w3, w2):
 # 80 bytes) run F.grouped_mm
 @pytest.mark.parametrize("dtype,C,H", [(torch.float64, 12, 20), (torch.float32, 12, 20), (torch.float32, 6, 20)])
 @pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (37, 5, 2), (64, 8, 3), (9, 4, 4), (1, 3, 3), (6, 8, 8)])
-def test_moe_dispatch_equals_per_token_loop(N, E, k, dtype, C, H):
-    """moe_dispatch computes the naive sum, and its gradients (x, gates, every expert's weights: zero for an
-    expert that no token chose), for one token and many, k = 2 .. E."""
+@pytest.mark.parametrize("moe", [moe_dispatch, moe_all_experts])
+def test_moe_dispatch_equals_per_token_loop(N, E, k, dtype, C, H, moe):
+    """moe_dispatch (and moe_all_experts, its few-token form) computes the naive sum, and its gradients (x, gates,
+    every expert's weights: zero for an expert that no token chose), for one token and many, k = 2 .. E."""
     inputs = moe_inputs(N, E, k, C, H, dtype, seed=N + 10 * k)
     a = [t if i == 1 else t.clone().requires_grad_() for i, t in enumerate(inputs)]
     b = [t if i == 1 else t.clone().requires_grad_() for i, t in enumerate(inputs)]
-    got, want = moe_dispatch(*a), per_token(*b)
+    got, want = moe(*a), per_token(*b)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tol)
     g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
