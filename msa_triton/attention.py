@@ -18,16 +18,15 @@ attention_forward_query_outer is the simple baseline (one program per token and 
 its K blocks, like the public vLLM / NSA kernels); bench.py measures both.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_block_idx, check_inputs
-from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel, _op,
-                     _pow2, _prec, _segment, _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale,
-                     _split_segments, _strides)
+from msa_ref import check_block_idx, check_inputs
+from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel,
+                     _kernel_limits, _op, _pow2, _prec, _segment, _segments, _slot_tile, _slots, _softmax_finish,
+                     _softmax_rescale, _split_segments, _strides)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
@@ -248,13 +247,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
 def _check(q, k, v, block_idx, block_size, values=True):
     """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T). values=False: not block_idx's values."""
     B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=values)
-    _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
-            f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
-    _expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
-    _expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
-    _expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
-            f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
+    _kernel_limits(q, k, v, Hkv, block_size)
     return B, Hkv, T
 
 

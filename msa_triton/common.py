@@ -78,6 +78,18 @@ def _op(name):
     return register
 
 
+def _kernel_limits(q, k, v, Hkv, block_size):
+    """What the attention kernels of both paths support beyond msa_ref's checks, one ValueError line each:
+    q, k, v of one float dtype, D <= 128, bs <= 128, G <= 64, on CUDA (or in Triton's interpreter)."""
+    _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
+            f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
+    _expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
+    _expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
+    _expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+            f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
+
+
 def _pow2(n, lo=16):
     """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16."""
     return max(lo, triton.next_power_of_2(n))

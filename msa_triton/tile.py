@@ -17,14 +17,13 @@ kl_loss_tile runs the same way on tiles of BLOCK_Q tokens (one row per token; th
 use_tile holds the rule that picks this path or the KV-outer one; FORCE overrides it for measurement.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from msa_ref import _expect, check_block_idx, check_inputs
-from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _checking, _kl_call, _kl_custom_op, _op, _pow2, _prec,
+from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _checking, _kernel_limits, _kl_call, _kl_custom_op, _op, _pow2, _prec,
                      _softmax_finish, _softmax_rescale, _strides)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
@@ -248,22 +247,10 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bi_ptr, rd_
 # attention launchers
 
 def _check(q, k, v, block_idx, block_size):
-    """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T)."""
+    """msa_ref's checks (shapes only: no host sync) plus what the kernels support. Returns (B, Hkv, T)."""
     B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=False)
-    _expect(k.dtype == q.dtype and v.dtype == q.dtype, f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _limits(q, Hkv, block_size)
+    _kernel_limits(q, k, v, Hkv, block_size)
     return B, Hkv, T
-
-
-def _limits(q, Hkv, block_size):
-    """What the tile kernels support, beyond msa_ref's checks (one ValueError line each)."""
-    _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
-            f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
-    _expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
-    _expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
-    _expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
-            f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
 
 
 def reads_shape(B, Hkv, T, G, block_size, rows):
@@ -613,7 +600,7 @@ def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
     Launches: forward 3 with lse, 4 without (+1 for the gradients when qi or ki requires grad: they are computed
     here, with the loss); backward 1-2 per gradient (scale by the incoming gradient, cast)."""
     _, Hkv, _ = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
-    _limits(q, Hkv, block_size)
+    _kernel_limits(q, q, q, Hkv, block_size)                                  # k may differ: it is cast
     _expect(qi.dtype in (torch.float16, torch.bfloat16, torch.float32),
             f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
     _expect(qi.shape[3] <= 128, f"index dim Di must be <= 128, got {qi.shape[3]}")

@@ -30,10 +30,11 @@ def random_block_idx(B, Hkv, T, bs, K, seed=0, pad=0.0, shuffle=True):
     return idx.to(torch.int32).to(DEVICE)
 
 
-def run_both(q, k, v, block_idx, bs, dout):
-    """(out, lse, dq, dk, dv) of msa_triton and of msa_ref computed in float64 from the same inputs."""
+def run_both(q, k, v, block_idx, bs, dout, attend=None):
+    """(out, lse, dq, dk, dv) of a Triton path (attend: the KV-outer one unless given) and of msa_ref computed in
+    float64 from the same inputs."""
     qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out, lse = attention.sparse_attention(*qkv, block_idx, bs)
+    out, lse = (attend or attention.sparse_attention)(*qkv, block_idx, bs)
     grads = torch.autograd.grad(out, qkv, dout)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     rout, rlse = msa_ref.sparse_attention(*ref_in, block_idx, bs)

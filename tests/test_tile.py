@@ -3,7 +3,6 @@ msa_triton/tile.py (the query-tile path: sparse_attention_tile, kl_loss_tile) ag
 Without a GPU these run in Triton's interpreter (conftest.py) at tiny sizes in fp32 / fp16; with one they
 also run in bf16 at the repository model's shape and the M3 head layout, against msa_ref and the KV-outer path.
 """
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import msa_triton
 from msa_triton import attention, tile
 from conftest import DEVICE, rand_inputs, requires_cuda
 from test_msa_triton import assert_close, random_block_idx
+from test_msa_triton import run_both as run_both_paths
 
 GPU = DEVICE == "cuda"
 
@@ -37,13 +37,7 @@ def selection(kind, B, Hkv, T, bs, K, seed=0):
 
 def run_both(q, k, v, block_idx, bs, dout):
     """(out, lse, dq, dk, dv) of the tile path and of msa_ref in float64 from the same inputs."""
-    qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out, lse = tile.sparse_attention_tile(*qkv, block_idx, bs)
-    grads = torch.autograd.grad(out, qkv, dout)
-    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    rout, rlse = msa_ref.sparse_attention(*ref_in, block_idx, bs)
-    rgrads = torch.autograd.grad(rout, ref_in, dout.double())
-    return (out, lse, *grads), (rout, rlse, *rgrads)
+    return run_both_paths(q, k, v, block_idx, bs, dout, attend=tile.sparse_attention_tile)
 
 
 def check_attention(shape, dtype, kind, seed=0):
