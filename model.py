@@ -282,8 +282,8 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
     The N*k (token, expert) assignments are sorted by expert, so each expert's rows are one contiguous group, and
     grouped matrix products (grouped_mm) run every expert on its own group at once. The routing stays on the
     device in shapes fixed by N and k (no expert's token count reaches the host): with grouped_mm's kernel (bf16 on
-    an H100 or H200) a training step never waits on the host, and a decode step runs this same code inside a CUDA
-    graph. The products run in autocast's dtype.
+    compute capability 9.x and 10.x) a training step never waits on the host. The products run in autocast's
+    dtype. A decode step's few tokens take moe_all_experts instead (fewer kernels).
     """
     N, k = idx.shape
     E, C = w1.shape[0], x.shape[1]
