@@ -8,7 +8,7 @@ import torch
 
 import msa_ref
 import msa_triton
-from msa_triton import attention, common
+from msa_triton import attention, common, tile
 from conftest import DEVICE, rand_inputs, requires_cuda
 
 GPU = DEVICE == "cuda"
@@ -94,9 +94,10 @@ def test_matches_ref_half(shape, dtype):
     _check(shape, dtype, pad=0.1)
 
 
-def test_empty_rows_and_repeats():
+@pytest.mark.parametrize("path", ["kv", "tile"])
+def test_empty_rows_and_repeats(path):
     """Rows with no visible key (all -1, or only future blocks) give out 0, lse -inf, zero gradients;
-    a block listed twice counts once (msa_ref's set semantics)."""
+    a block listed twice counts once (msa_ref's set semantics). Both paths of sparse_attention."""
     B, Hq, Hkv, T, D, bs = 1, 2, 1, 24, 16, 8
     q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, seed=3)
     block_idx = random_block_idx(B, Hkv, T, bs, 3, seed=3, shuffle=False)
@@ -104,7 +105,7 @@ def test_empty_rows_and_repeats():
     block_idx[0, 0, 6] = torch.tensor([2, 1, -1])                              # only future blocks
     block_idx[0, 0, 20] = torch.tensor([1, 1, 2])                              # a repeat
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    got, ref = run_both(q, k, v, block_idx, bs, dout)
+    got, ref = run_both(q, k, v, block_idx, bs, dout, attend=tile.sparse_attention_tile if path == "tile" else None)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
         assert_close(a, b, torch.float32, name)
     assert torch.equal(got[0][0, :, 5:7], torch.zeros_like(got[0][0, :, 5:7]))
