@@ -53,6 +53,7 @@ attention = "msa"             # 'msa' or 'dense' (every layer dense, nothing els
 n_dense_layers = 1
 msa_block_size = 64
 msa_topk = 4
+msa_select = "indexer"        # which blocks: 'indexer' (learned), or the blind controls 'local' and 'random' (no KL)
 index_fp8 = False             # index scores (the selection, not the KL) in fp8 e4m3: an fp8 decoding cache
 n_expert = 8
 expert_topk = 2
