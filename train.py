@@ -151,7 +151,8 @@ try:
     model = GPT(GPTConfig(**model_args), backend=backend).to(device)
 except ValueError as e:  # GPTConfig.check (e.g. n_embd not a multiple of n_head) or model.get_backend
     raise SystemExit(f"config error: {e}")
-say(f"model: {model.num_params() / 1e6:.2f}M parameters, backend {model.backend.__name__}, attention {attention}")
+say(f"model: {model.num_params() / 1e6:.2f}M parameters, backend {model.backend.__name__}, attention {attention}"
+    f"{'' if msa_select == 'indexer' or attention == 'dense' else f' ({msa_select} selection: a blind control, no KL)'}")
 decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and expert weights decay; norms, biases don't
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],

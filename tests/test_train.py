@@ -51,6 +51,17 @@ def straight(tmp_path_factory):
     return out
 
 
+def test_blind_selection_trains(tmp_path):
+    """--msa_select=local: a blind control trains (no KL: none logged per layer) and evaluates (captions and the
+    long-range questions decode through the caches with the same selection)."""
+    out = str(tmp_path)
+    r = train(f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--msa_select=local")
+    assert "(local selection: a blind control, no KL)" in r.stdout
+    recs = records(out)
+    assert all(rec["kl"] == 0 for rec in recs) and [len(rec["kl_layers"]) for rec in recs if "eval" in rec] == [0, 0]
+    assert all(0 < rec["recall_layers"][0] < 1 for rec in recs if "eval" in rec)
+
+
 def test_resume_continues_exactly(straight, tmp_path):
     out = str(tmp_path)
     train(f"--out_dir={out}", "--max_iters=2")
