@@ -42,6 +42,7 @@ init_from = "scratch"         # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 data_path = ""                # '' = built-in Shakespeare; else your text file or folder (prepared once, data.prepare)
 data_images = ""              # optional folder of 32x32 images with same-named .txt captions ('' = generated shapes)
 p_image = data.P_IMAGE        # chance that a packed segment is an image-caption pair rather than text
+p_mqar = 0.0                  # chance that a row is the multi-query associative recall task (data.mqar_row)
 seed = 1337
 # model (model.GPTConfig)
 n_layer = 6
@@ -100,6 +101,8 @@ for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_
     if config[_key] < _least:
         raise SystemExit(f"config error: {_key} must be >= {_least}, got {config[_key]}")
 
+if not 0 <= p_mqar <= 1:
+    raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -264,7 +267,7 @@ def train_batch(it, micro):
     its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
     m = rank * gradient_accumulation_steps + micro
     return data.get_batch("train", batch_size, seq_len, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
-                          device, p_image)
+                          device, p_image, p_mqar)
 
 
 def save_checkpoint():

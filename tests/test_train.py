@@ -179,6 +179,9 @@ def test_bad_input_gives_a_clear_message(args, msg):
     (["--n_head=3"], "config error: bad model config: n_embd=32 must be a multiple of n_head=3"),
     (["--msa_topk=0"], "config error: bad model config: msa_block_size and msa_topk must be >= 1"),
     (["--batch_size=0"], "config error: batch_size must be >= 1, got 0"),
+    (["--msa_select=window"], "config error: bad model config: msa_select must be one of 'indexer', 'local', 'random', "
+                              "got 'window'"),
+    (["--p_mqar=1.5"], "config error: p_mqar must be in [0, 1], got 1.5"),
     (["--backend=triton"], "config error: backend='triton' needs a CUDA GPU and none was found")])
 def test_bad_settings_end_in_one_line(args, msg):
     # GPUs hidden and Triton's interpreter off: --backend=triton is what a user asks for on a machine without CUDA
