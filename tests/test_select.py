@@ -6,7 +6,7 @@ import torch
 
 import msa_ref
 import msa_triton
-from conftest import DEVICE
+from conftest import DEVICE, requires_cuda
 from model import GPT, GPTConfig, KVCache
 
 RULES = ("local", "random")
@@ -170,3 +170,19 @@ def test_triton_backend_matches_ref(rule):
     torch.testing.assert_close(got["lm"], want["lm"], rtol=1e-4, atol=1e-5)
     assert got["kl_layers"].numel() == 0
     got["lm"].backward()
+
+
+@requires_cuda
+@pytest.mark.parametrize("rule", RULES)
+def test_blind_decode_in_a_cuda_graph(rule):
+    """On a GPU, generate() captures a decode step in a CUDA graph: the blind selection (a fresh draw per replay for
+    'random') runs inside it. 'local': every greedy token is the full forward's argmax there (up to rounding)."""
+    model = tiny("triton", msa_select=rule).to("cuda").eval()
+    x = batch()[0][:, :11].cuda()
+    out = model.generate(x, 8, temperature=0)
+    assert out.shape == (2, 19) and torch.equal(out[:, :11], x) and int(out.max()) < 64
+    if rule == "local":
+        with torch.no_grad():
+            logits = model(out[:, :-1])[0][:, 10:].float()                     # (2, 8, V) predicting out[:, 11:]
+        chosen = logits.gather(-1, out[:, 11:, None]).squeeze(-1)              # (2, 8)
+        assert (logits.amax(-1) - chosen).max() < 1e-3
