@@ -9,6 +9,8 @@ What a row holds (each segment is followed by <|endoftext|>):
               "a small red circle in the top left\n"
   long range  (a whole row) filler text with "\nThe password is <word>.\n" in its first tenth and
               "\nThe password was <word>.\n" in its last tenth: the answer needs attention over ~80% of the row
+  recall      (a whole row, p_mqar, off by default) text with many facts "\n Bob -> 4821\n" and, later, the same
+              lines as questions; only the questions' values are targets among the inserted tokens (mqar_row)
 The loss is on text only: y = -1 where the target is an image token (image positions predict nothing useful).
 
 Prepared data (nanoGPT's prepare step, done once) lives in DATA_DIR/<name>/: train.bin and val.bin (uint16
@@ -325,6 +327,56 @@ def _long_range(tokens, n, rng):
     return row, b + len(key) + len(_enc("\nThe password was"))
 
 
+@functools.cache
+def _mqar_vocab():
+    """-> (keys, value first tokens, value second tokens): GPT-2 tokens that encode back to themselves, keys a space
+    and a 3-letter capitalised word (" Bob"), values a 4-digit number as " 48" + "21" (how GPT-2 writes " 4821")."""
+    enc = get_tokenizer()
+    pick = lambda pattern: np.array([t for t in range(EOT) if re.fullmatch(pattern, enc.decode_single_token_bytes(t))
+                                     and enc.encode_ordinary(enc.decode([t])) == [t]])
+    return pick(rb" [A-Z][a-z]{2}"), pick(rb" [0-9]{2}"), pick(rb"[0-9]{2}")
+
+
+def mqar_row(tokens, n, rng, n_pairs=None):
+    """
+    Multi-query associative recall in a row of n tokens: text windows with n_pairs facts "\n Bob -> 4821\n" inserted
+    at random places and, later, one question per fact in the same form; the question's value is the answer.
+    The distance from a fact to its question is uniform over the row. Keys are distinct within a row.
+    n_pairs: None -> n // 128 (at least 1). Returns
+      row (n,) int64,
+      target (n,) bool: whether a token is a loss target (text and answer tokens; not the inserted keys, the facts'
+        values or the markers around them: unpredictable or given),
+      tasks [(question position, answer tokens (2,), fact position)]: the question position holds " ->" (the
+        prompt is row[:pos + 1], the answer follows), the fact position holds the fact's key.
+    """
+    keys, v1, v2 = _mqar_vocab()
+    n_pairs = max(1, n // 128) if n_pairs is None else n_pairs
+    nl, arrow = _enc("\n"), _enc(" ->")
+    span = len(nl) * 2 + 1 + len(arrow) + 2                                # "\n", key, " ->", 2 value tokens, "\n"
+    m = n - 2 * n_pairs * span                                             # text tokens
+    if n_pairs < 1 or m < 2:
+        raise ValueError(f"mqar_row: n={n} tokens hold at most {max(0, (n - 2) // (2 * span))} pairs, got n_pairs={n_pairs}")
+    key = rng.choice(keys, n_pairs, replace=False)                         # (P,) distinct keys
+    value = np.stack([rng.choice(v1, n_pairs), rng.choice(v2, n_pairs)], 1)  # (P, 2)
+    d = rng.integers(1, m, size=n_pairs)                                   # distance in text tokens, uniform in [1, m)
+    at = rng.integers(0, m - d + 1)                                        # fact before text token at, question at + d
+    inserts = sorted([(at[i], 0, i) for i in range(n_pairs)] + [(at[i] + d[i], 1, i) for i in range(n_pairs)])
+    text = _window(tokens, m, rng)
+    row, target, where, prev = [], [], {}, 0                               # where[(kind, i)] = key's row position
+    for off, kind, i in inserts:
+        row.append(text[prev:off])
+        target.append(np.ones(off - prev, bool))
+        prev = off
+        where[kind, i] = sum(map(len, row)) + len(nl)
+        row.append(np.concatenate([nl, [key[i]], arrow, value[i], nl]))
+        target.append(np.array([False] * (len(nl) + 1 + len(arrow)) + [bool(kind)] * 2 + [False] * len(nl)))
+    row.append(text[prev:])
+    target.append(np.ones(m - prev, bool))
+    row, target = np.concatenate(row).astype(np.int64), np.concatenate(target)
+    tasks = sorted((where[1, i] + len(arrow), value[i].copy(), where[0, i]) for i in range(n_pairs))
+    return row, target, [(int(q), a, int(f)) for q, a, f in tasks]
+
+
 def _packed_row(tokens, images, captions, n, rng, p_image):
     """-> (n tokens of text windows and image-caption pairs,
            [(offset of each image's IMG_START, its patches (16, 192) uint8)])"""
@@ -346,17 +398,23 @@ def _packed_row(tokens, images, captions, n, rng, p_image):
     return np.concatenate(parts)[:n], pics
 
 
-def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE):
-    """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token),
-    patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
+def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_mqar=0.0):
+    """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token or, in a recall row, not a
+    target of mqar_row), patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
     p_image: the chance that a packed segment is an image-caption pair rather than a text window.
+    p_mqar: the chance that a row is a multi-query associative recall row (mqar_row); 0 draws nothing for it.
     Depends only on rng's state and the prepared files, so a resumed run continues exactly."""
     if split not in ("train", "val") or batch_size < 1 or seq_len < 1:
         raise ValueError(f"expected split 'train' or 'val', batch_size >= 1, seq_len >= 1; "
                          f"got {split!r}, {batch_size}, {seq_len}")
     tokens, images, captions = _load(_active or prepare(), split)
     rows, pix, pos = [], [], []
+    target = np.ones((batch_size, seq_len + 1), bool)                      # False: no loss on that token
     for b in range(batch_size):
+        if p_mqar and rng.random() < p_mqar:  # (no draw at 0: the default batches stay as they are)
+            row, target[b], _ = mqar_row(tokens, seq_len + 1, rng)
+            rows.append(row)
+            continue
         lr = _long_range(tokens, seq_len + 1, rng) if rng.random() < P_LONG_RANGE else None
         row, pics = (lr[0], []) if lr else _packed_row(tokens, images, captions, seq_len + 1, rng, p_image)
         rows.append(row)
@@ -367,7 +425,7 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE):
     # numpy, not torch, on the CPU: for rows this small torch's CPU ops cost more in thread start-up than in work
     data = np.stack(rows)  # (B, T + 1)
     x, y = np.ascontiguousarray(data[:, :-1]), data[:, 1:].copy()
-    y[np.isin(y, IMAGE_IDS)] = -1
+    y[np.isin(y, IMAGE_IDS) | ~target[:, 1:]] = -1
     idx = np.concatenate(pos) if pos else np.zeros(0, dtype=np.int64)    # (N,) flat positions of the patches
     pix = np.concatenate(pix) if pix else np.zeros((0, PATCH_DIM), np.uint8)  # (N, 192) uint8
     if torch.device(device).type == "cpu":

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import msa_ref
 
-BACKEND_FUNCTIONS = ("index_topk", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy")
+BACKEND_FUNCTIONS = ("index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy")
 
 
 def get_backend(name="auto"):
@@ -67,6 +67,8 @@ class GPTConfig:
     n_dense_layers: int = 1
     msa_block_size: int = 64    # bs
     msa_topk: int = 4           # K blocks per query, the local block included
+    msa_select: str = "indexer" # which K blocks: 'indexer' (learned), or a blind control (msa_ref.select_fixed):
+                                # 'local' (first + local block), 'random' (K - 1 random earlier + local); no KL
     index_fp8: bool = False     # index scores in float8 e4m3 (msa_ref.fp8_quantize), so the decoding cache is fp8
     n_expert: int = 8           # E
     expert_topk: int = 2        # experts per token (>= 2: the gates are a softmax over the chosen ones)
@@ -82,6 +84,8 @@ class GPTConfig:
                         (c.n_head % c.n_kv_head == 0, f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head}"),
                         ((c.n_embd // c.n_head) % 2 == 0 and c.index_dim % 2 == 0, "head dim and index_dim must be even (RoPE)"),
                         (c.attention in ("msa", "dense"), f"attention must be 'msa' or 'dense', got {c.attention!r}"),
+                        (c.msa_select in msa_ref.SELECT_RULES,
+                         f"msa_select must be one of {', '.join(map(repr, msa_ref.SELECT_RULES))}, got {c.msa_select!r}"),
                         (0 <= c.n_dense_layers <= c.n_layer, f"n_dense_layers must be in [0, n_layer={c.n_layer}], got {c.n_dense_layers}"),
                         (2 <= c.expert_topk <= c.n_expert, f"expert_topk must be in [2, n_expert={c.n_expert}], got {c.expert_topk}"),
                         (c.msa_block_size >= 1 and c.msa_topk >= 1, "msa_block_size and msa_topk must be >= 1")]:
@@ -144,6 +148,10 @@ class Attention(nn.Module):
         if sparse:  # the index branch: exactly two projections
             self.wqi = nn.Linear(C, Hkv * cfg.index_dim, bias=False)  # one index query per group
             self.wki = nn.Linear(C, cfg.index_dim, bias=False)        # one index key, shared by the groups
+            if cfg.msa_select != "indexer":  # a blind rule never reads them: kept (checkpoints load either way),
+                self.wqi.requires_grad_(False)  # frozen, so DDP does not wait for their gradients
+                self.wki.requires_grad_(False)
+        self.learned = sparse and cfg.msa_select == "indexer"       # the index branch chooses the blocks
 
     def qkv(self, x, pos):
         """x (B, T, C) -> q (B, Hq, T, D) and k (B, Hkv, T, D), both rotated (RoPE), and v (B, Hkv, T, D)."""
@@ -172,17 +180,17 @@ class Attention(nn.Module):
         """
         cfg, B, T, _ = self.cfg, *x.shape
         q, k, v = self.qkv(x, pos)                                                    # (B, Hq or Hkv, T, D)
-        qi, ki = self.index_branch(x, pos) if self.sparse else (None, None)          # (B, Hkv, T, Di), (B, T, Di)
+        qi, ki = self.index_branch(x, pos) if self.learned else (None, None)         # (B, Hkv, T, Di), (B, T, Di)
         kl = None
         if cache is not None:
             # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token
-            kic, ksc = msa_ref.fp8_quantize(ki) if self.sparse and cfg.index_fp8 else (ki, None)
+            kic, ksc = msa_ref.fp8_quantize(ki) if self.learned and cfg.index_fp8 else (ki, None)
             cache.write(pos, k, v, kic, ksc)
         if cache is not None and T == 1:
             y = self._decode(q, qi, pos, cache)
         elif self.sparse:
             y, block_idx, lse = self._sparse(q, k, v, qi, ki)
-            if kl_support is not None:
+            if kl_support is not None and self.learned:  # a blind rule has no index branch to teach
                 kl = self._kl(q, k, qi, ki, block_idx, lse, kl_support)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -190,11 +198,16 @@ class Attention(nn.Module):
 
     def _sparse(self, q, k, v, qi, ki):
         """MSA over a whole sequence: the index branch picks K blocks per query and group (no gradient through the
-        choice), the main branch attends over them. Returns y (B, Hq, T, D), block_idx (B, Hkv, T, K), lse (B, Hq, T)."""
-        cfg = self.cfg
+        choice), or a blind rule does (cfg.msa_select; qi, ki unused), the main branch attends over them.
+        Returns y (B, Hq, T, D), block_idx (B, Hkv, T, K), lse (B, Hq, T)."""
+        cfg, (B, Hkv, T, _) = self.cfg, k.shape
         with torch.no_grad():
-            block_idx = self.backend.index_topk(qi.detach(), ki.detach(), cfg.msa_block_size, cfg.msa_topk,
-                                                fp8=cfg.index_fp8)
+            if self.learned:
+                block_idx = self.backend.index_topk(qi.detach(), ki.detach(), cfg.msa_block_size, cfg.msa_topk,
+                                                    fp8=cfg.index_fp8)
+            else:
+                block_idx = self.backend.fixed_block_idx(B, Hkv, T, cfg.msa_block_size, cfg.msa_topk, cfg.msa_select,
+                                                         device=k.device)
         y, lse = self.backend.sparse_attention(q, k, v, block_idx, cfg.msa_block_size)
         return y, block_idx, lse
 
@@ -213,6 +226,14 @@ class Attention(nn.Module):
         -> (B, Hq, 1, D). Everything stays on the device and in fixed shapes (a CUDA graph replays it)."""
         cfg, B = self.cfg, q.shape[0]
         n = pos + 1                                                                   # (1,) tokens cached
+        if self.sparse and not cache.dense and not self.learned:
+            # a blind rule: the blocks the forward picks for this position (a fresh draw for 'random'), as a mask
+            # over the whole preallocated cache (fixed shapes), the G heads of a group sharing their group's row
+            block_idx = self.backend.select_fixed(pos, B, cfg.n_kv_head, cfg.msa_block_size, cfg.msa_topk,
+                                                  cfg.msa_select)                     # (B, Hkv, 1, K)
+            mask = msa_ref.support_mask(block_idx, cfg.msa_block_size, pos, cache.max_len)  # (B, Hkv, 1, Tmax)
+            mask = mask.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)         # (B, Hq, 1, Tmax)
+            return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, enable_gqa=True)
         if self.sparse and not cache.dense:
             lens = n.to(torch.int32).repeat(B)                                        # (B,) every row at the same length
             y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache.k, cache.v, cache.ki, lens,
@@ -231,7 +252,8 @@ class Attention(nn.Module):
         lse over every visible key), so two attention passes give it: the chosen blocks', and every block's."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, pos)
-        _, _, lse = self._sparse(q, k, v, *self.index_branch(x, pos))             # (B, Hq, T)
+        qi, ki = self.index_branch(x, pos) if self.learned else (None, None)
+        _, _, lse = self._sparse(q, k, v, qi, ki)                                 # (B, Hq, T)
         every = msa_ref.dense_block_idx(B, self.cfg.n_kv_head, T, self.cfg.msa_block_size, x.device)
         _, lse_all = self.backend.sparse_attention(q, k, v, every, self.cfg.msa_block_size)  # (B, Hq, T)
         return (lse.float() - lse_all.float()).exp().mean()
@@ -476,7 +498,8 @@ class GPT(nn.Module):
           attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
             dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
             blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
-          MSA index branch, no gradient through the selection: scores qi.ki over all t + 1 visible tokens and the
+            (msa_select 'local' reads fewer, the first and local blocks; counted as K all the same);
+          MSA index branch (msa_select 'indexer' only), no gradient through the selection: scores qi.ki over all t + 1 visible tokens and the
             block max, 2 * Hkv * Di * (t + 1);
           MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up, kl_dense):
             teacher q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
@@ -492,9 +515,10 @@ class GPT(nn.Module):
         n_kl_keys = n_dense_keys if kl_dense else n_msa_keys
         attn_params = 2 * C * Hq * D + 2 * C * Hkv * D
         moe_params = C * cfg.n_expert + (cfg.expert_topk + cfg.shared_expert) * 3 * C * H
-        matmul = 6 * (L * (attn_params + moe_params) + cfg.vocab_size * C) + 4 * n_msa * (C * Hkv * Di + C * Di)
+        n_idx = n_msa if cfg.msa_select == "indexer" else 0                  # a blind rule runs no index branch
+        matmul = 6 * (L * (attn_params + moe_params) + cfg.vocab_size * C) + 4 * n_idx * (C * Hkv * Di + C * Di)
         attn = 12 * Hq * D * ((L - n_msa) * n_dense_keys + n_msa * n_msa_keys)
-        index = n_msa * (2 * Hkv * Di * n_dense_keys + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
+        index = n_idx * (2 * Hkv * Di * n_dense_keys + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
         return matmul + attn + index
 
     @torch.no_grad()

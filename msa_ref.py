@@ -171,6 +171,53 @@ def dense_block_idx(B, Hkv, T, block_size, device=None):
     return idx.masked_fill(idx > local, -1).to(torch.int32).expand(B, Hkv, T, nb)
 
 
+SELECT_RULES = ("indexer", "local", "random")  # the indexer's choice, and two blind controls with the same K
+
+
+def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
+    """
+    A blind selection (no scores): the controls that show what the learned choice adds. q_pos (Tq,) long
+    -> block_idx int32 (B, Hkv, Tq, K) in select_blocks' layout (earlier blocks, the local block l = q_pos // bs
+    in the last valid slot, -1 padding); while l + 1 <= K every visible block, as index_topk.
+      'local':  the first block and the local block (a sink and a sliding window), the rest -1;
+      'random': K - 1 distinct earlier blocks drawn uniformly, fresh for each (b, g, t), and the local block.
+    generator: a torch.Generator on q_pos' device for 'random' (None: torch's global RNG). No host sync.
+    """
+    _expect(rule in SELECT_RULES[1:], f"rule must be 'local' or 'random', got {rule!r}")
+    Tq = q_pos.shape[0]
+    local = (q_pos.long() // block_size).view(1, 1, Tq, 1).expand(B, Hkv, Tq, 1)  # (B, Hkv, Tq, 1) the local block l
+    slot = torch.arange(topk, device=q_pos.device)                             # (K,)
+    dense = local < topk                                                       # l + 1 <= K: every visible block
+    if rule == "local":
+        far = slot.expand(B, Hkv, Tq, topk)                                    # block s in slot s: 0, 1, ...
+        n_far = torch.where(dense, local, min(1, topk - 1))                    # (.., 1) earlier blocks: all, or block 0
+    else:
+        # Floyd's algorithm: m distinct draws from [0, l) in m steps, each a draw t from [0, j] for j = l - m .. l - 1,
+        # j taken instead when t is already chosen. Uniform over the m-subsets; (B, Hkv, Tq, m) memory, not nb.
+        m = topk - 1
+        u = torch.rand(B, Hkv, Tq, m, generator=generator, device=q_pos.device)  # (B, Hkv, Tq, m)
+        chosen = local.new_empty(B, Hkv, Tq, 0)
+        for i in range(m):
+            j = (local - m + i).clamp(min=0)                                   # (B, Hkv, Tq, 1)
+            t = torch.minimum((u[..., i:i + 1] * (j + 1)).long(), j)           # uniform in [0, j]
+            t = torch.where((chosen == t).any(-1, keepdim=True), j, t)
+            chosen = torch.cat([chosen, t], dim=-1)
+        far = torch.where(dense, slot[:m], chosen)                             # (B, Hkv, Tq, m)
+        far = F.pad(far, (0, 1), value=-1)                                     # (B, Hkv, Tq, K)
+        n_far = local.clamp(max=topk - 1)                                      # (.., 1) earlier blocks taken
+    idx = torch.where(slot < n_far, far, -1)
+    idx = torch.where(slot == n_far, local, idx)                               # local in the last valid slot
+    return idx.to(torch.int32)
+
+
+def fixed_block_idx(B, Hkv, T, block_size, topk, rule, generator=None, device=None):
+    """select_fixed for every position of a sequence: block_idx int32 (B, Hkv, T, K), index_topk's layout,
+    for the blind rules 'local' and 'random' (msa_select in model.py)."""
+    for name, n in (("block_size", block_size), ("topk", topk)):
+        _expect(isinstance(n, int) and n >= 1, f"{name} must be an int >= 1, got {n!r}")
+    return select_fixed(torch.arange(T, device=device), B, Hkv, block_size, topk, rule, generator)
+
+
 def kl_loss_dense(q, k, qi, ki, block_size):
     """Warm-up variant: the same KL with every visible token as support (no top-k)."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size)

@@ -42,6 +42,7 @@ image = ""              # '' for text; a .png path, or 'generated' for a random 
 backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
 decode = "sparse"       # 'sparse' (MSA layers read their selected blocks) or 'dense' (the whole cache)
 msa_topk = 0            # > 0: blocks per query instead of the checkpoint's (>= the context's blocks: MSA == dense)
+msa_select = ""         # '' (the checkpoint's), 'indexer', or a blind rule 'local' / 'random' (model.GPTConfig)
 index_fp8 = False       # True: index scores and the index-key cache in fp8 (half the bytes a long decode step reads)
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
@@ -74,7 +75,7 @@ try:
 except checkpoint.CheckpointError as e:
     raise SystemExit(str(e))
 model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 else {}),
-                  **({"index_fp8": True} if index_fp8 else {}))
+                  **({"index_fp8": True} if index_fp8 else {}), **({"msa_select": msa_select} if msa_select else {}))
 try:
     model = GPT(GPTConfig(**model_args), backend=backend)
     model.load_state_dict(ckpt["model"])
@@ -85,7 +86,8 @@ except (TypeError, RuntimeError) as e:
                      f"{' '.join(str(e).split())[:300]}")
 model.eval().to(device)
 print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}, {decode} decode, "
-      f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}{', fp8 index' if model.cfg.index_fp8 else ''}")
+      f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}{', fp8 index' if model.cfg.index_fp8 else ''}"
+      f"{'' if model.cfg.msa_select == 'indexer' else ', blind selection ' + model.cfg.msa_select}")
 
 
 def timed(fn):

@@ -42,6 +42,7 @@ init_from = "scratch"         # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 data_path = ""                # '' = built-in Shakespeare; else your text file or folder (prepared once, data.prepare)
 data_images = ""              # optional folder of 32x32 images with same-named .txt captions ('' = generated shapes)
 p_image = data.P_IMAGE        # chance that a packed segment is an image-caption pair rather than text
+p_mqar = 0.0                  # chance that a row is the multi-query associative recall task (data.mqar_row)
 seed = 1337
 # model (model.GPTConfig)
 n_layer = 6
@@ -53,6 +54,7 @@ attention = "msa"             # 'msa' or 'dense' (every layer dense, nothing els
 n_dense_layers = 1
 msa_block_size = 64
 msa_topk = 4
+msa_select = "indexer"        # which blocks: 'indexer' (learned), or the blind controls 'local' and 'random' (no KL)
 index_fp8 = False             # index scores (the selection, not the KL) in fp8 e4m3: an fp8 decoding cache
 n_expert = 8
 expert_topk = 2
@@ -99,6 +101,8 @@ for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_
     if config[_key] < _least:
         raise SystemExit(f"config error: {_key} must be >= {_least}, got {config[_key]}")
 
+if not 0 <= p_mqar <= 1:
+    raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -150,7 +154,8 @@ try:
     model = GPT(GPTConfig(**model_args), backend=backend).to(device)
 except ValueError as e:  # GPTConfig.check (e.g. n_embd not a multiple of n_head) or model.get_backend
     raise SystemExit(f"config error: {e}")
-say(f"model: {model.num_params() / 1e6:.2f}M parameters, backend {model.backend.__name__}, attention {attention}")
+say(f"model: {model.num_params() / 1e6:.2f}M parameters, backend {model.backend.__name__}, attention {attention}"
+    f"{'' if msa_select == 'indexer' or attention == 'dense' else f' ({msa_select} selection: a blind control, no KL)'}")
 decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and expert weights decay; norms, biases don't
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
@@ -262,7 +267,7 @@ def train_batch(it, micro):
     its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
     m = rank * gradient_accumulation_steps + micro
     return data.get_batch("train", batch_size, seq_len, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
-                          device, p_image)
+                          device, p_image, p_mqar)
 
 
 def save_checkpoint():

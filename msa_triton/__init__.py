@@ -16,8 +16,10 @@ waits on the host. The checks that read the data (block_idx's and cache_lens' va
 only: checks(True / False / None), or NANOMSA_CHECKS=1 / 0; by default on for CPU tensors, off on CUDA.
 sparse_attention and kl_loss pick their path from the shapes alone (tile.use_tile, DESIGN.md section 4), so
 an eager call, a compiled graph and its fake implementations all take the same one.
+The blind selections (fixed_block_idx, select_fixed: the controls without a learned choice) are msa_ref's own
+functions: plain torch ops with no host sync, as fast as a kernel would be for them.
 """
-from msa_ref import check_inputs
+from msa_ref import check_inputs, fixed_block_idx, select_fixed  # the blind selections: plain torch, any device
 
 from . import attention, index, tile
 from .attention import attention_forward_query_outer
@@ -26,7 +28,7 @@ from .cross_entropy import linear_cross_entropy
 from .decode import sparse_decode
 from .index import index_topk
 
-__all__ = ["index_topk", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy",
+__all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy",
            "attention_forward_query_outer", "checks"]
 
 

@@ -51,6 +51,17 @@ def straight(tmp_path_factory):
     return out
 
 
+def test_blind_selection_trains(tmp_path):
+    """--msa_select=local: a blind control trains (no KL: none logged per layer) and evaluates (captions and the
+    long-range questions decode through the caches with the same selection)."""
+    out = str(tmp_path)
+    r = train(f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--msa_select=local")
+    assert "(local selection: a blind control, no KL)" in r.stdout
+    recs = records(out)
+    assert all(rec["kl"] == 0 for rec in recs) and [len(rec["kl_layers"]) for rec in recs if "eval" in rec] == [0, 0]
+    assert all(0 < rec["recall_layers"][0] < 1 for rec in recs if "eval" in rec)
+
+
 def test_resume_continues_exactly(straight, tmp_path):
     out = str(tmp_path)
     train(f"--out_dir={out}", "--max_iters=2")
@@ -168,6 +179,9 @@ def test_bad_input_gives_a_clear_message(args, msg):
     (["--n_head=3"], "config error: bad model config: n_embd=32 must be a multiple of n_head=3"),
     (["--msa_topk=0"], "config error: bad model config: msa_block_size and msa_topk must be >= 1"),
     (["--batch_size=0"], "config error: batch_size must be >= 1, got 0"),
+    (["--msa_select=window"], "config error: bad model config: msa_select must be one of 'indexer', 'local', 'random', "
+                              "got 'window'"),
+    (["--p_mqar=1.5"], "config error: p_mqar must be in [0, 1], got 1.5"),
     (["--backend=triton"], "config error: backend='triton' needs a CUDA GPU and none was found")])
 def test_bad_settings_end_in_one_line(args, msg):
     # GPUs hidden and Triton's interpreter off: --backend=triton is what a user asks for on a machine without CUDA
