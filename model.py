@@ -68,7 +68,7 @@ class GPTConfig:
     msa_block_size: int = 64    # bs
     msa_topk: int = 4           # K blocks per query, the local block included
     msa_select: str = "indexer" # which K blocks: 'indexer' (learned), or a blind control (msa_ref.select_fixed):
-                                # 'local' (first + local block), 'random' (K - 1 random earlier + local); no KL
+                                # 'local' (first block + the K - 1 last), 'random' (K - 1 random earlier + local); no KL
     index_fp8: bool = False     # index scores in float8 e4m3 (msa_ref.fp8_quantize), so the decoding cache is fp8
     n_expert: int = 8           # E
     expert_topk: int = 2        # experts per token (>= 2: the gates are a softmax over the chosen ones)

@@ -179,7 +179,8 @@ def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
     A blind selection (no scores): the controls that show what the learned choice adds. q_pos (Tq,) long
     -> block_idx int32 (B, Hkv, Tq, K) in select_blocks' layout (earlier blocks, the local block l = q_pos // bs
     in the last valid slot, -1 padding); while l + 1 <= K every visible block, as index_topk.
-      'local':  the first block and the local block (a sink and a sliding window), the rest -1;
+      'local':  the first block (a sink), the K - 2 blocks just before the local one and the local block (a
+                sliding window): the same K blocks per query as the other rules;
       'random': K - 1 distinct earlier blocks drawn uniformly, fresh for each (b, g, t), and the local block.
     generator: a torch.Generator on q_pos' device for 'random' (None: torch's global RNG). No host sync.
     """
@@ -189,8 +190,9 @@ def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
     slot = torch.arange(topk, device=q_pos.device)                             # (K,)
     dense = local < topk                                                       # l + 1 <= K: every visible block
     if rule == "local":
-        far = slot.expand(B, Hkv, Tq, topk)                                    # block s in slot s: 0, 1, ...
-        n_far = torch.where(dense, local, min(1, topk - 1))                    # (.., 1) earlier blocks: all, or block 0
+        window = local - (topk - 1) + slot                                     # slots 1 .. K-2: blocks l-K+2 .. l-1
+        far = torch.where(dense | (slot == 0), slot, window)                   # dense: block s in slot s; else the
+        n_far = local.clamp(max=topk - 1)                                      # sink (block 0) in slot 0, the window
     else:
         # Floyd's algorithm: m distinct draws from [0, l) in m steps, each a draw t from [0, j] for j = l - m .. l - 1,
         # j taken instead when t is already chosen. Uniform over the m-subsets; (B, Hkv, Tq, m) memory, not nb.

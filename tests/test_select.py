@@ -24,8 +24,8 @@ def check_layout(idx, T, bs, K, rule):
         assert len(set(valid)) == n, (t, row)
         if rule == "random" or l + 1 <= K:
             assert n == min(K, l + 1), (t, row)
-        else:                                                                 # 'local' past the dense start
-            assert valid == ([0, l] if K >= 2 else [l]), (t, row)
+        else:                                                                 # 'local' past the dense start: the
+            assert valid == ([0] + list(range(l - K + 2, l + 1)) if K >= 2 else [l]), (t, row)  # sink, window
 
 
 @pytest.mark.parametrize("rule", RULES)
