@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import msa_ref
 
-BACKEND_FUNCTIONS = ("index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy")
+BACKEND_FUNCTIONS = ("index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_decode",
+                     "linear_cross_entropy")
 
 
 def get_backend(name="auto"):
@@ -498,9 +499,8 @@ class GPT(nn.Module):
           attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
             dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
             blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
-            (msa_select 'local' reads fewer, the first and local blocks; counted as K all the same);
-          MSA index branch (msa_select 'indexer' only), no gradient through the selection: scores qi.ki over all t + 1 visible tokens and the
-            block max, 2 * Hkv * Di * (t + 1);
+          MSA index branch (msa_select 'indexer' only), no gradient through the selection: scores qi.ki over all
+            t + 1 visible tokens and the block max, 2 * Hkv * Di * (t + 1);
           MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up, kl_dense):
             teacher q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
         Averaged over the seq_len positions of a row.
