@@ -297,7 +297,8 @@ def on_sigint(signum, frame):
 
 
 def stop_requested():
-    """Whether some process got Ctrl-C (under DDP all of them stop at the same iteration)."""
+    """Whether some process got Ctrl-C. Under DDP all of them stop at the same iteration: the flag is all-reduced
+    (a host sync), so the loop asks only every log_interval iterations."""
     if not ddp:
         return interrupted
     flag = torch.tensor([float(interrupted)], device=device)
@@ -343,7 +344,7 @@ while True:
         t_last += time.time() - t_eval  # eval time does not count in tokens/s
     if iter_num == max_iters:
         break
-    if stop_requested():
+    if (not ddp or iter_num % log_interval == 0) and stop_requested():
         save_checkpoint()
         if master:
             print(f"interrupted: saved {ckpt_path} at iteration {iter_num}; continue with --init_from=resume",

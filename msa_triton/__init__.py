@@ -19,7 +19,7 @@ an eager call, a compiled graph and its fake implementations all take the same o
 The blind selections (fixed_block_idx, select_fixed: the controls without a learned choice) are msa_ref's own
 functions: plain torch ops with no host sync, as fast as a kernel would be for them.
 """
-from msa_ref import check_inputs, fixed_block_idx, select_fixed  # the blind selections: plain torch, any device
+from msa_ref import fixed_block_idx, select_fixed  # the blind selections: plain torch, any device
 
 from . import attention, index, tile
 from .attention import attention_forward_query_outer
@@ -33,9 +33,17 @@ __all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", 
 
 
 def _tile_path(q, k, block_idx, block_size):
-    """Whether a call takes the query-tile path (tile.use_tile on its shapes)."""
-    B, Hkv, T = check_inputs(q=q, k=k, block_idx=block_idx, block_size=block_size, values=False)
-    return tile.use_tile(B, Hkv, T, block_idx.shape[3], block_size, q.shape[1] // Hkv, q.shape[3])
+    """Whether a call takes the query-tile path (tile.use_tile on its shapes). The chosen path checks the
+    arguments (both with msa_ref's messages), so arguments without the documented shapes go to the KV-outer
+    path, whose checks say what is wrong, and are not checked twice here."""
+    try:
+        B, Hq, T, D = q.shape
+        Hkv, K = k.shape[1], block_idx.shape[3]
+    except (AttributeError, ValueError, IndexError):
+        return False
+    if not (isinstance(block_size, int) and Hkv >= 1):
+        return False
+    return tile.use_tile(B, Hkv, T, K, block_size, Hq // Hkv, D)
 
 
 def sparse_attention(q, k, v, block_idx, block_size):
