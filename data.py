@@ -9,7 +9,7 @@ What a row holds (each segment is followed by <|endoftext|>):
               "a small red circle in the top left\n"
   long range  (a whole row) filler text with "\nThe password is <word>.\n" in its first tenth and
               "\nThe password was <word>.\n" in its last tenth: the answer needs attention over ~80% of the row
-  recall      (a whole row, p_mqar, off by default) text with many facts "\n Bob -> 4821\n" and, later, the same
+  recall      (a whole row, p_mqar, off by default) text with many facts "\n Bob fox\n" and, later, the same
               lines as questions; only the questions' values are targets among the inserted tokens (mqar_row)
 The loss is on text only: y = -1 where the target is an image token (image positions predict nothing useful).
 
@@ -329,35 +329,40 @@ def _long_range(tokens, n, rng):
 
 @functools.cache
 def _mqar_vocab():
-    """-> (keys, value first tokens, value second tokens): GPT-2 tokens that encode back to themselves, keys a space
-    and a 3-letter capitalised word (" Bob"), values a 4-digit number as " 48" + "21" (how GPT-2 writes " 4821")."""
+    """-> (keys, values): GPT-2 tokens that encode back to themselves, keys a space and a 3-letter capitalised word
+    (" Bob", 1,399 of them), values a space and a 4-letter lower-case word (" fox", 2,042)."""
     enc = get_tokenizer()
     pick = lambda pattern: np.array([t for t in range(EOT) if re.fullmatch(pattern, enc.decode_single_token_bytes(t))
                                      and enc.encode_ordinary(enc.decode([t])) == [t]])
-    return pick(rb" [A-Z][a-z]{2}"), pick(rb" [0-9]{2}"), pick(rb"[0-9]{2}")
+    return pick(rb" [A-Z][a-z]{2}"), pick(rb" [a-z]{4}")
+
+
+MQAR_EVERY = 32  # mqar_row's default density: one fact (and its question) per MQAR_EVERY tokens of the row
 
 
 def mqar_row(tokens, n, rng, n_pairs=None):
     """
-    Multi-query associative recall in a row of n tokens: text windows with n_pairs facts "\n Bob -> 4821\n" inserted
-    at random places and, later, one question per fact in the same form; the question's value is the answer.
-    The distance from a fact to its question is uniform over the row. Keys are distinct within a row.
-    n_pairs: None -> n // 128 (at least 1). Returns
+    Multi-query associative recall in a row of n tokens: text windows with n_pairs facts "\n Bob fox\n" (a key, then
+    its value) inserted at random places and, later, one question per fact in the same form: the repeated key asks
+    for its value. Answering is an induction step (find the earlier token after the same key, copy it), the
+    mechanism attention learns first; the distance from a fact to its question is uniform over the row, so one
+    row teaches retrieval at every distance. Keys are distinct within a row.
+    n_pairs: None -> n // MQAR_EVERY (at least 1). Returns
       row (n,) int64,
-      target (n,) bool: whether a token is a loss target (text and answer tokens; not the inserted keys, the facts'
-        values or the markers around them: unpredictable or given),
-      tasks [(question position, answer tokens (2,), fact position)]: the question position holds " ->" (the
-        prompt is row[:pos + 1], the answer follows), the fact position holds the fact's key.
+      target (n,) bool: whether a token is a loss target: text tokens and the questions' values; not the inserted
+        keys, the facts' values (unpredictable) or the newlines around them,
+      tasks [(q, answer (1,), f)] sorted by q: the question's key sits at q (the prompt is row[:q + 1] and the answer
+        row[q + 1]), the fact's key at f (its value, the token the answer copies, at f + 1).
     """
-    keys, v1, v2 = _mqar_vocab()
-    n_pairs = max(1, n // 128) if n_pairs is None else n_pairs
-    nl, arrow = _enc("\n"), _enc(" ->")
-    span = len(nl) * 2 + 1 + len(arrow) + 2                                # "\n", key, " ->", 2 value tokens, "\n"
+    keys, values = _mqar_vocab()
+    n_pairs = max(1, n // MQAR_EVERY) if n_pairs is None else n_pairs
+    nl = _enc("\n")
+    span = 2 * len(nl) + 2                                                 # "\n", key, value, "\n"
     m = n - 2 * n_pairs * span                                             # text tokens
     if n_pairs < 1 or m < 2:
         raise ValueError(f"mqar_row: n={n} tokens hold at most {max(0, (n - 2) // (2 * span))} pairs, got n_pairs={n_pairs}")
     key = rng.choice(keys, n_pairs, replace=False)                         # (P,) distinct keys
-    value = np.stack([rng.choice(v1, n_pairs), rng.choice(v2, n_pairs)], 1)  # (P, 2)
+    value = rng.choice(values, n_pairs)                                    # (P,)
     d = rng.integers(1, m, size=n_pairs)                                   # distance in text tokens, uniform in [1, m)
     at = rng.integers(0, m - d + 1)                                        # fact before text token at, question at + d
     inserts = sorted([(at[i], 0, i) for i in range(n_pairs)] + [(at[i] + d[i], 1, i) for i in range(n_pairs)])
@@ -368,12 +373,12 @@ def mqar_row(tokens, n, rng, n_pairs=None):
         target.append(np.ones(off - prev, bool))
         prev = off
         where[kind, i] = sum(map(len, row)) + len(nl)
-        row.append(np.concatenate([nl, [key[i]], arrow, value[i], nl]))
-        target.append(np.array([False] * (len(nl) + 1 + len(arrow)) + [bool(kind)] * 2 + [False] * len(nl)))
+        row.append(np.concatenate([nl, [key[i], value[i]], nl]))
+        target.append(np.array([False] * (len(nl) + 1) + [bool(kind)] + [False] * len(nl)))
     row.append(text[prev:])
     target.append(np.ones(m - prev, bool))
     row, target = np.concatenate(row).astype(np.int64), np.concatenate(target)
-    tasks = sorted((where[1, i] + len(arrow), value[i].copy(), where[0, i]) for i in range(n_pairs))
+    tasks = sorted((where[1, i], value[i:i + 1].copy(), where[0, i]) for i in range(n_pairs))
     return row, target, [(int(q), a, int(f)) for q, a, f in tasks]
 
 

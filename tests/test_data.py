@@ -324,38 +324,39 @@ def val_tokens():
 def test_mqar_row_facts_questions_and_targets():
     """Each question's key was stated once before it as a fact with the same value; only the answers (and the
     text) are targets among the inserted tokens; the same rng state gives the same row."""
-    arrow = data._enc(" ->")
-    assert len(arrow) == 1
+    nl = data._enc("\n")
+    keys_v, values_v = data._mqar_vocab()
+    assert len(nl) == 1 and len(keys_v) > 1000 and len(values_v) > 1000
     for n, P in ((300, 3), (2049, None), (40, 1)):
         row, target, tasks = data.mqar_row(val_tokens(), n, np.random.default_rng(n), n_pairs=P)
         again = data.mqar_row(val_tokens(), n, np.random.default_rng(n), n_pairs=P)
         assert np.array_equal(row, again[0]) and np.array_equal(target, again[1]) and str(tasks) == str(again[2])
-        P = P or n // 128
+        P = P or n // data.MQAR_EVERY
         assert row.shape == target.shape == (n,) and row.dtype == np.int64 and len(tasks) == P
-        pairs = [(int(row[i]), tuple(row[i + 2:i + 4])) for i in np.flatnonzero(row[1:] == arrow[0])]  # (key, value)
-        assert len(pairs) == 2 * P                                              # P facts and P questions, nothing else
+        lines = [(int(row[i + 1]), int(row[i + 2])) for i in range(n - 3)
+                 if row[i] == nl[0] and row[i + 3] == nl[0] and row[i + 1] in keys_v and row[i + 2] in values_v]
         keys = []
         for q, a, f in tasks:
-            key = int(row[q - 1])
-            assert row[q] == arrow[0] and key == row[f] and f < q and key in data._mqar_vocab()[0]
-            assert pairs.count((key, tuple(a))) == 2 and [k for k, _ in pairs].count(key) == 2  # one fact, one question
-            assert np.array_equal(row[f + 2:f + 4], a) and np.array_equal(row[q + 1:q + 3], a)
-            assert target[q + 1:q + 3].all() and not target[f + 2:f + 4].any()  # answers learnt, facts' values given
-            assert not target[f] and not target[q - 1] and not target[q] and not target[f - 1]
+            key = int(row[q])
+            assert a.shape == (1,) and key == row[f] and f < q and key in keys_v
+            assert lines.count((key, int(a[0]))) == 2 and [k for k, _ in lines].count(key) == 2  # one fact, one question
+            assert row[f + 1] == a[0] == row[q + 1] and row[f - 1] == row[q - 1] == row[f + 2] == row[q + 2] == nl[0]
+            assert target[q + 1] and not target[f + 1]                          # answers learnt, facts' values given
+            assert not target[f] and not target[q] and not target[f - 1] and not target[q - 1]
             keys.append(key)
         assert len(set(keys)) == P
-        assert (~target).sum() == P * 2 * 6 - 2 * P                            # 6 tokens a line, 2 answer tokens each
+        assert (~target).sum() == P * 2 * 4 - P                                # 4 tokens a line, 1 answer token each
     other = data.mqar_row(val_tokens(), 300, np.random.default_rng(1), n_pairs=3)
     assert not np.array_equal(other[0], data.mqar_row(val_tokens(), 300, np.random.default_rng(300), n_pairs=3)[0])
-    with pytest.raises(ValueError, match="n=20 tokens hold at most 1 pairs, got n_pairs=2"):
-        data.mqar_row(val_tokens(), 20, np.random.default_rng(0), n_pairs=2)
+    with pytest.raises(ValueError, match="n=10 tokens hold at most 1 pairs, got n_pairs=2"):
+        data.mqar_row(val_tokens(), 10, np.random.default_rng(0), n_pairs=2)
 
 
 def test_mqar_distances_span_the_row():
     """The distance from fact to question is uniform over the row: every quarter of it is well represented."""
     n, rng = 4096, np.random.default_rng(0)
     d = np.concatenate([[q - f for q, _, f in data.mqar_row(val_tokens(), n, rng)[2]] for _ in range(8)]) / n
-    assert len(d) == 8 * 32 and d.min() < 0.05 and d.max() > 0.9
+    assert len(d) == 8 * n // data.MQAR_EVERY and d.min() < 0.05 and d.max() > 0.9
     share = np.histogram(d, bins=4, range=(0, 1))[0] / len(d)
     assert share.min() > 0.15, share
 
