@@ -368,11 +368,11 @@ def mqar_row(tokens, n, rng, n_pairs=None):
     inserts = sorted([(at[i], 0, i) for i in range(n_pairs)] + [(at[i] + d[i], 1, i) for i in range(n_pairs)])
     text = _window(tokens, m, rng)
     row, target, where, prev = [], [], {}, 0                               # where[(kind, i)] = key's row position
-    for off, kind, i in inserts:
+    for j, (off, kind, i) in enumerate(inserts):
         row.append(text[prev:off])
         target.append(np.ones(off - prev, bool))
         prev = off
-        where[kind, i] = sum(map(len, row)) + len(nl)
+        where[kind, i] = off + j * span + len(nl)                          # off text tokens and j lines before it
         row.append(np.concatenate([nl, [key[i], value[i]], nl]))
         target.append(np.array([False] * (len(nl) + 1) + [bool(kind)] + [False] * len(nl)))
     row.append(text[prev:])
