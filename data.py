@@ -327,14 +327,22 @@ def _long_range(tokens, n, rng):
     return row, b + len(key) + len(_enc("\nThe password was"))
 
 
-@functools.cache
 def _mqar_vocab():
     """-> (keys, values): GPT-2 tokens that encode back to themselves, keys a space and a 3-letter capitalised word
-    (" Bob", 1,399 of them), values a space and a 4-letter lower-case word (" fox", 2,042)."""
+    (" Bob"), values a space and a 4-letter lower-case word (" fox"); of each, the half that occurs least in the
+    training text (in Shakespeare: keys that never occur, values at most a few times), so that a question's key
+    is rarely seen anywhere but in its fact."""
+    return _mqar_vocab_of(_active or prepare())
+
+
+@functools.cache
+def _mqar_vocab_of(folder):
     enc = get_tokenizer()
+    counts = np.bincount(_load(folder, "train")[0].astype(np.int64), minlength=EOT)  # (EOT,) occurrences in the text
     pick = lambda pattern: np.array([t for t in range(EOT) if re.fullmatch(pattern, enc.decode_single_token_bytes(t))
                                      and enc.encode_ordinary(enc.decode([t])) == [t]])
-    return pick(rb" [A-Z][a-z]{2}"), pick(rb" [a-z]{4}")
+    rarest = lambda ids: np.sort(ids[np.argsort(counts[ids], kind="stable")[:len(ids) // 2]])
+    return rarest(pick(rb" [A-Z][a-z]{2}")), rarest(pick(rb" [a-z]{4}"))
 
 
 MQAR_EVERY = 32  # mqar_row's default density: one fact (and its question) per MQAR_EVERY tokens of the row
