@@ -22,7 +22,9 @@ import torch
 
 import checkpoint
 import data
+import recall_eval
 from configurator import configure
+from recall_eval import msa_layer_inputs
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out-long"     # heatmap: the run whose checkpoint is read
@@ -100,41 +102,22 @@ def load_model(run_dir):
     return model.to(device).eval(), ckpt["config"]
 
 
-def _autocast(x):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
-
-
-@torch.no_grad()
-def msa_layer_inputs(model, x, patches):
-    """One forward of x (1, T); -> {layer index: (h, pos)}, the input of each MSA layer's attention (forward hooks)."""
-    inputs, hooks = {}, []
-    for i, block in enumerate(model.blocks):
-        if block.attn.sparse:
-            hooks.append(block.attn.register_forward_hook(
-                lambda mod, args, out, i=i: inputs.__setitem__(i, (args[0], args[1]))))
-    try:
-        with _autocast(x):
-            model(x, patches=patches)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
+_autocast = recall_eval.autocast  # bf16 on CUDA, as train.py runs the model
 
 
 @torch.no_grad()
 def selection_maps(model, x, patches):
     """x (1, T) tokens, patches (1, T, PATCH_DIM) -> {layer index: (Hkv, nb, nb) float array}, one per MSA layer:
     [g, i, j] = fraction of the tokens of query block i whose selection (group g) holds key block j.
-    The selection is recomputed from each MSA layer's real input: a forward hook keeps (x, pos) of block.attn,
-    Attention.index_branch turns it into qi, ki and backend.index_topk picks the blocks, as the forward did."""
+    The selection is recomputed from each MSA layer's real input (recall_eval.msa_layer_inputs: forward hooks) by
+    the layer's own Attention._sparse (recall_eval.selection_at), as the forward did."""
     cfg = model.cfg
-    bs, K, T = cfg.msa_block_size, cfg.msa_topk, x.shape[1]
+    bs, T = cfg.msa_block_size, x.shape[1]
     nb = -(-T // bs)
+    at = torch.arange(T, device=x.device).unsqueeze(0)                              # (1, T) every position
     maps = {}
-    for i, (h, pos) in msa_layer_inputs(model, x, patches).items():
-        with _autocast(x):
-            qi, ki = model.blocks[i].attn.index_branch(h, pos)                       # (1, Hkv, T, Di), (1, T, Di)
-        idx = model.backend.index_topk(qi, ki, bs, K, fp8=cfg.index_fp8)[0].long()  # (Hkv, T, K), -1 padded
+    for i, idx in recall_eval.selection_at(model, msa_layer_inputs(model, x, patches), at).items():
+        idx = idx[0]                                                                 # (Hkv, T, K), -1 padded
         Hkv = idx.shape[0]
         qblock = (torch.arange(T, device=idx.device) // bs).view(1, T, 1).expand_as(idx)  # (Hkv, T, K)
         flat = (torch.arange(Hkv, device=idx.device).view(Hkv, 1, 1) * nb + qblock) * nb + idx
@@ -147,34 +130,25 @@ def selection_maps(model, x, patches):
 @torch.no_grad()
 def recall_vs_best(model, x, patches, n_queries, chunk=256):
     """Is a low indexer recall the indexer's fault? For n_queries positions spread evenly over x (1, T), per MSA
-    layer: the dense teacher's attention mass (the mean over a group's G heads of each head's softmax over every
-    visible key) inside (a) the K blocks index_topk chose: the recall train.py logs, and (b) the K blocks that
-    hold the most of it, the local block forced as for the indexer: the most any selection of K blocks can reach.
-    Returns {layer index: (indexer recall, best recall)}, each a mean over groups and positions."""
+    layer: the dense teacher's attention mass (recall_eval.teacher_block_mass: the mean over a group's G heads of
+    each head's softmax over every visible key) inside (a) the K blocks the forward chose: the recall train.py
+    logs, and (b) the K blocks that hold the most of it, the local block forced as for the indexer: the most any
+    selection of K blocks can reach. Returns {layer index: (indexer recall, best recall)}, each a mean over groups
+    and positions."""
     cfg = model.cfg
     bs, K, T = cfg.msa_block_size, cfg.msa_topk, x.shape[1]
     nb = -(-T // bs)
     ts = torch.linspace(0, T - 1, min(n_queries, T), device=x.device).round().long().unique()  # (n,) positions
+    inputs = msa_layer_inputs(model, x, patches)
+    at = ts.unsqueeze(0)                                                             # (1, n)
+    sel, mass = recall_eval.selection_at(model, inputs, at), recall_eval.teacher_block_mass(model, inputs, at, chunk)
     out = {}
-    for i, (h, pos) in msa_layer_inputs(model, x, patches).items():
-        attn = model.blocks[i].attn
-        with _autocast(x):
-            q, k, _ = attn.qkv(h, pos)                                               # (1, Hq, T, D), (1, Hkv, T, D)
-            idx = model.backend.index_topk(*attn.index_branch(h, pos), bs, K, fp8=cfg.index_fp8)[0]  # (Hkv, T, K)
-        Hkv, D = k.shape[1], k.shape[3]
-        q, k = q[0].float().view(Hkv, -1, T, D), k[0].float()                       # (Hkv, G, T, D), (Hkv, T, D)
-        got, best = [], []
-        for t in ts.split(chunk):                                                    # (n,) query positions
-            s = q[:, :, t] @ k.unsqueeze(1).transpose(-1, -2) / D ** 0.5             # (Hkv, G, n, T)
-            s = s.masked_fill(torch.arange(T, device=x.device) > t[:, None], float("-inf"))
-            p = s.softmax(-1).mean(1)                                                # (Hkv, n, T) the group's teacher
-            mass = torch.nn.functional.pad(p, (0, nb * bs - T)).view(Hkv, len(t), nb, bs).sum(-1)  # (Hkv, n, nb)
-            sel = idx[:, t].long()                                                   # (Hkv, n, K), -1 padded
-            got.append(mass.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, 0).sum(-1))
-            local = (t // bs).view(1, -1, 1).expand(Hkv, -1, 1)                      # (Hkv, n, 1)
-            rest = mass.scatter(-1, local, 0.0).topk(min(K - 1, nb), -1).values.sum(-1)  # future blocks hold 0
-            best.append(mass.gather(-1, local).squeeze(-1) + rest)
-        out[i] = (torch.cat(got, -1).mean().item(), torch.cat(best, -1).mean().item())
+    for i in inputs:
+        m, idx = mass[i][0], sel[i][0]                                               # (Hkv, n, nb), (Hkv, n, K)
+        got = m.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0).sum(-1)         # (Hkv, n)
+        local = (ts // bs).view(1, -1, 1).expand(m.shape[0], -1, 1)                  # (Hkv, n, 1)
+        rest = m.scatter(-1, local, 0.0).topk(min(K - 1, nb), -1).values.sum(-1)     # future blocks hold 0
+        out[i] = (got.mean().item(), (m.gather(-1, local).squeeze(-1) + rest).mean().item())
     return out
 
 
