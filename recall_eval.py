@@ -201,3 +201,52 @@ def niah_grid(model, lengths, depths=NIAH_DEPTHS, n_rows=4, seed=0, max_tokens=1
         recall.append(per_cell(s["hit"]).mean((1, 2, 3)).tolist() if s["layers"] else None)
         tok_s.append(s["tokens"] / max(s["seconds"], 1e-9))
     return dict(lengths=list(lengths), depths=list(depths), acc=acc, needle_recall=recall, tok_s=tok_s)
+
+
+def pick_question(tasks, question=-1):
+    """tasks of a row -> one task: tasks[question], or with question=-1 the one farthest from its fact."""
+    if question == -1:
+        return max(tasks, key=lambda t: t[0] - t[2])
+    if not 0 <= question < len(tasks):
+        raise ValueError(f"question must be -1 (the farthest) or in [0, {len(tasks)}), got {question}")
+    return tasks[question]
+
+
+@torch.no_grad()
+def explain(model, row, task):
+    """
+    One question read closely: the model sees the prompt row[:q + 1] and answers with the argmax of its next-token
+    logits (what greedy generation's prefill computes). -> dict of
+      q, f, answer (token id), pred (token id), needle (the block of f + 1), local (the block of q),
+      blocks {MSA layer: [[blocks group g read for the answer token, -1 padding dropped], ...]},
+      hit {layer: [needle in group g's blocks]}, mass {layer: (Hkv, q // bs + 1) numpy: the teacher per block}.
+    """
+    q, answer, f = task
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.asarray(row[:q + 1])).to(device).unsqueeze(0)  # (1, q + 1)
+    at = torch.tensor([[q]], device=device)
+    logits, inputs = run_model(model, x, at)
+    sel, mass = selection_at(model, inputs, at), teacher_block_mass(model, inputs, at)
+    bs = model.cfg.msa_block_size
+    needle = (f + 1) // bs
+    blocks = {i: [[b for b in s if b >= 0] for s in sel[i][0, :, 0].tolist()] for i in sel}
+    return dict(q=q, f=f, answer=int(answer[0]), pred=int(logits[0, 0].argmax()), needle=needle, local=q // bs,
+                blocks=blocks, hit={i: [needle in g for g in b] for i, b in blocks.items()},
+                mass={i: m[0, :, 0].cpu().numpy() for i, m in mass.items()})
+
+
+def explain_lines(e, rule="indexer"):
+    """explain()'s dict -> lines of text: the question, the answer against the truth, and per MSA layer and group
+    the blocks read for the answer token, the fact's block starred."""
+    word = lambda t: repr(data.decode([t]))
+    lines = [f"fact at token {e['f']} (its value in block {e['needle']}), question at token {e['q']} (block "
+             f"{e['local']}), {e['q'] - e['f']} tokens apart",
+             f"truth {word(e['answer'])} | model {word(e['pred'])} ({'right' if e['pred'] == e['answer'] else 'wrong'})"]
+    lines.append(f"blocks read for the answer token ({rule} selection; * = the fact's block):" if e["blocks"] else
+                 "no MSA layer: every layer attends to every block")
+    for i, groups in e["blocks"].items():
+        for g, bl in enumerate(groups):
+            found = "has the fact's block" if e["hit"][i][g] else "misses it"
+            lines.append(f"  layer {i} group {g}: {' '.join(f'{b}*' if b == e['needle'] else str(b) for b in bl)}"
+                         f"  -> {found} (teacher's mass there {e['mass'][i][g][e['needle']]:.2f})")
+    return lines
