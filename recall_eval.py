@@ -142,7 +142,7 @@ def score(model, rows, batch_size=8):
         q = torch.tensor([[qq for qq, _, _ in t] for t in tasks], device=device)
         answer = torch.tensor([[int(a[0]) for _, a, _ in t] for t in tasks], device=device)
         f = torch.tensor([[ff for _, _, ff in t] for t in tasks], device=device)
-        valid = torch.tensor([[p < len(tasks) for p in range(P)] for _, tasks in chunk], device=device)
+        valid = torch.tensor([[p < len(t) for p in range(P)] for _, t in chunk], device=device)
         x = torch.from_numpy(np.stack([r for r, _ in chunk])).to(device)    # (B, n)
         sync()
         t0 = time.time()
