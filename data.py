@@ -488,5 +488,41 @@ def long_range_eval_set(n, seq_len, seed=0):
     return out
 
 
+def niah_row(tokens, n, depth, rng):
+    """
+    One needle in a haystack of n tokens, in mqar_row's form: text with one fact "\n Bob fox\n" whose line starts
+    at round(depth * n) (0 <= depth < 1; at most the text's length), and the same line, the question, at the end.
+    -> row (n,) int64, tasks [(q, answer (1,), f)] as mqar_row's (one task): q = n - 3 (the question's key),
+    f the fact's key, the answer row[q + 1] == row[f + 1].
+    """
+    keys, values = _mqar_vocab()
+    nl = _enc("\n")
+    line = np.concatenate([nl, [keys[rng.integers(len(keys))], values[rng.integers(len(values))]], nl])
+    m = n - 2 * len(line)                                                  # text tokens
+    if m < 0 or not 0 <= depth < 1:
+        raise ValueError(f"niah_row: expected n >= {2 * len(line)} tokens and 0 <= depth < 1, got n={n}, depth={depth}")
+    a = min(int(round(depth * n)), m)                                      # text tokens before the fact
+    text = _window(tokens, m, rng)
+    row = np.concatenate([text[:a], line, text[a:], line]).astype(np.int64)
+    q = n - len(line) + len(nl)
+    return row, [(q, row[q + 1:q + 2].copy(), a + len(nl))]
+
+
+def mqar_eval_set(n_rows, n, seed=0):
+    """n_rows held-out recall rows of n tokens from the val split (mqar_row, its default density):
+    [(row (n,), tasks)]. Its own seed stream: the same rows at every evaluation and in every script."""
+    tokens = _load(_active or prepare(), "val")[0]
+    rng = np.random.default_rng([0x3A4, seed])
+    return [mqar_row(tokens, n, rng)[::2] for _ in range(n_rows)]
+
+
+def niah_eval_set(n_rows, n, depth, seed=0):
+    """n_rows held-out needle rows (niah_row) of n tokens with the fact at `depth`: [(row (n,), tasks)]. Each
+    (n, depth) cell has its own seed stream, so a grid's cells do not depend on which other cells it has."""
+    tokens = _load(_active or prepare(), "val")[0]
+    rng = np.random.default_rng([0x41A4, seed, n, int(round(depth * 1000))])
+    return [niah_row(tokens, n, depth, rng) for _ in range(n_rows)]
+
+
 if __name__ == "__main__":  # python data.py [text_path] [image_dir]: prepare once and report the token counts
     print(prepare(*sys.argv[1:3]), corpus_stats())

@@ -10,12 +10,19 @@ Sample from a trained nanoMSA model (the checkpoint that train.py leaves in out_
   python sample.py --start=FILE:long.txt --decode=dense   # the MSA layers decode densely: sparse vs dense tokens/s
   python sample.py --start=FILE:long.txt --msa_topk=64     # K raised to cover every block: sparse == dense
   python sample.py --start=FILE:long.txt --index_fp8=True  # index keys cached (and scored) in fp8
+  python sample.py --demo=recall                          # retrieval: a held-out row of facts, one asked again
+  python sample.py --demo=recall --demo_len=32768 --question=3   # a longer row, another question
 
 The prompt is prefilled with the sparse forward, which fills the KV caches and the index-key caches;
 then each new token selects its blocks from the cached index keys (the same rule as index_topk) and
 attends through backend.sparse_decode (with --decode=dense: over the whole cache, the index ignored).
 On CUDA each decode step is one CUDA-graph replay (model.GPT.generate). Prints tokens/s for the prompt
 and for the generation.
+
+--demo=recall: a row of held-out text with facts "\n Bob fox\n" inserted and asked again later (data.mqar_eval_set,
+the recall task of train.py's p_mqar); the prompt ends at one question's key. Prints the model's answer (the greedy
+next token) against the truth and, per MSA layer and KV group, the blocks read for the answer token and whether
+the fact's block is among them (recall_eval.explain).
 """
 import os
 import sys
@@ -27,6 +34,7 @@ import torch
 
 import checkpoint
 import data
+import recall_eval
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -44,6 +52,9 @@ decode = "sparse"       # 'sparse' (MSA layers read their selected blocks) or 'd
 msa_topk = 0            # > 0: blocks per query instead of the checkpoint's (>= the context's blocks: MSA == dense)
 msa_select = ""         # '' (the checkpoint's), 'indexer', or a blind rule 'local' / 'random' (model.GPTConfig)
 index_fp8 = False       # True: index scores and the index-key cache in fp8 (half the bytes a long decode step reads)
+demo = ""               # 'recall': the retrieval demo (above) instead of sampling
+demo_len = 0            # recall demo: tokens in the row (0: the checkpoint's training seq_len)
+question = -1           # recall demo: which question of the row (-1: the one farthest from its fact)
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +67,9 @@ for ok, what, got in [(num_samples >= 1, "--num_samples must be >= 1", num_sampl
                       (temperature >= 0, "--temperature must be >= 0 (0 is greedy)", temperature),
                       (top_k is None or top_k >= 1, "--top_k must be >= 1 (or None: no cut)", top_k),
                       (msa_topk >= 0, "--msa_topk must be >= 0 (0: the checkpoint's)", msa_topk),
-                      (decode in ("sparse", "dense"), "--decode must be 'sparse' or 'dense'", decode)]:
+                      (decode in ("sparse", "dense"), "--decode must be 'sparse' or 'dense'", decode),
+                      (demo in ("", "recall"), "--demo must be '' (sampling) or 'recall'", demo),
+                      (demo_len >= 0, "--demo_len must be >= 0 (0: the checkpoint's seq_len)", demo_len)]:
     if not ok:
         raise SystemExit(f"{what}, got {got!r}")
 if not image and start.startswith("FILE:"):
@@ -117,7 +130,21 @@ def report(n_seq, n_prompt, n_new, t_prompt, t_new):
           f"generation: {n_seq * n_new} tokens in {t_new:.3f}s ({n_seq * n_new / max(t_new, 1e-9):,.0f} tok/s)")
 
 
-if image:
+if demo == "recall":
+    n = demo_len or ckpt["config"].get("seq_len", 1024)
+    try:
+        (row, tasks), = data.mqar_eval_set(1, n, seed=seed)
+        task = recall_eval.pick_question(tasks, question)
+    except ValueError as e:
+        raise SystemExit(f"--demo=recall: {e}")
+    q, _, f = task
+    print(f"recall demo: {n} held-out tokens holding {len(tasks)} facts, each asked again later; the fact:")
+    print(f"  ...{data.decode(row[max(0, f - 12):f + 3].tolist())!r}...")
+    print(f"the prompt ends with the question ({q + 1} tokens):\n  ...{data.decode(row[max(0, q - 12):q + 1].tolist())!r}")
+    with ctx:
+        explained = recall_eval.explain(model, row, task)
+    print("\n".join(recall_eval.explain_lines(explained, model.cfg.msa_select)))
+elif image:
     if image == "generated":
         img, caption, _ = data.make_shape_image(np.random.default_rng(seed))
         print(f"generated image, true caption: {caption!r}")

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import data
+import recall_eval
 from configurator import configure
 from model import GPT, GPTConfig, gpu_peak_flops
 
@@ -84,6 +85,8 @@ eval_interval = 250
 eval_iters = 20               # val batches per evaluation
 eval_captions = 64            # held-out images captioned greedily per evaluation
 eval_long_range = 16          # long-range questions per evaluation
+eval_mqar = 0                 # held-out recall rows of seq_len tokens per evaluation (recall_eval.mqar_eval): accuracy
+                              # by distance, and per MSA layer whether the chosen blocks hold the fact; 0 = none
 log_interval = 10
 peak_flops = 0.0              # per GPU, for the MFU: 0 = the GPU's dense bf16 peak by its name (model.gpu_peak_flops)
 # -----------------------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ if init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
 for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_steps", 1), ("max_iters", 0),
                      ("eval_interval", 1), ("eval_iters", 1), ("eval_captions", 0), ("eval_long_range", 0),
-                     ("log_interval", 1)]:
+                     ("eval_mqar", 0), ("log_interval", 1)]:
     if config[_key] < _least:
         raise SystemExit(f"config error: {_key} must be >= {_least}, got {config[_key]}")
 
@@ -218,7 +221,7 @@ def long_range_accuracy(n):
 def evaluate():
     """Val losses on the same eval_iters batches every time (a private rng: the training stream is untouched),
     per-layer KL, indexer recall (the dense teacher's attention mass inside the chosen blocks) and expert load,
-    caption accuracy and long-range accuracy."""
+    caption accuracy, long-range accuracy and recall (MQAR) accuracy by distance with the needle recall."""
     model.eval()
     r = np.random.default_rng([seed, rank, 1])
     acc = {}
@@ -236,8 +239,20 @@ def evaluate():
     if master:
         res["caption"] = caption_accuracy(eval_captions) if eval_captions else {}
         res["long_range"] = long_range_accuracy(eval_long_range) if eval_long_range else None
+        if eval_mqar:
+            res["mqar"] = recall_eval.mqar_eval(raw_model, eval_mqar, seq_len, seed=seed, batch_size=batch_size)
     model.train()
     return res
+
+
+def mqar_line(r):
+    """One line of recall_eval.summarize's numbers: accuracy, by distance bin, needle recall per MSA layer."""
+    bins = " ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
+    needle = " ".join(f"{np.mean(g):.2f}" for g in r["needle_recall"])  # mean over the KV groups
+    mass = " ".join(f"{np.mean(g):.2f}" for g in r["needle_mass"])
+    return (f"  mqar acc {r['acc']:.3f} ({r['questions']} questions) | by distance ({len(r['acc_bins'])} bins over "
+            f"{seq_len} tokens) {bins}"
+            + (f" | needle recall per MSA layer {needle} (teacher mass {mass})" if needle else ""))
 
 
 def log(record):
@@ -339,6 +354,8 @@ while True:
                 f" | balance {res['balance']:.3f}, expert load max/min {load.max() / max(load.min(), 1e-9):.2f}"
                 f" | captions {' '.join(f'{k} {v:.2f}' for k, v in cap.items())} | long-range {res['long_range']}"
                 f" | {time.time() - t_eval:.1f}s")
+            if "mqar" in res:
+                say(mqar_line(res["mqar"]))
             log(dict(eval=iter_num, **res))
         save_checkpoint()
         t_last += time.time() - t_eval  # eval time does not count in tokens/s

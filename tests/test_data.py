@@ -374,3 +374,35 @@ def test_get_batch_mqar_rows():
     assert not (x == data.IMG_START).any() and p.abs().sum() == 0
     default = data.get_batch("train", 3, 300, np.random.default_rng(4))
     assert all(torch.equal(u, v) for u, v in zip(default, data.get_batch("train", 3, 300, np.random.default_rng(4), p_mqar=0.0)))
+
+
+def test_niah_row_places_the_fact_at_the_depth():
+    """One fact at round(depth * n), the same line as the question at the end; the answer is the fact's value."""
+    nl = data._enc("\n")[0]
+    keys_v, values_v = data._mqar_vocab()
+    for n in (8, 64, 1000):
+        for depth in (0.0, 0.1, 0.5, 0.9):
+            row, tasks = data.niah_row(val_tokens(), n, depth, np.random.default_rng(n))
+            (q, a, f), = tasks
+            assert row.shape == (n,) and row.dtype == np.int64 and q == n - 3 and a.shape == (1,)
+            assert f - 1 == min(round(depth * n), n - 8)                        # the fact's line starts there
+            assert row[f] == row[q] in keys_v and row[f + 1] == row[q + 1] == a[0] and a[0] in values_v
+            assert row[f - 1] == row[f + 2] == row[q - 1] == row[q + 2] == nl and f < q
+    with pytest.raises(ValueError, match="expected n >= 8 tokens and 0 <= depth < 1, got n=7, depth=0.5"):
+        data.niah_row(val_tokens(), 7, 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="got n=100, depth=1"):
+        data.niah_row(val_tokens(), 100, 1, np.random.default_rng(0))
+
+
+def test_recall_eval_sets_are_reproducible_and_held_out():
+    rows = data.mqar_eval_set(3, 256, seed=0)
+    assert len(rows) == 3 and all(r.shape == (256,) and len(t) == 256 // data.MQAR_EVERY for r, t in rows)
+    again = data.mqar_eval_set(3, 256, seed=0)
+    assert all(np.array_equal(r, s) and str(t) == str(u) for (r, t), (s, u) in zip(rows, again))
+    assert not np.array_equal(rows[0][0], data.mqar_eval_set(1, 256, seed=1)[0][0])
+    # the eval set's seed stream is not a training batch's (get_batch with p_mqar=1 from default_rng(0))
+    assert not np.array_equal(rows[0][0], data.get_batch("val", 1, 255, np.random.default_rng(0), p_mqar=1.0)[0][0])
+    cell = data.niah_eval_set(2, 300, 0.3, seed=0)
+    assert [t[0][2] for _, t in cell] == [91, 91] and not np.array_equal(cell[0][0], cell[1][0])
+    assert np.array_equal(cell[0][0], data.niah_eval_set(1, 300, 0.3, seed=0)[0][0])
+    assert not np.array_equal(cell[0][0], data.niah_eval_set(1, 300, 0.4, seed=0)[0][0])

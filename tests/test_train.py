@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,3 +290,18 @@ def test_configurator_help_lists_settings(capsys):
     assert e.value.code == 0 and settings["seq_len"] == 64                     # nothing applied
     out = capsys.readouterr().out
     assert out.startswith("Train something.") and "seq_len = 64" in out and "name = 'a'" in out
+
+
+def test_mqar_evaluation_is_logged(straight, tmp_path):
+    """--eval_mqar=N: each evaluation scores N held-out recall rows (recall_eval.mqar_eval), logs the numbers and
+    prints one line; the default (0) logs none."""
+    out = str(tmp_path)
+    r = train(f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--p_mqar=0.5", "--eval_mqar=3")
+    evals = [rec for rec in records(out) if "eval" in rec]
+    assert len(evals) == 2 and all("mqar" in rec for rec in evals)
+    m = evals[-1]["mqar"]
+    assert m["questions"] == 3 * 64 // 32 == sum(m["count_bins"]) and len(m["acc_bins"]) == 8 and 0 <= m["acc"] <= 1
+    assert m["layers"] == [1] and np.array(m["needle_recall"]).shape == np.array(m["needle_mass"]).shape == (1, 1)
+    lines = [line for line in r.stdout.splitlines() if "mqar acc" in line]
+    assert len(lines) == 2 and "needle recall per MSA layer" in lines[-1] and "(6 questions)" in lines[-1]
+    assert not any("mqar" in rec for rec in records(straight))
