@@ -303,8 +303,8 @@ def test_decode_step_waits_on_nothing(fresh_dynamo, decode):
     try:
         with torch.no_grad():
             cache = [KVCache(40, dense=decode == "dense") for _ in model.blocks]
-            model(x, cache=cache)
-            tok, pos = x[:, -1:].clone(), torch.tensor([11], device="cuda")
+            model(x[:, :10], cache=cache)                                       # positions 0..9
+            tok, pos = x[:, 10:].clone(), torch.tensor([10], device="cuda")    # the step's token, at 10
             out = torch.zeros(2, 40, dtype=torch.long, device="cuda")
             u = torch.empty(2, model.cfg.vocab_size, device="cuda")
             gen = torch.Generator(device="cuda").manual_seed(0)
@@ -326,6 +326,6 @@ def test_decode_step_waits_on_nothing(fresh_dynamo, decode):
                     replay()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            assert pos.item() == 11 + 2 * 4 + 1 + 5 and int(out[:, 12:pos.item() + 1].max()) < model.cfg.vocab_size
+            assert pos.item() == 10 + 2 * 4 + 1 + 5 and int(out[:, 11:pos.item() + 1].max()) < model.cfg.vocab_size
     finally:
         msa_triton.checks(prev)
