@@ -569,18 +569,27 @@ def bench_small(args):
 # model: the default GPU config's model (config/train_gpu.py) end to end, randomly initialised
 
 def bench_model(args):
-    """Training forward + backward of one micro-batch (16 x 1024 random tokens, bf16 autocast, median of 10 steps
-    after 3) for the dense and the MSA arm, eager and torch.compile'd (compile time apart): tokens/s and MFU
-    against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token). The MoE layer alone (16K
-    tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its three F.grouped_mm alone.
-    GPT.generate (512-token prompt, 256 new tokens, greedy) at batch 1 and 8, sparse and dense decode, tokens/s,
-    and the CUDA kernels of one eager decode step (torch.profiler). Takes about 2 minutes on an H200."""
+    """Three parts (--model_parts):
+    train: training forward + backward of one micro-batch (16 x 1024 random tokens, bf16 autocast, median of 10
+      steps after 3) for the dense and the MSA arm, eager and torch.compile'd (compile time apart): tokens/s and MFU
+      against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
+    moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its three
+      F.grouped_mm alone.
+    gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
+      as trained), decode step eager or compiled (generate's compile=False / True), CUDA-graphed either way:
+      512-token prompt, 256 new tokens, batch 1 and 8, sparse and dense decode; the compiled step with several
+      steps per graph replay (--graph_steps); a 32K-token prompt at batch 8. Each row: after one untimed identical
+      call (first_call_s: Triton and torch.compile compile, the graph captures), the prompt alone is timed, then
+      the whole call, the new tokens take the difference (ms per step, tokens/s). A compiled row checks its tokens
+      against the eager row's (same_tokens: how many leading new tokens agree in every row). Last, the GPU
+      operations of one un-graphed decode step (batch 1, torch.profiler), eager and compiled.
+    All three take a few minutes on an H200 (compiling the decode steps is most of gen's)."""
     import os
     from dataclasses import fields
 
     import data  # imported here: only this family needs the model, its data constants and its config
     from configurator import read_config_file
-    from model import GPT, GPTConfig, KVCache, gpu_peak_flops, moe_dispatch
+    from model import GPT, GPTConfig, gpu_peak_flops, moe_dispatch
     rows, dev = [], "cuda"
     gpu = torch.cuda.get_device_name()
     peak = gpu_peak_flops(gpu)
@@ -633,68 +642,82 @@ def bench_model(args):
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 
-    # training: eager, then compiled, per arm
-    for attention in ("dense", "msa"):
-        m = build(attention).train()
-        fpt = m.flops_per_token(T)
-        eager_loss = train_step(m).item()
-        ms = median_ms(lambda: train_step(m))
-        add(f"train {attention}, eager", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T)
-        try:
-            c = torch.compile(m)
-            t0 = time.time()
-            loss = train_step(c).item()                                         # compiles forward and backward
-            compile_s = time.time() - t0
-            ms = median_ms(lambda: train_step(c))
-            add(f"train {attention}, torch.compile", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T,
-                compile_s=round(compile_s, 1), check=f"loss {loss:.4f} vs eager {eager_loss:.4f}")
-        except Exception as e:  # report and go on: the eager numbers stand
-            print(f"train {attention}, torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        del m
-        torch._dynamo.reset()
+    if "train" in args.model_parts:
+        # training: eager, then compiled, per arm
+        for attention in ("dense", "msa"):
+            m = build(attention).train()
+            fpt = m.flops_per_token(T)
+            eager_loss = train_step(m).item()
+            ms = median_ms(lambda: train_step(m))
+            add(f"train {attention}, eager", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T)
+            try:
+                c = torch.compile(m)
+                t0 = time.time()
+                loss = train_step(c).item()                                         # compiles forward and backward
+                compile_s = time.time() - t0
+                ms = median_ms(lambda: train_step(c))
+                add(f"train {attention}, torch.compile", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T,
+                    compile_s=round(compile_s, 1), check=f"loss {loss:.4f} vs eager {eager_loss:.4f}")
+            except Exception as e:  # report and go on: the eager numbers stand
+                print(f"train {attention}, torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            del m
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+
+    if "moe" in args.model_parts:
+        # the MoE layer alone: 16K tokens, bf16 inputs and weights
+        N, C, H, E, k = 16384, 512, 1024, 8, 2
+        gm = torch.Generator(device=dev).manual_seed(1)
+        xs = (torch.randn(N, C, device=dev, generator=gm)).bfloat16().requires_grad_()
+        ws = [(torch.randn(E, a, b, device=dev, generator=gm) / a ** 0.5).bfloat16().requires_grad_()
+              for a, b in ((C, H), (C, H), (H, C))]
+        top, idx = torch.randn(N, E, device=dev, generator=gm).topk(k, -1)
+        gate = top.softmax(-1)
+        dy = torch.randn(N, C, device=dev, generator=gm).bfloat16()
+        with torch.no_grad():  # check against a loop over experts in float32
+            want = torch.zeros(N, C, device=dev)
+            for e in range(E):
+                n, j = (idx == e).nonzero(as_tuple=True)
+                xe = xs[n].float()
+                he = F.silu(xe @ ws[0][e].float()) * (xe @ ws[1][e].float())
+                want.index_add_(0, n, gate[n, j].unsqueeze(1) * (he @ ws[2][e].float()))
+            err = rel_err(moe_dispatch(xs, idx, gate, *ws), want)
+        flops = 18 * N * k * C * H                                                  # 3 products, forward + 2x backward
+
+        def moe_step():
+            moe_dispatch(xs, idx, gate, *ws).backward(dy)
+
+        order = idx.reshape(-1).argsort()
+        ends = torch.searchsorted(idx.reshape(-1)[order], torch.arange(E, device=dev), right=True).to(torch.int32)
+        rows_in = xs.detach().repeat_interleave(k, 0)[order].requires_grad_()
+        dyk = dy.repeat_interleave(k, 0)
+
+        def grouped_only():
+            h = F.silu(F.grouped_mm(rows_in, ws[0], offs=ends)) * F.grouped_mm(rows_in, ws[1], offs=ends)
+            F.grouped_mm(h, ws[2], offs=ends).backward(dyk)
+
+        for impl, fn in (("MoE layer: moe_dispatch", moe_step), ("MoE layer: its 3 F.grouped_mm alone", grouped_only)):
+            ms = timed(fn)
+            add(impl, "fwd+bwd", ms, flops=flops, check=f"rel err {err:.1e}" if fn is moe_step else "")
+        del xs, ws, dy, rows_in, dyk, want
         torch.cuda.empty_cache()
 
-    # the MoE layer alone: 16K tokens, bf16 inputs and weights
-    N, C, H, E, k = 16384, 512, 1024, 8, 2
-    gm = torch.Generator(device=dev).manual_seed(1)
-    xs = (torch.randn(N, C, device=dev, generator=gm)).bfloat16().requires_grad_()
-    ws = [(torch.randn(E, a, b, device=dev, generator=gm) / a ** 0.5).bfloat16().requires_grad_()
-          for a, b in ((C, H), (C, H), (H, C))]
-    top, idx = torch.randn(N, E, device=dev, generator=gm).topk(k, -1)
-    gate = top.softmax(-1)
-    dy = torch.randn(N, C, device=dev, generator=gm).bfloat16()
-    with torch.no_grad():  # check against a loop over experts in float32
-        want = torch.zeros(N, C, device=dev)
-        for e in range(E):
-            n, j = (idx == e).nonzero(as_tuple=True)
-            xe = xs[n].float()
-            he = F.silu(xe @ ws[0][e].float()) * (xe @ ws[1][e].float())
-            want.index_add_(0, n, gate[n, j].unsqueeze(1) * (he @ ws[2][e].float()))
-        err = rel_err(moe_dispatch(xs, idx, gate, *ws), want)
-    flops = 18 * N * k * C * H                                                  # 3 products, forward + 2x backward
+    if "gen" in args.model_parts:
+        bench_generate(args, build, add, g)
+    return rows
 
-    def moe_step():
-        moe_dispatch(xs, idx, gate, *ws).backward(dy)
 
-    order = idx.reshape(-1).argsort()
-    ends = torch.searchsorted(idx.reshape(-1)[order], torch.arange(E, device=dev), right=True).to(torch.int32)
-    rows_in = xs.detach().repeat_interleave(k, 0)[order].requires_grad_()
-    dyk = dy.repeat_interleave(k, 0)
-
-    def grouped_only():
-        h = F.silu(F.grouped_mm(rows_in, ws[0], offs=ends)) * F.grouped_mm(rows_in, ws[1], offs=ends)
-        F.grouped_mm(h, ws[2], offs=ends).backward(dyk)
-
-    for impl, fn in (("MoE layer: moe_dispatch", moe_step), ("MoE layer: its 3 F.grouped_mm alone", grouped_only)):
-        ms = timed(fn)
-        add(impl, "fwd+bwd", ms, flops=flops, check=f"rel err {err:.1e}" if fn is moe_step else "")
-    del xs, ws, dy, rows_in, dyk, want
-    torch.cuda.empty_cache()
-
-    # generation: GPT.generate, greedy, after one untimed identical call (Triton compiles, the graph captures)
-    m = build("msa").eval()
-    T0, n_new = 512, 256
+def bench_generate(args, build, add, g):
+    """bench_model's gen part (see there). build(attention) -> a fresh model in float32, add(...) records a row,
+    g the generator of the random prompts."""
+    import data
+    from model import KVCache
+    dev = "cuda"
+    T0, n_new, T_long = 512, 256, 32768
     prompt = torch.randint(0, data.EOT, (8, T0), device=dev, generator=g)
+    long_prompt = torch.randint(0, data.EOT, (8, T_long), device=dev, generator=g)
+    m32 = build("msa").eval()
+    m16 = build("msa").eval().to(torch.bfloat16)  # inference weights: half the bytes a decode step reads
 
     def seconds(fn):
         torch.cuda.synchronize()
@@ -703,31 +726,62 @@ def bench_model(args):
         torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    with torch.no_grad(), autocast:
+    def run(m, p, weights, decode, compiled, steps=1, eager_out=None):
+        """One generation row; returns its tokens (None if it failed)."""
+        impl = (f"generate B={p.shape[0]}, {decode} decode, {'compiled' if compiled else 'eager'} step, {weights}"
+                + (f", {steps} steps per graph" if steps > 1 else ""))
+        kw = dict(temperature=0, decode=decode, compile=compiled, graph_steps=steps)
+        try:
+            torch._dynamo.reset()                                               # first_call_s holds its compile
+            _, first = seconds(lambda: m.generate(p, n_new, **kw))
+            _, t_prompt = seconds(lambda: m.generate(p, 0, **kw))
+            out, t_all = seconds(lambda: m.generate(p, n_new, **kw))
+        except Exception as e:                                                  # one row's failure keeps the rest
+            add(impl, f"{n_new} tokens after {p.shape[1]}", note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return None
+        extra = {}
+        if eager_out is not None:
+            new, ref = out[:, p.shape[1]:], eager_out[:, p.shape[1]:]
+            differ = (new != ref).any(0).nonzero()
+            extra["same_tokens"] = f"{differ[0, 0].item() if len(differ) else n_new}/{n_new}"
+        t_new = t_all - t_prompt
+        add(impl, f"{n_new} tokens after {p.shape[1]}", t_new / n_new * 1e3, p.shape[0] * n_new / t_new,
+            first_call_s=round(first, 1), **extra)
+        return out
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for Bg in (1, 8):
             for decode in ("sparse", "dense"):
-                p = prompt[:Bg]
-                m.generate(p, n_new, temperature=0, decode=decode)
-                _, t_prompt = seconds(lambda: m.generate(p, 0, temperature=0, decode=decode))
-                out, t_all = seconds(lambda: m.generate(p, n_new, temperature=0, decode=decode))
-                t_new = t_all - t_prompt
-                add(f"generate B={Bg}, {decode} decode", f"{n_new} tokens after {T0}", t_new / n_new * 1e3,
-                    Bg * n_new / t_new)
-        # kernels of one eager decode step (batch 1): prefill, one warm-up step, then the profiled one
+                eager = run(m16, prompt[:Bg], "bf16 weights", decode, False)
+                run(m16, prompt[:Bg], "bf16 weights", decode, True, eager_out=eager)
+        for Bg in (1, 8):                                                       # the weights as trained
+            run(m32, prompt[:Bg], "fp32 weights", "sparse", True)
+        for steps in args.graph_steps:
+            for Bg in (1, 8):
+                if steps > 1:
+                    run(m16, prompt[:Bg], "bf16 weights", "sparse", True, steps)
+        for decode in ("sparse", "dense"):                                      # long prompt: attention matters
+            eager = run(m16, long_prompt, "bf16 weights", decode, False)
+            run(m16, long_prompt, "bf16 weights", decode, True, eager_out=eager)
+        del long_prompt
+        torch.cuda.empty_cache()
+        # GPU operations of one un-graphed decode step, batch 1 (gpu_ops: a warm-up call, then the profiled one)
         for decode in ("sparse", "dense"):
-            cache = [KVCache(T0 + 2, dense=decode == "dense") for _ in m.blocks]
-            m(prompt[:1], cache=cache)
-            tok, pos = prompt[:1, :1].clone(), torch.tensor([T0], device=dev)
-            m(tok, cache=cache, pos0=pos)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                m(tok, cache=cache, pos0=pos)
-                torch.cuda.synchronize()
-            n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-            add(f"decode step B=1, {decode} decode: CUDA kernels", "eager", kernels=n)
-    del m
+            for compiled in (False, True):
+                torch._dynamo.reset()
+                cache = [KVCache(T0 + n_new, dense=decode == "dense") for _ in m16.blocks]
+                m16(prompt[:1], cache=cache)
+                tok, pos = prompt[:1, -1:].clone(), torch.tensor([T0], device=dev)
+                out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)
+                step = torch.compile(m16.decode_step, fullgraph=True, dynamic=False) if compiled else m16.decode_step
+                impl = f"decode step B=1, {decode} decode, {'compiled' if compiled else 'eager'}: GPU ops"
+                try:
+                    add(impl, "one step", kernels=gpu_ops(lambda: step(tok, pos, cache, out, None, 0, None)))
+                except Exception as e:
+                    add(impl, "one step", note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    del m16, m32
+    torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return rows
 
 
 # paths: the KV-outer path against the query-tile path (msa_triton/tile.py) at the repository model's shape
@@ -832,6 +886,10 @@ def main():
     p.add_argument("--B", nargs="+", type=int, default=[1, 8, 32], help="decode: batch sizes")
     p.add_argument("--sel", nargs="+", default=["random", "indexer"], choices=["random", "indexer"])
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
+    p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
+                   help="model: which parts run (gen: generation only)")
+    p.add_argument("--graph_steps", nargs="+", type=int, default=[1, 8],
+                   help="model gen: decode steps per CUDA-graph replay to time (besides 1)")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -844,8 +902,10 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, median ms (do_bench)")
-    print_table(rows, ["shape", "T", "B", "K", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB",
-                       "msa_over_dense", "eager_over_graph", "launches"])
+    cols = ["shape", "T", "B", "K", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB",
+            "msa_over_dense", "eager_over_graph", "launches"]
+    more = ["tok_s", "mfu", "compile_s", "first_call_s", "same_tokens", "kernels", "check", "note"]  # --what model's
+    print_table(rows, cols + [c for c in more if any(c in r for r in rows)])
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ Sample from a trained nanoMSA model (the checkpoint that train.py leaves in out_
   python sample.py --start=FILE:long.txt --index_fp8=True  # index keys cached (and scored) in fp8
   python sample.py --demo=recall                          # retrieval: a held-out row of facts, one asked again
   python sample.py --demo=recall --demo_len=32768 --question=3   # a longer row, another question
+  python sample.py --compile=False                        # the decode step eager (still CUDA-graphed)
 
 The prompt is prefilled with the sparse forward, which fills the KV caches and the index-key caches;
 then each new token selects its blocks from the cached index keys (the same rule as index_topk) and
 attends through backend.sparse_decode (with --decode=dense: over the whole cache, the index ignored).
-On CUDA each decode step is one CUDA-graph replay (model.GPT.generate). Prints tokens/s for the prompt
-and for the generation.
+On CUDA the decode step is compiled (torch.compile) and each step is one CUDA-graph replay, with the next
+token sampled inside the graph (model.GPT.generate), and the weights are cast to bf16 for decoding. Prints the
+first call's seconds (compiling) apart, then tokens/s for the prompt and for the generation.
 
 --demo=recall: a row of held-out text with facts "\n Bob fox\n" inserted and asked again later (data.mqar_eval_set,
 the recall task of train.py's p_mqar); the prompt ends at one question's key. Prints the model's answer (the greedy
@@ -55,6 +57,8 @@ index_fp8 = False       # True: index scores and the index-key cache in fp8 (hal
 demo = ""               # 'recall': the retrieval demo (above) instead of sampling
 demo_len = 0            # recall demo: tokens in the row (0: the checkpoint's training seq_len)
 question = -1           # recall demo: which question of the row (-1: the one farthest from its fact)
+compile = True          # CUDA: the decode step through torch.compile; False: the eager step (CPU: always eager)
+bf16_weights = True     # CUDA: the weights in bf16 (half the bytes a decode step reads); False: fp32, as trained
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,9 +102,12 @@ except (TypeError, RuntimeError) as e:
     raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): "
                      f"{' '.join(str(e).split())[:300]}")
 model.eval().to(device)
+if device == "cuda" and bf16_weights:
+    model.to(torch.bfloat16)  # matrix products run in bf16 under autocast anyway; the residual stream now too
 print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}, {decode} decode, "
       f"K={model.cfg.msa_topk} blocks of {model.cfg.msa_block_size}{', fp8 index' if model.cfg.index_fp8 else ''}"
-      f"{'' if model.cfg.msa_select == 'indexer' else ', blind selection ' + model.cfg.msa_select}")
+      f"{'' if model.cfg.msa_select == 'indexer' else ', blind selection ' + model.cfg.msa_select}"
+      f"{', compiled decode step' if compile and device == 'cuda' else ''}")
 
 
 def timed(fn):
@@ -116,10 +123,13 @@ def timed(fn):
 def generate(x, n, **kw):
     """model.generate -> (tokens, seconds for the prompt, seconds for the n new tokens). The prompt is timed alone
     (generate with no new token is the prefill: it draws no random number), then the whole call; the new tokens
-    take the difference. On CUDA after one untimed identical call: the first call compiles the Triton kernels and
-    loads the libraries (seconds that are not tokens/s)."""
+    take the difference. On CUDA after one identical call, timed apart: the first call compiles the decode step
+    and the Triton kernels and loads the libraries (seconds that are not tokens/s)."""
+    kw["compile"] = "auto" if compile else False
     if device == "cuda":
-        model.generate(x, n, **{**kw, "generator": torch.Generator(device=device).manual_seed(seed)})
+        gen = torch.Generator(device=device).manual_seed(seed)
+        _, t_first = timed(lambda: model.generate(x, n, **{**kw, "generator": gen}))
+        print(f"first call (compiles{' the decode step,' if compile else ''} the Triton kernels): {t_first:.1f}s")
     _, t_prompt = timed(lambda: model.generate(x, 0, **kw))
     out, t_all = timed(lambda: model.generate(x, n, **kw))
     return out, t_prompt, max(t_all - t_prompt, 0.0)

@@ -9,7 +9,7 @@ import msa_ref
 import model as model_module
 from conftest import requires_cuda
 from model import (GPT, GPTConfig, KVCache, get_backend, gpu_peak_flops, grouped_mm, moe_all_experts, moe_dispatch,
-                   rope, swiglu)
+                   rope, rope_table, swiglu)
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -129,6 +129,26 @@ def test_moe_layer_routing_and_balance():
     # the balance loss pushes router probability away from overloaded experts
     balance.backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    bare, no_balance, no_load = moe(x, stats=False)            # a forward without targets skips them
+    assert no_balance is None and no_load is None and torch.equal(bare, out)
+
+
+def test_rope_rotates_dim_pairs():
+    """rope with rope_table: dims i and i + d/2 form the complex number x_i + j x_{i+d/2}, turned by the angle
+    pos * theta^(-i / (d/2)) (float64 reference); any positions, any leading dims, x's dtype kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g)
+    pos = torch.tensor([0, 3, 7, 100, 2])
+    angle = pos[:, None].double() * 500.0 ** (-torch.arange(4, dtype=torch.float64) / 4)  # (T, d/2)
+    z = torch.complex(x[..., :4].double(), x[..., 4:].double()) * torch.polar(torch.ones_like(angle), angle)
+    table = rope_table(pos, 8, 500.0)
+    assert all(t.shape == (5, 8) and t.dtype == torch.float32 for t in table)
+    torch.testing.assert_close(rope(x, table), torch.cat([z.real, z.imag], -1).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope(x[0, 0], table), rope(x, table)[0, 0])                # (T, d): an index key
+    assert torch.equal(rope(x, table)[..., 0, :], x[..., 0, :])                            # position 0: unturned
+    half = rope(x.bfloat16(), table)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), rope(x.bfloat16().float(), table), rtol=1e-2, atol=1e-2)
 
 
 @requires_cuda
@@ -273,8 +293,9 @@ def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
         a, cfg = seen["x"], model.cfg
         B, T, _ = a.shape
         D, G = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
-        q = rope(attn.wq(a).view(B, T, cfg.n_head, D).transpose(1, 2), seen["pos"], cfg.rope_theta)
-        k = rope(attn.wk(a).view(B, T, cfg.n_kv_head, D).transpose(1, 2), seen["pos"], cfg.rope_theta)
+        table = rope_table(seen["pos"], D, cfg.rope_theta)
+        q = rope(attn.wq(a).view(B, T, cfg.n_head, D).transpose(1, 2), table)
+        k = rope(attn.wk(a).view(B, T, cfg.n_kv_head, D).transpose(1, 2), table)
         qi, ki = attn.index_branch(a, seen["pos"])
         idx = msa_ref.index_topk(qi, ki, cfg.msa_block_size, cfg.msa_topk)           # (B, Hkv, T, K)
         inside = msa_ref.support_mask(idx, cfg.msa_block_size, torch.arange(T), T)   # (B, Hkv, T, T)

@@ -1,14 +1,16 @@
 """sample.py on a checkpoint from a one-iteration tiny training, and its messages for bad input; the decode path
-of model.py that it runs (CPU tests, and on a GPU the CUDA-graphed step against the eager one)."""
+of model.py that it runs (CPU tests, and on a GPU the CUDA-graphed step against the eager one): sampling on the
+device (sample_token), the compiled decode step against the eager one, no host sync inside a step."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import model as model_module
+import msa_triton
 from conftest import requires_cuda
 from data import encode, save_image
-from model import KVCache
+from model import KVCache, sample_token
 from test_checkpoint import evil_checkpoint, fails
 from test_data import png_header
 from test_model import PATCH, batch, tiny
@@ -185,3 +187,145 @@ def test_generate_on_gpu_equals_reforward():
     assert torch.equal(out, ref)
     dense = model.generate(x, max_new_tokens=25, temperature=0, decode="dense")
     assert dense.shape == out.shape and torch.equal(dense[:, :11], x)
+
+
+# -----------------------------------------------------------------------------------------------
+# sampling on the device, and the compiled decode step (GPT.generate's compile and graph_steps)
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles its own decode steps: torch._dynamo's cache (and its limit of 8 shapes per function)
+    starts empty."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_sample_token_draws_from_the_softmax():
+    """The Gumbel-max trick draws token i with probability softmax(logits / temperature)_i; top_k renormalises
+    over the k largest; temperature 0 and top_k=1 are the argmax."""
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0, 1.5]])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((1.0, None), (0.5, None), (2.0, 2)):
+        u = torch.rand(n, 5, generator=g)
+        got = torch.bincount(sample_token(logits.expand(n, 5), temperature, top_k, u), minlength=5) / n
+        want = logits[0] / temperature
+        if top_k is not None:
+            want = want.masked_fill(want < want.topk(top_k).values[-1], float("-inf"))
+        torch.testing.assert_close(got, want.softmax(-1), rtol=0, atol=0.01)  # ~5 standard errors
+    many = torch.randn(64, 100, generator=g)
+    u = torch.rand(64, 100, generator=g)
+    assert torch.equal(sample_token(many, 0, None, None), many.argmax(-1))
+    assert torch.equal(sample_token(many, 0.7, 1, u), many.argmax(-1))
+    assert not torch.equal(sample_token(many, 0.7, None, u), many.argmax(-1))
+
+
+def generate_both(model, x, n, compile="aot_eager", seed=None, **kw):
+    """model.generate eagerly and with the compiled step -> (eager tokens, compiled tokens); seed: each call
+    samples with a generator of that seed."""
+    gen = lambda: None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
+    return tuple(model.generate(x, n, compile=c, generator=gen(), **kw) for c in (False, compile))
+
+
+@pytest.mark.parametrize("kw,decode", [({}, "sparse"), ({}, "dense"), (dict(attention="dense"), "sparse"),
+                                       (dict(msa_select="local"), "sparse"), (dict(index_fp8=True), "sparse")])
+def test_compiled_step_same_greedy_tokens(fresh_dynamo, kw, decode):
+    """The decode step through torch.compile (aot_eager: dynamo's trace of the whole step, fullgraph, run
+    eagerly) gives the eager step's greedy tokens, for sparse and dense decoding, a dense model, a blind
+    selection and an fp8 index cache. The selection is sparse (K * bs = 12 < 31 tokens)."""
+    model = tiny(**kw).eval()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1)
+    eager, compiled = generate_both(model, x, 20, temperature=0, decode=decode)
+    assert eager.shape == (2, 31) and torch.equal(eager[:, :11], x)
+    assert torch.equal(compiled, eager)
+
+
+def test_sampling_is_seeded_and_the_same_on_both_paths(fresh_dynamo):
+    """With a seeded generator: the same tokens on every call and on both paths; another seed, other tokens;
+    top_k=1 is greedy."""
+    model = tiny().eval()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1)
+    eager, compiled = generate_both(model, x, 20, seed=3, temperature=0.8, top_k=20)
+    seeded = lambda s: model.generate(x, 20, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(compiled, eager) and torch.equal(seeded(3), eager) and not torch.equal(seeded(4), eager)
+    greedy = model.generate(x, 20, temperature=0, compile=False)
+    for tokens in generate_both(model, x, 20, seed=5, temperature=1.5, top_k=1):
+        assert torch.equal(tokens, greedy)
+
+
+def test_compiled_step_with_inductor(fresh_dynamo):
+    """The default backend (inductor, C++ kernels on a CPU) samples the eager step's tokens (one compile: the
+    greedy case is aot_eager's above, and inductor's on a GPU below)."""
+    model = tiny(n_layer=2).eval()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1)
+    eager, compiled = generate_both(model, x, 12, compile=True, seed=3, temperature=1.0, top_k=20)
+    assert torch.equal(compiled, eager)
+
+
+def test_failed_compile_decodes_eagerly(fresh_dynamo, capsys):
+    """A backend that fails: one line says so, and the eager step gives the tokens."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+    model = tiny().eval()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1)
+    eager, got = generate_both(model, x, 6, compile=broken, temperature=0)
+    assert torch.equal(got, eager)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("torch.compile of the decode step failed, decoding eagerly:")
+    assert "no compiler here" in out[0]
+    with pytest.raises(ValueError, match="graph_steps must be an int >= 1, got 0"):
+        model.generate(x, 2, graph_steps=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("attention,decode,steps", [("msa", "sparse", 1), ("msa", "dense", 1), ("msa", "sparse", 5),
+                                                    ("dense", "sparse", 1)])
+def test_compiled_graphed_equals_eager_on_gpu(fresh_dynamo, attention, decode, steps):
+    """On CUDA, the compiled step (inductor) captured in a CUDA graph, graph_steps steps a replay (24 steps: with
+    5 a replay, 4 are left over and run one by one), gives the eager graphed step's tokens, greedy and seeded
+    sampling, float32."""
+    model = gpu_tiny(attention=attention)
+    x = batch()[0][:, :11].clamp(max=PATCH - 1).cuda()
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
+        eager, compiled = generate_both(model, x, 25, compile=True, seed=7, decode=decode, graph_steps=steps, **kw)
+        assert torch.equal(compiled, eager), kw
+
+
+@requires_cuda
+@pytest.mark.parametrize("decode", ["sparse", "dense"])
+def test_decode_step_waits_on_nothing(fresh_dynamo, decode):
+    """The decode step (eager and compiled, un-graphed and replayed) and the uniforms' draw never sync with the
+    host: torch.cuda.set_sync_debug_mode('error') turns a sync into an error. The checking mode (a sync) is off."""
+    model = gpu_tiny()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1).cuda()
+    prev = msa_triton.checks(False)
+    try:
+        with torch.no_grad():
+            cache = [KVCache(40, dense=decode == "dense") for _ in model.blocks]
+            model(x[:, :10], cache=cache)                                       # positions 0..9
+            tok, pos = x[:, 10:].clone(), torch.tensor([10], device="cuda")    # the step's token, at 10
+            out = torch.zeros(2, 40, dtype=torch.long, device="cuda")
+            u = torch.empty(2, model.cfg.vocab_size, device="cuda")
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            compiled = model_module.compiled_step(model.decode_step, "inductor")
+            for step in (model.decode_step, compiled):
+                step(tok, pos, cache, out, u.uniform_(generator=gen), 1.0, 5)    # warm-up (compiles)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    for _ in range(3):
+                        step(tok, pos, cache, out, u.uniform_(generator=gen), 1.0, 5)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            replay = model_module.cuda_graphed(lambda: compiled(tok, pos, cache, out, u, 1.0, 5))[1]
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(5):
+                    u.uniform_(generator=gen)
+                    replay()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            assert pos.item() == 10 + 2 * 4 + 1 + 5 and int(out[:, 11:pos.item() + 1].max()) < model.cfg.vocab_size
+    finally:
+        msa_triton.checks(prev)
