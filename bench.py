@@ -6,6 +6,7 @@ Benchmark of the MSA kernels against dense attention (DESIGN.md section 5). GPU 
     python bench.py --what small             # the model's shape at B*T = 32K tokens: MSA step vs dense, launches
     python bench.py --what paths             # KV-outer vs query-tile path at the model's shape, T = 1K, 4K, 16K
     TRITON_INTERPRET=1 python bench.py --what launches   # host operations of one MSA step per path (CPU or GPU)
+    python bench.py --what lists             # the KV-outer work lists: Triton builder vs the torch reference
 
 Each benchmark family is one function bench_<what>(args) -> list of rows (dicts); they share the
 helpers below: selections, timing (do_bench, median), FLOP counts, the markdown table and the JSON.
@@ -580,6 +581,36 @@ def bench_launches(args):
     return rows
 
 
+def torch_lists():
+    """tests/test_lists.py's torch reference of common._csr (the lists before they were Triton kernels), for
+    --lists torch and --what lists. Temporary: an A/B of the two builders on a GPU."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from test_lists import lists_by_torch
+    return lists_by_torch
+
+
+def bench_lists(args):
+    """The KV-outer work lists of one call, chunk by chunk as the attention forward (per_slot = G * D) and kl_loss
+    (per_slot = max(G, Di)) build them: common._csr against the torch reference, checked equal, then timed."""
+    rows = []
+    ref = torch_lists()
+    cases = [("model", 32, 2, 1024, 64, k, 4 * 64, 4) for k in (4, 8)] + [("model", 2, 2, 16384, 64, 8, 4 * 64, 4)]
+    cases += [("m3", 1, 4, T, 128, 16, 16 * 128, 128) for T in (args.T or [32768, 131072])]
+    for shape, B, Hkv, T, bs, K, attn_slot, kl_slot in cases:
+        block_idx = random_block_idx(B, Hkv, T, bs, K, "cuda")
+        for who, per_slot in (("attention", attn_slot), ("kl_loss", kl_slot)):
+            bounds = common._chunk_bounds(B, Hkv, T, K, per_slot, bs)
+            for a, b in zip(common._csr(block_idx, *bounds[0]), ref(block_idx, *bounds[0])):
+                assert torch.equal(a, b), f"lists differ: {shape} T={T} K={K}"
+            ms = {name: timed(lambda: [f(block_idx, *c) for c in bounds]) for name, f in (("triton", common._csr), ("torch", ref))}
+            rows.append(dict(shape=shape, T=T, B=B, K=K, impl=f"work lists of {who}: {len(bounds)} chunk(s), Triton",
+                             ms=round(ms["triton"], 3), torch_ms=round(ms["torch"], 3),
+                             vs_torch=f"{ms['torch'] / ms['triton']:.2f}x"))
+    return rows
+
+
 def bench_small(args):
     rows = []
     dev, dtype = "cuda", torch.bfloat16
@@ -902,7 +933,7 @@ def bench_paths(args):
 
 
 BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode, "small": bench_small,
-           "paths": bench_paths, "model": bench_model, "launches": bench_launches}
+           "paths": bench_paths, "model": bench_model, "launches": bench_launches, "lists": bench_lists}
 
 
 def main():
@@ -914,7 +945,11 @@ def main():
     p.add_argument("--sel", nargs="+", default=["random", "indexer"], choices=["random", "indexer"])
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
     p.add_argument("--json", help="write every row here")
+    p.add_argument("--lists", choices=["triton", "torch"], default="triton",
+                   help="temporary A/B: the KV-outer work lists by common._csr or by the torch reference")
     args = p.parse_args()
+    if args.lists == "torch":
+        common._csr = torch_lists()
     if not torch.cuda.is_available() and args.what != ["launches"]:
         raise SystemExit("bench.py needs a CUDA GPU (but --what launches, which also runs on a CPU: TRITON_INTERPRET=1)")
     t0 = time.time()
@@ -926,7 +961,7 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16 (fp32 on a CPU), median ms (do_bench)")
     print_table(rows, ["shape", "T", "B", "K", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB",
-                       "msa_over_dense", "eager_over_graph", "launches", "triton", "torch_device", "torch_host"])
+                       "msa_over_dense", "eager_over_graph", "launches", "triton", "torch_device", "torch_host", "torch_ms", "vs_torch"])
 
 
 if __name__ == "__main__":
