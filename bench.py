@@ -1,10 +1,12 @@
 """
-Benchmark of the MSA kernels against dense attention (DESIGN.md section 5). GPU only.
+Benchmark of the MSA kernels against dense attention (DESIGN.md section 5). GPU only, but --what launches.
 
     python bench.py                          # attention: M3 layer shape at 8K/32K/128K + the repo model's shape
     python bench.py --what attn --T 8192 32768 --json out/bench.json
     python bench.py --what small             # the model's shape at B*T = 32K tokens: MSA step vs dense, launches
     python bench.py --what paths             # KV-outer vs query-tile path at the model's shape, T = 1K, 4K, 16K
+    TRITON_INTERPRET=1 python bench.py --what launches   # host operations of one MSA step per path (CPU or GPU)
+    python bench.py --what lists             # the KV-outer work lists: Triton builder vs the torch reference
 
 Each benchmark family is one function bench_<what>(args) -> list of rows (dicts); they share the
 helpers below: selections, timing (do_bench, median), FLOP counts, the markdown table and the JSON.
@@ -499,6 +501,116 @@ def graph_of(fn):
     return g.replay
 
 
+# host-side operations of one call, counted on any device (the CPU runs Triton in its interpreter)
+
+HOST_ONLY = ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_reshape_alias",
+             "aten::as_strided", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::slice", "aten::select",
+             "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::transpose", "aten::t", "aten::permute",
+             "aten::unbind", "aten::_unsafe_view", "aten::resize_", "aten::set_", "aten::result_type",
+             "aten::promote_types", "aten::real", "aten::to")   # aten::to with no aten op below it: no conversion
+
+
+def count_ops(fn):
+    """What one call of fn() asks of the host, from torch.profiler's CPU events after a warm-up call: Triton launches
+    (kernel[grid](...), wrapped in a profiler range), torch ops that launch device work (aten ops with no aten op
+    below them, outside a Triton launch, but views and allocations) and host-only torch ops (views, allocations).
+    Runs on a CPU too (TRITON_INTERPRET=1): the counts are the GPU's, up to how a few aten ops decompose there."""
+    from triton.runtime import interpreter, jit
+    fn()
+    originals = {c: c.run for c in (jit.JITFunction, interpreter.InterpretedFunction)}
+
+    def wrap(run):
+        def counted(self, *a, **kw):
+            with torch.profiler.record_function(f"triton::{getattr(self, '__name__', 'kernel')}"):
+                return run(self, *a, **kw)
+        return counted
+    for c, run in originals.items():
+        c.run = wrap(run)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        for c, run in originals.items():
+            c.run = run
+    n = dict(triton=0, torch_device=0, torch_host=0)
+    for e in prof.events():
+        up, inside = e.cpu_parent, False
+        while up is not None and not inside:
+            inside, up = up.name.startswith("triton::"), up.cpu_parent
+        if e.name.startswith("triton::"):
+            n["triton"] += 1
+        elif e.name.startswith("aten::") and not inside and not any(c.name.startswith("aten::") for c in e.cpu_children):
+            n["torch_host" if e.name in HOST_ONLY else "torch_device"] += 1
+    return n
+
+
+def bench_launches(args):
+    """The host operations of one MSA training step (index_topk, sparse_attention, kl_loss given the attention's
+    lse, their backward) on each path (tile.FORCE) at the model's head shape, K in 4 and 8, one token chunk. On a
+    CPU (TRITON_INTERPRET=1, float32, a short T) as on a GPU; the counts hardly depend on T or B."""
+    from msa_triton import tile
+    rows = []
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    Hq, Hkv, D, Di, bs = (SMALL[x] for x in ("Hq", "Hkv", "D", "Di", "bs"))
+    prev = msa_triton.checks(False)
+    for K in SMALL["K"]:
+        for T in args.T or ([1024] if cuda else [4 * bs]):
+            B = 2
+            q, k, v = (x.detach().requires_grad_() for x in rand_qkv(B, Hq, Hkv, T, D, dtype, dev))
+            gen = torch.Generator(device=dev).manual_seed(4)
+            qi = torch.randn(B, Hkv, T, Di, device=dev, dtype=dtype, generator=gen).requires_grad_()
+            ki = torch.randn(B, T, Di, device=dev, dtype=dtype, generator=gen).requires_grad_()
+            dout = torch.randn_like(q)
+
+            def step():
+                with torch.no_grad():
+                    idx = msa_triton.index_topk(qi, ki, bs, K)
+                o, lse = msa_triton.sparse_attention(q, k, v, idx, bs)
+                kl = msa_triton.kl_loss(q, k, qi, ki, idx, bs, lse=lse)
+                return torch.autograd.grad([o, kl], [q, k, v, qi, ki], [dout, torch.ones_like(kl)])
+            for path in ("kv", "tile"):
+                tile.FORCE = path
+                try:
+                    n = count_ops(step)
+                finally:
+                    tile.FORCE = None
+                rows.append(dict(shape="model", T=T, B=B, K=K, impl=f"MSA step [{path}]", **{"pass": "fwd+bwd"},
+                                 launches=n["triton"] + n["torch_device"], **n))
+    msa_triton.checks(prev)
+    return rows
+
+
+def torch_lists():
+    """tests/test_lists.py's torch reference of common._csr (the lists before they were Triton kernels), for
+    --lists torch and --what lists. Temporary: an A/B of the two builders on a GPU."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from test_lists import lists_by_torch
+    return lists_by_torch
+
+
+def bench_lists(args):
+    """The KV-outer work lists of one call, chunk by chunk as the attention forward (per_slot = G * D) and kl_loss
+    (per_slot = max(G, Di)) build them: common._csr against the torch reference, checked equal, then timed."""
+    rows = []
+    ref = torch_lists()
+    cases = [("model", 32, 2, 1024, 64, k, 4 * 64, 4) for k in (4, 8)] + [("model", 2, 2, 16384, 64, 8, 4 * 64, 4)]
+    cases += [("m3", 1, 4, T, 128, 16, 16 * 128, 128) for T in (args.T or [32768, 131072])]
+    for shape, B, Hkv, T, bs, K, attn_slot, kl_slot in cases:
+        block_idx = random_block_idx(B, Hkv, T, bs, K, "cuda")
+        for who, per_slot in (("attention", attn_slot), ("kl_loss", kl_slot)):
+            bounds = common._chunk_bounds(B, Hkv, T, K, per_slot, bs)
+            for a, b in zip(common._csr(block_idx, *bounds[0]), ref(block_idx, *bounds[0])):
+                assert torch.equal(a, b), f"lists differ: {shape} T={T} K={K}"
+            ms = {name: timed(lambda: [f(block_idx, *c) for c in bounds]) for name, f in (("triton", common._csr), ("torch", ref))}
+            rows.append(dict(shape=shape, T=T, B=B, K=K, impl=f"work lists of {who}: {len(bounds)} chunk(s), Triton",
+                             ms=round(ms["triton"], 3), torch_ms=round(ms["torch"], 3),
+                             vs_torch=f"{ms['torch'] / ms['triton']:.2f}x"))
+    return rows
+
+
 def bench_small(args):
     rows = []
     dev, dtype = "cuda", torch.bfloat16
@@ -875,7 +987,7 @@ def bench_paths(args):
 
 
 BENCHES = {"attn": bench_attn, "index": bench_index, "decode": bench_decode, "small": bench_small,
-           "paths": bench_paths, "model": bench_model}
+           "paths": bench_paths, "model": bench_model, "launches": bench_launches, "lists": bench_lists}
 
 
 def main():
@@ -891,19 +1003,24 @@ def main():
     p.add_argument("--graph_steps", nargs="+", type=int, default=[1, 8],
                    help="model gen: decode steps per CUDA-graph replay to time (besides 1)")
     p.add_argument("--json", help="write every row here")
+    p.add_argument("--lists", choices=["triton", "torch"], default="triton",
+                   help="temporary A/B: the KV-outer work lists by common._csr or by the torch reference")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.py needs a CUDA GPU")
+    if args.lists == "torch":
+        common._csr = torch_lists()
+    if not torch.cuda.is_available() and args.what != ["launches"]:
+        raise SystemExit("bench.py needs a CUDA GPU (but --what launches, which also runs on a CPU: TRITON_INTERPRET=1)")
     t0 = time.time()
     rows = [r for w in args.what for r in BENCHES[w](args)]
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
+    meta = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)", torch=torch.__version__, triton=__import__("triton").__version__,
                 seconds=round(time.time() - t0, 1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, median ms (do_bench)")
+    print(f"
+{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16 (fp32 on a CPU), median ms (do_bench)")
     cols = ["shape", "T", "B", "K", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB",
-            "msa_over_dense", "eager_over_graph", "launches"]
+            "msa_over_dense", "eager_over_graph", "launches", "triton", "torch_device", "torch_host", "torch_ms", "vs_torch"]
     more = ["tok_s", "mfu", "compile_s", "first_call_s", "same_tokens", "kernels", "check", "note"]  # --what model's
     print_table(rows, cols + [c for c in more if any(c in r for r in rows)])
 

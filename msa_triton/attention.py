@@ -5,7 +5,7 @@ function (DESIGN.md section 3) without ever building a T x T tensor. Shapes and 
 
 sparse_attention runs KV-outer (DESIGN.md section 4):
   1. invert block_idx into a CSR: for each (batch, group, KV block), the list of (token, slot)
-     entries that chose it, sorted by token (common._chunks; torch sort, no host sync);
+     entries that chose it, sorted by token (common._chunks: three Triton launches, no host sync);
   2. forward: one program per segment of one block's list loads that K/V block once and runs it
      against tiles of gathered queries (rows = queries x G heads), writing a partial (out, lse) into
      the slot the block has in each query's list; a combine kernel merges the K partials by LSE;
@@ -348,8 +348,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
 # the custom ops (torch.library): torch.compile traces through them without a graph break, and their fake
 # implementations give the output shapes from the input shapes alone.
 # The forward returns its work lists as outputs and the backward takes them: they are what the forward saved
-# for the backward, and rebuilding them there would cost every launch of common._chunks again (two sorts, a
-# searchsorted and a dozen elementwise kernels per chunk), which at small shapes is most of a call's cost.
+# for the backward, and rebuilding them there would cost common._chunks' launches again (three per chunk).
 
 @_op("sparse_attention_fwd")
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,

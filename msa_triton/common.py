@@ -18,16 +18,16 @@ an "lse2" is a log-sum-exp in those units (lse = lse2 * ln 2).
 
 The KV-outer work lists (DESIGN.md section 4): the selection block_idx (B, Hkv, T, K) is inverted into
 a CSR that lists, for each (batch, group, KV block), the (token, slot) entries that chose it, tokens
-ascending. A program takes one segment of one block's list, loads the block once and runs it against
-tiles of the gathered rows. Segments bound a program's work, so a block chosen by many tokens (a sink)
-is split over programs; tokens run in chunks so that partial buffers stay under PARTIAL_ELEMS.
+ascending: a counting sort in three launches (_csr). A program takes one segment of one block's list,
+loads the block once and runs it against tiles of the gathered rows. Segments bound a program's work, so
+a block chosen by many tokens (a sink) is split over programs; tokens run in chunks so that partial
+buffers stay under PARTIAL_ELEMS.
 """
 import math
 import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -39,6 +39,7 @@ LOG2E_K = tl.constexpr(LOG2E)             # the same numbers inside kernels (a @
 LN2_K = tl.constexpr(LN2)                 # reads only globals that are tl.constexpr)
 INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_key)
 PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
+LIST_TILE = 4096                          # (token, slot) entries per program of the list builder (_csr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,29 +182,167 @@ def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: t
 # ---------------------------------------------------------------------------------------------
 # the selection, inverted: which queries read each KV block?
 
-def _slots(block_idx, t0, t1, nbc):
+@triton.jit
+def _slots_kernel(bi_ptr, slots_ptr, cnt_ptr, ccnt_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, NT, NCH, BB,
+                  TT: tl.constexpr, K_P: tl.constexpr, COUNT: tl.constexpr):
+    """Grid (NT, BH): TT tokens of one (batch, group) -> their rows of slots (BH, Tc, K) int32 (_slots). A row is
+    sorted by counting, not by moving values: an id's place is the number of ids below it plus the equal ones in
+    earlier columns, and an id equal to one in an earlier column is a repeat. COUNT: also the tile's counts of
+    entries per key (a block, or NBC for an empty slot) into cnt (BH, NT, NBC + 1) and per chunk of BB keys into
+    ccnt (BH, NT, NCH), for _csr. This program owns those two rows: it zeroes them, then adds with atomics
+    (integer sums: their order cannot change them, so the counts are deterministic)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    tt = tile * TT + tl.arange(0, TT)                                          # (TT,) tokens of the chunk
+    s = tl.arange(0, K_P)
+    tm = tt < Tc
+    m = tm[:, None] & (s[None, :] < K)                                         # (TT, K_P) real slots
+    row = bi_ptr + (bh // Hkv).to(tl.int64) * s_ib + (bh % Hkv) * s_ih + (t0 + tt).to(tl.int64) * s_it
+    v = tl.load(row[:, None] + s[None, :] * s_ik, mask=m, other=-1).to(tl.int64)   # any int dtype, exactly
+    place = tl.zeros((TT, K_P), dtype=tl.int32)                                # where v goes in its sorted row
+    rep = tl.zeros((TT, K_P), dtype=tl.int32)                                  # equal ids in earlier columns
+    for j in range(0, K):
+        vj = tl.load(row + j * s_ik, mask=tm, other=-1).to(tl.int64)[:, None]  # (TT, 1) column j
+        earlier = j < s[None, :]
+        place += ((vj < v) | ((vj == v) & earlier)).to(tl.int32)
+        rep += ((vj == v) & earlier).to(tl.int32)
+    keep = (rep == 0) & (v >= 0) & (v < NBC)                                   # a block chosen twice counts once
+    tl.store(slots_ptr + (bh.to(tl.int64) * Tc + tt[:, None]) * K + place, tl.where(keep, v, -1).to(tl.int32), mask=m)
+    if COUNT:
+        key = tl.where(keep, v, NBC).to(tl.int32)                              # an empty slot: the spare key NBC
+        own = bh.to(tl.int64) * NT + tile
+        for k0 in range(0, NBC + 1, TT * K_P):                                 # zero this tile's rows, then count
+            kz = k0 + tl.arange(0, TT * K_P)
+            tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.zeros_like(kz), mask=kz <= NBC)
+            tl.store(ccnt_ptr + own * NCH + kz, tl.zeros_like(kz), mask=kz < NCH)
+        tl.debug_barrier()                                                     # the zeros land before the adds
+        one = tl.full((TT, K_P), 1, tl.int32)
+        tl.atomic_add(cnt_ptr + own * (NBC + 1) + key, one, mask=m, sem="relaxed")
+        tl.atomic_add(ccnt_ptr + own * NCH + key // BB, one, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _csr_scan_kernel(cnt_ptr, ccnt_ptr, off_ptr, start32_ptr, start_ptr, count_ptr, NBC, NT, NCH,
+                     BB: tl.constexpr, TB: tl.constexpr, NCH_P: tl.constexpr):
+    """Grid (NCH, BH): keys [j * BB, (j + 1) * BB) of one (batch, group), a walk over the tiles' counts
+    (_slots_kernel) TB tiles at a time. An entry of key k that sits at place i of its tile sorted by key goes to
+    start[k] + base[t, k] + (i - below[t, k]) of the list: start, the entries of smaller keys in the whole row;
+    base, those of key k in earlier tiles; below, those of smaller keys in its own tile. Writes off[t, k] =
+    base - below (BH, NT, NBC + 1) and start32 (BH, NBC + 1) for _csr_scatter_kernel, and start, cnt (BH, NBC) int64."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    k = j * BB + tl.arange(0, BB)
+    km = k <= NBC
+    c8 = tl.arange(0, NCH_P)
+    run = tl.zeros((BB,), dtype=tl.int32)                                      # entries of key k in the tiles so far
+    before = tl.full((), 0, tl.int32)                                          # entries of keys < j * BB so far
+    for t0 in range(0, NT, TB):
+        t = bh.to(tl.int64) * NT + t0 + tl.arange(0, TB)
+        tm = (t0 + tl.arange(0, TB)) < NT
+        c = tl.load(cnt_ptr + t[:, None] * (NBC + 1) + k[None, :], mask=tm[:, None] & km[None, :], other=0)
+        lower = tl.sum(tl.load(ccnt_ptr + t[:, None] * NCH + c8[None, :], mask=tm[:, None] & (c8[None, :] < j),
+                               other=0), 1)                                    # (TB,) entries of earlier chunks
+        off = run[None, :] + tl.cumsum(c, 0) - c - lower[:, None] - (tl.cumsum(c, 1) - c)
+        tl.store(off_ptr + t[:, None] * (NBC + 1) + k[None, :], off, mask=tm[:, None] & km[None, :])
+        run += tl.sum(c, 0)
+        before += tl.sum(lower, 0)
+    start = before + tl.cumsum(run, 0) - run
+    tl.store(start32_ptr + bh * (NBC + 1) + k, start, mask=km)
+    tl.store(start_ptr + bh.to(tl.int64) * NBC + k, start.to(tl.int64), mask=k < NBC)
+    tl.store(count_ptr + bh.to(tl.int64) * NBC + k, run.to(tl.int64), mask=k < NBC)
+
+
+@triton.jit
+def _sort_keys(x, LOG_N: tl.constexpr):
+    """x (2**LOG_N,) int32 in [0, 2**30) sorted ascending: a bitonic network on x seen as a hypercube [2] * LOG_N.
+    Each step pairs the elements along one axis of size 2, finds each one's partner as the pair's sum minus
+    itself (below 2**31: no overflow), and keeps the min or the max. tl.sort's network, with its partner found by
+    an xor reduction instead, which Triton's interpreter runs element by element; a sum runs there as numpy."""
+    if LOG_N > 0:
+        h = tl.reshape(x, [2] * LOG_N)
+        for s in tl.static_range(1, LOG_N + 1):                                # merge sorted runs of 2**(s-1)
+            if s < LOG_N:                                                      # runs of 2**s alternate up, down
+                down = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - 1 - s) + [2] + [1] * s)
+            else:
+                down = tl.zeros([1] * LOG_N, tl.int32)
+            for k in tl.static_range(s):                                       # compare elements 2**(s-1-k)
+                upper = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - s + k) + [2] + [1] * (s - 1 - k))  # apart
+                other = tl.sum(h, LOG_N - s + k, keep_dims=True) - h           # (along axis LOG_N - s + k)
+                h = tl.where(upper != down, tl.maximum(h, other), tl.minimum(h, other))
+        x = tl.reshape(h, [2 ** LOG_N])
+    return x
+
+
+@triton.jit
+def _csr_scatter_kernel(slots_ptr, off_ptr, start32_ptr, ent_ptr, Tc, K, NBC, NT,
+                        TT: tl.constexpr, K_P: tl.constexpr, LOG_NE: tl.constexpr):
+    """Grid (NT, BH): the entries of TT tokens of one (batch, group) sorted by (key, entry) in registers (one
+    int32 key each: key * NE + place in the tile), then each written to its place in ent (_csr_scan_kernel)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    NE: tl.constexpr = TT * K_P
+    i = tl.arange(0, NE)
+    tt = tile * TT + i // K_P
+    ok = (tt < Tc) & (i % K_P < K)
+    sl = tl.load(slots_ptr + (bh.to(tl.int64) * Tc + tt) * K + i % K_P, mask=ok, other=-1)
+    key = tl.where(ok, tl.where(sl < 0, NBC, sl), NBC + 1)                     # not an entry: after every key
+    srt = _sort_keys(key * NE + i, LOG_NE)                                     # (NE,) ties kept in entry order
+    key = srt // NE
+    loc = srt % NE
+    ok = key <= NBC
+    own = bh.to(tl.int64) * NT + tile
+    pos = (tl.load(off_ptr + own * (NBC + 1) + key, mask=ok, other=0)
+           + tl.load(start32_ptr + bh * (NBC + 1) + key, mask=ok, other=0) + i)
+    e = (tile * TT + loc // K_P) * K + loc % K_P                               # entry id: token * K + slot
+    tl.store(ent_ptr + bh.to(tl.int64) * Tc * K + pos, e, mask=ok)
+
+
+def _list_tiles(K, Tc):
+    """The list builder's tile: (K_P, TT, NT): TT tokens of K_P slots (LIST_TILE entries, fewer for a short
+    chunk), NT tiles over the chunk's Tc tokens."""
+    K_P = _pow2(K, 1)
+    TT = min(max(1, LIST_TILE // K_P), _pow2(Tc, 1))
+    return K_P, TT, triton.cdiv(Tc, TT)
+
+
+def _slots(block_idx, t0, t1, nbc, counts=None):
     """The selection of tokens [t0, t1) as a slot table: block_idx (B, Hkv, T, K) -> int32 (B*Hkv, Tc, K),
     each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1) or < 0
-    (so that ids out of range, unchecked outside the checking mode, are dropped, never read).
-    Slot s of (token, group) is where that block's partial result goes."""
+    (so that ids out of range, unchecked outside the checking mode, are dropped, never read); the -1 of a
+    repeat or an id out of range stays where the id sorted to. Slot s of (token, group) is where that block's
+    partial result goes. One launch. counts: (cnt, ccnt, NCH, BB), _csr's tile counts to fill, or None."""
     B, Hkv, _, K = block_idx.shape
-    sl = block_idx[:, :, t0:t1].reshape(B * Hkv, t1 - t0, K).sort(-1).values   # -1 first, then ascending
-    dup = F.pad(sl[..., 1:] == sl[..., :-1], (1, 0))                           # a block chosen twice counts once
-    return sl.masked_fill(dup | (sl >= nbc) | (sl < 0), -1).to(torch.int32).contiguous()
+    K_P, TT, NT = _list_tiles(K, t1 - t0)
+    slots = torch.empty(B * Hkv, t1 - t0, K, device=block_idx.device, dtype=torch.int32)
+    cnt, ccnt, NCH, BB = counts or (slots, slots, 1, 1)
+    _slots_kernel[(NT, B * Hkv)](block_idx, slots, cnt, ccnt, *block_idx.stride(), t0, t1 - t0, K, Hkv, nbc, NT,
+                                 NCH, BB, TT=TT, K_P=K_P, COUNT=counts is not None, num_warps=4)
+    return slots
 
 
-def _csr(slots, nbc):
-    """slots (BH, Tc, K) -> ent int32 (BH, Tc*K): entry ids e = token * K + slot grouped by block, tokens
-    ascending; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are."""
-    BH, Tc, K = slots.shape
-    key = slots.view(BH, Tc * K)
-    key = key.masked_fill(key < 0, nbc)                                        # padding -> a spare block nbc
-    key, ent = key.sort(dim=-1, stable=True)                                   # int32 keys: a cheaper radix sort;
-    ent = ent.to(torch.int32)                                                  # stable: tokens stay ascending
-    # the keys are sorted, so block b's entries begin where the first key >= b sits (no histogram needed)
-    edge = torch.searchsorted(key, torch.arange(nbc + 1, device=key.device, dtype=key.dtype).expand(BH, nbc + 1).contiguous())
-    start = edge[:, :nbc].contiguous()                                         # (BH, nbc) int64
-    return ent, start, edge[:, 1:] - start
+def _csr(block_idx, t0, t1, nbc):
+    """The work lists of tokens [t0, t1): slots (_slots) and their inversion, a CSR: ent int32 (BH, Tc*K), entry
+    ids e = token * K + slot grouped by block, tokens ascending, then the empty slots' (a spare block nbc) in
+    order; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are. A stable
+    counting sort in three launches, no host sync: counts per (tile of tokens, block) (_slots_kernel), scans of
+    those counts (_csr_scan_kernel), each tile's entries sorted in registers and written out (_csr_scatter_kernel)."""
+    B, Hkv, _, K = block_idx.shape
+    BH, Tc, dev = B * Hkv, t1 - t0, block_idx.device
+    K_P, TT, NT = _list_tiles(K, Tc)
+    BB = min(128, _pow2(nbc + 1, 1))                                            # keys per program of the scan
+    NCH = triton.cdiv(nbc + 1, BB)
+    assert (nbc + 2) * TT * K_P <= 2 ** 30 and BH * Tc * K < 2 ** 31, "work lists too long for int32 keys"
+    work = torch.empty(BH * (NT * (2 * (nbc + 1) + NCH) + nbc + 1), device=dev, dtype=torch.int32)
+    cnt, off, ccnt, start32 = work.split([BH * NT * (nbc + 1)] * 2 + [BH * NT * NCH, BH * (nbc + 1)])
+    slots = _slots(block_idx, t0, t1, nbc, (cnt, ccnt, NCH, BB))
+    ent = torch.empty(BH, Tc * K, device=dev, dtype=torch.int32)
+    start = torch.empty(BH, nbc, device=dev, dtype=torch.int64)
+    count = torch.empty(BH, nbc, device=dev, dtype=torch.int64)
+    _csr_scan_kernel[(NCH, BH)](cnt, ccnt, off, start32, start, count, nbc, NT, NCH,
+                                BB=BB, TB=min(_pow2(NT, 1), max(1, 4096 // BB)), NCH_P=_pow2(NCH, 1), num_warps=4)
+    _csr_scatter_kernel[(NT, BH)](slots, off, start32, ent, Tc, K, nbc, NT, TT=TT, K_P=K_P,
+                                  LOG_NE=(TT * K_P).bit_length() - 1, num_warps=8)
+    return slots, ent, start, count
 
 
 @triton.jit
@@ -278,11 +417,10 @@ def _chunk_bounds(B, Hkv, T, K, per_slot, block_size):
 
 def _chunks(block_idx, per_slot, block_size):
     """The selection as KV-outer work lists, chunk by chunk of tokens (_chunk_bounds): yields
-    (t0, t1, nbc, slots, ent, start, cnt) (_slots, _csr). A generator, so that the host builds chunk i + 1's
-    lists while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
+    (t0, t1, nbc, slots, ent, start, cnt) (_csr). A generator, so that the host builds chunk i + 1's lists
+    while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
     for t0, t1, nbc in _chunk_bounds(*block_idx.shape, per_slot, block_size):
-        slots = _slots(block_idx, t0, t1, nbc)
-        yield (t0, t1, nbc, slots, *_csr(slots, nbc))
+        yield (t0, t1, nbc, *_csr(block_idx, t0, t1, nbc))
 
 
 # ---------------------------------------------------------------------------------------------

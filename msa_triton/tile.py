@@ -1,8 +1,8 @@
 """
 The query-tile path of MSA in Triton: sparse_attention_tile (forward and backward) and kl_loss_tile. They
 compute msa_ref.sparse_attention and msa_ref.kl_loss (DESIGN.md section 3) with no work lists at all, for
-short sequences, where the KV-outer lists (attention.py, index.py: sorts, searchsorted, cumsums, gathers,
-a combine) cost more launches than the sparsity saves. Shapes and naming: common.py.
+short sequences, where the KV-outer passes (attention.py, index.py: work lists, segments, partials and their
+combine) cost more launches than the sparsity saves. Shapes and naming: common.py.
 
 A program takes one tile of consecutive queries (rows = TT tokens x G heads of one group) and walks the key
 blocks 0 .. the tile's last visible block. Each row holds its token's K chosen blocks in registers; a block

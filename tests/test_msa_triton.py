@@ -224,8 +224,7 @@ def test_segments_kernel(BH, nbc, T, K, seg):
     g = torch.Generator().manual_seed(BH + nbc)
     bi = torch.randint(-1, nbc, (1, BH, T, K), generator=g).int()
     bi[..., 0] = 0                                                             # every token chooses block 0
-    slots = common._slots(bi.to(DEVICE), 0, T, nbc)
-    ent, start, cnt = common._csr(slots, nbc)
+    _, ent, start, cnt = common._csr(bi.to(DEVICE), 0, T, nbc)
     got = common._split_segments(start, cnt, T * K, seg)
     lo, hi, blk, x, used, xbase, xcnt = segments_by_torch(start, cnt, T * K, seg)
     assert torch.equal(got[0].long(), lo) and torch.equal(got[1].long(), hi)
