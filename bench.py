@@ -1017,8 +1017,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"
-{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16 (fp32 on a CPU), median ms (do_bench)")
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16 (fp32 on a CPU), median ms (do_bench)")
     cols = ["shape", "T", "B", "K", "sel", "impl", "pass", "ms", "tflops", "GBps", "vs_dense", "mem_MiB",
             "msa_over_dense", "eager_over_graph", "launches", "triton", "torch_device", "torch_host", "torch_ms", "vs_torch"]
     more = ["tok_s", "mfu", "compile_s", "first_call_s", "same_tokens", "kernels", "check", "note"]  # --what model's
