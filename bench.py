@@ -689,8 +689,7 @@ def bench_model(args):
       F.grouped_mm alone.
     gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
       as trained), decode step eager or compiled (generate's compile=False / True), CUDA-graphed either way:
-      512-token prompt, 256 new tokens, batch 1 and 8, sparse and dense decode; the compiled step with several
-      steps per graph replay (--graph_steps); a 32K-token prompt at batch 8. Each row: after one untimed identical
+      512-token prompt, 256 new tokens, batch 1 and 8, sparse and dense decode; a 32K-token prompt at batch 8. Each row: after one untimed identical
       call (first_call_s: Triton and torch.compile compile, the graph captures), the prompt alone is timed, then
       the whole call, the new tokens take the difference (ms per step, tokens/s). A compiled row checks its tokens
       against the eager row's (same_tokens: how many leading new tokens agree in every row). Last, the GPU
@@ -838,11 +837,10 @@ def bench_generate(args, build, add, g):
         torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    def run(m, p, weights, decode, compiled, steps=1, eager_out=None):
+    def run(m, p, weights, decode, compiled, eager_out=None):
         """One generation row; returns its tokens (None if it failed)."""
-        impl = (f"generate B={p.shape[0]}, {decode} decode, {'compiled' if compiled else 'eager'} step, {weights}"
-                + (f", {steps} steps per graph" if steps > 1 else ""))
-        kw = dict(temperature=0, decode=decode, compile=compiled, graph_steps=steps)
+        impl = f"generate B={p.shape[0]}, {decode} decode, {'compiled' if compiled else 'eager'} step, {weights}"
+        kw = dict(temperature=0, decode=decode, compile=compiled)
         try:
             torch._dynamo.reset()                                               # first_call_s holds its compile
             _, first = seconds(lambda: m.generate(p, n_new, **kw))
@@ -868,10 +866,6 @@ def bench_generate(args, build, add, g):
                 run(m16, prompt[:Bg], "bf16 weights", decode, True, eager_out=eager)
         for Bg in (1, 8):                                                       # the weights as trained
             run(m32, prompt[:Bg], "fp32 weights", "sparse", True)
-        for steps in args.graph_steps:
-            for Bg in (1, 8):
-                if steps > 1:
-                    run(m16, prompt[:Bg], "bf16 weights", "sparse", True, steps)
         for decode in ("sparse", "dense"):                                      # long prompt: attention matters
             eager = run(m16, long_prompt, "bf16 weights", decode, False)
             run(m16, long_prompt, "bf16 weights", decode, True, eager_out=eager)
@@ -1000,8 +994,6 @@ def main():
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
     p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
                    help="model: which parts run (gen: generation only)")
-    p.add_argument("--graph_steps", nargs="+", type=int, default=[1, 8],
-                   help="model gen: decode steps per CUDA-graph replay to time (besides 1)")
     p.add_argument("--json", help="write every row here")
     p.add_argument("--lists", choices=["triton", "torch"], default="triton",
                    help="temporary A/B: the KV-outer work lists by common._csr or by the torch reference")

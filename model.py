@@ -559,7 +559,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse",
-                 compile="auto", graph_steps=1):
+                 compile="auto"):
         """
         idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens) tokens.
         The prompt is prefilled with the sparse forward, eagerly (any prompt length, nothing to recompile), filling
@@ -570,49 +570,39 @@ class GPT(nn.Module):
         compile: decode_step through torch.compile (one static shape; the prefill stays eager): 'auto' (inductor on
         CUDA, not on a CPU), True (inductor), False, or a torch.compile backend's name ('aot_eager' for tests).
         If it fails, one line says why and the step runs eagerly.
-        On CUDA graph_steps decode steps are captured in one CUDA graph after one run of them, and the graph is
-        replayed: the host only draws the uniforms and launches the replay; the steps left over run one by one.
+        On CUDA the step is captured in a CUDA graph after one run, and the graph is replayed: the host only draws
+        the uniforms and launches the replay.
         """
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
-        if not (isinstance(graph_steps, int) and graph_steps >= 1):
-            raise ValueError(f"graph_steps must be an int >= 1, got {graph_steps!r}")
         B, T0 = idx.shape
         cache = [KVCache(T0 + max_new_tokens, dense=decode == "dense") for _ in self.blocks]
         out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)     # (B, T0 + max_new_tokens)
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
         if max_new_tokens == 0:
             return out
-        # (B, V) uniforms, one buffer per step of a graph: drawn outside the graph (the generator stays the
-        # caller's), read inside it
-        uniforms = [torch.empty_like(logits) if temperature > 0 else None for _ in range(graph_steps)]
+        # (B, V) uniforms: drawn outside the graph (the generator stays the caller's), read inside it
+        uniform = torch.empty_like(logits) if temperature > 0 else None
 
-        def draw(n):
-            for u in uniforms[:n] if temperature > 0 else ():
-                u.uniform_(generator=generator)
+        def draw():
+            if uniform is not None:
+                uniform.uniform_(generator=generator)
 
-        draw(1)
-        tok = sample_token(logits, temperature, top_k, uniforms[0])[:, None]  # (B, 1) the step's fixed inputs
+        draw()
+        tok = sample_token(logits, temperature, top_k, uniform)[:, None]     # (B, 1) the step's fixed inputs
         out[:, T0] = tok[:, 0]
         pos = torch.full((1,), T0, dtype=torch.long, device=idx.device)      # (1,) tok's position
         backend = {"auto": "inductor" if idx.is_cuda else None, True: "inductor", False: None}.get(compile, compile)
         step = self.decode_step if backend is None else compiled_step(self.decode_step, backend)
-
-        def steps(n):
-            for s in range(n):
-                step(tok, pos, cache, out, uniforms[s], temperature, top_k)
-
-        left, replay = max_new_tokens - 1, None
-        while left > 0:
-            n = graph_steps if idx.is_cuda and left >= graph_steps else 1
-            draw(n)
-            if n < graph_steps or not idx.is_cuda:
-                steps(n)
-            elif replay is None:
-                replay = cuda_graphed(lambda: steps(graph_steps))[1]            # runs them once, then captures
+        replay = None
+        for _ in range(max_new_tokens - 1):
+            draw()
+            if not idx.is_cuda:
+                step(tok, pos, cache, out, uniform, temperature, top_k)
+            elif replay is None:                                                 # runs it once, then captures
+                replay = cuda_graphed(lambda: step(tok, pos, cache, out, uniform, temperature, top_k))[1]
             else:
                 replay()
-            left -= n
         return out
 
 
