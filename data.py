@@ -348,14 +348,18 @@ def _mqar_vocab_of(folder):
 MQAR_EVERY = 32  # mqar_row's default density: one fact (and its question) per MQAR_EVERY tokens of the row
 
 
-def mqar_row(tokens, n, rng, n_pairs=None):
+def mqar_row(tokens, n, rng, n_pairs=None, distance="uniform"):
     """
     Multi-query associative recall in a row of n tokens: text windows with n_pairs facts "\n Bob fox\n" (a key, then
     its value) inserted at random places and, later, one question per fact in the same form: the repeated key asks
-    for its value. Answering is an induction step (find the earlier token after the same key, copy it), the
-    mechanism attention learns first; the distance from a fact to its question is uniform over the row, so one
-    row teaches retrieval at every distance. Keys are distinct within a row.
-    n_pairs: None -> n // MQAR_EVERY (at least 1). Returns
+    for its value. Answering is an induction step (find the earlier token after the same key, copy it); the
+    distances from facts to their questions span the row, so one row teaches retrieval at every distance. Keys
+    are distinct within a row.
+    n_pairs: None -> n // MQAR_EVERY (at least 1).
+    distance: how far (in text tokens) a question follows its fact: 'uniform' over [1, m) (m the row's text
+      tokens: most questions are far), or 'log' (log-uniform over [1, m): as many in [1, 2) as in [m/2, m), so
+      near ones, whose answer a barely trained attention can already find, teach the lookup that far ones need;
+      the Zoology MQAR's "power law" gaps). Returns
       row (n,) int64,
       target (n,) bool: whether a token is a loss target: text tokens and the questions' values; not the inserted
         keys, the facts' values (unpredictable) or the newlines around them,
@@ -371,7 +375,12 @@ def mqar_row(tokens, n, rng, n_pairs=None):
         raise ValueError(f"mqar_row: n={n} tokens hold at most {max(0, (n - 2) // (2 * span))} pairs, got n_pairs={n_pairs}")
     key = rng.choice(keys, n_pairs, replace=False)                         # (P,) distinct keys
     value = rng.choice(values, n_pairs)                                    # (P,)
-    d = rng.integers(1, m, size=n_pairs)                                   # distance in text tokens, uniform in [1, m)
+    if distance not in ("uniform", "log"):
+        raise ValueError(f"mqar_row: distance must be 'uniform' or 'log', got {distance!r}")
+    if distance == "uniform":
+        d = rng.integers(1, m, size=n_pairs)                               # distance in text tokens, in [1, m)
+    else:
+        d = np.minimum(np.exp(rng.uniform(0, np.log(m), size=n_pairs)).astype(np.int64), m - 1)
     at = rng.integers(0, m - d + 1)                                        # fact before text token at, question at + d
     inserts = sorted([(at[i], 0, i) for i in range(n_pairs)] + [(at[i] + d[i], 1, i) for i in range(n_pairs)])
     text = _window(tokens, m, rng)
@@ -411,11 +420,12 @@ def _packed_row(tokens, images, captions, n, rng, p_image):
     return np.concatenate(parts)[:n], pics
 
 
-def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_mqar=0.0):
+def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_mqar=0.0, mqar_distance="uniform"):
     """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token or, in a recall row, not a
     target of mqar_row), patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
     p_image: the chance that a packed segment is an image-caption pair rather than a text window.
     p_mqar: the chance that a row is a multi-query associative recall row (mqar_row); 0 draws nothing for it.
+    mqar_distance: mqar_row's distance, 'uniform' or 'log'.
     Depends only on rng's state and the prepared files, so a resumed run continues exactly."""
     if split not in ("train", "val") or batch_size < 1 or seq_len < 1:
         raise ValueError(f"expected split 'train' or 'val', batch_size >= 1, seq_len >= 1; "
@@ -425,7 +435,7 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_
     target = np.ones((batch_size, seq_len + 1), bool)                      # False: no loss on that token
     for b in range(batch_size):
         if p_mqar and rng.random() < p_mqar:  # (no draw at 0: the default batches stay as they are)
-            row, target[b], _ = mqar_row(tokens, seq_len + 1, rng)
+            row, target[b], _ = mqar_row(tokens, seq_len + 1, rng, distance=mqar_distance)
             rows.append(row)
             continue
         lr = _long_range(tokens, seq_len + 1, rng) if rng.random() < P_LONG_RANGE else None

@@ -44,6 +44,7 @@ data_path = ""                # '' = built-in Shakespeare; else your text file o
 data_images = ""              # optional folder of 32x32 images with same-named .txt captions ('' = generated shapes)
 p_image = data.P_IMAGE        # chance that a packed segment is an image-caption pair rather than text
 p_mqar = 0.0                  # chance that a row is the multi-query associative recall task (data.mqar_row)
+mqar_distance = "uniform"     # its fact-to-question distances: 'uniform' over the row, or 'log' (log-uniform)
 seed = 1337
 # model (model.GPTConfig)
 n_layer = 6
@@ -106,6 +107,8 @@ for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_
 
 if not 0 <= p_mqar <= 1:
     raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
+if mqar_distance not in ("uniform", "log"):
+    raise SystemExit(f"config error: mqar_distance must be 'uniform' or 'log', got {mqar_distance!r}")
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -283,7 +286,7 @@ def train_batch(it, micro):
     its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
     m = rank * gradient_accumulation_steps + micro
     return data.get_batch("train", batch_size, seq_len, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
-                          device, p_image, p_mqar)
+                          device, p_image, p_mqar, mqar_distance)
 
 
 def save_checkpoint():

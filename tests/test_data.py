@@ -361,6 +361,19 @@ def test_mqar_distances_span_the_row():
     assert share.min() > 0.15, share
 
 
+def test_mqar_log_distances():
+    """distance='log': log-uniform over the row's m text tokens: nearly half the questions within m / 64 of their
+    fact (against a few percent for 'uniform'), and still some in the far half and up to the row's end."""
+    n, rng, m = 4096, np.random.default_rng(0), 4096 - 2 * (4096 // data.MQAR_EVERY) * 4
+    d = np.concatenate([[q - f for q, _, f in data.mqar_row(val_tokens(), n, rng, distance="log")[2]] for _ in range(8)])
+    near, far = (d < m / 64).mean(), (d > m / 2).mean()
+    assert near > 0.35 and far > 0.05 and d.max() > 0.8 * n, (near, far, d.max())   # log(48) / log(3072) = 0.48
+    u = np.concatenate([[q - f for q, _, f in data.mqar_row(val_tokens(), n, rng)[2]] for _ in range(8)])
+    assert (u < m / 64).mean() < 0.05
+    with pytest.raises(ValueError, match="distance must be 'uniform' or 'log', got 'far'"):
+        data.mqar_row(val_tokens(), n, rng, distance="far")
+
+
 def test_get_batch_mqar_rows():
     """p_mqar=1: every row is a recall row and y is -1 exactly where mqar_row says no target; p_mqar=0 (the
     default) draws nothing for it."""

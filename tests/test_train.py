@@ -183,6 +183,7 @@ def test_bad_input_gives_a_clear_message(args, msg):
     (["--msa_select=window"], "config error: bad model config: msa_select must be one of 'indexer', 'local', 'random', "
                               "got 'window'"),
     (["--p_mqar=1.5"], "config error: p_mqar must be in [0, 1], got 1.5"),
+    (["--mqar_distance=far"], "config error: mqar_distance must be 'uniform' or 'log', got 'far'"),
     (["--backend=triton"], "config error: backend='triton' needs a CUDA GPU and none was found")])
 def test_bad_settings_end_in_one_line(args, msg):
     # GPUs hidden and Triton's interpreter off: --backend=triton is what a user asks for on a machine without CUDA
