@@ -34,3 +34,14 @@ def rand_inputs(B, Hq, Hkv, T, D, Di, dtype=torch.float32, device=DEVICE, seed=0
     g = torch.Generator().manual_seed(seed)
     shapes = [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, Hkv, T, Di), (B, T, Di)]
     return tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes)
+
+
+@pytest.fixture(autouse=True)
+def _torch_matmul_precision():
+    """Each test starts from the float32 matmul precision of the test session: train.py, which some tests run in
+    their own process (runpy), turns on TF32 for the GPU's float32 products (a speed setting), and a float32
+    test that follows it in the same worker would otherwise compare TF32 results at float32 tolerances."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
