@@ -26,7 +26,7 @@ p.add_argument("--every", type=int, default=32); p.add_argument("--budget_s", ty
 p.add_argument("--eval_s", type=float, default=30); p.add_argument("--kl_warmup", type=int, default=200)
 p.add_argument("--compile", type=int, default=1); p.add_argument("--experts", type=int, default=8)
 p.add_argument("--n_dense", type=int, default=1); p.add_argument("--eval_T", type=int, nargs="*", default=[])
-p.add_argument("--distance", default="uniform"); p.add_argument("--out", default=os.environ.get("OUT", "."))
+p.add_argument("--distance", default="uniform")   # data.mqar_row distance: uniform or log
 a = p.parse_args()
 data.MQAR_EVERY = a.every
 dev = "cuda" if torch.cuda.is_available() else "cpu"
