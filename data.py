@@ -348,7 +348,7 @@ def _mqar_vocab_of(folder):
 MQAR_EVERY = 32  # mqar_row's default density: one fact (and its question) per MQAR_EVERY tokens of the row
 
 
-def mqar_row(tokens, n, rng, n_pairs=None, distance="uniform"):
+def mqar_row(tokens, n, rng, n_pairs=None, distance="uniform", text_targets=True):
     """
     Multi-query associative recall in a row of n tokens: text windows with n_pairs facts "\n Bob fox\n" (a key, then
     its value) inserted at random places and, later, one question per fact in the same form: the repeated key asks
@@ -359,10 +359,12 @@ def mqar_row(tokens, n, rng, n_pairs=None, distance="uniform"):
     distance: how far (in text tokens) a question follows its fact: 'uniform' over [1, m) (m the row's text
       tokens: most questions are far), or 'log' (log-uniform over [1, m): as many in [1, 2) as in [m/2, m), so
       near ones, whose answer a barely trained attention can already find, teach the lookup that far ones need;
-      the Zoology MQAR's "power law" gaps). Returns
+      the Zoology MQAR's "power law" gaps).
+    text_targets: whether the text tokens are loss targets; False leaves the answers as the row's only targets
+      (the Zoology MQAR's loss: every gradient of the row then comes from retrieval). Returns
       row (n,) int64,
-      target (n,) bool: whether a token is a loss target: text tokens and the questions' values; not the inserted
-        keys, the facts' values (unpredictable) or the newlines around them,
+      target (n,) bool: whether a token is a loss target: the questions' values and (text_targets) the text tokens;
+        not the inserted keys, the facts' values (unpredictable) or the newlines around them,
       tasks [(q, answer (1,), f)] sorted by q: the question's key sits at q (the prompt is row[:q + 1] and the answer
         row[q + 1]), the fact's key at f (its value, the token the answer copies, at f + 1).
     """
@@ -387,13 +389,13 @@ def mqar_row(tokens, n, rng, n_pairs=None, distance="uniform"):
     row, target, where, prev = [], [], {}, 0                               # where[(kind, i)] = key's row position
     for j, (off, kind, i) in enumerate(inserts):
         row.append(text[prev:off])
-        target.append(np.ones(off - prev, bool))
+        target.append(np.full(off - prev, text_targets))
         prev = off
         where[kind, i] = off + j * span + len(nl)                          # off text tokens and j lines before it
         row.append(np.concatenate([nl, [key[i], value[i]], nl]))
         target.append(np.array([False] * (len(nl) + 1) + [bool(kind)] + [False] * len(nl)))
     row.append(text[prev:])
-    target.append(np.ones(m - prev, bool))
+    target.append(np.full(m - prev, text_targets))
     row, target = np.concatenate(row).astype(np.int64), np.concatenate(target)
     tasks = sorted((where[1, i], value[i:i + 1].copy(), where[0, i]) for i in range(n_pairs))
     return row, target, [(int(q), a, int(f)) for q, a, f in tasks]
@@ -420,12 +422,13 @@ def _packed_row(tokens, images, captions, n, rng, p_image):
     return np.concatenate(parts)[:n], pics
 
 
-def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_mqar=0.0, mqar_distance="uniform"):
+def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_mqar=0.0, mqar_distance="uniform",
+              mqar_text_loss=True):
     """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token or, in a recall row, not a
     target of mqar_row), patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
     p_image: the chance that a packed segment is an image-caption pair rather than a text window.
     p_mqar: the chance that a row is a multi-query associative recall row (mqar_row); 0 draws nothing for it.
-    mqar_distance: mqar_row's distance, 'uniform' or 'log'.
+    mqar_distance, mqar_text_loss: mqar_row's distance ('uniform' or 'log') and text_targets.
     Depends only on rng's state and the prepared files, so a resumed run continues exactly."""
     if split not in ("train", "val") or batch_size < 1 or seq_len < 1:
         raise ValueError(f"expected split 'train' or 'val', batch_size >= 1, seq_len >= 1; "
@@ -435,7 +438,7 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_
     target = np.ones((batch_size, seq_len + 1), bool)                      # False: no loss on that token
     for b in range(batch_size):
         if p_mqar and rng.random() < p_mqar:  # (no draw at 0: the default batches stay as they are)
-            row, target[b], _ = mqar_row(tokens, seq_len + 1, rng, distance=mqar_distance)
+            row, target[b], _ = mqar_row(tokens, seq_len + 1, rng, distance=mqar_distance, text_targets=mqar_text_loss)
             rows.append(row)
             continue
         lr = _long_range(tokens, seq_len + 1, rng) if rng.random() < P_LONG_RANGE else None

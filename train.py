@@ -45,6 +45,7 @@ data_images = ""              # optional folder of 32x32 images with same-named 
 p_image = data.P_IMAGE        # chance that a packed segment is an image-caption pair rather than text
 p_mqar = 0.0                  # chance that a row is the multi-query associative recall task (data.mqar_row)
 mqar_distance = "uniform"     # its fact-to-question distances: 'uniform' over the row, or 'log' (log-uniform)
+mqar_text_loss = True         # its text tokens are targets too; False: only its answers (a weighting: say so)
 seed = 1337
 # model (model.GPTConfig)
 n_layer = 6
@@ -286,7 +287,7 @@ def train_batch(it, micro):
     its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
     m = rank * gradient_accumulation_steps + micro
     return data.get_batch("train", batch_size, seq_len, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
-                          device, p_image, p_mqar, mqar_distance)
+                          device, p_image, p_mqar, mqar_distance, mqar_text_loss)
 
 
 def save_checkpoint():

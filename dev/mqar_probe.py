@@ -27,6 +27,7 @@ p.add_argument("--eval_s", type=float, default=30); p.add_argument("--kl_warmup"
 p.add_argument("--compile", type=int, default=1); p.add_argument("--experts", type=int, default=8)
 p.add_argument("--n_dense", type=int, default=1); p.add_argument("--eval_T", type=int, nargs="*", default=[])
 p.add_argument("--distance", default="uniform")   # data.mqar_row distance: uniform or log
+p.add_argument("--text_loss", type=int, default=1)   # 0: a recall row's answers are its only targets
 a = p.parse_args()
 data.MQAR_EVERY = a.every
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +72,8 @@ while True:
     T = a.T[min(stage, len(a.T) - 1)]; B = max(1, a.tokens // T)
     lr = a.lr * min(1, (it + 1) / 100)
     for g in opt.param_groups: g["lr"] = lr
-    x, y, pt = data.get_batch("train", B, T, np.random.default_rng([5, it]), dev, p_mqar=a.p_mqar, mqar_distance=a.distance)
+    x, y, pt = data.get_batch("train", B, T, np.random.default_rng([5, it]), dev, p_mqar=a.p_mqar, mqar_distance=a.distance,
+                                 mqar_text_loss=bool(a.text_loss))
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
         _, losses = cm(x, y, pt, kl_dense=it < a.kl_warmup)
         loss = losses["lm"] + losses["kl"] + 0.01 * losses["balance"]

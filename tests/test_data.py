@@ -374,6 +374,19 @@ def test_mqar_log_distances():
         data.mqar_row(val_tokens(), n, rng, distance="far")
 
 
+def test_mqar_answers_only():
+    """text_targets=False (get_batch's mqar_text_loss=False): the same row, and its answers are its only targets."""
+    row, target, tasks = data.mqar_row(val_tokens(), 600, np.random.default_rng(3), text_targets=False)
+    again, full, _ = data.mqar_row(val_tokens(), 600, np.random.default_rng(3))
+    assert np.array_equal(row, again) and np.array_equal(np.flatnonzero(target), [q + 1 for q, _, _ in tasks])
+    assert (target <= full).all() and full.sum() > 10 * target.sum()
+    x, y, _ = data.get_batch("train", 2, 300, np.random.default_rng(4), p_mqar=1.0, mqar_text_loss=False)
+    assert ((y >= 0).sum(1) == 301 // data.MQAR_EVERY).all()                # rows of 301 tokens: 9 facts, 9 answers
+    for b in range(2):  # the targets are the tokens after a repeated key: the answers
+        for t in (y[b] >= 0).nonzero()[:, 0].tolist():
+            assert (x[b, :t] == x[b, t]).any() and y[b, t] == x[b, (x[b, :t] == x[b, t]).nonzero()[-1, 0] + 1]
+
+
 def test_get_batch_mqar_rows():
     """p_mqar=1: every row is a recall row and y is -1 exactly where mqar_row says no target; p_mqar=0 (the
     default) draws nothing for it."""
