@@ -184,6 +184,16 @@ def mqar_eval(model, n_rows, n, seed=0, batch_size=8, n_bins=N_BINS):
     return summarize(score(model, data.mqar_eval_set(n_rows, n, seed), batch_size), n_bins)
 
 
+def summary_line(r):
+    """One line of a summarize() result: accuracy, by distance bin, needle recall (and the teacher's mass on the
+    needle's block) per MSA layer, each the mean over the KV groups."""
+    bins = " ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
+    needle = " ".join(f"{np.mean(g):.2f}" for g in r["needle_recall"])
+    mass = " ".join(f"{np.mean(g):.2f}" for g in r["needle_mass"])
+    return (f"mqar acc {r['acc']:.3f} ({r['questions']} questions) | by distance ({len(r['acc_bins'])} bins over "
+            f"{int(r['bin_edges'][-1])} tokens) {bins}" + (f" | needle recall per MSA layer {needle} (teacher mass {mass})" if needle else ""))
+
+
 def niah_grid(model, lengths, depths=NIAH_DEPTHS, n_rows=4, seed=0, max_tokens=1 << 16):
     """
     The needle grid: n_rows rows per (length, depth), rows of each length in forwards of up to max_tokens tokens

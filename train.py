@@ -250,16 +250,6 @@ def evaluate():
     return res
 
 
-def mqar_line(r):
-    """One line of recall_eval.summarize's numbers: accuracy, by distance bin, needle recall per MSA layer."""
-    bins = " ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
-    needle = " ".join(f"{np.mean(g):.2f}" for g in r["needle_recall"])  # mean over the KV groups
-    mass = " ".join(f"{np.mean(g):.2f}" for g in r["needle_mass"])
-    return (f"  mqar acc {r['acc']:.3f} ({r['questions']} questions) | by distance ({len(r['acc_bins'])} bins over "
-            f"{seq_len} tokens) {bins}"
-            + (f" | needle recall per MSA layer {needle} (teacher mass {mass})" if needle else ""))
-
-
 def log(record):
     if master:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
@@ -360,7 +350,7 @@ while True:
                 f" | captions {' '.join(f'{k} {v:.2f}' for k, v in cap.items())} | long-range {res['long_range']}"
                 f" | {time.time() - t_eval:.1f}s")
             if "mqar" in res:
-                say(mqar_line(res["mqar"]))
+                say("  " + recall_eval.summary_line(res["mqar"]))
             log(dict(eval=iter_num, **res))
         save_checkpoint()
         t_last += time.time() - t_eval  # eval time does not count in tokens/s
