@@ -582,8 +582,8 @@ def bench_launches(args):
 
 
 def torch_lists():
-    """tests/test_lists.py's torch reference of common._csr (the lists before they were Triton kernels), for
-    --lists torch and --what lists. Temporary: an A/B of the two builders on a GPU."""
+    """tests/test_lists.py's torch reference of common._csr (the same lists in ~20 torch operations), which
+    --what lists checks the Triton builder against and times beside it."""
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
@@ -995,11 +995,7 @@ def main():
     p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
                    help="model: which parts run (gen: generation only)")
     p.add_argument("--json", help="write every row here")
-    p.add_argument("--lists", choices=["triton", "torch"], default="triton",
-                   help="temporary A/B: the KV-outer work lists by common._csr or by the torch reference")
     args = p.parse_args()
-    if args.lists == "torch":
-        common._csr = torch_lists()
     if not torch.cuda.is_available() and args.what != ["launches"]:
         raise SystemExit("bench.py needs a CUDA GPU (but --what launches, which also runs on a CPU: TRITON_INTERPRET=1)")
     t0 = time.time()

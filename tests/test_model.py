@@ -14,14 +14,14 @@ from model import (GPT, GPTConfig, KVCache, get_backend, gpu_peak_flops, grouped
 PATCH = 50  # the image-patch token id of these tiny models
 
 
-def tiny(**kw):
+def tiny(backend="ref", **kw):
     """A small model whose MSA layers are really sparse at T=40: blocks of 4, K=3 of them per query."""
     args = dict(vocab_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, index_dim=8, n_dense_layers=1,
                 msa_block_size=4, msa_topk=3, n_expert=4, expert_topk=2, expert_hidden=24, patch_dim=6,
                 img_patch_id=PATCH)
     args.update(kw)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**args), backend="ref")
+    model = GPT(GPTConfig(**args), backend=backend)
     with torch.no_grad():  # index weights large enough that the selection is not a near-tie everywhere
         for name, p in model.named_parameters():
             if ".wqi." in name or ".wki." in name:
