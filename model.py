@@ -76,6 +76,7 @@ class GPTConfig:
     shared_expert: bool = True  # one more expert that every token goes through
     expert_hidden: int = 512    # SwiGLU hidden width of each expert
     rope_theta: float = 10000.0
+    tie_embeddings: bool = True # lm_head reuses wte's matrix (GPT-2); False: a matrix of its own (most recent LLMs)
     patch_dim: int = 192        # flattened image patch (data.PATCH_DIM)
     img_patch_id: int = 50259   # the token whose embedding is replaced by a projected patch (data.IMG_PATCH)
 
@@ -431,7 +432,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i >= n_sparse_from, self.backend) for i in range(cfg.n_layer)])
         self.norm_f = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
             if name.endswith((".wo.weight",)):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))

@@ -64,6 +64,7 @@ expert_topk = 2
 shared_expert = True
 expert_hidden = 512
 rope_theta = 10000.0
+tie_embeddings = True         # the LM head reuses the token embedding's matrix; False: a matrix of its own
 backend = "auto"              # 'auto' (msa_triton on CUDA if complete, else msa_ref), 'ref', 'triton'
 # training
 seq_len = 1024

@@ -28,6 +28,7 @@ p.add_argument("--compile", type=int, default=1); p.add_argument("--experts", ty
 p.add_argument("--n_dense", type=int, default=1); p.add_argument("--eval_T", type=int, nargs="*", default=[])
 p.add_argument("--distance", default="uniform")   # data.mqar_row distance: uniform or log
 p.add_argument("--text_loss", type=int, default=1)   # 0: a recall row's answers are its only targets
+p.add_argument("--tie", type=int, default=1)         # 0: the LM head has its own matrix (GPTConfig.tie_embeddings)
 a = p.parse_args()
 data.MQAR_EVERY = a.every
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +36,7 @@ torch.manual_seed(0)
 cfg = GPTConfig(n_layer=a.layers, n_head=a.heads, n_kv_head=2, n_embd=a.embd, index_dim=64, n_dense_layers=a.n_dense,
                 msa_block_size=a.bs, msa_topk=a.K, n_expert=a.experts, expert_topk=2, expert_hidden=2 * a.embd,
                 vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH,
-                attention=a.attention, msa_select=a.select)
+                attention=a.attention, msa_select=a.select, tie_embeddings=bool(a.tie))
 model = GPT(cfg).to(dev)
 params = [q for q in model.parameters() if q.requires_grad]
 opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev == "cuda")

@@ -250,6 +250,25 @@ def test_loss_is_on_text_only():
     assert final[-1].grad[~keep].abs().max() == 0 and final[-1].grad[keep].abs().sum() > 0
 
 
+def test_untied_head_has_its_own_matrix():
+    """tie_embeddings=False: the LM head and the token embedding are two matrices (V * C more parameters), each
+    trained by its own gradient: the embedding's rows of tokens absent from x get none, the head's every row
+    (the softmax reaches every word). The default ties them: one matrix. A state dict round-trips."""
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.wte.weight and untied.lm_head.weight is not untied.wte.weight
+    V, C = untied.cfg.vocab_size, untied.cfg.n_embd
+    assert untied.num_params() == tied.num_params() + V * C
+    x, y, patches = batch()
+    untied(x, y, patches)[1]["lm"].backward()
+    absent = torch.ones(V, dtype=torch.bool)
+    absent[x.unique()] = False                                               # (V,) tokens that x never holds
+    assert absent.any() and untied.wte.weight.grad[absent].abs().max() == 0
+    assert (untied.lm_head.weight.grad.abs().sum(1) > 0).all()
+    copy = tiny(tie_embeddings=False)
+    copy.load_state_dict(untied.state_dict())
+    torch.testing.assert_close(copy(x, patches=patches)[0], untied(x, patches=patches)[0], rtol=0, atol=0)
+
+
 def test_index_branch_learns_from_kl_only():
     model = tiny()
     x, y, patches = batch()
