@@ -3,7 +3,8 @@ A lab tool for the retrieval recipe (dev/retrieval.md), not part of the model: c
 induction step at all? Trains on the bare Zoology-style recall task, no text: a row of 64 tokens from a
 256-word vocabulary holds P=8 facts "k v" (keys from the lower half, values from the upper), then the 8 keys
 again, in random order at random places among filler tokens, each followed by its value; the loss is on those
-answers only. Picking "a value of this row" scores ~0.35 (the plateau); the lookup scores ~1.0.
+answers only. Picking any value of this row scores ~0.13 (1/8), a value not yet asked ~0.34 (the mean of
+1/8, 1/7, ..., 1/1): the two plateaus; the lookup scores ~1.0.
 Two models: model.py's GPT (every layer dense; 2 experts), and a plain control transformer (learned absolute
 positions, full multi-head attention, GELU MLP, PyTorch's default init), each with switches for what differs:
     python dev/mqar_synthetic.py --impl gpt --tie 1          # model.py as configured by default
