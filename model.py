@@ -635,22 +635,23 @@ def compiled_step(fn, backend):
     Compiling happens at the first call; if it fails, one line says why and fn itself runs from then on (tok and
     pos are restored first; the cache and out rows it may have written are written again, with the same values).
     """
-    fns = [torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)]
+    compiled, chosen = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend), None
 
     def call(tok, pos, *args):
-        if len(fns) == 1:                                                    # the first call: compile
+        nonlocal chosen
+        if chosen is None:                                                   # the first call: compile
             saved = tok.clone(), pos.clone()
             try:
-                fns[0](tok, pos, *args)
-                fns.append(fns[0])
+                compiled(tok, pos, *args)
+                chosen = compiled
                 return
             except Exception as e:
                 why = " ".join(str(e).split())[:200]
                 print(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {why}")
                 tok.copy_(saved[0])
                 pos.copy_(saved[1])
-                fns.append(fn)
-        fns[1](tok, pos, *args)
+                chosen = fn
+        chosen(tok, pos, *args)
     return call
 
 

@@ -104,9 +104,9 @@ else:
     if not tie and a.head_init == "copy":  # untied, but starting from the embedding's matrix
         with torch.no_grad():
             net.lm_head.weight.copy_(net.wte.weight)
-    wpe = nn.Embedding(T, a.C).to(dev)
-    nn.init.normal_(wpe.weight, std=0.02)
     if not rope:
+        wpe = nn.Embedding(T, a.C).to(dev)
+        nn.init.normal_(wpe.weight, std=0.02)
         net.wpe, embed = wpe, net.embed
         net.embed = lambda x, patches=None, decoding=False: embed(x) + wpe(torch.arange(x.shape[1], device=x.device))
     logits = lambda x: net(x)[0]
