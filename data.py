@@ -401,6 +401,36 @@ def mqar_row(tokens, n, rng, n_pairs=None, distance="uniform", text_targets=True
     return row, target, [(int(q), a, int(f)) for q, a, f in tasks]
 
 
+@functools.cache
+def _distinct_of(folder):
+    return np.unique(_load(folder, "train")[0]).astype(np.int64)                # (~12K,) the text's distinct tokens
+
+
+def repeat_row(n, rng):
+    """
+    The induction warm-up: a row of n tokens whose first half is tokens drawn one by one, uniformly, from the
+    training text's distinct tokens (no order to learn), and whose second half is stretches of 8-32 tokens copied
+    from random places of the first half. Only a lookup by content predicts a copied token: find the earlier
+    place of the token before it and take the token that followed it there, the step a recall question needs
+    (mqar_row). A small model learns it from these rows in a few hundred steps; from recall rows alone it can sit
+    for thousands before the lookup appears (dev/retrieval.md). Returns
+      row (n,) int64,
+      target (n,) bool: the copied tokens after each stretch's first (the first follows a random token).
+    """
+    if n < 4:
+        raise ValueError(f"repeat_row: expected a row of at least 4 tokens, got n={n}")
+    h = n // 2
+    first = rng.choice(_distinct_of(_active or prepare()), h)                  # (h,)
+    parts, target, used = [first], [np.zeros(h, bool)], h
+    while used < n:
+        L = min(int(rng.integers(8, 33)), n - used, h)                          # the stretch's length
+        s = rng.integers(0, h - L + 1)
+        parts.append(first[s:s + L])
+        target.append(np.arange(L) > 0)
+        used += L
+    return np.concatenate(parts), np.concatenate(target)
+
+
 def _packed_row(tokens, images, captions, n, rng, p_image):
     """-> (n tokens of text windows and image-caption pairs,
            [(offset of each image's IMG_START, its patches (16, 192) uint8)])"""
@@ -423,21 +453,29 @@ def _packed_row(tokens, images, captions, n, rng, p_image):
 
 
 def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_mqar=0.0, mqar_distance="uniform",
-              mqar_text_loss=True):
+              mqar_text_loss=True, p_repeat=0.0):
     """-> x (B, T) long, y (B, T) long (next tokens, -1 where the target is an image token or, in a recall row, not a
     target of mqar_row), patches (B, T, PATCH_DIM) float32 in [0, 1] (pixels where x == IMG_PATCH, zeros elsewhere).
     p_image: the chance that a packed segment is an image-caption pair rather than a text window.
     p_mqar: the chance that a row is a multi-query associative recall row (mqar_row); 0 draws nothing for it.
     mqar_distance, mqar_text_loss: mqar_row's distance ('uniform' or 'log') and text_targets.
+    p_repeat: the chance that a row is an induction warm-up row (repeat_row); p_repeat + p_mqar <= 1.
     Depends only on rng's state and the prepared files, so a resumed run continues exactly."""
     if split not in ("train", "val") or batch_size < 1 or seq_len < 1:
         raise ValueError(f"expected split 'train' or 'val', batch_size >= 1, seq_len >= 1; "
                          f"got {split!r}, {batch_size}, {seq_len}")
+    if not (0 <= p_mqar and 0 <= p_repeat and p_mqar + p_repeat <= 1):
+        raise ValueError(f"expected p_mqar >= 0, p_repeat >= 0 and p_mqar + p_repeat <= 1, got {p_mqar}, {p_repeat}")
     tokens, images, captions = _load(_active or prepare(), split)
     rows, pix, pos = [], [], []
     target = np.ones((batch_size, seq_len + 1), bool)                      # False: no loss on that token
     for b in range(batch_size):
-        if p_mqar and rng.random() < p_mqar:  # (no draw at 0: the default batches stay as they are)
+        u = rng.random() if p_mqar or p_repeat else 1.0  # (no draw at 0: the default batches stay as they are)
+        if u < p_repeat:
+            row, target[b] = repeat_row(seq_len + 1, rng)
+            rows.append(row)
+            continue
+        if u < p_repeat + p_mqar:
             row, target[b], _ = mqar_row(tokens, seq_len + 1, rng, distance=mqar_distance, text_targets=mqar_text_loss)
             rows.append(row)
             continue

@@ -29,10 +29,13 @@ p.add_argument("--n_dense", type=int, default=1); p.add_argument("--eval_T", typ
 p.add_argument("--distance", default="uniform")   # data.mqar_row distance: uniform or log
 p.add_argument("--text_loss", type=int, default=1)   # 0: a recall row's answers are its only targets
 p.add_argument("--tie", type=int, default=1)         # 0: the LM head has its own matrix (GPTConfig.tie_embeddings)
+p.add_argument("--p_repeat", type=float, default=0)  # the share of induction warm-up rows (data.repeat_row), taken
+p.add_argument("--repeat_s", type=float, default=1e9)  # from p_mqar, for this many seconds (then 0)
+p.add_argument("--seed", type=int, default=0)
 a = p.parse_args()
 data.MQAR_EVERY = a.every
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-torch.manual_seed(0)
+torch.manual_seed(a.seed)
 cfg = GPTConfig(n_layer=a.layers, n_head=a.heads, n_kv_head=2, n_embd=a.embd, index_dim=64, n_dense_layers=a.n_dense,
                 msa_block_size=a.bs, msa_topk=a.K, n_expert=a.experts, expert_topk=2, expert_hidden=2 * a.embd,
                 vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH,
@@ -63,18 +66,31 @@ def evaluate(T):
         ces.append(torch.nn.functional.cross_entropy(lq, ans, reduction="sum").item())
         pred = lq.argmax(-1).cpu().numpy()
         hits += [int(pred[i] == t[1][0]) for i, t in enumerate(tasks[b])]; dist += [(t[0] - t[2]) / T for t in tasks[b]]
-    model.train(); hits, dist = np.array(hits), np.array(dist)
+    hits, dist = np.array(hits), np.array(dist)
     bins = [float(hits[(dist >= lo) & (dist < lo + .25)].mean()) for lo in (0, .25, .5, .75)]
-    return float(hits.mean()), [round(v, 3) for v in bins], round(sum(ces) / len(hits), 3)
+    rx, ry = repeatset(T)                                                       # the warm-up rows' own accuracy
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+        rep = (model(rx)[0].argmax(-1)[ry >= 0] == ry[ry >= 0]).float().mean().item()
+    model.train()
+    return float(hits.mean()), [round(v, 3) for v in bins], round(sum(ces) / len(hits), 3), round(rep, 3)
+repeatsets = {}
+def repeatset(T):
+    if T not in repeatsets:
+        rng = np.random.default_rng([78, T]); rows = [data.repeat_row(T + 1, rng) for _ in range(max(1, 8192 // T))]
+        r = torch.tensor(np.stack([x for x, _ in rows]), device=dev); t = torch.tensor(np.stack([m for _, m in rows]), device=dev)
+        repeatsets[T] = (r[:, :-1], torch.where(t[:, 1:], r[:, 1:], -1))
+    return repeatsets[T]
 t0 = time.time(); it = 0; last_eval = 0; stage = 0; toks = 0; lm_acc = []
 while True:
     el = time.time() - t0
     while stage < len(a.switch_s) and el >= a.switch_s[stage]: stage += 1
     T = a.T[min(stage, len(a.T) - 1)]; B = max(1, a.tokens // T)
     lr = a.lr * min(1, (it + 1) / 100)
+    pr = a.p_repeat if el < a.repeat_s else 0.0
+    mix = dict(p_repeat=pr, p_mqar=min(a.p_mqar, 1 - pr) if pr else a.p_mqar)
     for g in opt.param_groups: g["lr"] = lr
-    x, y, pt = data.get_batch("train", B, T, np.random.default_rng([5, it]), dev, p_mqar=a.p_mqar, mqar_distance=a.distance,
-                                 mqar_text_loss=bool(a.text_loss))
+    x, y, pt = data.get_batch("train", B, T, np.random.default_rng([5, a.seed, it]), dev, mqar_distance=a.distance,
+                              mqar_text_loss=bool(a.text_loss), **mix)
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
         _, losses = cm(x, y, pt, kl_dense=it < a.kl_warmup)
         loss = losses["lm"] + losses["kl"] + 0.01 * losses["balance"]
@@ -82,10 +98,10 @@ while True:
     it += 1; toks += B * T; lm_acc.append(losses["lm"].detach())
     if time.time() - t0 - last_eval >= a.eval_s or time.time() - t0 >= a.budget_s:
         last_eval = time.time() - t0
-        acc, bins, ce = evaluate(T)
+        acc, bins, ce, rep = evaluate(T)
         rec = dict(name=a.name, t=round(last_eval), it=it, T=T, Mtok=round(toks / 1e6, 1),
                    lm=round(torch.stack(lm_acc).float().mean().item(), 3), kl=round(losses["kl"].item(), 4),
-                   acc=round(acc, 3), bins=bins, ce=ce)
+                   acc=round(acc, 3), bins=bins, ce=ce, repeat_acc=rep)
         lm_acc = []
         print(json.dumps(rec), flush=True)
         if time.time() - t0 >= a.budget_s: break

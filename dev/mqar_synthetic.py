@@ -31,8 +31,13 @@ p.add_argument("--small_init", type=int, default=0) # plain: every matrix N(0, 0
 p.add_argument("--C", type=int, default=128); p.add_argument("--layers", type=int, default=2)
 p.add_argument("--lr", type=float, default=3e-3); p.add_argument("--wd", type=float, default=0.1)
 p.add_argument("--steps", type=int, default=8000); p.add_argument("--B", type=int, default=64)
+p.add_argument("--budget_s", type=float, default=1e9)  # stop after this many seconds, too
+p.add_argument("--P", type=int, default=8)          # facts (and questions) per row
+p.add_argument("--V", type=int, default=256)        # vocabulary
+p.add_argument("--copy_steps", type=int, default=0) # steps on repeated random half-rows before the recall rows
+p.add_argument("--copy_frac", type=float, default=0)  # the share of repeated half-rows in every later batch
 a = p.parse_args()
-V, T, P, H = 256, 64, 8, 4                           # vocabulary, row length, facts per row, heads
+V, T, H = a.V, 64, 4                                 # vocabulary, row length, heads
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rope = a.rope if a.rope is not None else int(a.impl == "gpt")
 tie = a.tie if a.tie is not None else int(a.impl == "gpt")
@@ -40,15 +45,33 @@ tie = a.tie if a.tie is not None else int(a.impl == "gpt")
 
 def batch(B, rng):
     """-> x (B, T), y (B, T): -1 except at the answers (the value after a repeated key)."""
-    x, y = np.ones((B, T + 1), np.int64), np.full((B, T + 1), -1)   # token 1 is the filler
-    for b in range(B):
-        k, v = rng.choice(np.arange(2, V // 2), P, replace=False), rng.choice(np.arange(V // 2, V), P)
-        x[b, :2 * P] = np.stack([k, v], 1).reshape(-1)                  # the facts: k1 v1 ... kP vP
-        at = np.sort(rng.choice(np.arange(2 * P, T, 2), P, replace=False))  # the questions' places
-        i = rng.permutation(P)
-        x[b, at], x[b, at + 1], y[b, at + 1] = k[i], v[i], v[i]
+    r = np.arange(B)[:, None]
+    k = rng.random((B, V // 2 - 2)).argsort(1)[:, :a.P] + 2                   # (B, P) distinct keys
+    v = rng.integers(V // 2, V, (B, a.P))                                       # (B, P) values
+    x, y = np.ones((B, T + 1), np.int64), np.full((B, T + 1), -1)             # token 1 is the filler
+    x[:, 0:2 * a.P:2], x[:, 1:2 * a.P:2] = k, v                                # the facts: k1 v1 ... kP vP
+    at = np.sort(rng.random((B, (T - 2 * a.P) // 2)).argsort(1)[:, :a.P], 1) * 2 + 2 * a.P  # (B, P) question places
+    i = rng.random((B, a.P)).argsort(1)                                         # the order they are asked in
+    x[r, at], x[r, at + 1], y[r, at + 1] = k[r, i], v[r, i], v[r, i]
     x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
     return x[:, :-1], y[:, 1:]
+
+
+def copy_batch(B, rng):
+    """-> x, y: random tokens in which a random stretch (8 to T/2 tokens) comes again later, at a random offset,
+    so that only a lookup by content (not a fixed distance) predicts it: the classic induction warm-up; the
+    targets are the repeat's tokens after its first."""
+    x = rng.integers(2, V, (B, T))
+    L = rng.integers(8, T // 2 + 1, (B, 1))                                     # (B, 1) the stretch's length
+    src = (rng.random((B, 1)) * (T - 2 * L + 1)).astype(np.int64)               # its first place
+    dst = src + L + (rng.random((B, 1)) * (T - 2 * L - src + 1)).astype(np.int64)  # the repeat's, after it
+    p = np.arange(T)[None, :]
+    rep = (p >= dst) & (p < dst + L)                                            # (B, T) inside the repeat
+    x = np.where(rep, np.take_along_axis(x, np.clip(p - dst + src, 0, T - 1), 1), x)
+    y = np.full((B, T), -1)
+    nxt = rep[:, 1:] & rep[:, :-1]                                              # p and p + 1 both in the repeat
+    y[:, :-1][nxt] = x[:, 1:][nxt]
+    return torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
 
 
 class PlainBlock(nn.Module):
@@ -112,19 +135,25 @@ else:
     logits = lambda x: net(x)[0]
 opt = torch.optim.AdamW(net.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=a.wd)
 rng, held_out = np.random.default_rng(a.seed), batch(512, np.random.default_rng(1))
+held_copy = copy_batch(512, np.random.default_rng(1))
 t0 = time.time()
 for it in range(a.steps + 1):
     for g in opt.param_groups:
         g["lr"] = a.lr * min(1, (it + 1) / 100)
-    x, y = batch(a.B, rng)
+    n_copy = a.B if it < a.copy_steps else round(a.B * a.copy_frac)
+    x, y = batch(a.B - n_copy, rng)
+    if n_copy:
+        xc, yc = copy_batch(n_copy, rng)
+        x, y = torch.cat([x, xc]), torch.cat([y, yc])
     loss = F.cross_entropy(logits(x).float().view(-1, V), y.reshape(-1), ignore_index=-1)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if it % 500 == 0:
+    if it % 500 == 0 or time.time() - t0 > a.budget_s:
         with torch.no_grad():
-            x, y = held_out
-            hit = logits(x).argmax(-1)[y >= 0] == y[y >= 0]
+            acc = [(logits(x).argmax(-1)[y >= 0] == y[y >= 0]).float().mean().item() for x, y in (held_out, held_copy)]
         print(json.dumps(dict(name=a.name, it=it, s=round(time.time() - t0), loss=round(loss.item(), 3),
-                              acc=round(hit.float().mean().item(), 3))), flush=True)
+                              acc=round(acc[0], 3), copy_acc=round(acc[1], 3))), flush=True)
+        if time.time() - t0 > a.budget_s:
+            break

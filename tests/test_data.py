@@ -402,6 +402,38 @@ def test_get_batch_mqar_rows():
     assert all(torch.equal(u, v) for u, v in zip(default, data.get_batch("train", 3, 300, np.random.default_rng(4), p_mqar=0.0)))
 
 
+def test_repeat_row_copies_stretches_of_its_first_half():
+    """First half: distinct text tokens drawn at random, no targets; second half: stretches copied from the first
+    half, each target token (not a stretch's first) found after the same token in the first half."""
+    distinct = set(data._distinct_of(data._active or data.prepare()).tolist())
+    for n in (4, 7, 64, 1025):
+        row, target = data.repeat_row(n, np.random.default_rng(n))
+        h = n // 2
+        assert row.shape == target.shape == (n,) and row.dtype == np.int64 and target.dtype == bool
+        assert set(row.tolist()) <= distinct and not target[:h].any()
+        assert target.sum() >= (n - h) - ((n - h) // min(8, h) + 1)              # stretches of >= 8 (or h), one short
+        for p in np.flatnonzero(target):                                        # found by content in the first half
+            assert any(row[j] == row[p] and row[j - 1] == row[p - 1] for j in range(1, h))
+    with pytest.raises(ValueError, match="repeat_row: expected a row of at least 4 tokens, got n=3"):
+        data.repeat_row(3, np.random.default_rng(0))
+
+
+def test_get_batch_repeat_rows():
+    """p_repeat=1: every row is repeat_row's (y = the next token where it is a target, -1 elsewhere); a mix takes
+    one draw per row; p_repeat + p_mqar > 1 is refused."""
+    x, y, _ = data.get_batch("train", 3, 100, np.random.default_rng(5), p_repeat=1.0)
+    rng = np.random.default_rng(5)
+    for b in range(3):
+        rng.random()                                                            # get_batch's draw of the row kind
+        row, target = data.repeat_row(101, rng)
+        assert np.array_equal(x[b].numpy(), row[:-1]) and np.array_equal(y[b].numpy(), np.where(target[1:], row[1:], -1))
+    x, y, _ = data.get_batch("train", 64, 100, np.random.default_rng(6), p_repeat=0.5, p_mqar=0.25)
+    firsts = (y[:, :49] >= 0).any(1)                                            # only text rows have targets this early
+    assert 0.1 < 1 - firsts.float().mean() < 0.9
+    with pytest.raises(ValueError, match="p_mqar \\+ p_repeat <= 1, got 0.5, 0.6"):
+        data.get_batch("train", 2, 100, np.random.default_rng(0), p_mqar=0.5, p_repeat=0.6)
+
+
 def test_niah_row_places_the_fact_at_the_depth():
     """One fact at round(depth * n), the same line as the question at the end; the answer is the fact's value."""
     nl = data._enc("\n")[0]
