@@ -46,6 +46,11 @@ p_image = data.P_IMAGE        # chance that a packed segment is an image-caption
 p_mqar = 0.0                  # chance that a row is the multi-query associative recall task (data.mqar_row)
 mqar_distance = "uniform"     # its fact-to-question distances: 'uniform' over the row, or 'log' (log-uniform)
 mqar_text_loss = True         # its text tokens are targets too; False: only its answers (a weighting: say so)
+p_repeat = 0.0                # chance that a row is an induction warm-up row (data.repeat_row); p_mqar + p_repeat <= 1
+# the short-row stages, at the start (the same tokens per iteration, in more rows of short_len tokens):
+repeat_iters = 0              # iterations of warm-up rows only: the lookup by content that recall needs forms there
+short_iters = 0               # then iterations of the usual mixture, still in short rows; then rows of seq_len
+short_len = 256
 seed = 1337
 # model (model.GPTConfig)
 n_layer = 6
@@ -111,6 +116,12 @@ if not 0 <= p_mqar <= 1:
     raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
 if mqar_distance not in ("uniform", "log"):
     raise SystemExit(f"config error: mqar_distance must be 'uniform' or 'log', got {mqar_distance!r}")
+if not (0 <= p_repeat and p_mqar + p_repeat <= 1):
+    raise SystemExit(f"config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got {p_repeat} and {p_mqar}")
+if repeat_iters < 0 or short_iters < 0 or (repeat_iters + short_iters and not (
+        4 <= short_len <= seq_len and batch_size * seq_len % short_len == 0)):
+    raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [4, seq_len] dividing "
+                     f"batch_size * seq_len = {batch_size * seq_len}; got {repeat_iters}, {short_iters}, {short_len}")
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -273,12 +284,21 @@ def trim_log(last_iter):
         os.replace(path + ".tmp", path)
 
 
+def row_len(it):
+    """The rows' length at iteration `it`: short_len in the short-row stages, seq_len after them."""
+    return short_len if it < repeat_iters + short_iters else seq_len
+
+
 def train_batch(it, micro):
     """Micro-batch `micro` (0 .. gradient_accumulation_steps - 1 of this rank) of iteration `it`. Its seed names
-    its place in the global order, rank by rank: the same batches whatever the number of GPUs."""
+    its place in the global order, rank by rank: the same batches whatever the number of GPUs. The short-row
+    stages hold the tokens per micro-batch: batch_size * seq_len // short_len rows."""
     m = rank * gradient_accumulation_steps + micro
-    return data.get_batch("train", batch_size, seq_len, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
-                          device, p_image, p_mqar, mqar_distance, mqar_text_loss)
+    rng, T = np.random.default_rng([TRAIN_STREAM, seed, it, m]), row_len(it)
+    if it < repeat_iters:  # the induction warm-up: every row a repeat row
+        return data.get_batch("train", batch_size * seq_len // T, T, rng, device, p_repeat=1.0)
+    return data.get_batch("train", batch_size * seq_len // T, T, rng, device, p_image, p_mqar, mqar_distance,
+                          mqar_text_loss, p_repeat)
 
 
 def save_checkpoint():
@@ -323,8 +343,12 @@ if master:
 if init_from == "resume":
     trim_log(iter_num)
 start_iter, t_start = iter_num, time.time()
-fpt = {kd: raw_model.flops_per_token(seq_len, kd) for kd in (False, True)}  # kl_dense -> FLOPs per token
-say(f"model FLOPs per token: {fpt[False] / 1e9:.2f} G ({fpt[True] / 1e9:.2f} G with the dense KL warm-up)")
+fpt = {(T, kd): raw_model.flops_per_token(T, kd) for T in {seq_len, short_len} for kd in (False, True)}
+say(f"model FLOPs per token: {fpt[seq_len, False] / 1e9:.2f} G ({fpt[seq_len, True] / 1e9:.2f} G with the dense KL "
+    f"warm-up)")
+if repeat_iters + short_iters:
+    say(f"short rows of {short_len} tokens for {repeat_iters + short_iters} iterations ({repeat_iters} of them "
+        f"induction warm-up rows only), then rows of {seq_len}")
 peak = None  # FLOP/s per GPU for the MFU: none on a CPU, nor on a GPU of unknown peak (unless peak_flops is set)
 if "cuda" in device:
     gpu = torch.cuda.get_device_name(device)
@@ -382,7 +406,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since += tokens_per_iter
-    flops_since += tokens_per_iter * fpt[kl_dense]
+    flops_since += tokens_per_iter * fpt[row_len(iter_num - 1), kl_dense]
     if iter_num % log_interval == 0 or iter_num == max_iters:
         if ddp:
             dist.all_reduce(parts)  # sum over the GPUs
@@ -395,6 +419,7 @@ while True:
         mfu = f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else ""
         say(f"iter {iter_num}/{max_iters}: loss {rec['loss']:.4f} (lm {rec['lm']:.4f} kl {rec['kl']:.4f} "
             f"balance {rec['balance']:.3f}{' dense-kl' if kl_dense else ''}) | lr {lr:.2e} | "
+            f"{f'rows of {row_len(iter_num - 1)} | ' if row_len(iter_num - 1) != seq_len else ''}"
             f"{tok_s:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min")
         log(dict(rec, **speed))
         t_last, tokens_since, flops_since = time.time(), 0, 0.0

@@ -1,7 +1,7 @@
 """
 A lab tool for the retrieval recipe (dev/retrieval.md), not part of the model: can a small model form the
 induction step at all? Trains on the bare Zoology-style recall task, no text: a row of 64 tokens from a
-256-word vocabulary holds P=8 facts "k v" (keys from the lower half, values from the upper), then the 8 keys
+256-word vocabulary (--V) holds P=8 facts (--P) "k v" (keys from the lower half, values from the upper), then the keys
 again, in random order at random places among filler tokens, each followed by its value; the loss is on those
 answers only. Picking any value of this row scores ~0.13 (1/8), a value not yet asked ~0.34 (the mean of
 1/8, 1/7, ..., 1/1): the two plateaus; the lookup scores ~1.0.
@@ -11,8 +11,10 @@ positions, full multi-head attention, GELU MLP, PyTorch's default init), each wi
     python dev/mqar_synthetic.py --impl gpt --tie 0          # its own LM head matrix
     python dev/mqar_synthetic.py --impl plain                # the control: untied, learned positions
     python dev/mqar_synthetic.py --impl plain --rope 1       # the control with RoPE instead of learned positions
-Prints one JSON line per 500 steps: held-out answer accuracy and the training loss. Runs on a GPU (a CPU
-manages ~7 steps/s).
+    python dev/mqar_synthetic.py --copy_steps 500            # first 500 steps on copy rows (the induction warm-up)
+Copy rows (copy_batch) are random tokens in which a random stretch comes again later at a random offset: only a
+lookup by content predicts the repeat, the step a recall answer needs. Prints one JSON line per 500 steps:
+held-out answer accuracy, the copy rows' accuracy and the training loss. Runs on a GPU (a CPU manages ~8 steps/s).
 """
 import argparse, json, math, os, sys, time
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F

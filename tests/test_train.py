@@ -121,8 +121,32 @@ def test_mfu_counts_the_models_flops(tmp_path):
     test_model.py) at train.py's seq_len, with and without the dense KL warm-up."""
     g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0")
     model = g["raw_model"]
-    assert g["fpt"] == {kd: model.flops_per_token(g["seq_len"], kl_dense=kd) for kd in (False, True)}
-    assert g["fpt"][True] > g["fpt"][False] > 0
+    assert g["fpt"] == {(64, kd): model.flops_per_token(64, kl_dense=kd) for kd in (False, True)} | \
+        {(256, kd): model.flops_per_token(256, kl_dense=kd) for kd in (False, True)}  # seq_len and short_len
+    assert g["fpt"][64, True] > g["fpt"][64, False] > 0
+
+
+def test_short_row_stages(tmp_path):
+    """--repeat_iters / --short_iters: the first iterations draw short rows (the same tokens per micro-batch): induction
+    warm-up rows only, then the usual mixture; then rows of seq_len. A run resumed inside the stages continues
+    exactly."""
+    stages = ["--repeat_iters=2", "--short_iters=1", "--short_len=32", "--p_mqar=0.5", "--eval_interval=4"]
+    g = script_globals(*TINY, *stages, f"--out_dir={tmp_path}/g", "--max_iters=0")
+    for it in (0, 1):  # every row a repeat row: 4 rows of 32, targets only in their second halves
+        x, y, p = g["train_batch"](it, 1)
+        assert x.shape == y.shape == (4, 32) and (y[:, :15] < 0).all() and (y[:, 16:] >= 0).float().mean() > 0.7
+    x, y, _ = g["train_batch"](2, 0)                                             # the mixture, in short rows
+    assert x.shape == (4, 32) and (y[:, :15] >= 0).any()
+    assert g["train_batch"](3, 0)[0].shape == (2, 64)
+    out = str(tmp_path / "straight")
+    r = train(f"--out_dir={out}", "--max_iters=4", *stages)
+    assert "short rows of 32 tokens for 3 iterations (2 of them induction warm-up rows only), then rows of 64" in r.stdout
+    assert [("rows of 32" in line) for line in r.stdout.splitlines() if line.startswith("iter ")] == [True] * 3 + [False]
+    part = str(tmp_path / "resumed")
+    train(f"--out_dir={part}", "--max_iters=2", "--eval_interval=2", *stages[:-1])
+    train(f"--out_dir={part}", "--max_iters=4", "--init_from=resume", *stages)
+    losses = lambda d: [rec["loss"] for rec in records(d) if "iter" in rec]
+    assert losses(part) == losses(out) and len(losses(out)) == 4
 
 
 def test_log_holds_eval_metrics(straight):
@@ -184,6 +208,9 @@ def test_bad_input_gives_a_clear_message(args, msg):
                               "got 'window'"),
     (["--p_mqar=1.5"], "config error: p_mqar must be in [0, 1], got 1.5"),
     (["--mqar_distance=far"], "config error: mqar_distance must be 'uniform' or 'log', got 'far'"),
+    (["--p_mqar=0.5", "--p_repeat=0.6"], "config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got 0.6 and 0.5"),
+    (["--repeat_iters=5", "--short_len=128"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
+                                              "[4, seq_len] dividing batch_size * seq_len = 128; got 5, 0, 128"),
     (["--backend=triton"], "config error: backend='triton' needs a CUDA GPU and none was found")])
 def test_bad_settings_end_in_one_line(args, msg):
     # GPUs hidden and Triton's interpreter off: --backend=triton is what a user asks for on a machine without CUDA
