@@ -567,6 +567,12 @@ def mqar_eval_set(n_rows, n, seed=0):
     return [mqar_row(tokens, n, rng)[::2] for _ in range(n_rows)]
 
 
+def repeat_eval_set(n_rows, n, seed=0):
+    """n_rows held-out induction warm-up rows of n tokens: [(row (n,), target (n,) bool)] (repeat_row)."""
+    rng = np.random.default_rng([0x4E9, seed])
+    return [repeat_row(n, rng) for _ in range(n_rows)]
+
+
 def niah_eval_set(n_rows, n, depth, seed=0):
     """n_rows held-out needle rows (niah_row) of n tokens with the fact at `depth`: [(row (n,), tasks)]. Each
     (n, depth) cell has its own seed stream, so a grid's cells do not depend on which other cells it has."""

@@ -184,6 +184,22 @@ def mqar_eval(model, n_rows, n, seed=0, batch_size=8, n_bins=N_BINS):
     return summarize(score(model, data.mqar_eval_set(n_rows, n, seed), batch_size), n_bins)
 
 
+def repeat_eval(model, n_rows, n, seed=0, batch_size=8):
+    """Accuracy on the copied tokens of n_rows held-out induction warm-up rows (data.repeat_eval_set) of n tokens
+    and one more, their last target: the share that the argmax predicts, i.e. whether the lookup by content that
+    recall needs has formed (it forms abruptly, and recall rows teach little before it has)."""
+    rows, hit, total = data.repeat_eval_set(n_rows, n + 1, seed), 0, 0
+    device = next(model.parameters()).device
+    for i in range(0, n_rows, batch_size):
+        row = torch.from_numpy(np.stack([r for r, _ in rows[i:i + batch_size]])).to(device)       # (B, n + 1)
+        target = torch.from_numpy(np.stack([t for _, t in rows[i:i + batch_size]])).to(device)[:, 1:]  # (B, n)
+        at = torch.arange(n, device=device).expand(row.shape[0], n)
+        pred = run_model(model, row[:, :-1], at)[0].argmax(-1)                # (B, n) the next token's guess
+        hit += (pred == row[:, 1:])[target].sum().item()
+        total += target.sum().item()
+    return hit / total
+
+
 def summary_line(r):
     """One line of a summarize() result: accuracy, by distance bin, needle recall (and the teacher's mass on the
     needle's block) per MSA layer, each the mean over the KV groups."""

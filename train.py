@@ -95,6 +95,7 @@ eval_captions = 64            # held-out images captioned greedily per evaluatio
 eval_long_range = 16          # long-range questions per evaluation
 eval_mqar = 0                 # held-out recall rows of seq_len tokens per evaluation (recall_eval.mqar_eval): accuracy
                               # by distance, and per MSA layer whether the chosen blocks hold the fact; 0 = none
+eval_repeat = 32              # held-out warm-up rows per evaluation (recall_eval.repeat_eval), in a run that has them
 log_interval = 10
 peak_flops = 0.0              # per GPU, for the MFU: 0 = the GPU's dense bf16 peak by its name (model.gpu_peak_flops)
 # -----------------------------------------------------------------------------------------------
@@ -258,6 +259,9 @@ def evaluate():
         res["long_range"] = long_range_accuracy(eval_long_range) if eval_long_range else None
         if eval_mqar:
             res["mqar"] = recall_eval.mqar_eval(raw_model, eval_mqar, seq_len, seed=seed, batch_size=batch_size)
+        if eval_repeat and (repeat_iters or p_repeat):  # has the lookup by content formed?
+            n = short_len if repeat_iters else seq_len
+            res["repeat"] = recall_eval.repeat_eval(raw_model, eval_repeat, n, seed=seed, batch_size=batch_size)
     model.train()
     return res
 
@@ -369,10 +373,12 @@ while True:
             cap = res["caption"]
             load = np.array(res["expert_load"])  # (n_layer, E), each row sums to 1
             recall = " ".join(f"{v:.3f}" for v in res.get("recall_layers", []))
+            warm = f" | warm-up rows {res['repeat']:.3f}" if "repeat" in res else ""
             say(f"eval {iter_num}: val lm {res['lm']:.4f} | kl {res['kl']:.4f} (per layer {' '.join(f'{v:.3f}' for v in res['kl_layers'])})"
                 f"{f' | recall per layer {recall}' if recall else ''}"
                 f" | balance {res['balance']:.3f}, expert load max/min {load.max() / max(load.min(), 1e-9):.2f}"
                 f" | captions {' '.join(f'{k} {v:.2f}' for k, v in cap.items())} | long-range {res['long_range']}"
+                f"{warm}"
                 f" | {time.time() - t_eval:.1f}s")
             if "mqar" in res:
                 say("  " + recall_eval.summary_line(res["mqar"]))

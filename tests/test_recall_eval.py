@@ -4,6 +4,7 @@ teacher's block mass against brute force, and the needle grid."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import msa_ref
@@ -54,6 +55,24 @@ def test_oracle_answers_everything(monkeypatch):
     assert res["acc"] == 1.0 and res["questions"] == N and sum(res["count_bins"]) == N
     assert all(a == 1.0 for a in res["acc_bins"] if a is not None)
     assert s["tokens"] == len(rows) * n and s["seconds"] > 0 and s["layers"] == [1, 2]
+
+
+def test_repeat_eval_counts_the_copied_tokens(monkeypatch):
+    """repeat_eval: 1 for an oracle of the next token, 0 for one a token off, in [0, 1] for a real tiny model; the
+    copied tokens are the ones counted (an oracle right only there still scores 1)."""
+    n, rows = 40, data.repeat_eval_set(5, 41, seed=3)
+    real = recall_eval.run_model
+    for off, only_copies, want in ((0, False, 1.0), (1, False, 0.0), (0, True, 1.0)):
+        def run(model, x, at=None, patches=None, off=off, only_copies=only_copies):
+            assert torch.equal(x, torch.stack([torch.from_numpy(r[:-1]) for r, _ in rows]))  # one batch of the 5 rows
+            nxt = torch.stack([torch.from_numpy(r[1:]) for r, _ in rows])                      # (5, n) the next tokens
+            if only_copies:  # wrong wherever the next token is not a copied one
+                nxt = torch.where(torch.stack([torch.from_numpy(m[1:]) for _, m in rows]), nxt, nxt + 1)
+            return F.one_hot(nxt + off, data.VOCAB_SIZE + 1).float(), {}
+        monkeypatch.setattr(recall_eval, "run_model", run)
+        assert recall_eval.repeat_eval(lm(), 5, n, seed=3, batch_size=5) == want
+    monkeypatch.setattr(recall_eval, "run_model", real)
+    assert 0 <= recall_eval.repeat_eval(lm(), 3, n, seed=3, batch_size=2) <= 1
 
 
 def test_accuracy_and_bins_by_hand(monkeypatch):

@@ -142,6 +142,9 @@ def test_short_row_stages(tmp_path):
     r = train(f"--out_dir={out}", "--max_iters=4", *stages)
     assert "short rows of 32 tokens for 3 iterations (2 of them induction warm-up rows only), then rows of 64" in r.stdout
     assert [("rows of 32" in line) for line in r.stdout.splitlines() if line.startswith("iter ")] == [True] * 3 + [False]
+    evals = [rec for rec in records(out) if "eval" in rec]                      # the warm-up rows' accuracy, logged
+    assert [rec["eval"] for rec in evals] == [0, 4] and all(0 <= rec["repeat"] <= 1 for rec in evals)
+    assert sum("| warm-up rows " in line for line in r.stdout.splitlines()) == 2
     part = str(tmp_path / "resumed")
     train(f"--out_dir={part}", "--max_iters=2", "--eval_interval=2", *stages[:-1])
     train(f"--out_dir={part}", "--max_iters=4", "--init_from=resume", *stages)
@@ -156,6 +159,7 @@ def test_log_holds_eval_metrics(straight):
     assert set(last["caption"]) == {"size", "colour", "shape", "position", "all"}
     assert len(last["kl_layers"]) == 1 and len(last["expert_load"]) == 2 and 0 <= last["long_range"] <= 1
     assert len(last["recall_layers"]) == 1 and 0 < last["recall_layers"][0] <= 1 + 1e-6
+    assert "repeat" not in last                                             # no warm-up rows in this run: not evaluated
     steps = [rec for rec in records(straight) if "iter" in rec]
     # an MFU only against a known peak: on a GPU that gpu_peak_flops knows, never on a CPU
     peak = torch.cuda.is_available() and gpu_peak_flops(torch.cuda.get_device_name()) is not None
