@@ -77,7 +77,8 @@ repeatsets = {}
 def repeatset(T):
     if T not in repeatsets:
         rng = np.random.default_rng([78, T]); rows = [data.repeat_row(T + 1, rng) for _ in range(max(1, 8192 // T))]
-        r = torch.tensor(np.stack([x for x, _ in rows]), device=dev); t = torch.tensor(np.stack([m for _, m in rows]), device=dev)
+        r = torch.tensor(np.stack([x for x, _ in rows]), device=dev)
+        t = torch.tensor(np.stack([m for _, m in rows]), device=dev)
         repeatsets[T] = (r[:, :-1], torch.where(t[:, 1:], r[:, 1:], -1))
     return repeatsets[T]
 t0 = time.time(); it = 0; last_eval = 0; stage = 0; toks = 0; lm_acc = []
