@@ -822,7 +822,7 @@ def bench_generate(args, build, add, g):
     """bench_model's gen part (see there). build(attention) -> a fresh model in float32, add(...) records a row,
     g the generator of the random prompts."""
     import data
-    from model import KVCache
+    from decoding import KVCache
     dev = "cuda"
     T0, n_new, T_long = 512, 256, 32768
     prompt = torch.randint(0, data.EOT, (8, T0), device=dev, generator=g)

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import decoding
 import msa_ref
-import model as model_module
 from conftest import requires_cuda
-from model import (GPT, GPTConfig, KVCache, get_backend, gpu_peak_flops, grouped_mm, moe_all_experts, moe_dispatch,
+from decoding import KVCache
+from model import (GPT, GPTConfig, get_backend, gpu_peak_flops, grouped_mm, moe_all_experts, moe_dispatch,
                    rope, rope_table, swiglu)
 
 PATCH = 50  # the image-patch token id of these tiny models
@@ -184,7 +185,7 @@ def test_moe_dispatch_on_gpu(dtype):
     assert a[3].grad[E - 1].abs().max() == 0
     with torch.no_grad():
         static = [t.detach().clone() for t in a]
-        first, replay = model_module.cuda_graphed(lambda: moe_dispatch(*static))
+        first, replay = decoding.cuda_graphed(lambda: moe_dispatch(*static))
         torch.testing.assert_close(first, got.detach(), rtol=0, atol=0)
         static[1].copy_(torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(N)]))  # new routing
         torch.testing.assert_close(replay().float(), moe_dispatch(*static).float(), **tol)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-import model as model_module
+import decoding
 import msa_triton
 from conftest import requires_cuda
 from data import encode, save_image
-from model import KVCache, sample_token
+from decoding import KVCache, sample_token
 from test_checkpoint import evil_checkpoint, fails
 from test_data import png_header
 from test_model import PATCH, batch, tiny
@@ -146,7 +146,7 @@ def gpu_tiny(**kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["msa", "dense"])
 def test_graphed_decode_step_equals_eager_step(dtype, attention):
-    """The decode step captured once (model.cuda_graphed) and replayed with new token ids and positions gives
+    """The decode step captured once (decoding.cuda_graphed) and replayed with new token ids and positions gives
     the eager step's logits, step after step, and both equal the full forward's (the selection is sparse)."""
     model = gpu_tiny(attention=attention)
     x, _, patches = (t.cuda() for t in batch())
@@ -164,7 +164,7 @@ def test_graphed_decode_step_equals_eager_step(dtype, attention):
             tok.copy_(x[:, t:t + 1])
             pos.fill_(t)
             if replay is None:
-                g, replay = model_module.cuda_graphed(graphed)
+                g, replay = decoding.cuda_graphed(graphed)
             else:
                 g = replay()
             got.append(g.clone())
@@ -305,7 +305,7 @@ def test_decode_step_waits_on_nothing(fresh_dynamo, decode):
             out = torch.zeros(2, 40, dtype=torch.long, device="cuda")
             u = torch.empty(2, model.cfg.vocab_size, device="cuda")
             gen = torch.Generator(device="cuda").manual_seed(0)
-            compiled = model_module.compiled_step(model.decode_step, "inductor")
+            compiled = decoding.compiled_step(model.decode_step, "inductor")
             for step in (model.decode_step, compiled):
                 step(tok, pos, cache, out, u.uniform_(generator=gen), 1.0, 5)    # warm-up (compiles)
                 torch.cuda.synchronize()
@@ -315,7 +315,7 @@ def test_decode_step_waits_on_nothing(fresh_dynamo, decode):
                         step(tok, pos, cache, out, u.uniform_(generator=gen), 1.0, 5)
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
-            replay = model_module.cuda_graphed(lambda: compiled(tok, pos, cache, out, u, 1.0, 5))[1]
+            replay = decoding.cuda_graphed(lambda: compiled(tok, pos, cache, out, u, 1.0, 5))[1]
             torch.cuda.set_sync_debug_mode("error")
             try:
                 for _ in range(5):

@@ -7,7 +7,8 @@ import torch
 import msa_ref
 import msa_triton
 from conftest import DEVICE, requires_cuda
-from model import GPT, GPTConfig, KVCache
+from decoding import KVCache
+from model import GPT, GPTConfig
 
 RULES = ("local", "random")
 

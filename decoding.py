@@ -1,0 +1,107 @@
+"""
+The machinery of decoding, apart from the model it drives (model.py's GPT.generate and GPT.decode_step use it):
+  KVCache        one attention layer's cache of keys, values and index keys, preallocated, written on the device;
+  sample_token   greedy, or a draw from the softmax (temperature, top-k) by the Gumbel-max trick: no host read;
+  compiled_step  torch.compile of the decode step, falling back to eager with one line if compiling fails;
+  cuda_graphed   a function of fixed tensors, captured once in a CUDA graph and replayed.
+Together they make a decode step that nothing on the host waits for, so one CUDA graph replays it per token.
+"""
+import torch
+
+
+class KVCache:
+    """
+    One attention layer's decoding cache: k, v (B, Hkv, Tmax, D) and, for an MSA layer, the index keys
+    ki (B, Tmax, Di), plus their scales ks (B, Tmax) when the index is fp8 (msa_ref.fp8_quantize).
+    The tensors are allocated once, at the first write (the prefill), for all Tmax = max_len positions and in
+    the dtype written (bf16 under autocast); positions not yet written hold zeros that attention masks out.
+    dense: an MSA layer decodes like a dense one, over the whole cache (GPT.generate(decode='dense')).
+    Every write is an index_copy_ at positions held in a device tensor, into tensors of fixed shape: nothing waits
+    on the host, so a CUDA graph can capture a decode step and replay it with a new position.
+    """
+
+    def __init__(self, max_len, dense=False):
+        self.max_len, self.dense = max_len, dense
+        self.k = self.v = self.ki = self.ks = None
+
+    def write(self, pos, k, v, ki=None, ks=None):
+        """pos (T,) long positions on the device; k, v (B, Hkv, T, D); ki (B, T, Di) or None; ks (B, T) or None."""
+        if self.k is None:
+            B, Hkv, _, D = k.shape
+            self.k, self.v = k.new_zeros(B, Hkv, self.max_len, D), v.new_zeros(B, Hkv, self.max_len, D)
+            if ki is not None:
+                self.ki = ki.new_zeros(B, self.max_len, ki.shape[-1])
+                self.ks = None if ks is None else ks.new_zeros(B, self.max_len)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        if ki is not None:  # copied as bytes: index_copy_ has no fp8 kernel
+            self.ki.view(torch.uint8).index_copy_(1, pos, ki.view(torch.uint8))
+            if ks is not None:
+                self.ks.index_copy_(1, pos, ks)
+
+
+def sample_token(logits, temperature, top_k, uniform):
+    """
+    logits (B, V) float32, uniform (B, V) draws in [0, 1) (None when greedy) -> the next token (B,) long.
+    temperature 0: the argmax. Else the Gumbel-max trick: argmax(logits / temperature + g), g = -log(-log u)
+    independent Gumbel noise, picks token i with probability softmax(logits / temperature)_i, like
+    torch.multinomial, with one fixed-shape argmax and nothing read on the host (a CUDA graph replays it).
+    top_k: only the top_k largest logits compete (those tied with the k-th too); top_k=1 is greedy.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                      # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return (logits - torch.log(-torch.log(uniform))).argmax(-1)              # u = 0 gives -inf: never picked
+
+
+def compiled_step(fn, backend):
+    """
+    torch.compile(fn) for the decode step: fullgraph (a graph break would put host work back into the step) and
+    dynamic=False (the caches are preallocated, so every call has the same shapes). The compiled step is then
+    captured by cuda_graphed like the eager one, not by mode='reduce-overhead': its CUDA graphs skip a function
+    that writes into its inputs (the caches, tok, pos, out) and copy the inputs into static buffers each call,
+    where cuda_graphed replays on the very tensors that generate holds.
+    Compiling happens at the first call; if it fails, one line says why and fn itself runs from then on (tok and
+    pos are restored first; the cache and out rows it may have written are written again, with the same values).
+    """
+    compiled, chosen = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend), None
+
+    def call(tok, pos, *args):
+        nonlocal chosen
+        if chosen is None:                                                   # the first call: compile
+            saved = tok.clone(), pos.clone()
+            try:
+                compiled(tok, pos, *args)
+                chosen = compiled
+                return
+            except Exception as e:
+                why = " ".join(str(e).split())[:200]
+                print(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {why}")
+                tok.copy_(saved[0])
+                pos.copy_(saved[1])
+                chosen = fn
+        chosen(tok, pos, *args)
+    return call
+
+
+def cuda_graphed(fn):
+    """fn() reads and writes fixed tensors, and may return one. Runs it once on a side stream (compiles the Triton
+    kernels and a torch.compile'd function, creates library handles: nothing of that may happen during a capture),
+    then captures it in a CUDA graph (capturing runs nothing). Returns (the first call's result, replay) where
+    replay() reruns fn on the current contents of its tensors and returns the (reused) output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+
+    def replay():
+        graph.replay()
+        return static
+    return first, replay
