@@ -683,8 +683,8 @@ def bench_small(args):
 def bench_model(args):
     """Three parts (--model_parts):
     train: training forward + backward of one micro-batch (16 x 1024 random tokens, bf16 autocast, median of 10
-      steps after 3) for the dense and the MSA arm, eager and torch.compile'd (compile time apart): tokens/s and MFU
-      against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
+      steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of --compile_modes (compile
+      time apart): tokens/s and MFU against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
     moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its three
       F.grouped_mm alone.
     gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
@@ -761,18 +761,20 @@ def bench_model(args):
             eager_loss = train_step(m).item()
             ms = median_ms(lambda: train_step(m))
             add(f"train {attention}, eager", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T)
-            try:
-                c = torch.compile(m)
-                t0 = time.time()
-                loss = train_step(c).item()                                         # compiles forward and backward
-                compile_s = time.time() - t0
-                ms = median_ms(lambda: train_step(c))
-                add(f"train {attention}, torch.compile", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T,
-                    compile_s=round(compile_s, 1), check=f"loss {loss:.4f} vs eager {eager_loss:.4f}")
-            except Exception as e:  # report and go on: the eager numbers stand
-                print(f"train {attention}, torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            for mode in args.compile_modes:
+                name = "torch.compile" + ("" if mode == "default" else f" {mode}")
+                try:
+                    c = torch.compile(m, mode=None if mode == "default" else mode)
+                    t0 = time.time()
+                    loss = train_step(c).item()                                     # compiles forward and backward
+                    compile_s = time.time() - t0
+                    ms = median_ms(lambda: train_step(c))
+                    add(f"train {attention}, {name}", "fwd+bwd", ms, B * T / ms * 1e3, fpt * B * T,
+                        compile_s=round(compile_s, 1), check=f"loss {loss:.4f} vs eager {eager_loss:.4f}")
+                except Exception as e:  # report and go on: the eager numbers stand
+                    print(f"train {attention}, {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                torch._dynamo.reset()
             del m
-            torch._dynamo.reset()
             torch.cuda.empty_cache()
 
     if "moe" in args.model_parts:
@@ -994,6 +996,9 @@ def main():
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
     p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
                    help="model: which parts run (gen: generation only)")
+    p.add_argument("--compile_modes", nargs="+", default=["default"],
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="model train: the torch.compile modes timed after eager (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
     if not torch.cuda.is_available() and args.what != ["launches"]:
