@@ -196,7 +196,9 @@ raw_model = model
 if compile and "cuda" not in device:
     say("compile: skipped on the CPU (torch.compile is for the GPU; the CPU preset trains eagerly)")
 elif compile:
-    model = torch.compile(model)  # training's forward and backward; evaluation and generation use raw_model
+    # training's forward and backward (evaluation and generation use raw_model); static shapes: the short-row
+    # stages and the rows of seq_len compile once each, instead of one graph generalised over every length
+    model = torch.compile(model, dynamic=False)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
 
