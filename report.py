@@ -14,8 +14,9 @@ Plots of a long-context run, from what train.py leaves in its out_dir (log.jsonl
 Retrieval (recall_eval.py), each recomputed from the runs' checkpoints on held-out rows of the val split:
   python report.py mqar OUT_DENSE OUT_MSA OUT_LOCAL OUT_RANDOM --png=assets/mqar.png
       recall accuracy against the distance from fact to question for every arm in one plot, and the MSA arms'
-      needle recall per layer (are the fact's blocks among those read?); prints a markdown table with the val LM
-      loss of each run's last evaluation.
+      needle recall per layer (are the fact's blocks among those read?), and the recall through training from the
+      runs' own evaluations (eval_mqar; the warm-up rows' accuracy where logged); prints a markdown table with the
+      val LM loss of each run's last evaluation.
   python report.py needle --out_dir=OUT_MSA --png=assets/needle.png [--question=-1]
       one question: per MSA layer and group, the blocks read for its answer token over the teacher's attention,
       the fact's block and the local block marked; prints the same as text.
@@ -242,8 +243,8 @@ def named(results):
 
 
 def mqar_results(run_dirs):
-    """-> [[arm, run_dir, last eval record of its log, recall_eval.summarize dict]]: recall scored afresh from each
-    run's checkpoint on mqar_questions held-out questions in rows of its seq_len."""
+    """-> [[arm, run_dir, last eval record of its log, recall_eval.summarize dict, every eval record]]: recall scored
+    afresh from each run's checkpoint on mqar_questions held-out questions in rows of its seq_len."""
     out = []
     for d in run_dirs:
         _, evals = read_log(d)
@@ -254,7 +255,7 @@ def mqar_results(run_dirs):
         n = cfg["seq_len"]
         rows = -(-mqar_questions // max(1, n // data.MQAR_EVERY))
         res = recall_eval.mqar_eval(model, rows, n, seed, batch_size=max(1, max_tokens // n))
-        out.append([arm_name(cfg), d, evals[-1], res])
+        out.append([arm_name(cfg), d, evals[-1], res, evals])
     return named(out)
 
 
@@ -269,7 +270,7 @@ def mqar_table(results):
              "| arm | run | iterations | val LM | accuracy | " + " | ".join(bins) +
              " | needle recall per MSA layer | teacher mass on the needle per MSA layer |",
              "|---" * (7 + len(bins)) + "|"]
-    for name, d, last, r in results:
+    for name, d, last, r, _ in results:
         accs = " | ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
         lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {r['acc']:.3f} | {accs} | "
                      f"{per_layer(r['needle_recall'])} | {per_layer(r['needle_mass'])} |")
@@ -277,12 +278,23 @@ def mqar_table(results):
     return "\n".join(lines)
 
 
+def through_training(evals):
+    """A run's eval records -> (iterations, held-out recall accuracy) where it evaluated recall (eval_mqar), and
+    (iterations, warm-up rows' accuracy) where it evaluated those (eval_repeat): the lookup forming."""
+    pick = lambda key, f: ([e["eval"] for e in evals if key in e], [f(e[key]) for e in evals if key in e])
+    return pick("mqar", lambda m: m["acc"]), pick("repeat", float)
+
+
 def plot_mqar(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.8))
-    for c, (name, _, _, r) in enumerate(results):
+    fig, ax = plt.subplots(1, 3, figsize=(19, 4.8))
+    for c, (name, _, _, r, evals) in enumerate(results):
+        (it_r, acc_r), (it_w, warm) = through_training(evals)
+        ax[2].plot(it_r, acc_r, "o-", color=f"C{c}", label=f"{name}: recall")
+        if it_w:
+            ax[2].plot(it_w, warm, "x:", color=f"C{c}", label=f"{name}: warm-up rows")
         edges = np.array(r["bin_edges"])
         mid = (edges[:-1] + edges[1:]) / 2                                     # bin centres, in tokens
         acc = [np.nan if a is None else a for a in r["acc_bins"]]
@@ -292,8 +304,11 @@ def plot_mqar(results, path):
             ax[1].plot(mid, rec, ["o-", "s--", "^-.", "v:"][l % 4], color=f"C{c}", label=f"{name}, layer {layer}")
     ax[0].set(title="recall accuracy (exact answer, teacher forcing)", ylabel="accuracy")
     ax[1].set(title="needle recall: the fact's block among those read\n(mean over KV groups)", ylabel="needle recall")
+    ax[2].set(title="through training (the runs' own evaluations)", xlabel="iteration", ylabel="accuracy")
+    for a in ax[:2]:
+        a.set(xlabel="distance from fact to question (tokens)")
     for a in ax:
-        a.set(xlabel="distance from fact to question (tokens)", ylim=(-0.02, 1.02))
+        a.set(ylim=(-0.02, 1.02))
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()

@@ -13,7 +13,8 @@ import recall_eval
 import report
 from test_train import ROOT, run_script, train
 
-RUN = ["--max_iters=2", "--eval_interval=2", "--p_mqar=0.5", "--eval_captions=0", "--eval_long_range=0"]
+RUN = ["--max_iters=2", "--eval_interval=2", "--p_mqar=0.5", "--eval_captions=0", "--eval_long_range=0", "--eval_mqar=2",
+       "--repeat_iters=1", "--short_len=32"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,9 @@ def test_mqar_plot_and_table(runs, tmp_path):
     png = tmp_path / "mqar.png"
     out = cli("mqar", *runs.values(), f"--png={png}", "--mqar_questions=40")
     assert is_png(png)
+    for d in runs.values():  # what the third panel draws: each evaluation's recall and warm-up rows' accuracy
+        (it, acc), (it_w, warm) = report.through_training(report.read_log(d)[1])
+        assert it == it_w == [0, 2] and all(0 <= a <= 1 for a in acc + warm)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
     assert set(rows) == {"dense", "msa indexer", "msa local", "questions"}
@@ -54,6 +58,13 @@ def test_mqar_plot_and_table(runs, tmp_path):
     model, cfg = report.load_model(runs["msa local"])
     want = recall_eval.mqar_eval(model, 20, 64, seed=0)
     assert rows["msa local"][-2] == f"{np.mean(want['needle_recall']):.2f}"
+
+
+def test_recall_through_training_reads_the_log():
+    """report.through_training: the recall accuracy and the warm-up rows' accuracy at each evaluation that has them."""
+    evals = [dict(eval=0, lm=9.0), dict(eval=2, mqar=dict(acc=0.25), repeat=0.5), dict(eval=4, mqar=dict(acc=1.0))]
+    assert report.through_training(evals) == (([2, 4], [0.25, 1.0]), ([2], [0.5]))
+    assert report.through_training(evals[:1]) == (([], []), ([], []))
 
 
 def test_needle_figure(runs, tmp_path, capsys, monkeypatch):
