@@ -471,12 +471,9 @@ def get_batch(split, batch_size, seq_len, rng, device="cpu", p_image=P_IMAGE, p_
     target = np.ones((batch_size, seq_len + 1), bool)                      # False: no loss on that token
     for b in range(batch_size):
         u = rng.random() if p_mqar or p_repeat else 1.0  # (no draw at 0: the default batches stay as they are)
-        if u < p_repeat:
-            row, target[b] = repeat_row(seq_len + 1, rng)
-            rows.append(row)
-            continue
-        if u < p_repeat + p_mqar:
-            row, target[b], _ = mqar_row(tokens, seq_len + 1, rng, distance=mqar_distance, text_targets=mqar_text_loss)
+        if u < p_repeat + p_mqar:  # a warm-up row or a recall row: (row, target)
+            row, target[b] = repeat_row(seq_len + 1, rng) if u < p_repeat else \
+                mqar_row(tokens, seq_len + 1, rng, distance=mqar_distance, text_targets=mqar_text_loss)[:2]
             rows.append(row)
             continue
         lr = _long_range(tokens, seq_len + 1, rng) if rng.random() < P_LONG_RANGE else None

@@ -300,11 +300,10 @@ def train_batch(it, micro):
     its place in the global order, rank by rank: the same batches whatever the number of GPUs. The short-row
     stages hold the tokens per micro-batch: batch_size * seq_len // short_len rows."""
     m = rank * gradient_accumulation_steps + micro
-    rng, T = np.random.default_rng([TRAIN_STREAM, seed, it, m]), row_len(it)
-    if it < repeat_iters:  # the induction warm-up: every row a repeat row
-        return data.get_batch("train", batch_size * seq_len // T, T, rng, device, p_repeat=1.0)
-    return data.get_batch("train", batch_size * seq_len // T, T, rng, device, p_image, p_mqar, mqar_distance,
-                          mqar_text_loss, p_repeat)
+    T, warm = row_len(it), it < repeat_iters                                  # warm: every row a warm-up row
+    return data.get_batch("train", batch_size * seq_len // T, T, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
+                          device, p_image, 0.0 if warm else p_mqar, mqar_distance, mqar_text_loss,
+                          1.0 if warm else p_repeat)
 
 
 def save_checkpoint():

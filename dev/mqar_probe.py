@@ -12,6 +12,7 @@ import argparse, json, math, os, sys, time
 import numpy as np, torch
 sys.path.insert(0, os.getcwd())
 import data
+import recall_eval
 from model import GPT, GPTConfig
 
 p = argparse.ArgumentParser()
@@ -68,19 +69,9 @@ def evaluate(T):
         hits += [int(pred[i] == t[1][0]) for i, t in enumerate(tasks[b])]; dist += [(t[0] - t[2]) / T for t in tasks[b]]
     hits, dist = np.array(hits), np.array(dist)
     bins = [float(hits[(dist >= lo) & (dist < lo + .25)].mean()) for lo in (0, .25, .5, .75)]
-    rx, ry = repeatset(T)                                                       # the warm-up rows' own accuracy
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-        rep = (model(rx)[0].argmax(-1)[ry >= 0] == ry[ry >= 0]).float().mean().item()
+    rep = recall_eval.repeat_eval(model, max(1, 8192 // T), T, seed=78)        # the warm-up rows' own accuracy
     model.train()
     return float(hits.mean()), [round(v, 3) for v in bins], round(sum(ces) / len(hits), 3), round(rep, 3)
-repeatsets = {}
-def repeatset(T):
-    if T not in repeatsets:
-        rng = np.random.default_rng([78, T]); rows = [data.repeat_row(T + 1, rng) for _ in range(max(1, 8192 // T))]
-        r = torch.tensor(np.stack([x for x, _ in rows]), device=dev)
-        t = torch.tensor(np.stack([m for _, m in rows]), device=dev)
-        repeatsets[T] = (r[:, :-1], torch.where(t[:, 1:], r[:, 1:], -1))
-    return repeatsets[T]
 t0 = time.time(); it = 0; last_eval = 0; stage = 0; toks = 0; lm_acc = []
 while True:
     el = time.time() - t0
