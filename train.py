@@ -47,9 +47,10 @@ p_mqar = 0.0                  # chance that a row is the multi-query associative
 mqar_distance = "uniform"     # its fact-to-question distances: 'uniform' over the row, or 'log' (log-uniform)
 mqar_text_loss = True         # its text tokens are targets too; False: only its answers (a weighting: say so)
 p_repeat = 0.0                # chance that a row is an induction warm-up row (data.repeat_row); p_mqar + p_repeat <= 1
-# the short-row stages, at the start (the same tokens per iteration, in more rows of short_len tokens):
-repeat_iters = 0              # iterations of warm-up rows only: the lookup by content that recall needs forms there
-short_iters = 0               # then iterations of the usual mixture, still in short rows; then rows of seq_len
+# the short-row stages, at the start (the same tokens per iteration, in more, shorter rows):
+repeat_iters = 0              # iterations of warm-up rows only, of short_len tokens: the lookup by content forms there
+short_iters = 0               # then iterations of the usual mixture in rows that double from short_len towards seq_len
+                              # (short_len, 2 short_len, ... < seq_len, an equal share each); then rows of seq_len
 short_len = 256
 seed = 1337
 # model (model.GPTConfig)
@@ -119,10 +120,12 @@ if mqar_distance not in ("uniform", "log"):
     raise SystemExit(f"config error: mqar_distance must be 'uniform' or 'log', got {mqar_distance!r}")
 if not (0 <= p_repeat and p_mqar + p_repeat <= 1):
     raise SystemExit(f"config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got {p_repeat} and {p_mqar}")
+RAMP = [short_len << k for k in range(32) if short_len << k < seq_len]  # the short rows' lengths, doubling
 if repeat_iters < 0 or short_iters < 0 or (repeat_iters + short_iters and not (
-        4 <= short_len <= seq_len and batch_size * seq_len % short_len == 0)):
-    raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [4, seq_len] dividing "
-                     f"batch_size * seq_len = {batch_size * seq_len}; got {repeat_iters}, {short_iters}, {short_len}")
+        4 <= short_len <= seq_len and all(batch_size * seq_len % n == 0 for n in RAMP))):
+    raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [4, seq_len] whose "
+                     f"doublings below seq_len divide batch_size * seq_len = {batch_size * seq_len}; got "
+                     f"{repeat_iters}, {short_iters}, {short_len}")
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:  # NCCL between GPUs; gloo between CPU processes (how the CI test checks DDP without a GPU)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -260,7 +263,9 @@ def evaluate():
         res["caption"] = caption_accuracy(eval_captions) if eval_captions else {}
         res["long_range"] = long_range_accuracy(eval_long_range) if eval_long_range else None
         if eval_mqar:
-            res["mqar"] = recall_eval.mqar_eval(raw_model, eval_mqar, seq_len, seed=seed, batch_size=batch_size)
+            n = row_len(iter_num)  # in the short-row stages as many tokens in short rows: has the recall formed there?
+            res["mqar"] = recall_eval.mqar_eval(raw_model, eval_mqar * seq_len // n, n, seed=seed,
+                                                batch_size=batch_size * seq_len // n)
         if eval_repeat and (repeat_iters or p_repeat):  # has the lookup by content formed?
             n = short_len if repeat_iters else seq_len
             res["repeat"] = recall_eval.repeat_eval(raw_model, eval_repeat, n, seed=seed, batch_size=batch_size)
@@ -291,14 +296,19 @@ def trim_log(last_iter):
 
 
 def row_len(it):
-    """The rows' length at iteration `it`: short_len in the short-row stages, seq_len after them."""
-    return short_len if it < repeat_iters + short_iters else seq_len
+    """The rows' length at iteration `it`: short_len in the warm-up; in the next short_iters iterations each length
+    of RAMP in turn (a model that has learnt a lookup at 256 tokens loses it at a sudden jump to 8K, and keeps it
+    through doublings); seq_len after them."""
+    if it < repeat_iters:
+        return short_len
+    k = (it - repeat_iters) * len(RAMP) // short_iters if short_iters else len(RAMP)
+    return RAMP[k] if k < len(RAMP) else seq_len
 
 
 def train_batch(it, micro):
     """Micro-batch `micro` (0 .. gradient_accumulation_steps - 1 of this rank) of iteration `it`. Its seed names
     its place in the global order, rank by rank: the same batches whatever the number of GPUs. The short-row
-    stages hold the tokens per micro-batch: batch_size * seq_len // short_len rows."""
+    stages hold the tokens per micro-batch: batch_size * seq_len // row_len(it) rows."""
     m = rank * gradient_accumulation_steps + micro
     T, warm = row_len(it), it < repeat_iters                                  # warm: every row a warm-up row
     return data.get_batch("train", batch_size * seq_len // T, T, np.random.default_rng([TRAIN_STREAM, seed, it, m]),
@@ -348,12 +358,12 @@ if master:
 if init_from == "resume":
     trim_log(iter_num)
 start_iter, t_start = iter_num, time.time()
-fpt = {(T, kd): raw_model.flops_per_token(T, kd) for T in {seq_len, short_len} for kd in (False, True)}
+fpt = {(T, kd): raw_model.flops_per_token(T, kd) for T in {seq_len, *RAMP} for kd in (False, True)}
 say(f"model FLOPs per token: {fpt[seq_len, False] / 1e9:.2f} G ({fpt[seq_len, True] / 1e9:.2f} G with the dense KL "
     f"warm-up)")
 if repeat_iters + short_iters:
-    say(f"short rows of {short_len} tokens for {repeat_iters + short_iters} iterations ({repeat_iters} of them "
-        f"induction warm-up rows only), then rows of {seq_len}")
+    say(f"short rows for {repeat_iters + short_iters} iterations: {repeat_iters} of induction warm-up rows of "
+        f"{short_len} tokens, then {short_iters} in rows of {', '.join(map(str, RAMP))} tokens; then rows of {seq_len}")
 peak = None  # FLOP/s per GPU for the MFU: none on a CPU, nor on a GPU of unknown peak (unless peak_flops is set)
 if "cuda" in device:
     gpu = torch.cuda.get_device_name(device)

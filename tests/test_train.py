@@ -128,7 +128,7 @@ def test_mfu_counts_the_models_flops(tmp_path):
 
 def test_short_row_stages(tmp_path):
     """--repeat_iters / --short_iters: the first iterations draw short rows (the same tokens per micro-batch): induction
-    warm-up rows only, then the usual mixture; then rows of seq_len. A run resumed inside the stages continues
+    warm-up rows only, then the usual mixture in rows that double; then rows of seq_len. A run resumed inside the stages continues
     exactly."""
     stages = ["--repeat_iters=2", "--short_iters=1", "--short_len=32", "--p_mqar=0.5", "--eval_interval=4"]
     g = script_globals(*TINY, *stages, f"--out_dir={tmp_path}/g", "--max_iters=0")
@@ -138,9 +138,15 @@ def test_short_row_stages(tmp_path):
     x, y, _ = g["train_batch"](2, 0)                                             # the mixture, in short rows
     assert x.shape == (4, 32) and (y[:, :15] >= 0).any()
     assert g["train_batch"](3, 0)[0].shape == (2, 64)
+    # the rows double from short_len: 16 and 32 tokens, an equal share of short_iters each, then seq_len
+    g = script_globals(*TINY, "--repeat_iters=1", "--short_iters=4", "--short_len=16", f"--out_dir={tmp_path}/r",
+                       "--max_iters=0")
+    assert [g["row_len"](it) for it in range(7)] == [16, 16, 16, 32, 32, 64, 64]
+    assert g["train_batch"](3, 0)[0].shape == (4, 32) and g["train_batch"](1, 0)[0].shape == (8, 16)
     out = str(tmp_path / "straight")
     r = train(f"--out_dir={out}", "--max_iters=4", *stages)
-    assert "short rows of 32 tokens for 3 iterations (2 of them induction warm-up rows only), then rows of 64" in r.stdout
+    assert ("short rows for 3 iterations: 2 of induction warm-up rows of 32 tokens, then 1 in rows of 32 tokens; then "
+            "rows of 64") in r.stdout
     assert [("rows of 32" in line) for line in r.stdout.splitlines() if line.startswith("iter ")] == [True] * 3 + [False]
     evals = [rec for rec in records(out) if "eval" in rec]                      # the warm-up rows' accuracy, logged
     assert [rec["eval"] for rec in evals] == [0, 4] and all(0 <= rec["repeat"] <= 1 for rec in evals)
@@ -214,7 +220,11 @@ def test_bad_input_gives_a_clear_message(args, msg):
     (["--mqar_distance=far"], "config error: mqar_distance must be 'uniform' or 'log', got 'far'"),
     (["--p_mqar=0.5", "--p_repeat=0.6"], "config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got 0.6 and 0.5"),
     (["--repeat_iters=5", "--short_len=128"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
-                                              "[4, seq_len] dividing batch_size * seq_len = 128; got 5, 0, 128"),
+                                              "[4, seq_len] whose doublings below seq_len divide batch_size * seq_len "
+                                              "= 128; got 5, 0, 128"),
+    (["--short_iters=5", "--short_len=24"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
+                                            "[4, seq_len] whose doublings below seq_len divide batch_size * seq_len "
+                                            "= 128; got 0, 5, 24"),
     (["--backend=triton"], "config error: backend='triton' needs a CUDA GPU and none was found")])
 def test_bad_settings_end_in_one_line(args, msg):
     # GPUs hidden and Triton's interpreter off: --backend=triton is what a user asks for on a machine without CUDA
