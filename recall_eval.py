@@ -215,13 +215,16 @@ def niah_grid(model, lengths, depths=NIAH_DEPTHS, n_rows=4, seed=0, max_tokens=1
     The needle grid: n_rows rows per (length, depth), rows of each length in forwards of up to max_tokens tokens
     (one row at least). -> dict of lengths, depths, acc [len][depth], needle_recall [len][depth] (the mean over
     MSA layers and groups; None for a dense model), tok_s [len]: the forwards' tokens per second, measured after
-    one untimed forward at that length (the first call of a shape compiles kernels on a GPU).
+    untimed forwards of each batch shape at that length (the first call of a shape compiles kernels on a GPU).
     """
     acc, recall, tok_s = [], [], []
+    device = next(model.parameters()).device
     for n in lengths:
         cells = [data.niah_eval_set(n_rows, n, d, seed) for d in depths]
-        run_model(model, torch.from_numpy(cells[0][0][0][None]).to(next(model.parameters()).device))  # warm-up
-        s = score(model, [row for cell in cells for row in cell], batch_size=max(1, max_tokens // n))
+        rows, bs = [row for cell in cells for row in cell], max(1, max_tokens // n)
+        for b in {min(bs, len(rows)), len(rows) % bs or bs}:                    # the full batches' and the last's
+            run_model(model, torch.from_numpy(np.stack([r for r, _ in rows[:b]])).to(device))
+        s = score(model, rows, batch_size=bs)
         per_cell = lambda v: v.reshape(len(depths), n_rows, *v.shape[1:])    # one question per row
         acc.append(per_cell(s["correct"]).mean(1).tolist())
         recall.append(per_cell(s["hit"]).mean((1, 2, 3)).tolist() if s["layers"] else None)
