@@ -157,10 +157,11 @@ class Attention(nn.Module):
         qi = rope(self.wqi(xd).view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2), table)
         return qi, rope(self.wki(xd), table)
 
-    def forward(self, x, pos, cache=None, kl_support=None, rot=None):
+    def forward(self, x, pos, cache=None, kl_support=None, rot=None, dense=False):
         """
         x (B, T, C), pos (T,) positions (rot: their rope_tables, when the caller has them). Three paths:
-          a whole sequence from position 0 (training, eval, prefill): MSA (_sparse) or dense causal attention;
+          a whole sequence from position 0 (training, eval, prefill): MSA (_sparse) or dense causal attention
+          (dense=True: an MSA layer attends densely too, its index branch learning from the dense KL);
           with a KVCache, this chunk's keys are also written into it at pos;
           with a KVCache and T == 1: one token decoded against everything cached (_decode).
         kl_support None (no KL), 'sparse' (the chosen blocks) or 'dense' (every visible block: the warm-up).
@@ -176,12 +177,14 @@ class Attention(nn.Module):
             cache.write(pos, k, v, kic, ksc)
         if cache is not None and T == 1:
             y = self._decode(q, qi, pos, cache)
-        elif self.sparse:
+        elif self.sparse and not dense:
             y, block_idx, lse = self._sparse(q, k, v, qi, ki)
             if kl_support is not None and self.learned:  # a blind rule has no index branch to teach
                 kl = self._kl(q, k, qi, ki, block_idx, lse, kl_support)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if kl_support is not None and self.learned:  # an MSA layer attending densely: the KL over every token
+                kl = self._kl(q, k, qi, ki, None, None, "dense")
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kl
 
     def _sparse(self, q, k, v, qi, ki):
@@ -380,10 +383,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, sparse, backend)
         self.moe = MoE(cfg)
 
-    def forward(self, x, pos, cache=None, kl_support=None, rot=None, stats=True):
+    def forward(self, x, pos, cache=None, kl_support=None, rot=None, stats=True, dense=False):
         """x (B, T, C) at positions pos (T,) -> x (B, T, C), the KL (or None), the MoE's balance and load (None
-        unless stats). cache, kl_support: Attention.forward's; rot: rope_tables(pos) when the caller has them."""
-        a, kl = self.attn(self.norm1(x), pos, cache, kl_support, rot)
+        unless stats). cache, kl_support, dense: Attention.forward's; rot: rope_tables(pos) when the caller has them."""
+        a, kl = self.attn(self.norm1(x), pos, cache, kl_support, rot, dense)
         x = x + a
         m, balance, load = self.moe(self.norm2(x), stats)
         return x + m, kl, balance, load
@@ -429,10 +432,13 @@ class GPT(nn.Module):
             raise ValueError("x holds image-patch tokens but no patches were given")
         return h
 
-    def forward(self, x, y=None, patches=None, kl_dense=False, cache=None, pos0=0):
+    def forward(self, x, y=None, patches=None, kl_dense=False, cache=None, pos0=0, msa_dense=False):
         """
         x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
         x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
+        msa_dense: the MSA layers attend to every visible token, as dense layers do, and learn from the dense KL: a
+        warm-up in which their attention learns where to look (the teacher the index branch follows) before it
+        must choose.
         cache/pos0: used by generate(); cache is a list of KVCache, one per block, and then only the last position's
         logits are returned. pos0 is the position of x[:, 0]: an int, or a (1,) long tensor on x's device (a CUDA
         graph replays the step with a new value in it).
@@ -449,7 +455,8 @@ class GPT(nn.Module):
         kl_support = None if y is None else ("dense" if kl_dense else "sparse")
         kls, balances, loads = [], [], []                                    # balances, loads: with y only
         for i, block in enumerate(self.blocks):
-            h, kl, balance, load = block(h, pos, None if cache is None else cache[i], kl_support, rot, y is not None)
+            h, kl, balance, load = block(h, pos, None if cache is None else cache[i], kl_support, rot, y is not None,
+                                         msa_dense)
             kls += [] if kl is None else [kl]
             balances.append(balance)
             loads.append(load)
@@ -481,7 +488,7 @@ class GPT(nn.Module):
             h = block(h, pos, stats=False)[0]
         return torch.stack(recalls)
 
-    def flops_per_token(self, seq_len, kl_dense=False):
+    def flops_per_token(self, seq_len, kl_dense=False, msa_dense=False):
         """
         Model FLOPs of one training token (forward + backward) on rows of seq_len tokens, for the MFU: what the
         model needs, not what the kernels happen to do (no recomputation, no padding). A multiply-add is 2 FLOPs;
@@ -492,7 +499,8 @@ class GPT(nn.Module):
             image-patch projection (patch_dim inputs per token) is left out.
           attention: q.k and p.v over the keys n_t that query t attends, 2 * 2 * Hq * D * n_t forward, x3:
             dense: n_t = t + 1 (causal); MSA: the local block's visible part + K - 1 full blocks (all visible
-            blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill;
+            blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill; MSA layers
+            attending densely (msa_dense) count as dense, with the dense KL;
           MSA index branch (msa_select 'indexer' only), no gradient through the selection: scores qi.ki over all
             t + 1 visible tokens and the block max, 2 * Hkv * Di * (t + 1);
           MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up, kl_dense):
@@ -505,8 +513,9 @@ class GPT(nn.Module):
         n_msa = sum(block.attn.sparse for block in self.blocks)
         t = torch.arange(seq_len, dtype=torch.float64)                       # query positions
         n_dense_keys = (t + 1).mean().item()
-        n_msa_keys = torch.where(t // bs + 1 <= K, t + 1, (K - 1) * bs + t % bs + 1).mean().item()
-        n_kl_keys = n_dense_keys if kl_dense else n_msa_keys
+        n_msa_keys = n_dense_keys if msa_dense else \
+            torch.where(t // bs + 1 <= K, t + 1, (K - 1) * bs + t % bs + 1).mean().item()
+        n_kl_keys = n_dense_keys if kl_dense or msa_dense else n_msa_keys
         attn_params = 2 * C * Hq * D + 2 * C * Hkv * D
         moe_params = C * cfg.n_expert + (cfg.expert_topk + cfg.shared_expert) * 3 * C * H
         n_idx = n_msa if cfg.msa_select == "indexer" else 0                  # a blind rule runs no index branch

@@ -87,6 +87,8 @@ beta2 = 0.95
 grad_clip = 1.0
 kl_coeff = 1.0
 kl_warmup_iters = 0           # the first steps train the indexer with the dense KL (every visible token)
+msa_dense_iters = 0           # the first steps run the MSA layers as dense attention, with the dense KL: their attention
+                              # learns where to look (the teacher the indexer follows) before it must choose
 balance_coeff = 0.01
 compile = False               # torch.compile the model (CUDA only: on a CPU it is skipped, with a message)
 # evaluation and logging
@@ -358,9 +360,10 @@ if master:
 if init_from == "resume":
     trim_log(iter_num)
 start_iter, t_start = iter_num, time.time()
-fpt = {(T, kd): raw_model.flops_per_token(T, kd) for T in {seq_len, *RAMP} for kd in (False, True)}
-say(f"model FLOPs per token: {fpt[seq_len, False] / 1e9:.2f} G ({fpt[seq_len, True] / 1e9:.2f} G with the dense KL "
-    f"warm-up)")
+fpt = {(T, kd, md): raw_model.flops_per_token(T, kd, md) for T in {seq_len, *RAMP} for kd in (False, True)
+       for md in (False, True)}
+say(f"model FLOPs per token: {fpt[seq_len, False, False] / 1e9:.2f} G ({fpt[seq_len, True, False] / 1e9:.2f} G with "
+    f"the dense KL warm-up, {fpt[seq_len, True, True] / 1e9:.2f} G with the MSA layers dense)")
 if repeat_iters + short_iters:
     say(f"short rows for {repeat_iters + short_iters} iterations: {repeat_iters} of induction warm-up rows of "
         f"{short_len} tokens, then {short_iters} in rows of {', '.join(map(str, RAMP))} tokens; then rows of {seq_len}")
@@ -404,13 +407,13 @@ while True:
             print(f"interrupted: saved {ckpt_path} at iteration {iter_num}; continue with --init_from=resume",
                   file=sys.stderr)
         raise SystemExit(130)
-    kl_dense = iter_num < kl_warmup_iters
+    kl_dense, msa_dense = iter_num < kl_warmup_iters, iter_num < msa_dense_iters
     parts = 0  # (loss, lm, kl, balance) averaged over this iteration's micro-steps (of all GPUs, at log time)
     for micro in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
-            _, losses = model(x, y, p, kl_dense=kl_dense)
+            _, losses = model(x, y, p, kl_dense=kl_dense, msa_dense=msa_dense)
             loss = losses["lm"] + kl_coeff * losses["kl"] + balance_coeff * losses["balance"]
         parts = parts + torch.stack([loss, losses["lm"], losses["kl"], losses["balance"]]).detach().float()
         # the next micro-batch, drawn while the GPU works on this one
@@ -423,7 +426,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since += tokens_per_iter
-    flops_since += tokens_per_iter * fpt[row_len(iter_num - 1), kl_dense]
+    flops_since += tokens_per_iter * fpt[row_len(iter_num - 1), kl_dense, msa_dense]
     if iter_num % log_interval == 0 or iter_num == max_iters:
         if ddp:
             dist.all_reduce(parts)  # sum over the GPUs
@@ -435,7 +438,8 @@ while True:
         eta = (max_iters - iter_num) * tokens_per_iter / tok_s
         mfu = f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else ""
         say(f"iter {iter_num}/{max_iters}: loss {rec['loss']:.4f} (lm {rec['lm']:.4f} kl {rec['kl']:.4f} "
-            f"balance {rec['balance']:.3f}{' dense-kl' if kl_dense else ''}) | lr {lr:.2e} | "
+            f"balance {rec['balance']:.3f}{' dense-msa' if msa_dense else ' dense-kl' if kl_dense else ''}) | "
+            f"lr {lr:.2e} | "
             f"{f'rows of {row_len(iter_num - 1)} | ' if row_len(iter_num - 1) != seq_len else ''}"
             f"{tok_s:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min")
         log(dict(rec, **speed))

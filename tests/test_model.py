@@ -299,6 +299,35 @@ def test_msa_equals_dense_when_every_block_is_selected():
     torch.testing.assert_close(msa(x, y, patches, kl_dense=True)[1]["kl"], lo["kl"])
 
 
+def test_msa_dense_phase_attends_densely():
+    """msa_dense=True (train.py's msa_dense_iters): the MSA layers attend to every visible token, so the model equals
+    attention='dense' with the same weights though K * bs < T; the index branch learns from the dense KL (the same
+    as kl_dense gives), still from the KL alone; a blind rule runs dense with no KL. The FLOP count follows."""
+    x, y, patches = batch()                                       # T = 40; K = 3 blocks of 4: really sparse
+    dense = tiny(attention="dense")
+    for select in ("indexer", "local"):
+        msa = tiny(msa_select=select)
+        dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+        _, lo = msa(x, y, patches, msa_dense=True)
+        torch.testing.assert_close(lo["lm"], dense(x, y, patches)[1]["lm"], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(lo["lm"], msa(x, y, patches)[1]["lm"])      # the sparse forward differs
+        if select == "local":
+            assert lo["kl_layers"].numel() == 0
+            continue
+        # the first MSA layer's input is the same in both forwards (the next ones' differ by what it read)
+        torch.testing.assert_close(lo["kl_layers"][0], msa(x, y, patches, kl_dense=True)[1]["kl_layers"][0])
+        attn = msa.blocks[1].attn
+        lo["lm"].backward(retain_graph=True)
+        assert attn.wqi.weight.grad is None and attn.wq.weight.grad is not None
+        msa.zero_grad()
+        lo["kl"].backward()
+        assert all(p.grad is None for n, p in msa.named_parameters() if ".wqi." not in n and ".wki." not in n)
+    T, msa, everything = 40, tiny(), tiny(msa_topk=10)            # 10 blocks of 4: every block read
+    assert msa.flops_per_token(T, msa_dense=True) == everything.flops_per_token(T) > msa.flops_per_token(T, True)
+    assert tiny(msa_select="local").flops_per_token(T, msa_dense=True) == pytest.approx(dense.flops_per_token(T),
+                                                                                       rel=1e-12)
+
+
 def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
     """indexer_recall per MSA layer: the dense softmax(q . k) mass inside the selected blocks, averaged over batch,
     heads and queries (computed here by brute force from the layer's own q, k and msa_ref's selection); 1 when K

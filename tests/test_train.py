@@ -118,13 +118,21 @@ def script_globals(*args):
 
 def test_mfu_counts_the_models_flops(tmp_path):
     """The MFU's FLOPs per token are the model's own count (GPT.flops_per_token, checked against a hand count in
-    test_model.py) at train.py's seq_len, with and without the dense KL warm-up."""
+    test_model.py) at train.py's seq_len, with and without the dense KL warm-up and the MSA layers' dense phase."""
     g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0")
     model = g["raw_model"]
-    assert g["fpt"] == {(64, kd): model.flops_per_token(64, kl_dense=kd) for kd in (False, True)}
-    assert g["fpt"][64, True] > g["fpt"][64, False] > 0
+    both = [(kd, md) for kd in (False, True) for md in (False, True)]
+    assert g["fpt"] == {(64, kd, md): model.flops_per_token(64, kd, md) for kd, md in both}
+    assert g["fpt"][64, True, True] > g["fpt"][64, True, False] > g["fpt"][64, False, False] > 0
     g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0", "--short_len=16")  # and each short row length
-    assert g["fpt"] == {(n, kd): model.flops_per_token(n, kl_dense=kd) for n in (16, 32, 64) for kd in (False, True)}
+    assert g["fpt"] == {(n, kd, md): model.flops_per_token(n, kd, md) for n in (16, 32, 64) for kd, md in both}
+
+
+def test_msa_dense_phase(tmp_path):
+    """--msa_dense_iters: the first iterations run the MSA layers densely (logged as dense-msa), then sparse."""
+    r = train(f"--out_dir={tmp_path}", "--max_iters=3", "--msa_dense_iters=2", "--kl_warmup_iters=0",
+              "--eval_interval=10")
+    assert [("dense-msa" in line) for line in r.stdout.splitlines() if line.startswith("iter ")] == [True, True, False]
 
 
 def test_short_row_stages(tmp_path):
