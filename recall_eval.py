@@ -166,11 +166,17 @@ def summarize(s, n_bins=N_BINS):
     """score()'s per-question arrays -> plain numbers for the log and the tables:
       acc, questions; bin_edges (n_bins + 1 distances), acc_bins and count_bins per distance bin;
       layers (MSA layer indices), needle_recall and needle_mass [L][Hkv] (means over the questions),
-      needle_recall_bins [n_bins][L] (mean over the groups; None for an empty bin)."""
+      needle_recall_bins [n_bins][L] (mean over the groups; None for an empty bin);
+      needle_any [L]: the share of questions for which some group of the layer reads the fact's block, and
+      acc_read, acc_missed [L]: the accuracy on those questions and on the others (None if there are none): whether
+      the misses are the wrong answers."""
     n = s["n"]
     bins = np.minimum(s["distance"] * n_bins // n, n_bins - 1)              # (N,) distance bin of each question
     L = len(s["layers"])
+    any_group = s["hit"].any(-1)                                            # (N, L)
+    acc_if = lambda m: [float(s["correct"][m[:, l]].mean()) if m[:, l].any() else None for l in range(L)]
     return dict(acc=float(s["correct"].mean()), questions=int(len(s["correct"])),
+                needle_any=any_group.mean(0).tolist(), acc_read=acc_if(any_group), acc_missed=acc_if(~any_group),
                 bin_edges=[i * n / n_bins for i in range(n_bins + 1)],
                 acc_bins=_binned(s["correct"].astype(float), bins, n_bins),
                 count_bins=np.bincount(bins, minlength=n_bins).tolist(), layers=s["layers"],
@@ -206,8 +212,12 @@ def summary_line(r):
     bins = " ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
     needle = " ".join(f"{np.mean(g):.2f}" for g in r["needle_recall"])
     mass = " ".join(f"{np.mean(g):.2f}" for g in r["needle_mass"])
+    f = lambda v: "-" if v is None else f"{v:.2f}"
+    split = " ".join(f"{f(a)}/{f(b)}" for a, b in zip(r["acc_read"], r["acc_missed"]))
     return (f"mqar acc {r['acc']:.3f} ({r['questions']} questions) | by distance ({len(r['acc_bins'])} bins over "
-            f"{int(r['bin_edges'][-1])} tokens) {bins}" + (f" | needle recall per MSA layer {needle} (teacher mass {mass})" if needle else ""))
+            f"{int(r['bin_edges'][-1])} tokens) {bins}" +
+            (f" | needle recall per MSA layer {needle} (teacher mass {mass}; accuracy when some group reads it / "
+             f"when none does {split})" if needle else ""))
 
 
 def niah_grid(model, lengths, depths=NIAH_DEPTHS, n_rows=4, seed=0, max_tokens=1 << 16):

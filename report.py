@@ -261,20 +261,26 @@ def mqar_results(run_dirs):
 
 def mqar_table(results):
     """Markdown: per arm, the val LM loss, recall accuracy overall and per distance bin (share of the row), and
-    per MSA layer the needle recall and the teacher's mass on the needle's block (means over groups)."""
+    per MSA layer the needle recall and the teacher's mass on the needle's block (means over groups), the share of
+    questions whose fact's block some group reads, and the accuracy on those and on the rest."""
     first = results[0][3]
     n = first["bin_edges"][-1]
     bins = [f"{100 * lo / n:.0f}-{100 * hi / n:.0f}%" for lo, hi in zip(first["bin_edges"], first["bin_edges"][1:])]
     per_layer = lambda v: " ".join(f"{np.mean(g):.2f}" for g in v) or "-"
+    f = lambda v: "-" if v is None else f"{v:.2f}"
     lines = [f"recall (MQAR) on held-out rows, accuracy by distance from fact to question (share of the row)",
              "| arm | run | iterations | val LM | accuracy | " + " | ".join(bins) +
-             " | needle recall per MSA layer | teacher mass on the needle per MSA layer |",
-             "|---" * (7 + len(bins)) + "|"]
+             " | needle recall per MSA layer | teacher mass on the needle per MSA layer | read by some group | "
+             "accuracy when read / not read |",
+             "|---" * (9 + len(bins)) + "|"]
     for name, d, last, r, _ in results:
         accs = " | ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
+        split = " ".join(f"{f(a)} / {f(b)}" for a, b in zip(r["acc_read"], r["acc_missed"])) or "-"
         lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {r['acc']:.3f} | {accs} | "
-                     f"{per_layer(r['needle_recall'])} | {per_layer(r['needle_mass'])} |")
-    lines.append(f"| questions | | | | {first['questions']} | " + " | ".join(map(str, first["count_bins"])) + " | | |")
+                     f"{per_layer(r['needle_recall'])} | {per_layer(r['needle_mass'])} | "
+                     f"{' '.join(f'{v:.2f}' for v in r['needle_any']) or '-'} | {split} |")
+    lines.append(f"| questions | | | | {first['questions']} | " + " | ".join(map(str, first["count_bins"])) +
+                 " | | | | |")
     return "\n".join(lines)
 
 

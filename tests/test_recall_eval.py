@@ -172,11 +172,26 @@ def test_teacher_block_mass_against_brute_force():
         torch.testing.assert_close(mass[i].sum(-1), torch.ones(1, 2, 5))
 
 
+def test_accuracy_split_by_whether_some_group_reads_the_needle():
+    """summarize: needle_any is the share of questions whose fact's block some group of the layer reads; acc_read
+    and acc_missed the accuracy on those questions and on the rest (None where there are none)."""
+    hit = np.array([[[1, 0], [0, 0]], [[0, 0], [0, 0]], [[0, 1], [1, 1]], [[1, 1], [0, 0]]], bool)  # (N=4, L=2, Hkv=2)
+    s = dict(n=64, layers=[1, 2], hit=hit, mass=hit.astype(np.float32), correct=np.array([1, 0, 1, 0], bool),
+             distance=np.array([3, 10, 40, 60]))
+    r = recall_eval.summarize(s)
+    assert r["needle_any"] == [0.75, 0.25]
+    assert r["acc_read"] == [2 / 3, 1.0] and r["acc_missed"] == [0.0, 1 / 3]
+    s["hit"] = np.ones_like(hit)
+    assert recall_eval.summarize(s)["acc_missed"] == [None, None]
+    assert "accuracy when some group reads it / when none does 0.50/- 0.50/-" in recall_eval.summary_line(
+        recall_eval.summarize(s))
+
+
 def test_dense_model_has_no_needle_recall():
     s = recall_eval.score(lm(attention="dense"), data.mqar_eval_set(2, 64, seed=8))
     assert s["layers"] == [] and s["hit"].shape == (4, 0, 2)
     res = recall_eval.summarize(s)
-    assert res["needle_recall"] == res["needle_mass"] == res["needle_recall_bins"] == []
+    assert res["needle_recall"] == res["needle_mass"] == res["needle_recall_bins"] == res["needle_any"] == []
 
 
 def test_niah_grid():
