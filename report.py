@@ -242,12 +242,21 @@ def named(results):
             for n, r in zip(names, results)]
 
 
+def long_row_tok_s(train, cfg):
+    """A run's median training tokens/s in rows of seq_len (after its short-row stages; the first window there left
+    out when there are more: it holds the compilation of the new shapes), or None if it logged none."""
+    start = cfg.get("repeat_iters", 0) + cfg.get("short_iters", 0)
+    windows = [rec["tok_s"] for rec in train if rec["iter"] > start]
+    return float(np.median(windows[1:] or windows)) if windows else None
+
+
 def mqar_results(run_dirs):
-    """-> [[arm, run_dir, last eval record of its log, recall_eval.summarize dict, every eval record]]: recall scored
-    afresh from each run's checkpoint on mqar_questions held-out questions in rows of its seq_len."""
+    """-> [[arm, run_dir, last eval record of its log, recall_eval.summarize dict, every eval record, training
+    tokens/s in rows of seq_len]]: recall scored afresh from each run's checkpoint on mqar_questions held-out
+    questions in rows of its seq_len."""
     out = []
     for d in run_dirs:
-        _, evals = read_log(d)
+        train, evals = read_log(d)
         if not evals:
             raise ValueError(f"{os.path.join(d, 'log.jsonl')} holds no evaluation: expected a train.py run that "
                              f"evaluated at least once")
@@ -255,31 +264,33 @@ def mqar_results(run_dirs):
         n = cfg["seq_len"]
         rows = -(-mqar_questions // max(1, n // data.MQAR_EVERY))
         res = recall_eval.mqar_eval(model, rows, n, seed, batch_size=max(1, max_tokens // n))
-        out.append([arm_name(cfg), d, evals[-1], res, evals])
+        out.append([arm_name(cfg), d, evals[-1], res, evals, long_row_tok_s(train, cfg)])
     return named(out)
 
 
 def mqar_table(results):
-    """Markdown: per arm, the val LM loss, recall accuracy overall and per distance bin (share of the row), and
-    per MSA layer the needle recall and the teacher's mass on the needle's block (means over groups), the share of
-    questions whose fact's block some group reads, and the accuracy on those and on the rest."""
+    """Markdown: per arm, the val LM loss, the training tokens/s in rows of seq_len, recall accuracy overall and per
+    distance bin (share of the row), and per MSA layer the needle recall and the teacher's mass on the needle's block
+    (means over groups), the share of questions whose fact's block some group reads, and the accuracy on those and
+    on the rest."""
     first = results[0][3]
     n = first["bin_edges"][-1]
     bins = [f"{100 * lo / n:.0f}-{100 * hi / n:.0f}%" for lo, hi in zip(first["bin_edges"], first["bin_edges"][1:])]
     per_layer = lambda v: " ".join(f"{np.mean(g):.2f}" for g in v) or "-"
     f = lambda v: "-" if v is None else f"{v:.2f}"
     lines = [f"recall (MQAR) on held-out rows, accuracy by distance from fact to question (share of the row)",
-             "| arm | run | iterations | val LM | accuracy | " + " | ".join(bins) +
+             "| arm | run | iterations | val LM | training tokens/s | accuracy | " + " | ".join(bins) +
              " | needle recall per MSA layer | teacher mass on the needle per MSA layer | read by some group | "
              "accuracy when read / not read |",
-             "|---" * (9 + len(bins)) + "|"]
-    for name, d, last, r, _ in results:
+             "|---" * (10 + len(bins)) + "|"]
+    for name, d, last, r, _, tok_s in results:
         accs = " | ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
         split = " ".join(f"{f(a)} / {f(b)}" for a, b in zip(r["acc_read"], r["acc_missed"])) or "-"
-        lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {r['acc']:.3f} | {accs} | "
+        lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {'-' if tok_s is None else f'{tok_s:,.0f}'} | "
+                     f"{r['acc']:.3f} | {accs} | "
                      f"{per_layer(r['needle_recall'])} | {per_layer(r['needle_mass'])} | "
                      f"{' '.join(f'{v:.2f}' for v in r['needle_any']) or '-'} | {split} |")
-    lines.append(f"| questions | | | | {first['questions']} | " + " | ".join(map(str, first["count_bins"])) +
+    lines.append(f"| questions | | | | | {first['questions']} | " + " | ".join(map(str, first["count_bins"])) +
                  " | | | | |")
     return "\n".join(lines)
 
@@ -296,7 +307,7 @@ def plot_mqar(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(19, 4.8))
-    for c, (name, _, _, r, evals) in enumerate(results):
+    for c, (name, _, _, r, evals, _) in enumerate(results):
         (it_r, acc_r), (it_w, warm) = through_training(evals)
         ax[2].plot(it_r, acc_r, "o-", color=f"C{c}", label=f"{name}: recall")
         if it_w:
@@ -311,12 +322,19 @@ def plot_mqar(results, path):
     ax[0].set(title="recall accuracy (exact answer, teacher forcing)", ylabel="accuracy")
     ax[1].set(title="needle recall: the fact's block among those read\n(mean over KV groups)", ylabel="needle recall")
     ax[2].set(title="through training (the runs' own evaluations)", xlabel="iteration", ylabel="accuracy")
+    lengths = [(e["eval"], int(e["mqar"]["bin_edges"][-1])) for e in results[0][4] if "mqar" in e]
+    changes = [(it, n) for (it, n), before in zip(lengths, [None] + [n for _, n in lengths]) if n != before]
+    for it, _ in changes:                                                      # the rows' length changes here
+        ax[2].axvline(it, color="0.85", lw=0.8, zorder=0)
+    top = ax[2].secondary_xaxis("top")
+    top.set_xticks([it for it, _ in changes], labels=[f"{n:,}" for _, n in changes], fontsize=7)
+    top.set_xlabel("evaluated in rows of (tokens)", fontsize=8)
     for a in ax[:2]:
         a.set(xlabel="distance from fact to question (tokens)")
-    for a in ax:
+    for a, where in zip(ax, ("best", "best", "center left")):
         a.set(ylim=(-0.02, 1.02))
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        a.legend(fontsize=7, loc=where)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
