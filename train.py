@@ -124,8 +124,8 @@ if not (0 <= p_repeat and p_mqar + p_repeat <= 1):
     raise SystemExit(f"config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got {p_repeat} and {p_mqar}")
 RAMP = [short_len << k for k in range(32) if short_len << k < seq_len]  # the short rows' lengths, doubling
 if repeat_iters < 0 or short_iters < 0 or (repeat_iters + short_iters and not (
-        4 <= short_len <= seq_len and all(batch_size * seq_len % n == 0 for n in RAMP))):
-    raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [4, seq_len] whose "
+        16 <= short_len <= seq_len and all(batch_size * seq_len % n == 0 for n in RAMP))):
+    raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [16, seq_len] whose "
                      f"doublings below seq_len divide batch_size * seq_len = {batch_size * seq_len}; got "
                      f"{repeat_iters}, {short_iters}, {short_len}")
 ddp = int(os.environ.get("RANK", -1)) != -1

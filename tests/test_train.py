@@ -229,10 +229,13 @@ def test_bad_input_gives_a_clear_message(args, msg):
     (["--mqar_distance=far"], "config error: mqar_distance must be 'uniform' or 'log', got 'far'"),
     (["--p_mqar=0.5", "--p_repeat=0.6"], "config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got 0.6 and 0.5"),
     (["--repeat_iters=5", "--short_len=128"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
-                                              "[4, seq_len] whose doublings below seq_len divide batch_size * seq_len "
+                                              "[16, seq_len] whose doublings below seq_len divide batch_size * seq_len "
                                               "= 128; got 5, 0, 128"),
+    (["--repeat_iters=5", "--short_len=8"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
+                                            "[16, seq_len] whose doublings below seq_len divide batch_size * seq_len "
+                                            "= 128; got 5, 0, 8"),
     (["--short_iters=5", "--short_len=24"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
-                                            "[4, seq_len] whose doublings below seq_len divide batch_size * seq_len "
+                                            "[16, seq_len] whose doublings below seq_len divide batch_size * seq_len "
                                             "= 128; got 0, 5, 24"),
     (["--backend=triton"], "config error: backend='triton' needs a CUDA GPU and none was found")])
 def test_bad_settings_end_in_one_line(args, msg):
