@@ -1,5 +1,5 @@
 # Retrieval at 8K tokens where sparsity is real: each MSA query reads K * bs = 8 * 64 = 512 keys, 1/16 of the row.
-# Every row (after the warm-up) is the recall task: Shakespeare text with a fact "\n Bob fox\n" every 16 tokens,
+# Every row (after the warm-up) is the recall task: Shakespeare text with a fact "\n Bob fox\n" per 32 tokens,
 # each asked again later, at any distance (data.mqar_row); loss on the text and the answers alike.
 # The schedule: 1000 iterations of induction warm-up rows of 256 tokens (the lookup by content forms there), then
 # 2000 iterations of recall rows of 256, 512, 1K, 2K, 4K tokens (400 each), then 1000 at 8K. The same 32K tokens
