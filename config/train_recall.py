@@ -4,7 +4,8 @@
 # The schedule: 1000 iterations of induction warm-up rows of 256 tokens (the lookup by content forms there), then
 # 2000 iterations of recall rows of 256, 512, 1K, 2K, 4K tokens (400 each), then 1000 at 8K. The same 32K tokens
 # per iteration throughout.
-# 2 layers (the first dense, the second MSA), 20M parameters. The four arms, same batches:
+# 2 layers (the first dense, the second MSA), 20M parameters; for one GPU (on a CPU the reference attention's
+# T x T scores at 8K tokens do not fit in memory). The four arms, same batches:
 #   python train.py config/train_recall.py --out_dir=out-recall-idx
 #   python train.py config/train_recall.py --msa_select=local  --out_dir=out-recall-local
 #   python train.py config/train_recall.py --msa_select=random --out_dir=out-recall-random
