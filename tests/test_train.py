@@ -128,6 +128,19 @@ def test_mfu_counts_the_models_flops(tmp_path):
     assert g["fpt"] == {(n, kd, md): model.flops_per_token(n, kd, md) for n in (16, 32, 64) for kd, md in both}
 
 
+def test_recall_config_is_really_sparse():
+    """config/train_recall.py: rows of at least 8K tokens, each MSA query reading at most 1/16 of them, and short
+    rows (the warm-up, the doublings) that divide the tokens of an iteration."""
+    from configurator import read_config_file
+    c = read_config_file(os.path.join(ROOT, "config", "train_recall.py"))
+    assert c["seq_len"] >= 8192 and 16 * c["msa_topk"] * c["msa_block_size"] <= c["seq_len"]
+    assert c["repeat_iters"] > 0 and c["short_iters"] > 0 and c["p_mqar"] > 0 and c["eval_mqar"] > 0
+    n = c["short_len"]
+    while n < c["seq_len"]:
+        assert c["batch_size"] * c["seq_len"] % n == 0
+        n *= 2
+
+
 def test_msa_dense_phase(tmp_path):
     """--msa_dense_iters: the first iterations run the MSA layers densely (logged as dense-msa), then sparse."""
     r = train(f"--out_dir={tmp_path}", "--max_iters=3", "--msa_dense_iters=2", "--kl_warmup_iters=0",
