@@ -515,7 +515,7 @@ class GPT(nn.Module):
         n_dense_keys = (t + 1).mean().item()
         n_msa_keys = n_dense_keys if msa_dense else \
             torch.where(t // bs + 1 <= K, t + 1, (K - 1) * bs + t % bs + 1).mean().item()
-        n_kl_keys = n_dense_keys if kl_dense or msa_dense else n_msa_keys
+        n_kl_keys = n_dense_keys if kl_dense else n_msa_keys
         attn_params = 2 * C * Hq * D + 2 * C * Hkv * D
         moe_params = C * cfg.n_expert + (cfg.expert_topk + cfg.shared_expert) * 3 * C * H
         n_idx = n_msa if cfg.msa_select == "indexer" else 0                  # a blind rule runs no index branch

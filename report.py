@@ -284,7 +284,7 @@ def mqar_table(results):
              "accuracy when read / not read |",
              "|---" * (10 + len(bins)) + "|"]
     for name, d, last, r, _, tok_s in results:
-        accs = " | ".join("-" if a is None else f"{a:.2f}" for a in r["acc_bins"])
+        accs = " | ".join(map(f, r["acc_bins"]))
         split = " ".join(f"{f(a)} / {f(b)}" for a, b in zip(r["acc_read"], r["acc_missed"])) or "-"
         lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {'-' if tok_s is None else f'{tok_s:,.0f}'} | "
                      f"{r['acc']:.3f} | {accs} | "

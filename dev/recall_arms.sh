@@ -17,8 +17,8 @@ for arm in idx local random dense; do
 done
 wait
 for arm in idx local random dense; do
-    echo "== $arm"; grep -A1 "^eval" "$runs/$arm.txt" | grep -o "^eval [0-9]*\|mqar acc [0-9.]*\|by distance (8 bins over [0-9]*" \
-        | paste -sd' ' | sed 's/ eval /\neval /g'; tail -1 "$runs/$arm.txt"
+    echo "== $arm"; grep -o "mqar acc [0-9.]*\|over [0-9]* tokens" "$runs/$arm.txt" | paste -d' ' - -
+    tail -1 "$runs/$arm.txt"
 done
 python report.py mqar "$runs/dense" "$runs/idx" "$runs/local" "$runs/random" --png="$runs/mqar.png" --mqar_questions=1024
 python report.py needle --out_dir="$runs/idx" --png="$runs/needle.png"
