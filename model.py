@@ -65,6 +65,7 @@ class GPTConfig:
     n_kv_head: int = 2          # Hkv: GQA groups, and index queries per token
     n_embd: int = 512           # C
     index_dim: int = 64         # Di, even (RoPE rotates pairs)
+    index_rope: bool = True     # RoPE on the index branch; False: its scores read content only, alike at every distance
     attention: str = "msa"      # 'msa': layers past n_dense_layers are sparse; 'dense': every layer dense
     n_dense_layers: int = 1
     msa_block_size: int = 64    # bs
@@ -152,10 +153,12 @@ class Attention(nn.Module):
         """x (B, T, C) -> qi (B, Hkv, T, Di), ki (B, T, Di). Reads x.detach(): the LM loss must not reach it."""
         cfg, B, T, _ = self.cfg, *x.shape
         xd = x.detach()
-        # RoPE here too: the teacher's scores (q . k) depend on distance, so the student's may as well
+        qi, ki = self.wqi(xd).view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2), self.wki(xd)
+        if not cfg.index_rope:  # the scores see content only: a fact scores alike at any distance, even past seq_len
+            return qi, ki
+        # RoPE by default: the teacher's scores (q . k) depend on distance, so the student's may as well
         table = (rot or rope_tables(pos, cfg))[cfg.index_dim]
-        qi = rope(self.wqi(xd).view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2), table)
-        return qi, rope(self.wki(xd), table)
+        return rope(qi, table), rope(ki, table)
 
     def forward(self, x, pos, cache=None, kl_support=None, rot=None, dense=False):
         """

@@ -59,6 +59,7 @@ n_head = 8
 n_kv_head = 2
 n_embd = 512
 index_dim = 64
+index_rope = True             # RoPE on the index branch (False: content-only index scores)
 attention = "msa"             # 'msa' or 'dense' (every layer dense, nothing else changed)
 n_dense_layers = 1
 msa_block_size = 64

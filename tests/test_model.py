@@ -408,12 +408,29 @@ def test_flops_per_token_msa_equals_dense_when_every_block_is_read():
     assert tiny().flops_per_token(T) < msa.flops_per_token(T)     # K = 3 blocks of 4 < 40: fewer keys
 
 
-@pytest.mark.parametrize("attention,fp8", [("msa", False), ("dense", False), ("msa", True)])
-def test_cached_decode_equals_full_forward(attention, fp8):
+def test_index_branch_without_rope_reads_content_only():
+    """index_rope=False: the index queries and keys of a token are the same at every position (content-only scores),
+    so shifting the positions leaves them alike; with RoPE (the default) they move. The main branch rotates either way."""
+    for index_rope in (False, True):
+        attn = tiny(index_rope=index_rope).blocks[1].attn
+        h = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3))
+        qi, ki = attn.index_branch(h, torch.arange(12))
+        qi2, ki2 = attn.index_branch(h, torch.arange(12) + 37)
+        assert qi.shape == (2, 2, 12, 8) and ki.shape == (2, 12, 8)
+        assert torch.equal(qi, qi2) and torch.equal(ki, ki2) if not index_rope else not torch.allclose(ki, ki2)
+        if not index_rope:
+            torch.testing.assert_close(ki, attn.wki(h))
+        assert not torch.allclose(attn.qkv(h, torch.arange(12))[1], attn.qkv(h, torch.arange(12) + 37)[1])
+
+
+@pytest.mark.parametrize("attention,fp8,index_rope", [("msa", False, True), ("dense", False, True), ("msa", True, True),
+                                                      ("msa", False, False)])
+def test_cached_decode_equals_full_forward(attention, fp8, index_rope):
     """Prefill 9 tokens (an image inside), then decode 31 more one at a time through the caches: every step's
     logits equal the full forward's at that position (the selection is sparse: K * bs = 12 < 40). index_fp8:
-    the index-key cache holds e4m3 keys and scales, and the forward selects with fp8 scores too."""
-    model = tiny(attention=attention, index_fp8=fp8).eval()
+    the index-key cache holds e4m3 keys and scales, and the forward selects with fp8 scores too. index_rope=False:
+    the cached index keys are unrotated, as the forward's."""
+    model = tiny(attention=attention, index_fp8=fp8, index_rope=index_rope).eval()
     x, _, patches = batch()
     with torch.no_grad():
         full, _ = model(x, patches=patches)                        # (B, T, V)
