@@ -291,6 +291,27 @@ def grouped_mm(a, w, ends):
     return torch.bmm(a.expand(w.shape[0], M, -1), w)[group, rows]              # (G, M, N) -> (M, N)
 
 
+class GatherRows(torch.autograd.Function):
+    """
+    out = x[rows // k]: x (N, C), rows a permutation of range(N * k), inverse its inverse -> (N * k, C), each row of x
+    k times in the order rows gives. The backward gathers the gradient rows back with inverse and sums each row's k
+    of them in a fixed order: index_select's own backward would scatter-add them (atomic adds, slow in bf16, and in
+    an order that changes from run to run). k = 1: a plain permutation of the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, rows, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, rows // k if k > 1 else rows)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (inverse,) = ctx.saved_tensors
+        dx = dout.index_select(0, inverse)                                     # (N * k, C) back in x's row order
+        return dx.view(-1, ctx.k, dx.shape[1]).sum(1) if ctx.k > 1 else dx, None, None, None
+
+
 def moe_dispatch(x, idx, gate, w1, w3, w2):
     """
     out[n] = sum over j of gate[n, j] * expert_{idx[n, j]}(x[n]).
@@ -302,17 +323,16 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
     dtype. A decode step's few tokens take moe_all_experts instead (fewer kernels).
     """
     N, k = idx.shape
-    E, C = w1.shape[0], x.shape[1]
+    E = w1.shape[0]
     dt = compute_dtype(x)
     expert, order = idx.reshape(-1).sort(stable=True)                          # (N*k,) assignments by expert
     ends = torch.searchsorted(expert, torch.arange(E, device=x.device), right=True).to(torch.int32)  # (E,)
-    # each token's row k times (a copy), then in expert order (a permutation). The backward of each adds every
-    # gradient row once, in a fixed order: gathering x[order // k] instead would sum a token's k gradient rows
-    # with atomic adds on CUDA, in an order that changes from run to run
-    xs = x.to(dt).unsqueeze(1).expand(N, k, C).reshape(N * k, C).index_select(0, order)     # (N*k, C)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))  # order's inverse
+    # assignment i is token order[i] // k: its row in expert order, and (GatherRows) a backward without atomics
+    xs = GatherRows.apply(x.to(dt), order, inverse, k)                         # (N*k, C)
     h = F.silu(grouped_mm(xs, w1.to(dt), ends)) * grouped_mm(xs, w3.to(dt), ends)            # (N*k, H)
     y = grouped_mm(h, w2.to(dt), ends)                                                       # (N*k, C)
-    y = y.index_select(0, order.argsort()).view(N, k, C)                       # back to token order
+    y = GatherRows.apply(y, inverse, order, 1).view(N, k, -1)                  # back to token order
     return (gate.unsqueeze(-1) * y).sum(1).to(x.dtype)                         # (N, C): a token's k rows summed
 
 
