@@ -16,6 +16,8 @@ n_head = 8
 n_kv_head = 2
 n_embd = 256
 index_dim = 64
+index_rope = False     # content-only index scores: a fact's key scores alike at every distance (with RoPE on the
+                       # index branch the indexer misses far facts' blocks far more often: dev/retrieval.md)
 n_dense_layers = 1
 msa_block_size = 64
 msa_topk = 8
@@ -41,3 +43,4 @@ eval_captions = 0
 eval_long_range = 0
 eval_mqar = 8
 log_interval = 50
+compile = False        # its measurements ran eagerly (train.py compiles by default on CUDA)
