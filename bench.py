@@ -682,9 +682,9 @@ def bench_small(args):
 
 def bench_model(args):
     """Three parts (--model_parts):
-    train: training forward + backward of one micro-batch (16 x 1024 random tokens, bf16 autocast, median of 10
-      steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of --compile_modes (compile
-      time apart): tokens/s and MFU against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
+    train: training forward + backward of one micro-batch of config/train_gpu.py (32 x 1024 random tokens, bf16
+      autocast, median of 10 steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of
+      --compile_modes (compile time apart): tokens/s and MFU against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
     moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its three
       F.grouped_mm alone.
     gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
@@ -996,7 +996,7 @@ def main():
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
     p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
                    help="model: which parts run (gen: generation only)")
-    p.add_argument("--compile_modes", nargs="+", default=["default"],
+    p.add_argument("--compile_modes", nargs="+", default=["default", "reduce-overhead"],
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="model train: the torch.compile modes timed after eager (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", help="write every row here")

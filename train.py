@@ -6,7 +6,7 @@ overrides change them (configurator.py; an unknown key is an error).
   python train.py config/train_cpu.py --max_iters=100
   python train.py --init_from=resume           # continue exactly where the last checkpoint left off
   Ctrl-C                                       # saves a checkpoint at the current iteration, then stops
-  torchrun --standalone --nproc_per_node=2 train.py config/train_gpu.py    # several GPUs (DDP; gloo on CPUs)
+  torchrun --standalone --nproc_per_node=2 train.py --batch_size=16 --gradient_accumulation_steps=2   # DDP, 2 GPUs
 
 Total loss = LM + kl_coeff * KL (summed over the MSA layers) + balance_coeff * balance (MoE).
 The KL trains only the index branch (it reads x.detach()); the LM loss trains everything else.
@@ -91,7 +91,10 @@ kl_warmup_iters = 0           # the first steps train the indexer with the dense
 msa_dense_iters = 0           # the first steps run the MSA layers as dense attention, with the dense KL: their attention
                               # learns where to look (the teacher the indexer follows) before it must choose
 balance_coeff = 0.01
-compile = False               # torch.compile the model (CUDA only: on a CPU it is skipped, with a message)
+compile = True                # torch.compile the training step on CUDA (a CPU trains eagerly, with a message)
+compile_mode = "reduce-overhead"  # 'reduce-overhead': the compiled step replays as CUDA graphs (no host time between
+                              # its kernels); 'default': no graphs. A replay overwrites the gradients of the one before,
+                              # so gradient accumulation and DDP (which add to them) compile in 'default'
 # evaluation and logging
 eval_interval = 250
 eval_iters = 20               # val batches per evaluation
@@ -117,6 +120,8 @@ for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_
     if config[_key] < _least:
         raise SystemExit(f"config error: {_key} must be >= {_least}, got {config[_key]}")
 
+if compile_mode not in ("default", "reduce-overhead"):
+    raise SystemExit(f"config error: compile_mode must be 'default' or 'reduce-overhead', got {compile_mode!r}")
 if not 0 <= p_mqar <= 1:
     raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
 if mqar_distance not in ("uniform", "log"):
@@ -199,12 +204,17 @@ if init_from == "resume":
     say(f"resumed from {ckpt_path} at iteration {iter_num}")
     del ckpt
 raw_model = model
+graphs = False  # whether the compiled step replays as CUDA graphs
 if compile and "cuda" not in device:
     say("compile: skipped on the CPU (torch.compile is for the GPU; the CPU preset trains eagerly)")
 elif compile:
+    graphs = compile_mode == "reduce-overhead" and gradient_accumulation_steps == 1 and not ddp
+    if compile_mode == "reduce-overhead" and not graphs:
+        say("compile: mode 'default' (CUDA graphs would overwrite the gradients that gradient accumulation and DDP "
+            "add to)")
     # training's forward and backward (evaluation and generation use raw_model); static shapes: the short-row
     # stages and the rows of seq_len compile once each, instead of one graph generalised over every length
-    model = torch.compile(model, dynamic=False)
+    model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
 
@@ -413,6 +423,8 @@ while True:
     for micro in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        if graphs:  # a new step: the last replay's outputs (read already) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             _, losses = model(x, y, p, kl_dense=kl_dense, msa_dense=msa_dense)
             loss = losses["lm"] + kl_coeff * losses["kl"] + balance_coeff * losses["balance"]

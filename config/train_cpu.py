@@ -27,3 +27,4 @@ eval_iters = 4
 eval_captions = 64
 eval_long_range = 4
 log_interval = 20
+compile = False        # torch.compile is for the GPU

@@ -37,3 +37,4 @@ eval_iters = 4
 eval_captions = 64
 eval_long_range = 16
 log_interval = 10
+compile = False        # its measurements ran eagerly (train.py compiles by default on CUDA)

@@ -196,11 +196,17 @@ def test_log_holds_eval_metrics(straight):
 
 def test_compile_setting_and_mfu_peak(tmp_path, capsys):
     """--compile=True compiles the model on a GPU (lazily: these 0 iterations compile nothing) and is skipped with
-    a message on a CPU; the MFU's peak is the GPU's (or --peak_flops), and on a CPU there is none."""
+    a message on a CPU; CUDA graphs ('reduce-overhead') only with one micro-step an iteration (TINY accumulates 2);
+    the MFU's peak is the GPU's (or --peak_flops), and on a CPU there is none."""
     g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0", "--compile=True")
     out = capsys.readouterr().out
+    assert not g["graphs"]
     if torch.cuda.is_available():
         assert isinstance(g["model"], torch._dynamo.eval_frame.OptimizedModule) and "compile: skipped" not in out
+        assert "compile: mode 'default' (CUDA graphs would overwrite" in out
+        g = script_globals(*TINY, f"--out_dir={tmp_path / 'a'}", "--max_iters=0", "--compile=True",
+                           "--gradient_accumulation_steps=1")
+        assert g["graphs"] and "compile: mode" not in capsys.readouterr().out
         assert g["peak"] == gpu_peak_flops(torch.cuda.get_device_name()) and ("MFU against" in out) == bool(g["peak"])
         g = script_globals(*TINY, f"--out_dir={tmp_path / 'b'}", "--max_iters=0", "--peak_flops=1e14")
         assert g["peak"] == 1e14 and "MFU against 100.0 TFLOP/s" in capsys.readouterr().out
@@ -240,6 +246,7 @@ def test_bad_input_gives_a_clear_message(args, msg):
                               "got 'window'"),
     (["--p_mqar=1.5"], "config error: p_mqar must be in [0, 1], got 1.5"),
     (["--mqar_distance=far"], "config error: mqar_distance must be 'uniform' or 'log', got 'far'"),
+    (["--compile_mode=max-autotune"], "config error: compile_mode must be 'default' or 'reduce-overhead', got 'max-autotune'"),
     (["--p_mqar=0.5", "--p_repeat=0.6"], "config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got 0.6 and 0.5"),
     (["--repeat_iters=5", "--short_len=128"], "config error: expected repeat_iters, short_iters >= 0 and short_len in "
                                               "[16, seq_len] whose doublings below seq_len divide batch_size * seq_len "
