@@ -93,8 +93,9 @@ msa_dense_iters = 0           # the first steps run the MSA layers as dense atte
 balance_coeff = 0.01
 compile = True                # torch.compile the training step on CUDA (a CPU trains eagerly, with a message)
 compile_mode = "reduce-overhead"  # 'reduce-overhead': the compiled step replays as CUDA graphs (no host time between
-                              # its kernels); 'default': no graphs. A replay overwrites the gradients of the one before,
-                              # so gradient accumulation and DDP (which add to them) compile in 'default'
+                              # its kernels); 'default': no graphs. Graphs need one micro-step an iteration in one process:
+                              # a replay writes over the last one's outputs, which accumulating gradients still add to
+                              # (DDP compiles without graphs too)
 # evaluation and logging
 eval_interval = 250
 eval_iters = 20               # val batches per evaluation
@@ -210,8 +211,7 @@ if compile and "cuda" not in device:
 elif compile:
     graphs = compile_mode == "reduce-overhead" and gradient_accumulation_steps == 1 and not ddp
     if compile_mode == "reduce-overhead" and not graphs:
-        say("compile: mode 'default' (CUDA graphs would overwrite the gradients that gradient accumulation and DDP "
-            "add to)")
+        say("compile: mode 'default' (CUDA graphs need one micro-step an iteration in one process)")
     # training's forward and backward (evaluation and generation use raw_model); static shapes: the short-row
     # stages and the rows of seq_len compile once each, instead of one graph generalised over every length
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)

@@ -203,7 +203,7 @@ def test_compile_setting_and_mfu_peak(tmp_path, capsys):
     assert not g["graphs"]
     if torch.cuda.is_available():
         assert isinstance(g["model"], torch._dynamo.eval_frame.OptimizedModule) and "compile: skipped" not in out
-        assert "compile: mode 'default' (CUDA graphs would overwrite" in out
+        assert "compile: mode 'default' (CUDA graphs need one micro-step an iteration in one process)" in out
         g = script_globals(*TINY, f"--out_dir={tmp_path / 'a'}", "--max_iters=0", "--compile=True",
                            "--gradient_accumulation_steps=1")
         assert g["graphs"] and "compile: mode" not in capsys.readouterr().out
