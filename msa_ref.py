@@ -16,13 +16,15 @@ An MSA layer attends in two steps:
 The index branch learns from a KL loss that pulls its token distribution towards the main branch's
 attention (the "teacher"); the language-model loss never reaches it.
 
-The MSA functions come first, in that order (index branch, main branch, KL loss, decoding), then the
-language-model loss; the input checks that msa_triton shares come last.
+The MSA functions come in that order (index branch, main branch, KL loss, decoding), then the
+language-model loss. Their input checks, shared with msa_triton, are in msa_checks.py.
 """
 import math
 
 import torch
 import torch.nn.functional as F
+
+from msa_checks import check_decode_inputs, check_inputs, expect
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
       'random': K - 1 distinct earlier blocks drawn uniformly, fresh for each (b, g, t), and the local block.
     generator: a torch.Generator on q_pos' device for 'random' (None: torch's global RNG). No host sync.
     """
-    _expect(rule in SELECT_RULES[1:], f"rule must be 'local' or 'random', got {rule!r}")
+    expect(rule in SELECT_RULES[1:], f"rule must be 'local' or 'random', got {rule!r}")
     Tq = q_pos.shape[0]
     local = (q_pos.long() // block_size).view(1, 1, Tq, 1).expand(B, Hkv, Tq, 1)  # (B, Hkv, Tq, 1) the local block l
     slot = torch.arange(topk, device=q_pos.device)                             # (K,)
@@ -216,7 +218,7 @@ def fixed_block_idx(B, Hkv, T, block_size, topk, rule, generator=None, device=No
     """select_fixed for every position of a sequence: block_idx int32 (B, Hkv, T, K), index_topk's layout,
     for the blind rules 'local' and 'random' (msa_select in model.py)."""
     for name, n in (("block_size", block_size), ("topk", topk)):
-        _expect(isinstance(n, int) and n >= 1, f"{name} must be an int >= 1, got {n!r}")
+        expect(isinstance(n, int) and n >= 1, f"{name} must be an int >= 1, got {n!r}")
     return select_fixed(torch.arange(T, device=device), B, Hkv, block_size, topk, rule, generator)
 
 
@@ -252,93 +254,3 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
 def linear_cross_entropy(h, w, y):
     """Mean cross-entropy of the logits h @ w.T (N, V) against y int (N,), -1 = no loss; softmax in float32."""
     return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# input checks, shared with msa_triton so both reject bad input with the same message
-
-def _expect(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def check_block_idx(block_idx, nb):
-    """block_idx's values: -1 (padding) or a block in [0, nb). Reads the tensor: a host sync on a GPU."""
-    if block_idx.numel():
-        lo, hi = torch.stack(torch.aminmax(block_idx)).tolist()                  # one host sync, not two
-        _expect(lo >= -1 and hi < nb, f"block_idx entries must be -1 (padding) or a block in [0, {nb}), got range [{lo}, {hi}]")
-
-
-def check_cache_lens(cache_lens, Tmax):
-    """cache_lens' values lie in [1, Tmax]. Reads the tensor (a host sync on a GPU), so it is skipped while a
-    CUDA graph is being captured (the kernels clamp the lengths) and while torch.compile traces (the values are
-    not known then)."""
-    if torch.compiler.is_compiling():
-        return
-    if not (cache_lens.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if not bool(((cache_lens >= 1) & (cache_lens <= Tmax)).all()):         # build the message only on failure:
-            raise ValueError(f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")  # it copies
-
-
-def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block_size=None, topk=None, values=True):
-    """Raise ValueError, saying what was expected, for any inconsistent argument. Returns (B, Hkv, T).
-    values=False checks shapes, dtypes and devices only, not block_idx's values (which need a host sync):
-    msa_triton checks those in its checking mode (msa_triton.checks)."""
-    if block_size is not None:
-        _expect(isinstance(block_size, int) and block_size >= 1, f"block_size must be an int >= 1, got {block_size!r}")
-    if topk is not None:
-        _expect(isinstance(topk, int) and topk >= 1, f"topk must be an int >= 1, got {topk!r}")
-    named = [(n, t) for n, t in (("q", q), ("k", k), ("v", v), ("qi", qi), ("ki", ki), ("block_idx", block_idx)) if t is not None]
-    for name, t in named:
-        _expect(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        want = 3 if name == "ki" else 4
-        _expect(t.dim() == want, f"{name} must have {want} dims, got shape {tuple(t.shape)}")
-    devices = {t.device for _, t in named}
-    _expect(len(devices) <= 1, f"all tensors must be on one device, got {', '.join(f'{n}: {t.device}' for n, t in named)}")
-    ref = k if k is not None else qi  # the tensor that fixes (B, Hkv, T)
-    B, Hkv, T = ref.shape[:3]
-    if q is not None:
-        _expect(q.shape[0] == B and q.shape[2] == T, f"q must be [B={B}, Hq, T={T}, D], got {tuple(q.shape)}")
-        _expect(q.shape[1] % Hkv == 0, f"Hq must be a multiple of Hkv={Hkv}, got q with Hq={q.shape[1]}")
-    if k is not None:
-        _expect(q is None or k.shape[3] == q.shape[3], f"k must have head dim D={q.shape[3]} like q, got {tuple(k.shape)}")
-    if v is not None:
-        _expect(v.shape == k.shape, f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if qi is not None:
-        _expect(qi.shape[:3] == (B, Hkv, T), f"qi must be [B={B}, Hkv={Hkv}, T={T}, Di], got {tuple(qi.shape)}")
-    if ki is not None:
-        _expect(ki.shape == (B, T, qi.shape[3]), f"ki must be [B={B}, T={T}, Di={qi.shape[3]}], got {tuple(ki.shape)}")
-    if block_idx is not None:
-        _expect(block_idx.shape[:3] == (B, Hkv, T) and block_idx.shape[3] >= 1,
-                f"block_idx must be [B={B}, Hkv={Hkv}, T={T}, K>=1], got {tuple(block_idx.shape)}")
-        _expect(not block_idx.is_floating_point(), f"block_idx must be an integer tensor, got {block_idx.dtype}")
-        if values:
-            check_block_idx(block_idx, math.ceil(T / block_size))
-    return B, Hkv, T
-
-
-def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, values=True):
-    """sparse_decode's checks (both modules). Returns (B, Hkv, Tmax). values=False leaves out cache_lens' values
-    (check_cache_lens, a host sync)."""
-    for name, t, want in (("q", q, "[B, Hq, D]"), ("qi", qi, "[B, Hkv, Di]"), ("k_cache", k_cache, "[B, Hkv, Tmax, D]")):
-        _expect(isinstance(t, torch.Tensor) and t.dim() == want.count(",") + 1, f"{name} must be {want}, got {getattr(t, 'shape', t)}")
-    Tmax = k_cache.shape[2]
-    _expect(Tmax >= 1, f"the caches must hold Tmax >= 1 tokens, got {Tmax}")
-    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
-    B, Hkv, _ = check_inputs(q=q.unsqueeze(2).expand(-1, -1, Tmax, -1), k=k_cache, v=v_cache,
-                             qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache, block_size=block_size, topk=topk)
-    _expect(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-            f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
-    _expect(ki_cache.dtype == (qi.dtype if ki_scale is None else torch.float8_e4m3fn),
-            f"ki_cache must have qi's dtype {qi.dtype} without ki_scale and must be float8_e4m3fn with it; "
-            f"got {ki_cache.dtype} with{'out' * (ki_scale is None)} ki_scale")
-    _expect(ki_scale is None or (isinstance(ki_scale, torch.Tensor) and ki_scale.dtype == torch.float32 and ki_scale.shape
-            == (B, Tmax) and ki_scale.device == q.device), f"ki_scale must be float32 [B={B}, Tmax={Tmax}] on {q.device}, "
-            f"got {getattr(ki_scale, 'dtype', type(ki_scale))} {tuple(getattr(ki_scale, 'shape', ()))}")
-    _expect(isinstance(cache_lens, torch.Tensor) and cache_lens.shape == (B,) and not cache_lens.is_floating_point()
-            and cache_lens.dtype != torch.bool,
-            f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
-    _expect(cache_lens.device == q.device, f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
-    if values:
-        check_cache_lens(cache_lens, Tmax)
-    return B, Hkv, Tmax

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import msa_checks
 import msa_ref
 from model import GPT, GPTConfig
 
@@ -53,7 +54,7 @@ def indexer_recall(q, k, qi, ki, block_size, topk):
     q (B, Hq, T, D), k (B, Hkv, T, D), qi (B, Hkv, T, Di), ki (B, T, Di) -> a float in [0, 1],
     nan when no query counts (T <= K * bs, or K = 1).
     """
-    B, Hkv, T = msa_ref.check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size, topk=topk)
+    B, Hkv, T = msa_checks.check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size, topk=topk)
     pos = torch.arange(T, device=q.device)
     visible = msa_ref.support_mask(msa_ref.dense_block_idx(B, Hkv, T, block_size, q.device), block_size, pos, T)
     p = torch.softmax(msa_ref._grouped_scores(q, k, visible), -1).mean(2)     # (B, Hkv, T, T) dense teacher

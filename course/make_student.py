@@ -13,7 +13,7 @@ handout cannot drift from the code it teaches. Per assignment (ASSIGNMENTS below
     copied Python file imports at top level;
   - extract: {student file: {repository file: [top-level names]}}: one small file made of just these
     definitions (found with Python's ast), the imports they use and nothing else; it may import only
-    msa_ref and outside packages (torch, triton, ...), so a name it needs from another repository module
+    msa_ref, msa_checks and outside packages (torch, triton, ...), so a name it needs from another repository module
     must be listed too. A missing name, or a name used but neither listed nor imported, is an error;
   - blank: whole function bodies, found with ast by (qualified) name: the signature and docstring stay,
     the body becomes  raise NotImplementedError("Assignment N: ...");
@@ -33,7 +33,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 COURSE = os.path.join(ROOT, "course")
-IMPORTABLE = ("msa_ref",)  # the only repository module an extracted file may import
+IMPORTABLE = ("msa_ref", "msa_checks")  # the only repository modules an extracted file may import
 
 # files: repository paths copied into the folder (by base name; config/ files keep their folder)
 # extract: {student file: {repository file: [top-level names]}}, in the order they are written out
@@ -45,7 +45,7 @@ ASSIGNMENTS = {
     2: dict(title="exact sparse attention with an online softmax", files=["msa_ref.py", "course/solutions/online_softmax.py"],
             blank={"online_softmax.py": ["sparse_attention_online"]}),
     3: dict(title="the KL alignment loss", files=["msa_ref.py", "DESIGN.md"], blank={"msa_ref.py": ["kl_loss"]}),
-    4: dict(title="the inner loop of a Triton kernel", files=["DESIGN.md"],
+    4: dict(title="the inner loop of a Triton kernel", files=["DESIGN.md", "msa_ref.py"],
             extract={"query_forward.py": {
                 "msa_triton/common.py": ["LOG2E", "LN2", "LN2_K", "LIST_TILE", "_pow2", "_prec", "_strides",
                                          "_kernel_limits", "_softmax_rescale", "_softmax_finish", "_slots_kernel",
@@ -180,7 +180,7 @@ def extract(sources, title="Assignment"):
             used_imports.append((node, alias))
     if unknown:
         raise KeyError(f"{', '.join(unknown)}: used by {', '.join(n for ns in sources.values() for n in ns)} but neither "
-                       f"extracted nor imported from msa_ref or a package: name {'it' if len(unknown) == 1 else 'them'} "
+                       f"extracted nor imported from msa_ref, msa_checks or a package: name {'it' if len(unknown) == 1 else 'them'} "
                        f"in ASSIGNMENTS (course/make_student.py)")
     head = []  # the imports, in the order of the source files, one statement per source statement
     for node in sorted({id(nd): nd for nd, _ in used_imports}.values(), key=lambda x: (x.lineno, x.col_offset)):

@@ -3,7 +3,8 @@ MiniMax Sparse Attention (MSA) in Triton: the fast path. msa_ref.py is the defin
 compute the same functions (DESIGN.md section 3) without ever building a T x T tensor.
 
 The package is a star: each kernel module imports only msa_triton.common (shared helpers, the KV-outer work
-lists, the checking mode) and msa_ref, never a sibling. This facade is the one place that knows them all.
+lists, the checking mode), msa_checks and msa_ref, never a sibling. This facade is the one place that knows
+them all.
   attention.py       sparse_attention on the KV-outer path (forward, backward) and the query-outer baseline
   tile.py            sparse_attention and kl_loss on the query-tile path (short sequences: no work lists)
   index.py           index_topk (which blocks each query reads) and kl_loss on the KV-outer path
@@ -34,7 +35,7 @@ __all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", 
 
 def _tile_path(q, k, block_idx, block_size):
     """Whether a call takes the query-tile path (tile.use_tile on its shapes). The chosen path checks the
-    arguments (both with msa_ref's messages), so arguments without the documented shapes go to the KV-outer
+    arguments (both with msa_checks' messages), so arguments without the documented shapes go to the KV-outer
     path, whose checks say what is wrong, and are not checked twice here."""
     try:
         B, Hq, T, D = q.shape

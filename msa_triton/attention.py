@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import check_block_idx, check_inputs
+from msa_checks import check_block_idx, check_inputs
 from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel,
                      _kernel_limits, _op, _pow2, _prec, _segment, _segments, _slot_tile, _slots, _softmax_finish,
                      _softmax_rescale, _split_segments, _strides)

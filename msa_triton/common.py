@@ -1,7 +1,7 @@
 """
 What the MSA kernels share: constants, small Triton helpers, the precision switch, and the KV-outer
 work lists (which queries read each KV block?) with the kernels that combine their partial results.
-Every kernel module of this package imports this module and msa_ref, never a sibling.
+Every kernel module of this package imports this module, msa_checks and msa_ref, never a sibling.
 
 Shapes: B batch, T tokens, Hq query heads, Hkv KV heads (= groups), G = Hq // Hkv, D head dim,
 Di index dim, bs block size, K blocks per query, nb = ceil(T / bs). A "row" is one (query token, head)
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_ref import _expect, check_block_idx, check_inputs
+from msa_checks import check_block_idx, check_inputs, expect
 
 LOG2E = 1.4426950408889634                # log2(e): natural-log units -> log2 units
 LN2 = 0.6931471805599453                  # ln(2) = 1 / LOG2E: log2 units -> natural-log units
@@ -80,14 +80,14 @@ def _op(name):
 
 
 def _kernel_limits(q, k, v, Hkv, block_size):
-    """What the attention kernels of both paths support beyond msa_ref's checks, one ValueError line each:
+    """What the attention kernels of both paths support beyond msa_checks' checks, one ValueError line each:
     q, k, v of one float dtype, D <= 128, bs <= 128, G <= 64, on CUDA (or in Triton's interpreter)."""
-    _expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
+    expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
             f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
-    _expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
-    _expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
-    _expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+    expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
+    expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
+    expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
+    expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
             f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
 
 
@@ -533,7 +533,7 @@ def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse):
     wanted; q and k enter detached (the teacher is a target). Returns the loss in qi's dtype promoted to fp32."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
     if lse is not None:
-        _expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
+        expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
                 f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
                 f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
         lse = lse.detach()

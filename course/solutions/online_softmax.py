@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from msa_ref import check_inputs
+from msa_checks import check_inputs
 
 
 def sparse_attention_online(q, k, v, block_idx, block_size):
