@@ -700,7 +700,8 @@ def bench_model(args):
 
     import data  # imported here: only this family needs the model, its data constants and its config
     from configurator import read_config_file
-    from model import GPT, GPTConfig, gpu_peak_flops, moe_dispatch
+    from model import GPT, GPTConfig, gpu_peak_flops
+    from moe import moe_dispatch
     rows, dev = [], "cuda"
     gpu = torch.cuda.get_device_name()
     peak = gpu_peak_flops(gpu)

@@ -52,8 +52,8 @@ ASSIGNMENTS = {
                                          "_list_tiles", "_slots"],
                 "msa_triton/attention.py": ["_fwd_query_kernel", "attention_forward_query_outer", "_check", "_consts"]}},
             loops={"query_forward.py": ["_fwd_query_kernel"]}),
-    5: dict(title="the MoE router and its load balancing", files=["model.py"],
-            blank={"model.py": ["moe_dispatch", "MoE.forward"]}),
+    5: dict(title="the MoE router and its load balancing", files=["moe.py", "model.py"],
+            blank={"moe.py": ["moe_dispatch", "MoE.forward"]}),
     # the experiment trains the model, which needs the selection (1), the KL loss (3) and the MoE layer (5):
     # this folder holds their answers, so it is handed out after those assignments are graded
     6: dict(title="experiment: K and block size", files=["course/experiment.py", "train.py", "config/train_cpu.py", "DESIGN.md"],

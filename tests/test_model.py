@@ -1,4 +1,4 @@
-"""model.py on the reference path (CPU, float32): MoE dispatch, patch embedding, loss masking, the index branch's
+"""model.py and moe.py on the reference path (CPU, float32): MoE dispatch, patch embedding, loss masking, the index branch's
 gradients, MSA == dense when every block is selected, the indexer recall, the FLOPs count, and cached decoding
 (KVCache) == a full forward."""
 import pytest
@@ -9,8 +9,8 @@ import decoding
 import msa_ref
 from conftest import requires_cuda
 from decoding import KVCache
-from model import (GPT, GPTConfig, get_backend, gpu_peak_flops, grouped_mm, moe_all_experts, moe_dispatch,
-                   rope, rope_table, swiglu)
+from model import GPT, GPTConfig, get_backend, gpu_peak_flops, rope, rope_table
+from moe import grouped_mm, moe_all_experts, moe_dispatch, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 

@@ -1,11 +1,12 @@
-"""Assignment 5: the MoE layer of model.py: moe_dispatch (each expert runs once on the tokens that chose it)
+"""Assignment 5: the MoE layer (moe.py): moe_dispatch (each expert runs once on the tokens that chose it)
 and MoE.forward (top-k routing, gates, shared expert, expert load and the Switch-style balance loss),
 compared with a per-token loop written from the docstrings."""
 import pytest
 import torch
 
 from conftest import assert_close
-from model import GPTConfig, MoE, moe_dispatch, swiglu
+from model import GPTConfig
+from moe import MoE, moe_dispatch, swiglu
 
 
 def rand(*shape, seed=0):
