@@ -1,0 +1,109 @@
+"""
+A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of the model: the default GPU model
+(config/train_gpu.py, random weights and tokens, bf16 autocast) timed and profiled on one GPU.
+  train1k  the compiled training step (forward + backward), 16 x 1024 tokens: dense, MSA, MSA on the tile path
+           (default compile mode, each profiled: kernels a step, their time, the 40 heaviest), then dense and MSA
+           under mode="reduce-overhead" (CUDA graphs; timed only)
+  train8k  the same model on 2 x 8192 tokens, dense and MSA (default mode, profiled)
+  ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
+  decode   one compiled batch-1 decode step (sparse), profiled un-graphed
+Run from the repository root; $OUT (default /tmp) receives one prof_*.txt per profile; a summary prints last:
+    python dev/profile_step.py train1k decode train8k
+"""
+import collections
+import os
+import sys
+import time
+from dataclasses import fields
+import torch
+from torch.profiler import profile, ProfilerActivity
+sys.path.insert(0, os.getcwd())
+import data
+from configurator import read_config_file
+from model import GPT, GPTConfig, gpu_peak_flops
+from decoding import KVCache
+OUT = os.environ.get("OUT", "/tmp")
+dev = "cuda"
+conf = read_config_file("config/train_gpu.py")
+peak = gpu_peak_flops(torch.cuda.get_device_name())
+parts = sys.argv[1:] or ["train1k", "train8k", "decode"]
+summary = []
+
+def build(attention, **over):
+    kw = {f.name: conf[f.name] for f in fields(GPTConfig) if f.name in conf}
+    kw.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH, attention=attention, **over)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**kw), backend="auto").to(dev)
+
+def median_ms(fn, warmup=3, steps=10):
+    for _ in range(warmup): fn()
+    ts = []
+    for _ in range(steps):
+        torch.cuda.synchronize(); t0 = time.perf_counter(); fn(); torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+def kernels(fn, tag, n=2):
+    fn(); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(n): fn()
+        torch.cuda.synchronize()
+    agg = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            a = agg[e.name]; a[0] += 1; a[1] += e.device_time / 1e3
+    tot = sum(v[1] for v in agg.values()) / n
+    cnt = sum(v[0] for v in agg.values()) / n
+    lines = [f"== {tag}: {cnt:.0f} kernels/step, {tot:.3f} ms kernel time/step"]
+    for name, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:40]:
+        lines.append(f"{t / n:8.3f} ms {c / n:6.0f}x  {name[:150]}")
+    txt = "\n".join(lines)
+    open(f"{OUT}/prof_{tag}.txt", "w").write(txt + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
+    print("\n".join(lines[:22]), flush=True)
+    return cnt, tot
+
+def train_rows(B, T, tag, variants):
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randint(0, data.EOT, (B, T), device=dev, generator=g)
+    y = torch.randint(0, data.EOT, (B, T), device=dev, generator=g)
+    patches = torch.zeros(B, T, data.PATCH_DIM, device=dev)
+    import msa_triton.tile as tile
+    for attention, mode, force in variants:
+        tile.FORCE = force
+        m = build(attention).train()
+        fpt = m.flops_per_token(T)
+        c = torch.compile(m, mode=mode)
+        def step():
+            c.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, l = c(x, y, patches)
+                loss = l["lm"] + l["kl"] + 0.01 * l["balance"]
+            loss.backward()
+        t0 = time.time(); step(); torch.cuda.synchronize(); cs = time.time() - t0
+        ms = median_ms(step)
+        mfu = 100 * fpt * B * T / (ms * 1e-3) / peak
+        cnt, kt = kernels(step, f"{tag}_{attention}_{mode}_{force}") if mode is None else (0, 0)
+        s = f"{tag} {attention} {mode} force={force} compiled: {ms:.2f} ms/step {B*T/ms*1e3/1e3:.0f}K tok/s MFU {mfu:.1f}% kernels {cnt:.0f} ktime {kt:.2f} ms (compile {cs:.0f}s)"
+        print(s, flush=True); summary.append(s)
+        del m, c; torch._dynamo.reset(); torch.cuda.empty_cache()
+
+if "train1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa", None, None), ("msa", None, "tile"),
+                                                   ("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
+if "train8k" in parts: train_rows(2, 8192, "t8k", [("dense", None, None), ("msa", None, None)])
+if "ro1k" in parts: train_rows(16, 1024, "t1k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
+if "ro8k" in parts: train_rows(2, 8192, "t8k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
+if "decode" in parts:
+    m = build("msa").eval().to(torch.bfloat16)
+    T0, n_new = 512, 256
+    prompt = torch.randint(0, data.EOT, (1, T0), device=dev)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for decode in ("sparse",):
+            cache = [KVCache(T0 + n_new, dense=decode == "dense") for _ in m.blocks]
+            m(prompt, cache=cache)
+            tok, pos = prompt[:, -1:].clone(), torch.tensor([T0], device=dev)
+            out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)
+            step = torch.compile(m.decode_step, fullgraph=True, dynamic=False)
+            cnt, kt = kernels(lambda: step(tok, pos, cache, out, None, 0, None), f"decode_{decode}", n=4)
+            s = f"decode B=1 {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
+            print(s); summary.append(s)
+print("\n".join(["SUMMARY"] + summary))
