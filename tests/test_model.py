@@ -10,7 +10,7 @@ import msa_ref
 from conftest import requires_cuda
 from decoding import KVCache
 from model import GPT, GPTConfig, get_backend, gpu_peak_flops, rope, rope_table
-from moe import grouped_mm, moe_all_experts, moe_dispatch, swiglu
+from moe import GatherRows, grouped_mm, moe_all_experts, moe_dispatch, swiglu
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -103,6 +103,23 @@ def test_moe_dispatch_is_deterministic():
         out.sum().backward()
         runs.append([out] + [p.grad for p in ps])
     assert all(torch.equal(u, v) for u, v in zip(*runs))
+
+
+@pytest.mark.parametrize("N,k", [(1, 1), (7, 1), (7, 2), (5, 3)])
+def test_gather_rows_equals_index_select(N, k):
+    """GatherRows(x, rows, inverse, k) == x[rows // k], and its backward == index_select's (each row's k gradient
+    rows summed, to 1e-15 in float64; the forward bitwise); k = 1: a plain permutation."""
+    g = torch.Generator().manual_seed(N + k)
+    x = torch.randn(N, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randperm(N * k, generator=g)
+    inverse = torch.empty_like(rows).scatter_(0, rows, torch.arange(N * k))
+    assert torch.equal(rows[inverse], torch.arange(N * k))
+    dout = torch.randn(N * k, 4, generator=g, dtype=torch.float64)
+    got = GatherRows.apply(x, rows, inverse, k)
+    dx, = torch.autograd.grad(got, x, dout)
+    want = x.index_select(0, rows // k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0], rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype,K", [(torch.float32, 8), (torch.float32, 5), (torch.float64, 8)])
