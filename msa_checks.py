@@ -63,7 +63,7 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
         expect(ki.shape == (B, T, qi.shape[3]), f"ki must be [B={B}, T={T}, Di={qi.shape[3]}], got {tuple(ki.shape)}")
     if block_idx is not None:
         expect(block_idx.shape[:3] == (B, Hkv, T) and block_idx.shape[3] >= 1,
-                f"block_idx must be [B={B}, Hkv={Hkv}, T={T}, K>=1], got {tuple(block_idx.shape)}")
+               f"block_idx must be [B={B}, Hkv={Hkv}, T={T}, K>=1], got {tuple(block_idx.shape)}")
         expect(not block_idx.is_floating_point(), f"block_idx must be an integer tensor, got {block_idx.dtype}")
         if values:
             check_block_idx(block_idx, math.ceil(T / block_size))
@@ -81,16 +81,16 @@ def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_siz
     B, Hkv, _ = check_inputs(q=q.unsqueeze(2).expand(-1, -1, Tmax, -1), k=k_cache, v=v_cache,
                              qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache, block_size=block_size, topk=topk)
     expect(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-            f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+           f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
     expect(ki_cache.dtype == (qi.dtype if ki_scale is None else torch.float8_e4m3fn),
-            f"ki_cache must have qi's dtype {qi.dtype} without ki_scale and must be float8_e4m3fn with it; "
-            f"got {ki_cache.dtype} with{'out' * (ki_scale is None)} ki_scale")
+           f"ki_cache must have qi's dtype {qi.dtype} without ki_scale and must be float8_e4m3fn with it; "
+           f"got {ki_cache.dtype} with{'out' * (ki_scale is None)} ki_scale")
     expect(ki_scale is None or (isinstance(ki_scale, torch.Tensor) and ki_scale.dtype == torch.float32 and ki_scale.shape
-            == (B, Tmax) and ki_scale.device == q.device), f"ki_scale must be float32 [B={B}, Tmax={Tmax}] on {q.device}, "
-            f"got {getattr(ki_scale, 'dtype', type(ki_scale))} {tuple(getattr(ki_scale, 'shape', ()))}")
+           == (B, Tmax) and ki_scale.device == q.device), f"ki_scale must be float32 [B={B}, Tmax={Tmax}] on {q.device}, "
+           f"got {getattr(ki_scale, 'dtype', type(ki_scale))} {tuple(getattr(ki_scale, 'shape', ()))}")
     expect(isinstance(cache_lens, torch.Tensor) and cache_lens.shape == (B,) and not cache_lens.is_floating_point()
-            and cache_lens.dtype != torch.bool,
-            f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
+           and cache_lens.dtype != torch.bool,
+           f"cache_lens must be int [B={B}], got {getattr(cache_lens, 'dtype', type(cache_lens))} {tuple(getattr(cache_lens, 'shape', ()))}")
     expect(cache_lens.device == q.device, f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
     if values:
         check_cache_lens(cache_lens, Tmax)

@@ -602,6 +602,6 @@ def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
     _, Hkv, _ = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
     _kernel_limits(q, q, q, Hkv, block_size)                                  # k may differ: it is cast
     expect(qi.dtype in (torch.float16, torch.bfloat16, torch.float32),
-            f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
+           f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
     expect(qi.shape[3] <= 128, f"index dim Di must be <= 128, got {qi.shape[3]}")
     return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse)
