@@ -33,14 +33,17 @@ def check_cache_lens(cache_lens, Tmax):
             raise ValueError(f"cache_lens must lie in [1, Tmax={Tmax}], got {cache_lens.tolist()}")  # it copies
 
 
+def check_sizes(**sizes):
+    """Each size given by name (block_size, topk) is an int >= 1."""
+    for name, n in sizes.items():
+        expect(isinstance(n, int) and n >= 1, f"{name} must be an int >= 1, got {n!r}")
+
+
 def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block_size=None, topk=None, values=True):
     """Raise ValueError, saying what was expected, for any inconsistent argument. Returns (B, Hkv, T).
     values=False checks shapes, dtypes and devices only, not block_idx's values (which need a host sync):
     msa_triton checks those in its checking mode (msa_triton.checks)."""
-    if block_size is not None:
-        expect(isinstance(block_size, int) and block_size >= 1, f"block_size must be an int >= 1, got {block_size!r}")
-    if topk is not None:
-        expect(isinstance(topk, int) and topk >= 1, f"topk must be an int >= 1, got {topk!r}")
+    check_sizes(**{name: n for name, n in (("block_size", block_size), ("topk", topk)) if n is not None})
     named = [(n, t) for n, t in (("q", q), ("k", k), ("v", v), ("qi", qi), ("ki", ki), ("block_idx", block_idx)) if t is not None]
     for name, t in named:
         expect(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")

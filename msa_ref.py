@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from msa_checks import check_decode_inputs, check_inputs, expect
+from msa_checks import check_decode_inputs, check_inputs, check_sizes, expect
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,12 +59,16 @@ def select_blocks(S, q_pos, block_size, topk):
     local = (q_pos // block_size).unsqueeze(-1)                                # (..., 1) the local block l
     S = S.masked_fill(torch.arange(nb, device=S.device) >= local, float("-inf"))  # only earlier blocks compete
     order = S.sort(dim=-1, descending=True, stable=True).indices               # stable: ties -> lower index
-    far = F.pad(order, (0, max(0, topk - nb)), value=-1)[..., :topk]           # (..., K)
+    return _with_local(F.pad(order, (0, max(0, topk - nb)), value=-1), local, topk)
+
+
+def _with_local(far, local, topk):
+    """select_blocks' layout from far (..., >= K) earlier blocks in the order to keep and local (..., 1) the local
+    block l: the first min(l, K - 1) of far, then l, then -1 padding -> int32 (..., K)."""
     n_far = local.clamp(max=topk - 1)                                          # (..., 1) earlier blocks taken
-    slot = torch.arange(topk, device=S.device)                                 # (K,)
-    idx = torch.where(slot < n_far, far, -1)                                   # keep the n_far best
-    idx = torch.where(slot == n_far, local, idx)                               # local in the last valid slot
-    return idx.to(torch.int32)
+    slot = torch.arange(topk, device=far.device)                               # (K,)
+    idx = torch.where(slot < n_far, far[..., :topk], -1)                       # keep the n_far first
+    return torch.where(slot == n_far, local, idx).to(torch.int32)              # local in the last valid slot
 
 
 def index_topk(qi, ki, block_size, topk, fp8=False):
@@ -194,7 +198,7 @@ def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
     if rule == "local":
         window = local - (topk - 1) + slot                                     # slots 1 .. K-2: blocks l-K+2 .. l-1
         far = torch.where(dense | (slot == 0), slot, window)                   # dense: block s in slot s; else the
-        n_far = local.clamp(max=topk - 1)                                      # sink (block 0) in slot 0, the window
+                                                                               # sink (block 0) in slot 0, then the window
     else:
         # Floyd's algorithm: m distinct draws from [0, l) in m steps, each a draw t from [0, j] for j = l - m .. l - 1,
         # j taken instead when t is already chosen. Uniform over the m-subsets; (B, Hkv, Tq, m) memory, not nb.
@@ -207,18 +211,13 @@ def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
             t = torch.where((chosen == t).any(-1, keepdim=True), j, t)
             chosen = torch.cat([chosen, t], dim=-1)
         far = torch.where(dense, slot[:m], chosen)                             # (B, Hkv, Tq, m)
-        far = F.pad(far, (0, 1), value=-1)                                     # (B, Hkv, Tq, K)
-        n_far = local.clamp(max=topk - 1)                                      # (.., 1) earlier blocks taken
-    idx = torch.where(slot < n_far, far, -1)
-    idx = torch.where(slot == n_far, local, idx)                               # local in the last valid slot
-    return idx.to(torch.int32)
+    return _with_local(F.pad(far, (0, 1), value=-1), local, topk)
 
 
 def fixed_block_idx(B, Hkv, T, block_size, topk, rule, generator=None, device=None):
     """select_fixed for every position of a sequence: block_idx int32 (B, Hkv, T, K), index_topk's layout,
     for the blind rules 'local' and 'random' (msa_select in model.py)."""
-    for name, n in (("block_size", block_size), ("topk", topk)):
-        expect(isinstance(n, int) and n >= 1, f"{name} must be an int >= 1, got {n!r}")
+    check_sizes(block_size=block_size, topk=topk)
     return select_fixed(torch.arange(T, device=device), B, Hkv, block_size, topk, rule, generator)
 
 
