@@ -206,14 +206,18 @@ def repeat_eval(model, n_rows, n, seed=0, batch_size=8):
     return hit / total
 
 
+def fmt(v):
+    """A rate for the tables: two decimals, '-' for None (an empty bin, no such question)."""
+    return "-" if v is None else f"{v:.2f}"
+
+
 def summary_line(r):
     """One line of a summarize() result: accuracy, by distance bin, needle recall (and the teacher's mass on the
     needle's block) per MSA layer, each the mean over the KV groups."""
-    f = lambda v: "-" if v is None else f"{v:.2f}"
-    bins = " ".join(map(f, r["acc_bins"]))
+    bins = " ".join(map(fmt, r["acc_bins"]))
     needle = " ".join(f"{np.mean(g):.2f}" for g in r["needle_recall"])
     mass = " ".join(f"{np.mean(g):.2f}" for g in r["needle_mass"])
-    split = " ".join(f"{f(a)}/{f(b)}" for a, b in zip(r["acc_read"], r["acc_missed"]))
+    split = " ".join(f"{fmt(a)}/{fmt(b)}" for a, b in zip(r["acc_read"], r["acc_missed"]))
     return (f"mqar acc {r['acc']:.3f} ({r['questions']} questions) | by distance ({len(r['acc_bins'])} bins over "
             f"{int(r['bin_edges'][-1])} tokens) {bins}" +
             (f" | needle recall per MSA layer {needle} (teacher mass {mass}; accuracy when some group reads it / "

@@ -277,15 +277,15 @@ def mqar_table(results):
     n = first["bin_edges"][-1]
     bins = [f"{100 * lo / n:.0f}-{100 * hi / n:.0f}%" for lo, hi in zip(first["bin_edges"], first["bin_edges"][1:])]
     per_layer = lambda v: " ".join(f"{np.mean(g):.2f}" for g in v) or "-"
-    f = lambda v: "-" if v is None else f"{v:.2f}"
-    lines = [f"recall (MQAR) on held-out rows, accuracy by distance from fact to question (share of the row)",
+    lines = ["recall (MQAR) on held-out rows, accuracy by distance from fact to question (share of the row)",
              "| arm | run | iterations | val LM | training tokens/s | accuracy | " + " | ".join(bins) +
              " | needle recall per MSA layer | teacher mass on the needle per MSA layer | read by some group | "
              "accuracy when read / not read |",
              "|---" * (10 + len(bins)) + "|"]
     for name, d, last, r, _, tok_s in results:
-        accs = " | ".join(map(f, r["acc_bins"]))
-        split = " ".join(f"{f(a)} / {f(b)}" for a, b in zip(r["acc_read"], r["acc_missed"])) or "-"
+        accs = " | ".join(map(recall_eval.fmt, r["acc_bins"]))
+        split = " ".join(f"{recall_eval.fmt(a)} / {recall_eval.fmt(b)}"
+                         for a, b in zip(r["acc_read"], r["acc_missed"])) or "-"
         lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {'-' if tok_s is None else f'{tok_s:,.0f}'} | "
                      f"{r['acc']:.3f} | {accs} | "
                      f"{per_layer(r['needle_recall'])} | {per_layer(r['needle_mass'])} | "
