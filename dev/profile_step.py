@@ -2,7 +2,7 @@
 A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of the model: the default GPU model
 (config/train_gpu.py, random weights and tokens, bf16 autocast) timed and profiled on one GPU.
   train1k  the compiled training step (forward + backward), 16 x 1024 tokens: dense, MSA, MSA on the tile path
-           (default compile mode, each profiled: kernels a step, their time, the 40 heaviest), then dense and MSA
+           (default compile mode, each profiled: kernels a step, their time, every kernel by time), then dense and MSA
            under mode="reduce-overhead" (CUDA graphs; timed only)
   train8k  the same model on 2 x 8192 tokens, dense and MSA (default mode, profiled)
   ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
@@ -55,7 +55,7 @@ def kernels(fn, tag, n=2):
     tot = sum(v[1] for v in agg.values()) / n
     cnt = sum(v[0] for v in agg.values()) / n
     lines = [f"== {tag}: {cnt:.0f} kernels/step, {tot:.3f} ms kernel time/step"]
-    for name, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:40]:
+    for name, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"{t / n:8.3f} ms {c / n:6.0f}x  {name[:150]}")
     txt = "\n".join(lines)
     open(f"{OUT}/prof_{tag}.txt", "w").write(txt + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
