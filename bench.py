@@ -685,7 +685,7 @@ def bench_model(args):
     train: training forward + backward of one micro-batch of config/train_gpu.py (32 x 1024 random tokens, bf16
       autocast, median of 10 steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of
       --compile_modes (compile time apart): tokens/s and MFU against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
-    moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its three
+    moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its two
       F.grouped_mm alone.
     gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
       as trained), decode step eager or compiled (generate's compile=False / True), CUDA-graphed either way:
@@ -784,7 +784,7 @@ def bench_model(args):
         gm = torch.Generator(device=dev).manual_seed(1)
         xs = (torch.randn(N, C, device=dev, generator=gm)).bfloat16().requires_grad_()
         ws = [(torch.randn(E, a, b, device=dev, generator=gm) / a ** 0.5).bfloat16().requires_grad_()
-              for a, b in ((C, H), (C, H), (H, C))]
+              for a, b in ((C, 2 * H), (H, C))]                                # w13 (gate | up), w2
         top, idx = torch.randn(N, E, device=dev, generator=gm).topk(k, -1)
         gate = top.softmax(-1)
         dy = torch.randn(N, C, device=dev, generator=gm).bfloat16()
@@ -793,10 +793,10 @@ def bench_model(args):
             for e in range(E):
                 n, j = (idx == e).nonzero(as_tuple=True)
                 xe = xs[n].float()
-                he = F.silu(xe @ ws[0][e].float()) * (xe @ ws[1][e].float())
-                want.index_add_(0, n, gate[n, j].unsqueeze(1) * (he @ ws[2][e].float()))
+                he = F.silu(xe @ ws[0][e, :, :H].float()) * (xe @ ws[0][e, :, H:].float())
+                want.index_add_(0, n, gate[n, j].unsqueeze(1) * (he @ ws[1][e].float()))
             err = rel_err(moe_dispatch(xs, idx, gate, *ws), want)
-        flops = 18 * N * k * C * H                                                  # 3 products, forward + 2x backward
+        flops = 18 * N * k * C * H                                      # 3 C x H products, forward + 2x backward
 
         def moe_step():
             moe_dispatch(xs, idx, gate, *ws).backward(dy)
@@ -807,10 +807,10 @@ def bench_model(args):
         dyk = dy.repeat_interleave(k, 0)
 
         def grouped_only():
-            h = F.silu(F.grouped_mm(rows_in, ws[0], offs=ends)) * F.grouped_mm(rows_in, ws[1], offs=ends)
-            F.grouped_mm(h, ws[2], offs=ends).backward(dyk)
+            g1, u = F.grouped_mm(rows_in, ws[0], offs=ends).chunk(2, dim=-1)
+            F.grouped_mm(F.silu(g1) * u, ws[1], offs=ends).backward(dyk)
 
-        for impl, fn in (("MoE layer: moe_dispatch", moe_step), ("MoE layer: its 3 F.grouped_mm alone", grouped_only)):
+        for impl, fn in (("MoE layer: moe_dispatch", moe_step), ("MoE layer: its 2 F.grouped_mm alone", grouped_only)):
             ms = timed(fn)
             add(impl, "fwd+bwd", ms, flops=flops, check=f"rel err {err:.1e}" if fn is moe_step else "")
         del xs, ws, dy, rows_in, dyk, want

@@ -7,8 +7,8 @@ D = C // Hq head dim, Di = index_dim, bs = msa_block_size, K = msa_topk, E = n_e
 
 One block is  x + attn(norm(x))  then  x + moe(norm(x)).
 - attn: GQA with RoPE. The first n_dense_layers layers attend densely (as MiniMax-M3 does); the others
-  are MSA layers: an index branch (Wqi, Wki, reading x.detach()) picks K blocks per query and group, the
-  main branch attends over those blocks only. The index branch learns from the KL loss alone.
+  are MSA layers: an index branch (Wqi, Wki, stacked in wi; it reads x.detach()) picks K blocks per query and
+  group, the main branch attends over those blocks only. The index branch learns from the KL loss alone.
 - moe: a router picks the top-k of E SwiGLU experts per token (plus an optional shared expert that sees
   every token); a Switch-style auxiliary loss keeps the experts evenly loaded (moe.py).
 The forward returns logits and the losses (LM, KL summed over MSA layers, balance), so train.py stays simple.
@@ -128,16 +128,13 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.sparse, self.backend = cfg, sparse, backend
         C, Hq, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        self.wq = nn.Linear(C, Hq * D, bias=False)
-        self.wk = nn.Linear(C, Hkv * D, bias=False)
-        self.wv = nn.Linear(C, Hkv * D, bias=False)
+        # q, k and v in one product (one weight read and one kernel, not three: what a decode step's time is)
+        self.wqkv = nn.Linear(C, (Hq + 2 * Hkv) * D, bias=False)
         self.wo = nn.Linear(Hq * D, C, bias=False)
-        if sparse:  # the index branch: exactly two projections
-            self.wqi = nn.Linear(C, Hkv * cfg.index_dim, bias=False)  # one index query per group
-            self.wki = nn.Linear(C, cfg.index_dim, bias=False)        # one index key, shared by the groups
-            if cfg.msa_select != "indexer":  # a blind rule never reads them: kept (checkpoints load either way),
-                self.wqi.requires_grad_(False)  # frozen, so DDP does not wait for their gradients
-                self.wki.requires_grad_(False)
+        if sparse:  # the index branch, one product too: one index query per group and one index key they share
+            self.wi = nn.Linear(C, (Hkv + 1) * cfg.index_dim, bias=False)
+            if cfg.msa_select != "indexer":  # a blind rule never reads it: kept (checkpoints load either way),
+                self.wi.requires_grad_(False)  # frozen, so DDP does not wait for its gradient
         self.learned = sparse and cfg.msa_select == "indexer"       # the index branch chooses the blocks
 
     def qkv(self, x, pos, rot=None):
@@ -146,15 +143,16 @@ class Attention(nn.Module):
         cfg, B, T, _ = self.cfg, *x.shape
         Hq, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         table = (rot or rope_tables(pos, cfg))[D]
-        q = rope(self.wq(x).view(B, T, Hq, D).transpose(1, 2), table)
-        k = rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), table)
-        return q, k, self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+        q, k, v = self.wqkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)          # (B, T, Hq*D), (B, T, Hkv*D) x2
+        q = rope(q.view(B, T, Hq, D).transpose(1, 2), table)
+        k = rope(k.view(B, T, Hkv, D).transpose(1, 2), table)
+        return q, k, v.view(B, T, Hkv, D).transpose(1, 2)
 
     def index_branch(self, x, pos, rot=None):
         """x (B, T, C) -> qi (B, Hkv, T, Di), ki (B, T, Di). Reads x.detach(): the LM loss must not reach it."""
         cfg, B, T, _ = self.cfg, *x.shape
-        xd = x.detach()
-        qi, ki = self.wqi(xd).view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2), self.wki(xd)
+        qi, ki = self.wi(x.detach()).split([cfg.n_kv_head * cfg.index_dim, cfg.index_dim], dim=-1)
+        qi = qi.view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2)
         if not cfg.index_rope:  # the scores see content only: a fact scores alike at any distance, even past seq_len
             return qi, ki
         # RoPE by default: the teacher's scores (q . k) depend on distance, so the student's may as well

@@ -4,9 +4,11 @@ token, plus an optional shared expert that every token goes through, and a Switc
 the experts evenly loaded.
 
 Shapes: N tokens, C = n_embd, H = expert_hidden, E = n_expert, k = expert_topk.
+An expert's gate and up projections sit side by side in one (C, 2H) matrix (one product computes both), and the
+shared expert is stored after the routed ones: w13 (E + 1, C, 2H), w2 (E + 1, H, C).
 A training step routes with moe_dispatch: the (token, expert) assignments sorted by expert, every expert's
 product over its own rows at once (grouped_mm), all on the device. A decode step's few tokens take
-moe_all_experts: every expert on every token in one batched product, fewer kernels.
+moe_all_experts: every expert, the shared one included, on every token in one batched product, fewer kernels.
 """
 import math
 
@@ -15,9 +17,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def swiglu(x, w1, w3, w2):
-    """x (N, C), w1 and w3 (C, H), w2 (H, C) -> (N, C)."""
-    return (F.silu(x @ w1) * (x @ w3)) @ w2
+def swiglu_act(h):
+    """h (..., 2H) = [gate | up] projections -> silu(gate) * up (..., H)."""
+    g, u = h.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def swiglu(x, w13, w2):
+    """One SwiGLU expert: x (N, C), w13 (C, 2H) the gate and up projections side by side, w2 (H, C) -> (N, C)."""
+    return swiglu_act(x @ w13) @ w2
+
+
+def top_k(logits, k):
+    """
+    logits (N, E) -> (values, indices), each (N, k), largest first, as logits.topk(k) gives them (ties: the lower
+    index first). k rounds of argmax, each hiding its pick: for a router's few experts these are elementwise and
+    row reductions that torch.compile fuses with the softmax after them into one kernel, where torch.topk is two
+    library kernels (a sort), a tenth of a decode step's time.
+    """
+    values, indices = [], []
+    for _ in range(k):
+        i = logits.argmax(-1, keepdim=True)                                  # (N, 1)
+        values.append(logits.gather(-1, i))
+        indices.append(i)
+        logits = logits.scatter(-1, i, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
 
 
 def compute_dtype(x):
@@ -74,10 +98,10 @@ class GatherRows(torch.autograd.Function):
         return dx.view(-1, ctx.k, dx.shape[1]).sum(1) if ctx.k > 1 else dx, None, None, None
 
 
-def moe_dispatch(x, idx, gate, w1, w3, w2):
+def moe_dispatch(x, idx, gate, w13, w2):
     """
     out[n] = sum over j of gate[n, j] * expert_{idx[n, j]}(x[n]).
-    x (N, C); idx, gate (N, k); expert weights w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
+    x (N, C); idx, gate (N, k); expert weights w13 (E, C, 2H), w2 (E, H, C) -> (N, C).
     The N*k (token, expert) assignments are sorted by expert, so each expert's rows are one contiguous group, and
     grouped matrix products (grouped_mm) run every expert on its own group at once. The routing stays on the
     device in shapes fixed by N and k (no expert's token count reaches the host): with grouped_mm's kernel (bf16 on
@@ -85,34 +109,32 @@ def moe_dispatch(x, idx, gate, w1, w3, w2):
     dtype. A decode step's few tokens take moe_all_experts instead (fewer kernels).
     """
     N, k = idx.shape
-    E = w1.shape[0]
+    E = w13.shape[0]
     dt = compute_dtype(x)
     expert, order = idx.reshape(-1).sort(stable=True)                          # (N*k,) assignments by expert
     ends = torch.searchsorted(expert, torch.arange(E, device=x.device), right=True).to(torch.int32)  # (E,)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))  # order's inverse
     # assignment i is token order[i] // k: its row in expert order, and (GatherRows) a backward without atomics
     xs = GatherRows.apply(x.to(dt), order, inverse, k)                         # (N*k, C)
-    h = F.silu(grouped_mm(xs, w1.to(dt), ends)) * grouped_mm(xs, w3.to(dt), ends)            # (N*k, H)
-    y = grouped_mm(h, w2.to(dt), ends)                                                       # (N*k, C)
+    h = swiglu_act(grouped_mm(xs, w13.to(dt), ends))                          # (N*k, 2H) -> (N*k, H)
+    y = grouped_mm(h, w2.to(dt), ends)                                         # (N*k, C)
     y = GatherRows.apply(y, inverse, order, 1).view(N, k, -1)                  # back to token order
     return (gate.unsqueeze(-1) * y).sum(1).to(x.dtype)                         # (N, C): a token's k rows summed
 
 
-def moe_all_experts(x, idx, gate, w1, w3, w2):
+def moe_all_experts(x, weight, w13, w2):
     """
-    The same sum as moe_dispatch for a few tokens (a decode step): every expert runs on every token in one batched
-    matrix product over E, and each token keeps its chosen experts' outputs weighted by their gates (the others
-    get weight 0). x (N, C); idx, gate (N, k); w1, w3 (E, C, H), w2 (E, H, C) -> (N, C).
+    out[n] = sum over e of weight[n, e] * expert_e(x[n]), for a few tokens (a decode step): every expert runs on every
+    token in one batched matrix product. x (N, C); weight (N, E'): the gates of each token's chosen experts, 0 for
+    the others, 1 for a shared expert; w13 (E', C, 2H), w2 (E', H, C) -> (N, C).
     For a few tokens the expert products are bound by reading the weights (about N FLOPs per byte in bf16, far
     below a GPU's ridge) and moe_dispatch reads nearly every expert anyway once N * k >= E, so the E / k times more
-    FLOPs are almost free, and this takes five kernels where moe_dispatch's routing (sort, gathers, group ends,
-    scatter back) takes several times as many: what a decode step of small kernels costs.
+    FLOPs are almost free, and this takes a handful of kernels where moe_dispatch's routing (sort, gathers, group
+    ends, scatter back) takes several times as many: what a decode step of small kernels costs.
     """
-    E = w1.shape[0]
-    weight = torch.zeros(x.shape[0], E, dtype=gate.dtype, device=x.device).scatter_(1, idx, gate)  # (N, E)
-    xe = x.unsqueeze(0).expand(E, -1, -1)                                    # (E, N, C)
-    y = torch.bmm(F.silu(torch.bmm(xe, w1)) * torch.bmm(xe, w3), w2)         # (E, N, C), in autocast's dtype
-    return (y * weight.t().unsqueeze(-1)).sum(0).to(x.dtype)                 # (N, C)
+    xe = x.unsqueeze(0).expand(w13.shape[0], -1, -1)                         # (E', N, C)
+    y = torch.bmm(swiglu_act(torch.bmm(xe, w13)), w2)                        # (E', N, C), in autocast's dtype
+    return (y * weight.t().unsqueeze(-1).to(y.dtype)).sum(0).to(x.dtype)    # (N, C)
 
 
 MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens (decoding), moe_dispatch above
@@ -132,29 +154,30 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.expert_hidden
-        self.k = cfg.expert_topk
+        self.k, self.E, self.n_shared = cfg.expert_topk, E, int(cfg.shared_expert)  # n_shared: 0 or 1
         self.router = nn.Linear(C, E, bias=False)
-        self.w1 = nn.Parameter(torch.randn(E, C, H) * 0.02)  # gate projection
-        self.w3 = nn.Parameter(torch.randn(E, C, H) * 0.02)  # up projection
-        self.w2 = nn.Parameter(torch.randn(E, H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # down projection
-        self.shared = nn.ParameterList([nn.Parameter(torch.randn(C, H) * 0.02), nn.Parameter(torch.randn(C, H) * 0.02),
-                                        nn.Parameter(torch.randn(H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))]) if cfg.shared_expert else None
+        # the routed experts, then the shared one (if any): gate and up projections side by side, and the down one
+        self.w13 = nn.Parameter(torch.randn(E + self.n_shared, C, 2 * H) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(E + self.n_shared, H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, x, stats=True):
         """x (B, T, C) -> out (B, T, C), balance loss (scalar), load (E,) fraction of assignments per expert.
         stats=False: balance and load are None (a forward without targets has no use for them)."""
         B, T, C = x.shape
         xf = x.reshape(B * T, C)                                     # (N, C)
+        E = self.E
         logits = self.router(xf).float()                             # (N, E)
-        top_logit, idx = logits.topk(self.k, dim=-1)                 # (N, k)
+        top_logit, idx = top_k(logits, self.k)                       # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
-        moe = moe_all_experts if B * T <= MOE_FEW_TOKENS else moe_dispatch
-        out = moe(xf, idx, gate, self.w1, self.w3, self.w2)
-        if self.shared is not None:  # indexed, not unpacked (*self.shared): torch.compile traces indexing
-            out = out + swiglu(xf, self.shared[0], self.shared[1], self.shared[2]).to(out.dtype)
+        if B * T <= MOE_FEW_TOKENS:  # gates as an (N, E) row, 0 where not chosen; the shared expert's weight 1
+            weight = F.pad(torch.zeros_like(logits).scatter_(1, idx, gate), (0, self.n_shared), value=1.0)
+            out = moe_all_experts(xf, weight, self.w13, self.w2)
+        else:
+            out = moe_dispatch(xf, idx, gate, self.w13[:E], self.w2[:E])
+            if self.n_shared:
+                out = out + swiglu(xf, self.w13[E], self.w2[E]).to(out.dtype)
         if not stats:
             return out.view(B, T, C), None, None
-        E = logits.shape[-1]
         # f: (E,), sums to 1. Counted by comparison, not torch.bincount, which syncs with the host on CUDA
         load = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).float().mean(0)
         balance = E * (load * logits.softmax(-1).mean(0)).sum()

@@ -10,7 +10,7 @@ import msa_ref
 from conftest import requires_cuda
 from decoding import KVCache
 from model import GPT, GPTConfig, get_backend, gpu_peak_flops, rope, rope_table
-from moe import GatherRows, grouped_mm, moe_all_experts, moe_dispatch, swiglu
+from moe import GatherRows, grouped_mm, moe_all_experts, moe_dispatch, swiglu, top_k
 
 PATCH = 50  # the image-patch token id of these tiny models
 
@@ -25,7 +25,7 @@ def tiny(backend="ref", **kw):
     model = GPT(GPTConfig(**args), backend=backend)
     with torch.no_grad():  # index weights large enough that the selection is not a near-tie everywhere
         for name, p in model.named_parameters():
-            if ".wqi." in name or ".wki." in name:
+            if ".wi." in name:
                 p.normal_(0, 0.3)
     return model
 
@@ -49,32 +49,41 @@ def test_backend_choice():
 
 
 def moe_inputs(N, E, k, C, H, dtype, seed=0):
-    """x, idx (k distinct experts per token; expert E - 1 chosen by none when k < E), gates, expert weights."""
+    """x, idx (k distinct experts per token; expert E - 1 chosen by none when k < E), gates, expert weights
+    w13 (E, C, 2H), w2 (E, H, C)."""
     g = torch.Generator().manual_seed(seed)
     kw = dict(generator=g, dtype=dtype)
     x = torch.randn(N, C, **kw)
-    w1, w3 = torch.randn(E, C, H, **kw) / C ** 0.5, torch.randn(E, C, H, **kw) / C ** 0.5
+    w13 = torch.randn(E, C, 2 * H, **kw) / C ** 0.5
     w2 = torch.randn(E, H, C, **kw) / H ** 0.5
     free = E - 1 if k < E else E
     idx = torch.stack([torch.randperm(free, generator=g)[:k] for _ in range(N)])
-    return x, idx, torch.rand(N, k, **kw), w1, w3, w2
+    return x, idx, torch.rand(N, k, **kw), w13, w2
 
 
-def per_token(x, idx, gate, w1, w3, w2):
-    """The naive way: token by token, expert by expert."""
+def per_token(x, idx, gate, w13, w2):
+    """The naive way: token by token, expert by expert; an expert is silu(x @ w1) * (x @ w3) @ w2 with w1, w3 the
+    two halves of w13."""
+    H = w2.shape[1]
     out = torch.zeros_like(x)
     for n in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = idx[n, j]
-            out[n] = out[n] + gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
+            w1, w3 = w13[e, :, :H], w13[e, :, H:]
+            out[n] = out[n] + gate[n, j] * ((F.silu(x[n:n + 1] @ w1) * (x[n:n + 1] @ w3)) @ w2[e])[0]
     return out
+
+
+def all_experts(x, idx, gate, w13, w2):
+    """moe_all_experts with moe_dispatch's arguments: the gates as (N, E) weights, 0 where not chosen."""
+    return moe_all_experts(x, torch.zeros(idx.shape[0], w13.shape[0], dtype=gate.dtype).scatter(1, idx, gate), w13, w2)
 
 
 # float64 and float32 rows of 6 (24 bytes) run grouped_mm's batched fallback; float32 rows of 12 and 20 (48 and
 # 80 bytes) run F.grouped_mm
 @pytest.mark.parametrize("dtype,C,H", [(torch.float64, 12, 20), (torch.float32, 12, 20), (torch.float32, 6, 20)])
 @pytest.mark.parametrize("N,E,k", [(1, 4, 2), (5, 8, 2), (37, 5, 2), (64, 8, 3), (9, 4, 4), (1, 3, 3), (6, 8, 8)])
-@pytest.mark.parametrize("moe", [moe_dispatch, moe_all_experts])
+@pytest.mark.parametrize("moe", [moe_dispatch, all_experts])
 def test_moe_dispatch_equals_per_token_loop(N, E, k, dtype, C, H, moe):
     """moe_dispatch (and moe_all_experts, its few-token form) computes the naive sum, and its gradients (x, gates,
     every expert's weights: zero for an expert that no token chose), for one token and many, k = 2 .. E."""
@@ -87,10 +96,10 @@ def test_moe_dispatch_equals_per_token_loop(N, E, k, dtype, C, H, moe):
     g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     got.backward(g)
     want.backward(g)
-    for i in (0, 2, 3, 4, 5):
+    for i in (0, 2, 3, 4):
         torch.testing.assert_close(a[i].grad, b[i].grad, **tol)
     if k < E:
-        assert a[3].grad[E - 1].abs().max() == 0 and a[5].grad[E - 1].abs().max() == 0
+        assert a[3].grad[E - 1].abs().max() == 0 and a[4].grad[E - 1].abs().max() == 0
 
 
 def test_moe_dispatch_is_deterministic():
@@ -132,6 +141,22 @@ def test_grouped_mm_equals_a_loop_over_groups(dtype, K):
     torch.testing.assert_close(grouped_mm(a, w, ends), torch.cat([a[:1] @ w[1], a[1:] @ w[3]]))
 
 
+@pytest.mark.parametrize("N,E,k", [(1, 8, 2), (37, 8, 2), (5, 4, 4), (6, 3, 1)])
+def test_top_k_equals_torch_topk(N, E, k):
+    """moe.top_k == logits.topk(k): the values and indices, largest first; ties (repeated logits) go to the lower
+    index; the gradient reaches the chosen logits alone."""
+    g = torch.Generator().manual_seed(N)
+    logits = torch.randn(N, E, generator=g, dtype=torch.float64)
+    logits[0, 1] = logits[0, 0] = logits[0].max() + 1                  # a tie at the top of row 0
+    logits.requires_grad_()
+    values, indices = top_k(logits, k)
+    want_v, want_i = logits.topk(k, -1)
+    torch.testing.assert_close(values, want_v, rtol=0, atol=0)
+    assert torch.equal(indices[1:], want_i[1:]) and indices[0, :2].tolist() == [0, 1][:k]
+    values.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits).scatter(1, indices, 1.0))
+
+
 def test_moe_layer_routing_and_balance():
     model = tiny()
     moe = model.blocks[0].moe
@@ -140,7 +165,8 @@ def test_moe_layer_routing_and_balance():
     xf = x.reshape(14, 32)
     logits = moe.router(xf)
     top, idx = logits.topk(2, -1)
-    want = moe_dispatch(xf, idx, top.softmax(-1), moe.w1, moe.w3, moe.w2) + swiglu(xf, *moe.shared)
+    assert moe.w13.shape == (5, 32, 48) and moe.w2.shape == (5, 24, 32)    # 4 routed experts, then the shared one
+    want = moe_dispatch(xf, idx, top.softmax(-1), moe.w13[:4], moe.w2[:4]) + swiglu(xf, moe.w13[4], moe.w2[4])
     torch.testing.assert_close(out.reshape(14, 32), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(load, torch.bincount(idx.reshape(-1), minlength=4) / 28.0)  # 14 tokens x 2 experts
     torch.testing.assert_close(balance, 4 * (load * logits.softmax(-1).mean(0)).sum())  # Switch: E * sum f_e P_e
@@ -197,7 +223,7 @@ def test_moe_dispatch_on_gpu(dtype):
         else:
             assert (x.float() - y).norm() <= 1e-2 * y.norm(), (x.float() - y).norm() / y.norm()
     close(got.float(), want)
-    for i in (0, 2, 3, 4, 5):
+    for i in (0, 2, 3, 4):
         close(a[i].grad.float(), b[i].grad)
     assert a[3].grad[E - 1].abs().max() == 0
     with torch.no_grad():
@@ -294,11 +320,12 @@ def test_index_branch_learns_from_kl_only():
     assert losses["kl_layers"].shape == (2,) and losses["kl"].item() > 0
     attn = model.blocks[1].attn
     losses["lm"].backward(retain_graph=True)
-    assert attn.wqi.weight.grad is None and attn.wki.weight.grad is None and attn.wq.weight.grad is not None
+    assert attn.wi.weight.grad is None and attn.wqkv.weight.grad is not None
     model.zero_grad()
     losses["kl"].backward()
-    assert attn.wqi.weight.grad.abs().sum() > 0 and attn.wki.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for n, p in model.named_parameters() if ".wqi." not in n and ".wki." not in n)
+    Hkv, Di = model.cfg.n_kv_head, model.cfg.index_dim                  # wi: the index queries' rows, then the key's
+    assert attn.wi.weight.grad[:Hkv * Di].abs().sum() > 0 and attn.wi.weight.grad[Hkv * Di:].abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if ".wi." not in n)
 
 
 def test_msa_equals_dense_when_every_block_is_selected():
@@ -306,8 +333,8 @@ def test_msa_equals_dense_when_every_block_is_selected():
     and the dense-warm-up KL equals the sparse KL."""
     msa = tiny(msa_topk=10)              # 10 blocks of 4 >= T = 40
     dense = tiny(msa_topk=10, attention="dense")
-    assert not any(".wqi." in n for n, _ in dense.named_parameters())
-    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+    assert not any(".wi." in n for n, _ in dense.named_parameters())
+    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wi." not in k})
     x, y, patches = batch()
     lm, lo = msa(x, y, patches)
     ld, lod = dense(x, y, patches)
@@ -324,7 +351,7 @@ def test_msa_dense_phase_attends_densely():
     dense = tiny(attention="dense")
     for select in ("indexer", "local"):
         msa = tiny(msa_select=select)
-        dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+        dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wi." not in k})
         _, lo = msa(x, y, patches, msa_dense=True)
         torch.testing.assert_close(lo["lm"], dense(x, y, patches)[1]["lm"], rtol=1e-4, atol=1e-5)
         assert not torch.allclose(lo["lm"], msa(x, y, patches)[1]["lm"])      # the sparse forward differs
@@ -335,10 +362,10 @@ def test_msa_dense_phase_attends_densely():
         torch.testing.assert_close(lo["kl_layers"][0], msa(x, y, patches, kl_dense=True)[1]["kl_layers"][0])
         attn = msa.blocks[1].attn
         lo["lm"].backward(retain_graph=True)
-        assert attn.wqi.weight.grad is None and attn.wq.weight.grad is not None
+        assert attn.wi.weight.grad is None and attn.wqkv.weight.grad is not None
         msa.zero_grad()
         lo["kl"].backward()
-        assert all(p.grad is None for n, p in msa.named_parameters() if ".wqi." not in n and ".wki." not in n)
+        assert all(p.grad is None for n, p in msa.named_parameters() if ".wi." not in n)
     T, msa, everything = 40, tiny(), tiny(msa_topk=10)            # 10 blocks of 4: every block read
     assert msa.flops_per_token(T, msa_dense=True) == everything.flops_per_token(T) > msa.flops_per_token(T, True)
     assert tiny(msa_select="local").flops_per_token(T, msa_dense=True) == pytest.approx(dense.flops_per_token(T),
@@ -360,8 +387,9 @@ def test_recall_is_the_teachers_mass_in_the_chosen_blocks():
         B, T, _ = a.shape
         D, G = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
         table = rope_table(seen["pos"], D, cfg.rope_theta)
-        q = rope(attn.wq(a).view(B, T, cfg.n_head, D).transpose(1, 2), table)
-        k = rope(attn.wk(a).view(B, T, cfg.n_kv_head, D).transpose(1, 2), table)
+        wq, wk, _ = attn.wqkv.weight.split([cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D])
+        q = rope((a @ wq.t()).view(B, T, cfg.n_head, D).transpose(1, 2), table)
+        k = rope((a @ wk.t()).view(B, T, cfg.n_kv_head, D).transpose(1, 2), table)
         qi, ki = attn.index_branch(a, seen["pos"])
         idx = msa_ref.index_topk(qi, ki, cfg.msa_block_size, cfg.msa_topk)           # (B, Hkv, T, K)
         inside = msa_ref.support_mask(idx, cfg.msa_block_size, torch.arange(T), T)   # (B, Hkv, T, T)
@@ -389,11 +417,12 @@ def test_flops_per_token_hand_count():
     Hq, Hkv, D, Di, E, bs, K = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.index_dim, cfg.n_expert, \
         cfg.msa_block_size, cfg.msa_topk
     # matmul weights, from the parameters: index branch x4 (it reads x.detach(): no input gradient), the rest x6
-    six = sum(p.numel() for n, p in model.named_parameters()
-              if n.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "router.weight")) or ".shared." in n)
-    six += sum(p.numel() * cfg.expert_topk // E for n, p in model.named_parameters() if n.endswith(("w1", "w2", "w3")))
+    six = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wqkv.weight", "wo.weight", "router.weight")))
+    # the experts: E routed + 1 shared in w13 and w2, of which a token runs expert_topk + 1
+    six += sum(p.numel() * (cfg.expert_topk + 1) // (E + 1) for n, p in model.named_parameters()
+               if n.endswith(("w13", "w2")))
     six += model.lm_head.weight.numel()                           # tied with wte: counted once, as the head
-    four = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wqi.weight", "wki.weight")))
+    four = sum(p.numel() for n, p in model.named_parameters() if n.endswith("wi.weight"))
     n_msa = 2
     torch.manual_seed(0)
     idx = msa_ref.index_topk(torch.randn(1, Hkv, T, Di), torch.randn(1, T, Di), bs, K)[0, 0]   # (T, K)
@@ -436,7 +465,7 @@ def test_index_branch_without_rope_reads_content_only():
         assert qi.shape == (2, 2, 12, 8) and ki.shape == (2, 12, 8)
         assert torch.equal(qi, qi2) and torch.equal(ki, ki2) if not index_rope else not torch.allclose(ki, ki2)
         if not index_rope:
-            torch.testing.assert_close(ki, attn.wki(h))
+            torch.testing.assert_close(ki, h @ attn.wi.weight[-8:].t())      # the key's rows come last in wi
         assert not torch.allclose(attn.qkv(h, torch.arange(12))[1], attn.qkv(h, torch.arange(12) + 37)[1])
 
 
@@ -484,7 +513,7 @@ def test_kv_cache_write_and_dense_flag():
     torch.testing.assert_close(c.ki[:, 1:5], ki)
     assert c.k[:, :, 0].abs().max() == 0                  # not written yet
     msa, dense = tiny(), tiny(attention="dense")          # K = 3 blocks of 4 < 40: MSA really differs from dense
-    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wi." not in k})
     msa.eval()
     x = batch()[0].clamp(max=PATCH - 1)                   # (B, 40) text only
     with torch.no_grad():

@@ -99,7 +99,7 @@ def tiny(backend="ref", **kw):
 def same_dense(msa):
     """The attention='dense' model with msa's weights (the index branch left out)."""
     dense = tiny(attention="dense")
-    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wqi." not in k and ".wki." not in k})
+    dense.load_state_dict({k: v for k, v in msa.state_dict().items() if ".wi." not in k})
     return dense
 
 
@@ -120,7 +120,7 @@ def test_model_trains_without_kl(rule):
     for name, p in model.named_parameters():
         if "patch_proj" in name:                                                # no image in this batch
             continue
-        assert (p.grad is None) == (".wqi." in name or ".wki." in name) and p.requires_grad == (p.grad is not None), name
+        assert (p.grad is None) == (".wi." in name) and p.requires_grad == (p.grad is not None), name
     rec = model.indexer_recall(x)                                               # the blind blocks' teacher mass
     assert rec.shape == (2,) and bool(((rec > 0) & (rec < 1)).all())
     assert model.flops_per_token(40) < tiny().flops_per_token(40)               # no index branch to pay for

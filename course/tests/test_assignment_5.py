@@ -13,12 +13,12 @@ def rand(*shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def per_token(x, idx, gate, w1, w3, w2):
+def per_token(x, idx, gate, w13, w2):
     out = torch.zeros_like(x)
     for n in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = int(idx[n, j])
-            out[n] += gate[n, j] * swiglu(x[n:n + 1], w1[e], w3[e], w2[e])[0]
+            out[n] += gate[n, j] * swiglu(x[n:n + 1], w13[e], w2[e])[0]
     return out
 
 
@@ -27,8 +27,8 @@ def test_dispatch_matches_per_token_loop():
     g = torch.Generator().manual_seed(1)
     idx = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(N)])   # expert 4 gets no token
     gate = torch.rand(N, k, generator=g, dtype=torch.float64)
-    x, w1, w3, w2 = rand(N, C, seed=2), rand(E, C, H, seed=3), rand(E, C, H, seed=4), rand(E, H, C, seed=5)
-    assert_close(moe_dispatch(x, idx, gate, w1, w3, w2), per_token(x, idx, gate, w1, w3, w2), what="moe_dispatch")
+    x, w13, w2 = rand(N, C, seed=2), rand(E, C, 2 * H, seed=3), rand(E, H, C, seed=5)
+    assert_close(moe_dispatch(x, idx, gate, w13, w2), per_token(x, idx, gate, w13, w2), what="moe_dispatch")
 
 
 def layer(shared, E=4, k=2, seed=0):
@@ -46,9 +46,9 @@ def test_forward_matches_the_definition(shared, E, k):
     logits = xf @ moe.router.weight.T                                           # (N, E)
     top, idx = logits.topk(k, dim=-1)
     gate = top.softmax(-1)                                                      # a softmax over the chosen experts
-    want = per_token(xf, idx, gate, moe.w1, moe.w3, moe.w2)
-    if shared:
-        want = want + swiglu(xf, *moe.shared)
+    want = per_token(xf, idx, gate, moe.w13[:E], moe.w2[:E])
+    if shared:                                                                  # stored after the routed experts
+        want = want + swiglu(xf, moe.w13[E], moe.w2[E])
     assert_close(out, want.view(2, 7, 8), what="out")
     f = torch.bincount(idx.reshape(-1), minlength=E).double() / idx.numel()    # fraction of assignments
     P = logits.softmax(-1).mean(0)                                              # mean router probability
@@ -78,7 +78,7 @@ def test_balance_gradient_pushes_load_off_the_busiest_expert():
     _, balance, load = moe(x)
     busiest = int(load.argmax())
     balance.backward()
-    assert moe.w1.grad is None or float(moe.w1.grad.abs().sum()) == 0
+    assert moe.w13.grad is None or float(moe.w13.grad.abs().sum()) == 0
     before = (x.reshape(40, 8) @ moe.router.weight.T).softmax(-1)[:, busiest].mean()
     with torch.no_grad():
         moe.router.weight -= 0.5 * moe.router.weight.grad
