@@ -104,6 +104,22 @@ def load(path, device="cpu", resume=False):
     return ckpt
 
 
+def load_weights(model, ckpt, path):
+    """model.load_state_dict(ckpt["model"]), with a mismatch of names or shapes (a checkpoint of another model.py
+    layout or size) refused in one CheckpointError line that names the first differences."""
+    own, theirs = model.state_dict(), ckpt["model"]
+    missing = [k for k in own if k not in theirs]
+    extra = [k for k in theirs if k not in own]
+    shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in theirs and isinstance(theirs[k], torch.Tensor) and theirs[k].shape != v.shape]
+    if missing or extra or shapes:
+        what = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for name, keys in
+                         (("missing", missing), ("unexpected", extra), ("shape in file vs model", shapes)) if keys)
+        raise CheckpointError(f"{path}: its weights do not fit this model ({what}); expected a checkpoint written by "
+                              f"this version of train.py with the same model settings")
+    model.load_state_dict(theirs)
+
+
 def _is_text(head):
     try:
         text = head.decode("utf-8")

@@ -117,7 +117,7 @@ def load_model(run_dir):
         raise ValueError(f"{path} not found: expected the out_dir of a train.py run")
     ckpt = checkpoint.load(path, device)  # a CheckpointError is a ValueError: main() prints its one line
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    checkpoint.load_weights(model, ckpt, path)
     return model.to(device).eval(), ckpt["config"]
 
 

@@ -193,7 +193,10 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused="cuda" in device)
 if init_from == "resume":
-    model.load_state_dict(ckpt["model"])
+    try:
+        checkpoint.load_weights(model, ckpt, ckpt_path)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"--init_from=resume: {e}")
     optimizer.load_state_dict(ckpt["optimizer"])
     iter_num = ckpt["iter_num"]
     if iter_num > max_iters:

@@ -151,3 +151,20 @@ def test_convert_command(tmp_path):
     got = checkpoint.load(new, resume=True)
     assert got["iter_num"] == 7 and type(got["iter_num"]) is int and torch.equal(got["extra"], torch.arange(3))
     assert "usage: python checkpoint.py convert OLD.pt NEW.pt" in fails("checkpoint.py", "convert", old)
+
+
+def test_weights_of_another_layout_get_one_line(tmp_path):
+    """load_weights: a checkpoint whose weights do not fit the model (names of an older model.py, another size) is
+    refused in one line naming the differences; fitting weights load."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    good = dict(plain_state(), model=torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).state_dict())
+    checkpoint.load_weights(model, good, "good.pt")
+    assert torch.equal(model[1].weight, good["model"]["1.weight"])
+    renamed = dict(good, model={k.replace("1.", "wq."): v for k, v in good["model"].items()})
+    resized = dict(good, model=dict(good["model"], **{"1.weight": torch.zeros(5, 3)}))
+    for state, got in [(renamed, "missing: 1.weight, 1.bias; unexpected: wq.weight, wq.bias"),
+                       (resized, "shape in file vs model: 1.weight (5, 3) vs (2, 3)")]:
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load_weights(model, state, "old.pt")
+        msg = str(e.value)
+        assert msg.startswith("old.pt: its weights do not fit this model (") and got in msg and "\n" not in msg, msg
