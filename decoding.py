@@ -34,10 +34,12 @@ class KVCache:
                 self.ks = None if ks is None else ks.new_zeros(B, self.max_len)
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
-        if ki is not None:  # copied as bytes: index_copy_ has no fp8 kernel
+        if ki is not None and ki.element_size() == 1:  # fp8 keys, copied as bytes: index_copy_ has no fp8 kernel
             self.ki.view(torch.uint8).index_copy_(1, pos, ki.view(torch.uint8))
-            if ks is not None:
-                self.ks.index_copy_(1, pos, ks)
+        elif ki is not None:
+            self.ki.index_copy_(1, pos, ki)
+        if ks is not None:
+            self.ks.index_copy_(1, pos, ks)
 
 
 def sample_token(logits, temperature, top_k, uniform):
