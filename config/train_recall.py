@@ -2,7 +2,7 @@
 # Every row (after the warm-up) is the recall task: Shakespeare text with a fact "\n Bob fox\n" per 32 tokens,
 # each asked again later, at any distance (data.mqar_row); loss on the text and the answers alike.
 # The schedule: 1000 iterations of induction warm-up rows of 256 tokens (the lookup by content forms there), then
-# 2000 iterations of recall rows of 256, 512, 1K, 2K, 4K tokens (400 each), then 1000 at 8K. The same 32K tokens
+# 2000 iterations of recall rows of 256, 512, 1K, 2K, 4K tokens (400 each), then 2000 at 8K. The same 32K tokens
 # per iteration throughout.
 # 2 layers (the first dense, the second MSA), 20M parameters; for one GPU (on a CPU the reference attention's
 # T x T scores at 8K tokens do not fit in memory). The four arms, same batches:
@@ -31,8 +31,8 @@ p_mqar = 1.0
 repeat_iters = 1000
 short_iters = 2000
 short_len = 256
-max_iters = 4000
-lr_decay_iters = 4000
+max_iters = 5000
+lr_decay_iters = 5000
 warmup_iters = 100
 learning_rate = 1e-3
 min_lr = 1e-4
