@@ -18,7 +18,7 @@ if not torch.cuda.is_available():                # before triton is imported; co
 import msa_ref
 from msa_triton import common
 from msa_triton import index as mti
-from conftest import DEVICE, rand_inputs, requires_cuda
+from conftest import rand_inputs, requires_cuda
 
 
 def index_inputs(B, Hkv, T, Di, dtype=torch.float32, seed=0):

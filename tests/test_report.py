@@ -1,5 +1,4 @@
 """report.py on tiny CPU runs: the curves of two arms, and a selection heatmap that equals the forward's selection."""
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import torch
 import data
 import report
 from test_checkpoint import evil_checkpoint, fails
-from test_train import ROOT, TINY, train
+from test_train import ROOT, train
 
 
 @pytest.fixture(scope="module")
