@@ -14,7 +14,8 @@ The KL trains only the index branch (it reads x.detach()); the LM loss trains ev
 The data position is a function of (seed, iteration, micro-step): micro-batch m of iteration i (m counts the
 gradient_accumulation_steps micro-steps of all GPUs together) is drawn from default_rng([TRAIN_STREAM, seed, i, m]).
 So 1 GPU with gradient_accumulation_steps=2 and 2 GPUs with 1 each train on the same batches, and a resumed run
-needs only iter_num to continue exactly.
+needs only iter_num to continue exactly: bitwise on a CPU; on a GPU as closely as two runs of the same seed agree
+(to 5-7 digits: the compiled step's kernels are not deterministic there).
 """
 import json
 import math
