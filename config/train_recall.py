@@ -28,6 +28,8 @@ seq_len = 8192
 batch_size = 4
 gradient_accumulation_steps = 1
 p_mqar = 1.0
+p_image = 0.0          # the val batches: text only (every training row is a warm-up or recall row, which
+                       # p_image does not touch), so the val LM is the LM loss on held-out text
 repeat_iters = 1000
 short_iters = 2000
 short_len = 256

@@ -402,6 +402,15 @@ def test_get_batch_mqar_rows():
     assert all(torch.equal(u, v) for u, v in zip(default, data.get_batch("train", 3, 300, np.random.default_rng(4), p_mqar=0.0)))
 
 
+def test_p_image_leaves_recall_and_warm_up_rows_alone():
+    """Batches made only of recall or warm-up rows (p_mqar + p_repeat = 1) do not depend on p_image: a config that
+    trains on them alone may set p_image for its val batches only (config/train_recall.py: text-only val LM)."""
+    for p_mqar, p_repeat in ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5)):
+        a, b = (data.get_batch("train", 3, 200, np.random.default_rng(2), p_image=pi, p_mqar=p_mqar, p_repeat=p_repeat)
+                for pi in (0.4, 0.0))
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_repeat_row_copies_stretches_of_its_first_half():
     """First half: distinct text tokens drawn at random, no targets; second half: stretches copied from the first
     half, each target token (not a stretch's first) found after the same token in the first half."""
