@@ -128,7 +128,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.sparse, self.backend = cfg, sparse, backend
         C, Hq, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        # q, k and v in one product (one weight read and one kernel, not three: what a decode step's time is)
+        # q, k and v in one product: one kernel instead of three, which is what a decode step's time depends on
         self.wqkv = nn.Linear(C, (Hq + 2 * Hkv) * D, bias=False)
         self.wo = nn.Linear(Hq * D, C, bias=False)
         if sparse:  # the index branch, one product too: one index query per group and one index key they share
