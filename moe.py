@@ -33,14 +33,16 @@ def top_k(logits, k):
     logits (N, E) -> (values, indices), each (N, k), largest first, as logits.topk(k) gives them (ties: the lower
     index first). k rounds of argmax, each hiding its pick: row reductions and elementwise work that torch.compile
     turns into small generated kernels (~1 us each in a decode step), where torch.topk is two library kernels of a
-    sort (~4 us each, a tenth of a decode step's time).
+    sort (~4 us each, a tenth of a decode step's time). The pick is hidden by a comparison, not a scatter, which
+    the compiler keeps apart from the reductions around it.
     """
+    cols = torch.arange(logits.shape[-1], device=logits.device)            # (E,)
     values, indices = [], []
     for _ in range(k):
         i = logits.argmax(-1, keepdim=True)                                  # (N, 1)
         values.append(logits.gather(-1, i))
         indices.append(i)
-        logits = logits.scatter(-1, i, float("-inf"))
+        logits = logits.masked_fill(cols == i, float("-inf"))               # elementwise, not a scatter
     return torch.cat(values, -1), torch.cat(indices, -1)
 
 
@@ -170,7 +172,8 @@ class MoE(nn.Module):
         top_logit, idx = top_k(logits, self.k)                       # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
         if B * T <= MOE_FEW_TOKENS:  # gates as an (N, E) row, 0 where not chosen; the shared expert's weight 1
-            weight = F.pad(torch.zeros_like(logits).scatter_(1, idx, gate), (0, self.n_shared), value=1.0)
+            chosen = idx.unsqueeze(-1) == torch.arange(E, device=idx.device)                 # (N, k, E) one-hot
+            weight = F.pad((chosen * gate.unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)  # (N, E')
             out = moe_all_experts(xf, weight, self.w13, self.w2)
         else:
             out = moe_dispatch(xf, idx, gate, self.w13[:E], self.w2[:E])
