@@ -114,20 +114,17 @@ if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file give
         print(f"no CUDA GPU found: running the CPU preset {_preset}")
     sys.argv.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), _preset))
 config = configure(globals(), sys.argv[1:])
-if init_from not in ("scratch", "resume"):
-    raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+for _key, _choices in [("init_from", ("scratch", "resume")), ("compile_mode", ("default", "reduce-overhead")),
+                       ("mqar_distance", ("uniform", "log"))]:
+    if config[_key] not in _choices:
+        raise SystemExit(f"config error: {_key} must be {' or '.join(map(repr, _choices))}, got {config[_key]!r}")
 for _key, _least in [("batch_size", 1), ("seq_len", 1), ("gradient_accumulation_steps", 1), ("max_iters", 0),
                      ("eval_interval", 1), ("eval_iters", 1), ("eval_captions", 0), ("eval_long_range", 0),
                      ("eval_mqar", 0), ("log_interval", 1)]:
     if config[_key] < _least:
         raise SystemExit(f"config error: {_key} must be >= {_least}, got {config[_key]}")
-
-if compile_mode not in ("default", "reduce-overhead"):
-    raise SystemExit(f"config error: compile_mode must be 'default' or 'reduce-overhead', got {compile_mode!r}")
 if not 0 <= p_mqar <= 1:
     raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
-if mqar_distance not in ("uniform", "log"):
-    raise SystemExit(f"config error: mqar_distance must be 'uniform' or 'log', got {mqar_distance!r}")
 if not (0 <= p_repeat and p_mqar + p_repeat <= 1):
     raise SystemExit(f"config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got {p_repeat} and {p_mqar}")
 RAMP = [short_len << k for k in range(32) if short_len << k < seq_len]  # the short rows' lengths, doubling
