@@ -171,8 +171,8 @@ class MoE(nn.Module):
         logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = top_k(logits, self.k)                       # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
+        chosen = idx.unsqueeze(-1) == torch.arange(E, device=idx.device)  # (N, k, E) one-hot
         if B * T <= MOE_FEW_TOKENS:  # gates as an (N, E) row, 0 where not chosen; the shared expert's weight 1
-            chosen = idx.unsqueeze(-1) == torch.arange(E, device=idx.device)                 # (N, k, E) one-hot
             weight = F.pad((chosen * gate.unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)  # (N, E')
             out = moe_all_experts(xf, weight, self.w13, self.w2)
         else:
@@ -181,7 +181,7 @@ class MoE(nn.Module):
                 out = out + swiglu(xf, self.w13[E], self.w2[E]).to(out.dtype)
         if not stats:
             return out.view(B, T, C), None, None
-        # f: (E,), sums to 1. Counted by comparison, not torch.bincount, which syncs with the host on CUDA
-        load = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).float().mean(0)
+        # f: (E,), sums to 1. Counted from the one-hot, not by torch.bincount, which syncs with the host on CUDA
+        load = chosen.float().mean((0, 1))
         balance = E * (load * logits.softmax(-1).mean(0)).sum()
         return out.view(B, T, C), balance, load
