@@ -31,19 +31,19 @@ def swiglu(x, w13, w2):
 def top_k(logits, k):
     """
     logits (N, E) -> (values, indices), each (N, k), largest first, as logits.topk(k) gives them (ties: the lower
-    index first). k rounds of argmax, each hiding its pick: row reductions and elementwise work that torch.compile
-    turns into small generated kernels (~1 us each in a decode step), where torch.topk is two library kernels of a
-    sort (~4 us each, a tenth of a decode step's time). The pick is hidden by a comparison, not a scatter, which
-    the compiler keeps apart from the reductions around it.
+    index first). A logit's rank is how many logits beat it (a larger one, or an equal one at a lower index); the
+    pick of rank r is the expert whose rank is r. Comparisons and sums over E only: torch.compile generates one or
+    two small kernels for the whole routing, where torch.topk is two library kernels of a sort (~4 us each in a
+    decode step) and k rounds of argmax several kernels of their own.
     """
-    cols = torch.arange(logits.shape[-1], device=logits.device)            # (E,)
-    values, indices = [], []
-    for _ in range(k):
-        i = logits.argmax(-1, keepdim=True)                                  # (N, 1)
-        values.append(logits.gather(-1, i))
-        indices.append(i)
-        logits = logits.masked_fill(cols == i, float("-inf"))               # elementwise, not a scatter
-    return torch.cat(values, -1), torch.cat(indices, -1)
+    E = logits.shape[-1]
+    cols = torch.arange(E, device=logits.device)                             # (E,)
+    mine, other = logits.unsqueeze(-1), logits.unsqueeze(-2)                 # (N, E, 1) e, (N, 1, E) j
+    beats = (other > mine) | ((other == mine) & (cols < cols[:, None]))      # (N, E, E): j beats e
+    rank = beats.sum(-1)                                                     # (N, E) 0 for the largest
+    pick = rank.unsqueeze(-2) == torch.arange(k, device=logits.device)[:, None]  # (N, k, E) e has rank r
+    indices = (pick * cols).sum(-1)                                          # (N, k)
+    return logits.gather(-1, indices), indices
 
 
 def compute_dtype(x):
@@ -134,9 +134,12 @@ def moe_all_experts(x, weight, w13, w2):
     FLOPs are almost free, and this takes a handful of kernels where moe_dispatch's routing (sort, gathers, group
     ends, scatter back) takes several times as many: what a decode step of small kernels costs.
     """
+    N, C = x.shape
     xe = x.unsqueeze(0).expand(w13.shape[0], -1, -1)                         # (E', N, C)
-    y = torch.bmm(swiglu_act(torch.bmm(xe, w13)), w2)                        # (E', N, C), in autocast's dtype
-    return (y * weight.t().unsqueeze(-1).to(y.dtype)).sum(0).to(x.dtype)    # (N, C)
+    h = swiglu_act(torch.bmm(xe, w13))                                       # (E', N, H), in autocast's dtype
+    h = h * weight.t().unsqueeze(-1).to(h.dtype)                             # each expert's rows scaled by its gate
+    # the sum over experts inside one product: (N, E' * H) @ (E' * H, C), w2 read as it is stored
+    return (h.transpose(0, 1).reshape(N, -1) @ w2.reshape(-1, C)).to(x.dtype)  # (N, C)
 
 
 MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens (decoding), moe_dispatch above
