@@ -39,7 +39,8 @@ LOG2E_K = tl.constexpr(LOG2E)             # the same numbers inside kernels (a @
 LN2_K = tl.constexpr(LN2)                 # reads only globals that are tl.constexpr)
 INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_key)
 PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
-LIST_TILE = 4096                          # (token, slot) entries per program of the list builder (_csr)
+LIST_TILE = 4096                          # most (token, slot) entries per program of the list builder (_csr)
+LIST_PROGRAMS = 1024                      # its tiles shrink while its grid would have fewer programs (_list_tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +298,16 @@ def _csr_scatter_kernel(slots_ptr, off_ptr, start32_ptr, ent_ptr, Tc, K, NBC, NT
     tl.store(ent_ptr + bh.to(tl.int64) * Tc * K + pos, e, mask=ok)
 
 
-def _list_tiles(K, Tc):
-    """The list builder's tile: (K_P, TT, NT): TT tokens of K_P slots (LIST_TILE entries, fewer for a short
-    chunk), NT tiles over the chunk's Tc tokens."""
+def _list_tiles(K, Tc, BH):
+    """The list builder's tile: (K_P, TT, NT): TT tokens of K_P slots, NT tiles over the chunk's Tc tokens, for BH
+    (batch, group) rows. At most LIST_TILE entries a tile (fewer for a short chunk), halved (down to 64 entries)
+    while the grid of NT x BH programs would be smaller than LIST_PROGRAMS: a tile's sort in registers and its
+    counts are serial work, so a small call (the model's shape: 32 rows of 1K tokens) in a few big tiles would run
+    a few long programs on an idle GPU."""
     K_P = _pow2(K, 1)
     TT = min(max(1, LIST_TILE // K_P), _pow2(Tc, 1))
+    while TT * K_P > 64 and BH * triton.cdiv(Tc, TT) < LIST_PROGRAMS:
+        TT //= 2
     return K_P, TT, triton.cdiv(Tc, TT)
 
 
@@ -312,7 +318,7 @@ def _slots(block_idx, t0, t1, nbc, counts=None):
     repeat or an id out of range stays where the id sorted to. Slot s of (token, group) is where that block's
     partial result goes. One launch. counts: (cnt, ccnt, NCH, BB), _csr's tile counts to fill, or None."""
     B, Hkv, _, K = block_idx.shape
-    K_P, TT, NT = _list_tiles(K, t1 - t0)
+    K_P, TT, NT = _list_tiles(K, t1 - t0, B * Hkv)
     slots = torch.empty(B * Hkv, t1 - t0, K, device=block_idx.device, dtype=torch.int32)
     cnt, ccnt, NCH, BB = counts or (slots, slots, 1, 1)
     _slots_kernel[(NT, B * Hkv)](block_idx, slots, cnt, ccnt, *block_idx.stride(), t0, t1 - t0, K, Hkv, nbc, NT,
@@ -328,7 +334,7 @@ def _csr(block_idx, t0, t1, nbc):
     those counts (_csr_scan_kernel), each tile's entries sorted in registers and written out (_csr_scatter_kernel)."""
     B, Hkv, _, K = block_idx.shape
     BH, Tc, dev = B * Hkv, t1 - t0, block_idx.device
-    K_P, TT, NT = _list_tiles(K, Tc)
+    K_P, TT, NT = _list_tiles(K, Tc, BH)
     BB = min(128, _pow2(nbc + 1, 1))                                            # keys per program of the scan
     NCH = triton.cdiv(nbc + 1, BB)
     assert (nbc + 2) * TT * K_P <= 2 ** 30 and BH * Tc * K < 2 ** 31, "work lists too long for int32 keys"

@@ -3,8 +3,8 @@ The KV-outer work lists (msa_triton.common: _slots, _csr, _chunks) against their
 (slots_by_torch, csr_by_torch below: a sort per row, a stable sort of the keys, a searchsorted), bitwise, over
 random selections and the edge cases: -1 padding, repeated blocks, ids >= nbc or < 0 (dropped), K = 1, T = 1,
 a chunk [t0, t1) inside T, B > 1, Hkv = 1, int16 / int32 / int64 ids, a strided block_idx, one tile or many
-(common.LIST_TILE), one chunk of keys or several in the scan; the in-register sort (common._sort_keys) against
-torch.sort. Integer kernels only: the interpreter is exact.
+(common.LIST_TILE, and the rule that shrinks tiles for a small grid), one chunk of keys or several in the scan;
+the in-register sort (common._sort_keys) against torch.sort. Integer kernels only: the interpreter is exact.
 Also: the builder is three Triton launches and no torch kernel, whatever the shapes.
 """
 import math
@@ -62,11 +62,19 @@ def random_block_idx(B, Hkv, T, K, lo, hi, seed, dtype=torch.int32):
     return torch.randint(lo, hi, (B, Hkv, T, K), generator=g).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("tile", [16, 64, 4096])
+def set_tile(monkeypatch, tile):
+    """tile entries a tile (LIST_TILE, not shrunk), or 'auto': the rule of common._list_tiles (tiles shrink while the
+    grid is small)."""
+    if tile != "auto":
+        monkeypatch.setattr(common, "LIST_TILE", tile)
+        monkeypatch.setattr(common, "LIST_PROGRAMS", 1)
+
+
+@pytest.mark.parametrize("tile", [16, 64, 4096, "auto"])
 @pytest.mark.parametrize("seed", range(6))
 def test_lists_random(monkeypatch, tile, seed):
     """Random selections with repeats, -1, ids out of range on both sides; a random chunk of tokens."""
-    monkeypatch.setattr(common, "LIST_TILE", tile)
+    set_tile(monkeypatch, tile)
     g = torch.Generator().manual_seed(100 + seed)
     B, Hkv = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
     T, K = int(torch.randint(1, 90, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
@@ -77,18 +85,18 @@ def test_lists_random(monkeypatch, tile, seed):
     assert_lists_equal(random_block_idx(B, Hkv, T, K, -3, nbc + 3, seed, dtype), t0, t1, nbc)
 
 
-@pytest.mark.parametrize("tile", [16, 4096])
+@pytest.mark.parametrize("tile", [16, 4096, "auto"])
 def test_lists_many_tiles_and_key_chunks(monkeypatch, tile):
     """nbc > 128 (several programs of the scan, each needing the entries of the chunks before it), more tiles
     than one load of the scan holds (TB), a sink block that every token chose."""
-    monkeypatch.setattr(common, "LIST_TILE", tile)
+    set_tile(monkeypatch, tile)
     bi = random_block_idx(2, 1, 300, 4, -1, 300, 7)
     bi[..., 1] = 0
     assert_lists_equal(bi, 0, 300, 300)
 
 
 def test_lists_edge_cases(monkeypatch):
-    monkeypatch.setattr(common, "LIST_TILE", 16)
+    set_tile(monkeypatch, 16)
     assert_lists_equal(torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=DEVICE), 0, 1, 1)       # T = 1, K = 1
     assert_lists_equal(torch.full((2, 2, 5, 3), -1, dtype=torch.int32, device=DEVICE), 0, 5, 1)  # padding only
     assert_lists_equal(random_block_idx(1, 2, 37, 1, -2, 12, 1), 0, 37, 10)                      # K = 1
