@@ -14,8 +14,8 @@ The KL trains only the index branch (it reads x.detach()); the LM loss trains ev
 The data position is a function of (seed, iteration, micro-step): micro-batch m of iteration i (m counts the
 gradient_accumulation_steps micro-steps of all GPUs together) is drawn from default_rng([TRAIN_STREAM, seed, i, m]).
 So 1 GPU with gradient_accumulation_steps=2 and 2 GPUs with 1 each train on the same batches, and a resumed run
-needs only iter_num to continue exactly: bitwise on a CPU; on a GPU as closely as two runs of the same seed agree
-(to 5-7 digits: the compiled step's kernels are not deterministic there).
+needs only iter_num to continue exactly: bitwise on a CPU, and on a GPU with --deterministic=True (by default the
+GPU's fastest kernels are not deterministic, and two runs of the same seed agree to 5-7 digits).
 """
 import json
 import math
@@ -107,6 +107,8 @@ eval_mqar = 0                 # held-out recall rows of seq_len tokens per evalu
 eval_repeat = 32              # held-out warm-up rows per evaluation (recall_eval.repeat_eval), in a run that has them
 log_interval = 10
 peak_flops = 0.0              # per GPU, for the MFU: 0 = the GPU's dense bf16 peak by its name (model.gpu_peak_flops)
+deterministic = False         # True: deterministic kernels only (torch.use_deterministic_algorithms), so that on a GPU too
+                              # the same seed gives the same bits and a resumed run continues bitwise; slower
 # -----------------------------------------------------------------------------------------------
 if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file given: pick the preset
     _preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
@@ -151,6 +153,9 @@ say = print if master else (lambda *a, **k: None)
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * seq_len
 say(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed)
+if deterministic:  # before the first matrix product: cuBLAS reads its workspace setting when it starts
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)  # also makes torch.compile generate no atomic adds and skip autotuning
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()

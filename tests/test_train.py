@@ -82,6 +82,15 @@ def test_resume_continues_exactly(straight, tmp_path):
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
+def test_deterministic_setting_trains_the_same(straight, tmp_path):
+    """--deterministic=True (deterministic kernels only: bitwise resume on a GPU) trains, and on a CPU, whose kernels
+    are deterministic anyway, logs the very losses of the default run."""
+    out = str(tmp_path)
+    train(f"--out_dir={out}", "--max_iters=2", "--deterministic=True")
+    losses = lambda recs: [(rec["loss"], rec["lm"], rec["kl"]) for rec in recs if "iter" in rec]
+    assert losses(records(out)) == losses(records(straight))[:2]
+
+
 def test_two_processes_match_one_with_accumulation(straight, tmp_path):
     """DDP, gloo between 2 CPU processes (GPUs hidden: it runs on any machine, one GPU or none): 2 processes x 1
     micro-step train on the same batches as 1 process x 2, so every logged loss and eval matches (the data
