@@ -11,8 +11,8 @@ import torch
 
 class KVCache:
     """
-    One attention layer's decoding cache: k, v (B, Hkv, Tmax, D), the two halves of one tensor kv, and, for an MSA
-    layer, the index keys ki (B, Tmax, Di), plus their scales ks (B, Tmax) when the index is fp8 (msa_ref.fp8_quantize).
+    One attention layer's decoding cache: k, v (B, Hkv, Tmax, D) and, for an MSA layer, the index keys
+    ki (B, Tmax, Di), plus their scales ks (B, Tmax) when the index is fp8 (msa_ref.fp8_quantize).
     The tensors are allocated once, at the first write (the prefill), for all Tmax = max_len positions and in
     the dtype written (bf16 under autocast); positions not yet written hold zeros that attention masks out.
     dense: an MSA layer decodes like a dense one, over the whole cache (GPT.generate(decode='dense')).
@@ -22,19 +22,18 @@ class KVCache:
 
     def __init__(self, max_len, dense=False):
         self.max_len, self.dense = max_len, dense
-        self.kv = self.k = self.v = self.ki = self.ks = None
+        self.k = self.v = self.ki = self.ks = None
 
     def write(self, pos, k, v, ki=None, ks=None):
         """pos (T,) long positions on the device; k, v (B, Hkv, T, D); ki (B, T, Di) or None; ks (B, T) or None."""
         if self.k is None:
             B, Hkv, _, D = k.shape
-            # keys and values in one tensor, so that one copy (one kernel in a compiled step) writes both
-            self.kv = k.new_zeros(2, B, Hkv, self.max_len, D)                      # (2, B, Hkv, Tmax, D)
-            self.k, self.v = self.kv[0], self.kv[1]                                # views, each contiguous
+            self.k, self.v = k.new_zeros(B, Hkv, self.max_len, D), v.new_zeros(B, Hkv, self.max_len, D)
             if ki is not None:
                 self.ki = ki.new_zeros(B, self.max_len, ki.shape[-1])
                 self.ks = None if ks is None else ks.new_zeros(B, self.max_len)
-        self.kv.index_copy_(3, pos, torch.stack([k, v]))
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
         if ki is not None and ki.element_size() == 1:  # fp8 keys, copied as bytes: index_copy_ has no fp8 kernel
             self.ki.view(torch.uint8).index_copy_(1, pos, ki.view(torch.uint8))
         elif ki is not None:

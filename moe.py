@@ -134,12 +134,9 @@ def moe_all_experts(x, weight, w13, w2):
     FLOPs are almost free, and this takes a handful of kernels where moe_dispatch's routing (sort, gathers, group
     ends, scatter back) takes several times as many: what a decode step of small kernels costs.
     """
-    N, C = x.shape
     xe = x.unsqueeze(0).expand(w13.shape[0], -1, -1)                         # (E', N, C)
-    h = swiglu_act(torch.bmm(xe, w13))                                       # (E', N, H), in autocast's dtype
-    h = h * weight.t().unsqueeze(-1).to(h.dtype)                             # each expert's rows scaled by its gate
-    # the sum over experts inside one product: (N, E' * H) @ (E' * H, C), w2 read as it is stored
-    return (h.transpose(0, 1).reshape(N, -1) @ w2.reshape(-1, C)).to(x.dtype)  # (N, C)
+    y = torch.bmm(swiglu_act(torch.bmm(xe, w13)), w2)                        # (E', N, C), in autocast's dtype
+    return (y * weight.t().unsqueeze(-1).to(y.dtype)).sum(0).to(x.dtype)    # (N, C)
 
 
 MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens (decoding), moe_dispatch above

@@ -108,7 +108,7 @@ eval_repeat = 32              # held-out warm-up rows per evaluation (recall_eva
 log_interval = 10
 peak_flops = 0.0              # per GPU, for the MFU: 0 = the GPU's dense bf16 peak by its name (model.gpu_peak_flops)
 deterministic = False         # True: deterministic kernels only (torch.use_deterministic_algorithms), so that on a GPU too
-                              # the same seed gives the same bits and a resumed run continues bitwise; slower
+                              # the same seed gives the same bits and a resumed run continues bitwise (they can be slower)
 # -----------------------------------------------------------------------------------------------
 if not any(not a.startswith("--") for a in sys.argv[1:]):  # no config file given: pick the preset
     _preset = "config/train_gpu.py" if torch.cuda.is_available() else "config/train_cpu.py"
