@@ -95,13 +95,12 @@ model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 
                   **({"index_fp8": True} if index_fp8 else {}), **({"msa_select": msa_select} if msa_select else {}))
 try:
     model = GPT(GPTConfig(**model_args), backend=backend)
+    checkpoint.load_weights(model, ckpt, ckpt_path)
+except checkpoint.CheckpointError as e:  # weights of another layout or size (a ValueError: caught first)
+    raise SystemExit(str(e))
 except ValueError as e:  # GPTConfig.check or model.get_backend
     raise SystemExit(f"config error: {e}")
-try:
-    checkpoint.load_weights(model, ckpt, ckpt_path)
-except checkpoint.CheckpointError as e:
-    raise SystemExit(str(e))
-except (TypeError, RuntimeError) as e:
+except (TypeError, RuntimeError) as e:  # model_args this model.py does not know
     raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): "
                      f"{' '.join(str(e).split())[:300]}")
 model.eval().to(device)
