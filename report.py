@@ -110,7 +110,8 @@ def plot_curves(msa_dir, dense_dir, path):
 
 
 def load_model(run_dir):
-    """The checkpoint of a train.py run -> (GPT in eval mode on `device`, its config dict)."""
+    """The checkpoint of a train.py run -> (GPT in eval mode on `device`, its config dict plus iter_num: the
+    iteration its weights are from, which is later than the last evaluation when the run was interrupted)."""
     from model import GPT, GPTConfig
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
@@ -118,7 +119,7 @@ def load_model(run_dir):
     ckpt = checkpoint.load(path, device)  # a CheckpointError is a ValueError: main() prints its one line
     model = GPT(GPTConfig(**ckpt["model_args"]))
     checkpoint.load_weights(model, ckpt, path)
-    return model.to(device).eval(), ckpt["config"]
+    return model.to(device).eval(), dict(ckpt["config"], iter_num=ckpt["iter_num"])
 
 
 _autocast = recall_eval.autocast  # bf16 on CUDA, as train.py runs the model
@@ -263,16 +264,16 @@ def mqar_results(run_dirs):
         model, cfg = load_model(d)
         n = cfg["seq_len"]
         rows = -(-mqar_questions // max(1, n // data.MQAR_EVERY))
-        res = recall_eval.mqar_eval(model, rows, n, seed, batch_size=max(1, max_tokens // n))
+        res = dict(recall_eval.mqar_eval(model, rows, n, seed, batch_size=max(1, max_tokens // n)), iter_num=cfg["iter_num"])
         out.append([arm_name(cfg), d, evals[-1], res, evals, long_row_tok_s(train, cfg)])
     return named(out)
 
 
 def mqar_table(results):
-    """Markdown: per arm, the val LM loss, the training tokens/s in rows of seq_len, recall accuracy overall and per
-    distance bin (share of the row), and per MSA layer the needle recall and the teacher's mass on the needle's block
-    (means over groups), the share of questions whose fact's block some group reads, and the accuracy on those and
-    on the rest."""
+    """Markdown: per arm, the checkpoint's iteration, the val LM loss of the last evaluation, the training tokens/s in
+    rows of seq_len, recall accuracy overall and per distance bin (share of the row), and per MSA layer the needle
+    recall and the teacher's mass on the needle's block (means over groups), the share of questions whose fact's
+    block some group reads, and the accuracy on those and on the rest."""
     first = results[0][3]
     n = first["bin_edges"][-1]
     bins = [f"{100 * lo / n:.0f}-{100 * hi / n:.0f}%" for lo, hi in zip(first["bin_edges"], first["bin_edges"][1:])]
@@ -286,7 +287,7 @@ def mqar_table(results):
         accs = " | ".join(map(recall_eval.fmt, r["acc_bins"]))
         split = " ".join(f"{recall_eval.fmt(a)} / {recall_eval.fmt(b)}"
                          for a, b in zip(r["acc_read"], r["acc_missed"])) or "-"
-        lines.append(f"| {name} | {d} | {last['eval']} | {last['lm']:.4f} | {'-' if tok_s is None else f'{tok_s:,.0f}'} | "
+        lines.append(f"| {name} | {d} | {r['iter_num']} | {last['lm']:.4f} | {'-' if tok_s is None else f'{tok_s:,.0f}'} | "
                      f"{r['acc']:.3f} | {accs} | "
                      f"{per_layer(r['needle_recall'])} | {per_layer(r['needle_mass'])} | "
                      f"{' '.join(f'{v:.2f}' for v in r['needle_any']) or '-'} | {split} |")
