@@ -522,6 +522,7 @@ def _kl_custom_op(name, launch):
                 q.new_empty((B, T, Di) if grad else (0,), **f32))
 
     def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)                                       # dqi, dki get no gradient: no zeros
         ctx.save_for_backward(output[1], output[2])
         ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
 
@@ -534,10 +535,13 @@ def _kl_custom_op(name, launch):
     return kl_op
 
 
-def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse):
-    """What both kl_loss paths do around their op: shape checks (no host sync), lse's check, whether gradients are
-    wanted; q and k enter detached (the teacher is a target). Returns the loss in qi's dtype promoted to fp32."""
+def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None):
+    """What both kl_loss paths do around their op: shape checks (no host sync), then limits(Hkv) (a path's own
+    checks, or None), lse's check, whether gradients are wanted; q and k enter detached (the teacher is a target).
+    Returns the loss in qi's dtype promoted to fp32."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
+    if limits is not None:
+        limits(Hkv)
     if lse is not None:
         expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
                f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "

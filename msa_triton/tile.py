@@ -353,6 +353,7 @@ def _(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
 
 def _fwd_setup(ctx, inputs, output):
     q, k, v, block_idx, block_size, rows = inputs
+    ctx.set_materialize_grads(False)                                           # the unused outputs' gradients stay None
     out, lse, reads = output
     ctx.save_for_backward(q, k, v, out, lse, block_idx, reads)
     ctx.block_size, ctx.rows = block_size, rows
@@ -599,9 +600,9 @@ def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
     block_idx (the teacher's normaliser; without it one more launch recomputes it).
     Launches: forward 3 with lse, 4 without (+1 for the gradients when qi or ki requires grad: they are computed
     here, with the loss); backward 1-2 per gradient (scale by the incoming gradient, cast)."""
-    _, Hkv, _ = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
-    _kernel_limits(q, q, q, Hkv, block_size)                                  # k may differ: it is cast
-    expect(qi.dtype in (torch.float16, torch.bfloat16, torch.float32),
-           f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
-    expect(qi.shape[3] <= 128, f"index dim Di must be <= 128, got {qi.shape[3]}")
-    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse)
+    def limits(Hkv):                                                           # after _kl_call's shape checks
+        _kernel_limits(q, q, q, Hkv, block_size)                              # k may differ: it is cast
+        expect(qi.dtype in (torch.float16, torch.bfloat16, torch.float32),
+               f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
+        expect(qi.shape[3] <= 128, f"index dim Di must be <= 128, got {qi.shape[3]}")
+    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse, limits)
