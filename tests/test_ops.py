@@ -12,6 +12,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import msa_ref
 import msa_triton
@@ -140,6 +141,32 @@ def test_compile_each_function_without_graph_break(path):
         want, got = fn(*args), compiled(fn)(*args)
         for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
             assert torch.equal(a, b), name
+
+
+class _Ops(TorchDispatchMode):
+    """Records the name of every aten op run below autograd while it is active."""
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_makes_no_zero_gradients(path):
+    """The ops' outputs that no loss uses (lse, the work lists, kl_loss's and linear_cross_entropy's saved
+    gradients) get no gradient in the eager backward: autograd would otherwise fill a tensor of zeros for each
+    (a launch and a memory pass on a GPU) that the backward ignores."""
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, _ = case()
+    x = grads((q, k, v, qi, ki))
+    out, _, kl = msa_step(*x, bs, K)
+    ce = msa_triton.linear_cross_entropy(x[0].reshape(-1, D)[:30], x[1].reshape(-1, D)[:7],
+                                         torch.arange(30, device=DEVICE) % 8 - 1)
+    with _Ops() as ops:
+        (out.sum() + kl + ce).backward()
+    assert not [n for n in ops.names if n.split(".")[0] in ("zeros", "zeros_like", "fill_", "full", "zero_")], ops.names
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
