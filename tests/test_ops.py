@@ -3,7 +3,8 @@ msa_triton's functions as custom ops (torch.ops.nanomsa.*), the checking mode, a
 On the CPU (Triton interpreter, fp32, tiny shapes): torch.library.opcheck of every op (schema, fake
 implementation, autograd registration, AOT dispatch with dynamic shapes); torch.compile(fullgraph=True) of
 each public function, of the MSA step with its backward and of a tiny MSA model's training forward (no graph
-break); the checking mode raises on bad values, and with it off bad values are harmless.
+break); the eager backward fills no zero gradients for the outputs no loss uses; the checking mode raises on bad
+values, and with it off bad values are harmless.
 On a GPU (requires_cuda), at the repository model's shape (Hq=8, Hkv=2, D=Di=64, bs=64, K=4, B=2, T=1024, bf16):
 each function under torch.cuda.set_sync_debug_mode("error"); the MSA step captured in a CUDA graph and replayed
 on new inputs; torch.compile (inductor) equal to eager.
