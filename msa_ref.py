@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from msa_checks import check_decode_inputs, check_inputs, check_sizes, expect
+from msa_checks import check_decode_inputs, check_inputs, check_sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +190,8 @@ def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
       'random': K - 1 distinct earlier blocks drawn uniformly, fresh for each (b, g, t), and the local block.
     generator: a torch.Generator on q_pos' device for 'random' (None: torch's global RNG). No host sync.
     """
-    expect(rule in SELECT_RULES[1:], f"rule must be 'local' or 'random', got {rule!r}")
+    if rule not in SELECT_RULES[1:]:
+        raise ValueError(f"rule must be 'local' or 'random', got {rule!r}")
     Tq = q_pos.shape[0]
     local = (q_pos.long() // block_size).view(1, 1, Tq, 1).expand(B, Hkv, Tq, 1)  # (B, Hkv, Tq, 1) the local block l
     slot = torch.arange(topk, device=q_pos.device)                             # (K,)

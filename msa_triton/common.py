@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import check_block_idx, check_inputs, expect
+from msa_checks import check_block_idx, check_inputs
 
 LOG2E = 1.4426950408889634                # log2(e): natural-log units -> log2 units
 LN2 = 0.6931471805599453                  # ln(2) = 1 / LOG2E: log2 units -> natural-log units
@@ -83,13 +83,18 @@ def _op(name):
 def _kernel_limits(q, k, v, Hkv, block_size):
     """What the attention kernels of both paths support beyond msa_checks' checks, one ValueError line each:
     q, k, v of one float dtype, D <= 128, bs <= 128, G <= 64, on CUDA (or in Triton's interpreter)."""
-    expect(q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype,
-           f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    expect(q.shape[3] <= 128, f"head dim D must be <= 128, got {q.shape[3]}")
-    expect(block_size <= 128, f"block_size must be <= 128 for these kernels, got {block_size}")
-    expect(q.shape[1] // Hkv <= 64, f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
-    expect(q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
-           f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
+    if not (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype):
+        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if q.shape[3] > 128:
+        raise ValueError(f"head dim D must be <= 128, got {q.shape[3]}")
+    if block_size > 128:
+        raise ValueError(f"block_size must be <= 128 for these kernels, got {block_size}")
+    if q.shape[1] // Hkv > 64:
+        raise ValueError(f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), "
+                         f"got {q.device}")
 
 
 def _pow2(n, lo=16):
@@ -543,9 +548,9 @@ def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None):
     if limits is not None:
         limits(Hkv)
     if lse is not None:
-        expect(isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32,
-               f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
-               f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+        if not (isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32):
+            raise ValueError(f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "
+                             f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
         lse = lse.detach()
     grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
     loss, _, _ = kl_op(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)

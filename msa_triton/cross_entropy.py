@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import expect
 from .common import _op
 
 CE_CHUNK_ELEMS = 2 ** 29  # logits per chunk (1 GB in bf16)
@@ -98,11 +97,12 @@ _ce_op.register_autograd(_ce_grad, setup_context=_ce_setup)
 def linear_cross_entropy(h, w, y):
     """Mean cross-entropy of the logits h @ w.T against y: h (N, C), w (V, C), y int (N,), -1 = no loss.
     Same value and gradients as msa_ref.linear_cross_entropy, computed chunk by chunk (see above)."""
-    expect(h.dim() == 2 and w.dim() == 2 and h.shape[1] == w.shape[1],
-           f"h must be (N, C) and w (V, C) with the same C, got {tuple(h.shape)} and {tuple(w.shape)}")
-    expect(y.shape == (h.shape[0],) and not y.is_floating_point(),
-           f"y must be integer targets of shape ({h.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-    expect(h.device == w.device == y.device, f"h, w, y must be on one device, got {h.device}, {w.device}, {y.device}")
+    if not (h.dim() == 2 and w.dim() == 2 and h.shape[1] == w.shape[1]):
+        raise ValueError(f"h must be (N, C) and w (V, C) with the same C, got {tuple(h.shape)} and {tuple(w.shape)}")
+    if not (y.shape == (h.shape[0],) and not y.is_floating_point()):
+        raise ValueError(f"y must be integer targets of shape ({h.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if not (h.device == w.device == y.device):
+        raise ValueError(f"h, w, y must be on one device, got {h.device}, {w.device}, {y.device}")
     # the dtype the logits would have: autocast's if it is on (it does not reach inside the op's explicit casts),
     # else h's; gradients only where a backward can come (eval would pay 3x)
     dev = h.device.type

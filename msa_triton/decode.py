@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import check_cache_lens, check_decode_inputs, expect
+from msa_checks import check_cache_lens, check_decode_inputs
 from .common import (INT64_MIN, LOG2E, _checking, _fp8_rows, _key_block, _op, _pow2, _prec, _softmax_finish,
                      _softmax_rescale, _sortable_key, _strides)
 
@@ -304,8 +304,8 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     (common.checks), and clamped to [1, Tmax] by the kernels.
     """
     check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale, values=False)
-    if ki_scale is not None:
-        expect(q.is_cuda, f"an fp8 index-key cache needs CUDA tensors, got {q.device}")
+    if ki_scale is not None and not q.is_cuda:
+        raise ValueError(f"an fp8 index-key cache needs CUDA tensors, got {q.device}")
     return torch.ops.nanomsa.sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import check_inputs, expect
+from msa_checks import check_inputs
 from msa_ref import fp8_quantize
 from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block,
                      _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile, _sortable_key,
@@ -98,8 +98,8 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
     fp8=True (GPU only) scores in float8 e4m3 (twice the matrix rate on Hopper): msa_ref.index_topk(fp8=True) up
     to the fp8 MMA's accumulation, the selection of slightly perturbed scores (DESIGN.md section 4)."""
     check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
-    if fp8:
-        expect(qi.is_cuda, f"fp8=True needs CUDA tensors, got {qi.device}")
+    if fp8 and not qi.is_cuda:
+        raise ValueError(f"fp8=True needs CUDA tensors, got {qi.device}")
     return torch.ops.nanomsa.index_topk(qi.detach(), ki.detach(), block_size, topk, fp8)
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import check_block_idx, check_inputs, expect
+from msa_checks import check_block_idx, check_inputs
 from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _checking, _kernel_limits, _kl_call, _kl_custom_op, _op, _pow2, _prec,
                      _softmax_finish, _softmax_rescale, _strides)
 
@@ -602,7 +602,8 @@ def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
     here, with the loss); backward 1-2 per gradient (scale by the incoming gradient, cast)."""
     def limits(Hkv):                                                           # after _kl_call's shape checks
         _kernel_limits(q, q, q, Hkv, block_size)                              # k may differ: it is cast
-        expect(qi.dtype in (torch.float16, torch.bfloat16, torch.float32),
-               f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
-        expect(qi.shape[3] <= 128, f"index dim Di must be <= 128, got {qi.shape[3]}")
+        if qi.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
+        if qi.shape[3] > 128:
+            raise ValueError(f"index dim Di must be <= 128, got {qi.shape[3]}")
     return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse, limits)
