@@ -545,8 +545,8 @@ def count_ops(fn):
 
 
 def bench_launches(args):
-    """The host operations of one MSA training step (index_topk, sparse_attention, kl_loss given the attention's
-    lse, their backward) on each path (tile.FORCE) at the model's head shape, K in 4 and 8, one token chunk. On a
+    """The host operations of one MSA training step (index_topk, sparse_attention_kl: the attention and kl_loss given
+    its lse, their backward) on each path (tile.FORCE) at the model's head shape, K in 4 and 8, one token chunk. On a
     CPU (TRITON_INTERPRET=1, float32, a short T) as on a GPU; the counts hardly depend on T or B."""
     from msa_triton import tile
     rows = []
@@ -566,8 +566,7 @@ def bench_launches(args):
             def step():
                 with torch.no_grad():
                     idx = msa_triton.index_topk(qi, ki, bs, K)
-                o, lse = msa_triton.sparse_attention(q, k, v, idx, bs)
-                kl = msa_triton.kl_loss(q, k, qi, ki, idx, bs, lse=lse)
+                o, _, kl = msa_triton.sparse_attention_kl(q, k, v, qi, ki, idx, bs)
                 return torch.autograd.grad([o, kl], [q, k, v, qi, ki], [dout, torch.ones_like(kl)])
             for path in ("kv", "tile"):
                 tile.FORCE = path
@@ -651,8 +650,7 @@ def bench_small(args):
             def msa_step():
                 with torch.no_grad():
                     idx = msa_triton.index_topk(qi, ki, bs, K)
-                o, lse = msa_triton.sparse_attention(*qkv, idx, bs)
-                kl = msa_triton.kl_loss(q, k, qiv, kiv, idx, bs, lse=lse)
+                o, _, kl = msa_triton.sparse_attention_kl(*qkv, qiv, kiv, idx, bs)
                 return torch.autograd.grad([o, kl], qkv + [qiv, kiv], [dout, torch.ones_like(kl)])
 
             dense_ms = None

@@ -28,8 +28,8 @@ import msa_ref
 from decoding import KVCache, compiled_step, cuda_graphed, sample_token
 from moe import MoE
 
-BACKEND_FUNCTIONS = ("index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_decode",
-                     "linear_cross_entropy")
+BACKEND_FUNCTIONS = ("index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_attention_kl",
+                     "sparse_decode", "linear_cross_entropy")
 
 
 def get_backend(name="auto"):
@@ -180,19 +180,23 @@ class Attention(nn.Module):
         if cache is not None and T == 1:
             y = self._decode(q, qi, pos, cache)
         elif self.sparse and not dense:
-            y, block_idx, lse = self._sparse(q, k, v, qi, ki)
-            if kl_support is not None and self.learned:  # a blind rule has no index branch to teach
-                kl = self._kl(q, k, qi, ki, block_idx, lse, kl_support)
+            # the KL on the chosen blocks comes with the attention (one call shares its work); a blind rule has
+            # no index branch to teach
+            with_kl = kl_support == "sparse" and self.learned
+            y, _, _, kl = self._sparse(q, k, v, qi, ki, with_kl)
+            if kl_support == "dense" and self.learned:
+                kl = self._kl_dense(q, k, qi, ki)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             if kl_support is not None and self.learned:  # an MSA layer attending densely: the KL over every token
-                kl = self._kl(q, k, qi, ki, None, None, "dense")
+                kl = self._kl_dense(q, k, qi, ki)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kl
 
-    def _sparse(self, q, k, v, qi, ki):
+    def _sparse(self, q, k, v, qi, ki, with_kl=False):
         """MSA over a whole sequence: the index branch picks K blocks per query and group (no gradient through the
         choice), or a blind rule does (cfg.msa_select; qi, ki unused), the main branch attends over them.
-        Returns y (B, Hq, T, D), block_idx (B, Hkv, T, K), lse (B, Hq, T)."""
+        Returns y (B, Hq, T, D), block_idx (B, Hkv, T, K), lse (B, Hq, T) and, with_kl, the index branch's KL loss
+        on the chosen blocks (gradients to qi, ki only; the attention's lse is its teacher's normaliser), else None."""
         cfg, (B, Hkv, T, _) = self.cfg, k.shape
         with torch.no_grad():
             if self.learned:
@@ -201,18 +205,19 @@ class Attention(nn.Module):
             else:
                 block_idx = self.backend.fixed_block_idx(B, Hkv, T, cfg.msa_block_size, cfg.msa_topk, cfg.msa_select,
                                                          device=k.device)
+        if with_kl:
+            y, lse, kl = self.backend.sparse_attention_kl(q, k, v, qi, ki, block_idx, cfg.msa_block_size)
+            return y, block_idx, lse, kl
         y, lse = self.backend.sparse_attention(q, k, v, block_idx, cfg.msa_block_size)
-        return y, block_idx, lse
+        return y, block_idx, lse, None
 
-    def _kl(self, q, k, qi, ki, block_idx, lse, support):
-        """The index branch's KL loss on the chosen blocks (support 'sparse') or on every visible block ('dense').
-        Gradients reach qi, ki only. lse, the teacher's normaliser on the chosen blocks, spares the kernel a pass
-        over q . k; on another support it does not normalise, so it is not passed."""
+    def _kl_dense(self, q, k, qi, ki):
+        """The index branch's KL loss on every visible block (kl_support 'dense': the warm-up), whatever the main
+        branch read. Gradients reach qi, ki only."""
         B, Hkv, T, _ = qi.shape
         bs = self.cfg.msa_block_size
-        if support == "dense":
-            block_idx, lse = msa_ref.dense_block_idx(B, Hkv, T, bs, q.device), None
-        return self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs, lse=lse)
+        block_idx = msa_ref.dense_block_idx(B, Hkv, T, bs, q.device)
+        return self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs)
 
     def _decode(self, q, qi, pos, cache):
         """One new token: q (B, Hq, 1, D), qi (B, Hkv, 1, Di) at pos (1,), its keys already in the cache.
@@ -246,7 +251,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, pos)
         qi, ki = self.index_branch(x, pos) if self.learned else (None, None)
-        _, _, lse = self._sparse(q, k, v, qi, ki)                                 # (B, Hq, T)
+        _, _, lse, _ = self._sparse(q, k, v, qi, ki)                              # (B, Hq, T)
         every = msa_ref.dense_block_idx(B, self.cfg.n_kv_head, T, self.cfg.msa_block_size, x.device)
         _, lse_all = self.backend.sparse_attention(q, k, v, every, self.cfg.msa_block_size)  # (B, Hq, T)
         return (lse.float() - lse_all.float()).exp().mean()

@@ -169,6 +169,13 @@ def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
     return kl.mean()
 
 
+def sparse_attention_kl(q, k, v, qi, ki, block_idx, block_size):
+    """A training step's MSA layer: (out, lse) of sparse_attention and the kl_loss of the same selection given that
+    lse (the teacher q, k detached). One function, so that a fast backend can share work between the two."""
+    out, lse = sparse_attention(q, k, v, block_idx, block_size)
+    return out, lse, kl_loss(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse=lse)
+
+
 def dense_block_idx(B, Hkv, T, block_size, device=None):
     """Every visible block for every query: block_idx (B, Hkv, T, nb) with the local block last."""
     nb = math.ceil(T / block_size)

@@ -70,15 +70,20 @@ def indexer_recall(q, k, qi, ki, block_size, topk):
 
 def layer_tensors(model, x, y, patches):
     """(q, k, qi, ki) of every MSA layer of model on one batch. model.py hands exactly these to
-    backend.kl_loss, so a backend that records them is all it takes (nothing of the model is copied)."""
+    backend.sparse_attention_kl (or backend.kl_loss in the dense-KL warm-up), so a backend that records them is all
+    it takes (nothing of the model is copied)."""
     seen = []
 
     def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
         seen.append((q, k, qi, ki))
         return msa_ref.kl_loss(q, k, qi, ki, block_idx, block_size)
 
+    def sparse_attention_kl(q, k, v, qi, ki, block_idx, block_size):
+        return (*msa_ref.sparse_attention(q, k, v, block_idx, block_size), kl_loss(q, k, qi, ki, block_idx, block_size))
+
     recorder = types.SimpleNamespace(index_topk=msa_ref.index_topk, sparse_attention=msa_ref.sparse_attention,
-                                     kl_loss=kl_loss, sparse_decode=msa_ref.sparse_decode)
+                                     kl_loss=kl_loss, sparse_attention_kl=sparse_attention_kl,
+                                     sparse_decode=msa_ref.sparse_decode)
     for block in model.blocks:
         block.attn.backend = recorder
     with torch.no_grad():

@@ -16,7 +16,8 @@ import), so torch.compile traces through it without a graph break and a CUDA gra
 waits on the host. The checks that read the data (block_idx's and cache_lens' values) run in the checking mode
 only: checks(True / False / None), or NANOMSA_CHECKS=1 / 0; by default on for CPU tensors, off on CUDA.
 sparse_attention and kl_loss pick their path from the shapes alone (tile.use_tile, DESIGN.md section 4), so
-an eager call, a compiled graph and its fake implementations all take the same one.
+an eager call, a compiled graph and its fake implementations all take the same one. sparse_attention_kl, what a
+training step calls, runs both on one path and hands the attention's work lists to the KL.
 The blind selections (fixed_block_idx, select_fixed: the controls without a learned choice) are msa_ref's own
 functions: plain torch ops with no host sync, as fast as a kernel would be for them.
 """
@@ -29,8 +30,8 @@ from .cross_entropy import linear_cross_entropy
 from .decode import sparse_decode
 from .index import index_topk
 
-__all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy",
-           "attention_forward_query_outer", "checks"]
+__all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_attention_kl",
+           "sparse_decode", "linear_cross_entropy", "attention_forward_query_outer", "checks"]
 
 
 def _tile_path(q, k, block_idx, block_size):
@@ -62,3 +63,14 @@ def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
     if _tile_path(q, k, block_idx, block_size):
         return tile.kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse)
     return index.kl_loss(q, k, qi, ki, block_idx, block_size, lse)
+
+
+def sparse_attention_kl(q, k, v, qi, ki, block_idx, block_size):
+    """msa_ref.sparse_attention_kl: sparse_attention and the kl_loss of its selection given its lse, (out, lse, kl),
+    in one call so that on the KV-outer path the KL's passes read the work lists the attention built (one build
+    per selection instead of two)."""
+    if _tile_path(q, k, block_idx, block_size):
+        out, lse = tile.sparse_attention_tile(q, k, v, block_idx, block_size)
+        return out, lse, tile.kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse)
+    out, lse, lists = attention.sparse_attention(q, k, v, block_idx, block_size, with_lists=True)
+    return out, lse, index.kl_loss(q, k, qi, ki, block_idx, block_size, lse, lists)

@@ -399,17 +399,18 @@ def _fwd_grad(ctx, dout, dlse, dlists):
 _fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 
 
-def sparse_attention(q, k, v, block_idx, block_size):
+def sparse_attention(q, k, v, block_idx, block_size, with_lists=False):
     """
     q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1 padding, any order.
-    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse fp32 (B, Hq, T), as msa_ref does.
+    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse fp32 (B, Hq, T), as msa_ref does, and with
+    with_lists the work lists it built (for index.kl_loss on the same block_idx).
     Differentiable in q, k, v through out (lse is returned without gradient). Deterministic backward.
     No host sync: block_idx's values are checked only in the checking mode (common.checks); outside it,
     ids outside [0, nb) are ignored.
     """
     _check(q, k, v, block_idx, block_size, values=False)
-    out, lse, _ = torch.ops.nanomsa.sparse_attention_fwd(q, k, v, block_idx, block_size)
-    return out, lse
+    out, lse, lists = torch.ops.nanomsa.sparse_attention_fwd(q, k, v, block_idx, block_size)
+    return (out, lse, lists) if with_lists else (out, lse)
 
 
 def attention_forward_query_outer(q, k, v, block_idx, block_size):

@@ -84,8 +84,7 @@ def _kernel_limits(q, k, v, Hkv, block_size):
     """What the attention kernels of both paths support beyond msa_checks' checks, one ValueError line each:
     q, k, v of one float dtype, D <= 128, bs <= 128, G <= 64, on CUDA (or in Triton's interpreter)."""
     if not (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype):
-        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16, float32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[3] > 128:
         raise ValueError(f"head dim D must be <= 128, got {q.shape[3]}")
     if block_size > 128:
@@ -93,8 +92,7 @@ def _kernel_limits(q, k, v, Hkv, block_size):
     if q.shape[1] // Hkv > 64:
         raise ValueError(f"G = Hq / Hkv must be <= 64, got {q.shape[1] // Hkv}")
     if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton), "
-                         f"got {q.device}")
+        raise ValueError(f"tensors must be on CUDA (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
 
 
 def _pow2(n, lo=16):
@@ -505,22 +503,24 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, T, NBC, NX, BS, D,
 # kl_loss as a custom op, for both of its paths (index.py's KV-outer passes, tile.py's query tiles)
 
 def _kl_custom_op(name, launch):
-    """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse) -> (loss fp32 scalar, dqi, dki) as the custom
-    op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di) and d loss / d ki
-    (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its backward only scales them by
-    the incoming gradient. Returns the op."""
+    """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
+    custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di) and d loss /
+    d ki (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its backward only scales them by
+    the incoming gradient. lists: the attention's KV-outer work lists for this block_idx, or [] (sparse_attention_kl).
+    Returns the op."""
     @_op(name)
     def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
-              block_size: int, lse: Optional[torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              block_size: int, lse: Optional[torch.Tensor], grad: bool,
+              lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if _checking(block_idx):
             check_block_idx(block_idx, math.ceil(q.shape[2] / block_size))
-        loss, dqi, dki = launch(q, k, qi, ki, block_idx, block_size, grad, lse)
+        loss, dqi, dki = launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists)
         if not grad:
             dqi, dki = loss.new_empty(0), loss.new_empty(0)
         return loss, dqi, dki
 
     @kl_op.register_fake
-    def _(q, k, qi, ki, block_idx, block_size, lse, grad):
+    def _(q, k, qi, ki, block_idx, block_size, lse, grad, lists):
         B, Hkv, T, Di = qi.shape
         f32 = dict(dtype=torch.float32)
         return (q.new_empty((), **f32), q.new_empty((B, Hkv, T, Di) if grad else (0,), **f32),
@@ -530,20 +530,22 @@ def _kl_custom_op(name, launch):
         ctx.set_materialize_grads(False)                                       # dqi, dki get no gradient: no zeros
         ctx.save_for_backward(output[1], output[2])
         ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
+        ctx.n_lists = len(inputs[8])
 
     def backward(ctx, dloss, _dqi, _dki):
         dqi, dki = ctx.saved_tensors
         return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None)
+                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None,
+                [None] * ctx.n_lists)
 
     kl_op.register_autograd(backward, setup_context=setup)
     return kl_op
 
 
-def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None):
+def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None, lists=()):
     """What both kl_loss paths do around their op: shape checks (no host sync), then limits(Hkv) (a path's own
     checks, or None), lse's check, whether gradients are wanted; q and k enter detached (the teacher is a target).
-    Returns the loss in qi's dtype promoted to fp32."""
+    lists: the attention's work lists, if the caller has them. Returns the loss in qi's dtype promoted to fp32."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
     if limits is not None:
         limits(Hkv)
@@ -553,5 +555,5 @@ def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None):
                              f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
         lse = lse.detach()
     grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
-    loss, _, _ = kl_op(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad)
+    loss, _, _ = kl_op(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad, list(lists))
     return loss.to(torch.promote_types(qi.dtype, torch.float32))

@@ -29,9 +29,9 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows, _key_block,
-                     _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile, _sortable_key,
-                     _split_segments, _strides)
+from .common import (INT64_MIN, LN2, LOG2E, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows,
+                     _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile,
+                     _sortable_key, _split_segments, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,9 +280,10 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
     tl.store(loss_ptr + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
 
 
-def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
+def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
-    (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None."""
+    (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None.
+    lists: the attention's work lists for this block_idx (flat, as attention._forward returns them), or ()."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
@@ -304,8 +305,15 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
     dqi = torch.empty(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
     dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
     losses = []
-    # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS
-    for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size):
+    # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; where
+    # the attention cut the tokens into the same chunks (the model's shapes: one chunk), its lists serve here
+    per_slot = nchunk * max(G, Di)
+    bounds = _chunk_bounds(B, Hkv, T, K, per_slot, block_size)
+    if lists and bounds == _chunk_bounds(B, Hkv, T, K, G * D, block_size):
+        chunks = [(*c, *lists[4 * i:4 * i + 4]) for i, c in enumerate(bounds)]
+    else:
+        chunks = _chunks(block_idx, per_slot, block_size)
+    for t0, t1, nbc, slots, ent, start, cnt in chunks:
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
@@ -349,10 +357,12 @@ def _lse2_merge(x, dim):
 _kl_op = _kl_custom_op("kl_loss", _kl_launch)
 
 
-def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
+def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None, lists=()):
     """msa_ref.kl_loss on the GPU (or the Triton interpreter): mean over (b, g, t) of KL(p || r) on the
     support of block_idx. Differentiable in qi and ki only; q and k are a target and get no gradient.
     lse: optional fp32 (B, Hq, T), the lse that msa_triton.sparse_attention returned for these q, k and
     block_idx: it is the teacher's per-head lse over the support, so passing it skips recomputing it.
+    lists: optional, the work lists that the attention built for this block_idx (attention.sparse_attention with
+    with_lists=True), so that these passes do not build them again.
     No host sync: block_idx's values are checked only in the checking mode (common.checks)."""
-    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse)
+    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse, lists=lists)

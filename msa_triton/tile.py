@@ -549,9 +549,10 @@ def _kl_dki_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, rd_ptr
 # ---------------------------------------------------------------------------------------------
 # kl_loss launcher
 
-def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None):
+def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Returns the loss (fp32 scalar) and, with grad, d loss / d qi (B, Hkv, T, Di) and d loss / d ki (B, T, Di),
-    fp32. lse: sparse_attention's (B, Hq, T), or None (then the forward kernel recomputes it, without V)."""
+    fp32. lse: sparse_attention's (B, Hq, T), or None (then the forward kernel recomputes it, without V).
+    lists: unused (this path has no work lists; the op's arguments are those of the KV-outer path's)."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]

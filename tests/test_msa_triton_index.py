@@ -199,6 +199,32 @@ def test_kl_loss_hot_blocks_split(monkeypatch, bs):
     assert torch.equal(l1, l2) and torch.equal(dqi1, dqi2) and torch.equal(dki1, dki2)
 
 
+@pytest.mark.parametrize("B, Hq, Hkv, T, D, Di, bs, K, chunk_elems, shared", [
+    (2, 4, 2, 45, 16, 16, 8, 3, None, True),             # one chunk in both
+    (1, 3, 3, 60, 16, 16, 4, 3, 3 * 3 * 16 * 20, True),  # G = 1, D = Di: the same three chunks of 20 tokens
+    (1, 4, 2, 60, 16, 16, 4, 3, 2 * 3 * 32 * 20, False),  # G * D > Di: the attention's 3 chunks, the KL's 2
+])
+def test_kl_loss_with_the_attentions_lists(monkeypatch, B, Hq, Hkv, T, D, Di, bs, K, chunk_elems, shared):
+    """kl_loss given the work lists that sparse_attention built for the same block_idx (what sparse_attention_kl
+    does) equals msa_ref; where the attention cut the tokens into the KL's chunks, the KL builds no lists of its
+    own, elsewhere it builds them."""
+    from msa_triton import attention
+    if chunk_elems:
+        monkeypatch.setattr(common, "PARTIAL_ELEMS", chunk_elems)
+    q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, seed=7)
+    (_, (l0, dqi0, dki0)) = kl_both(q, k, qi, ki, idx, bs)
+    _, lse, lists = attention.sparse_attention(q, k, k, idx, bs, with_lists=True)
+    built = []
+    monkeypatch.setattr(mti, "_chunks", lambda *a: built.append(1) or common._chunks(*a))
+    qg, kg = qi.clone().requires_grad_(), ki.clone().requires_grad_()
+    loss = mti.kl_loss(q, k, qg, kg, idx, bs, lse=lse, lists=lists)
+    loss.backward()
+    assert bool(built) != shared
+    assert torch.allclose(loss.detach(), l0, rtol=1e-5, atol=1e-6)
+    for a, b in ((qg.grad, dqi0), (kg.grad, dki0)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_kl_loss_grads_reach_only_the_index_branch():
     q, k, qi, ki, idx = kl_case(1, 2, 1, 12, 16, 16, 4, 2)
     q, k = q.requires_grad_(), k.requires_grad_()

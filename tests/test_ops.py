@@ -82,14 +82,15 @@ def opcheck_cases():
         "index_topk": (torch.ops.nanomsa.index_topk, (qi, ki, bs, K, False)),
         "sparse_attention_fwd": (torch.ops.nanomsa.sparse_attention_fwd, (dq, dk, dv, bi, bs)),
         "sparse_attention_bwd": (torch.ops.nanomsa.sparse_attention_bwd, (q, k, v, out, lse, dout, lists, bs)),
-        "kl_loss": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, None, True)),
-        "kl_loss_lse": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True)),
-        "kl_loss_nograd": (torch.ops.nanomsa.kl_loss, (q, k, qi, ki, bi, bs, lse, False)),
+        "kl_loss": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, None, True, [])),
+        "kl_loss_lse": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True, [])),
+        "kl_loss_lists": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True, lists)),
+        "kl_loss_nograd": (torch.ops.nanomsa.kl_loss, (q, k, qi, ki, bi, bs, lse, False, [])),
         "sparse_attention_tile_fwd": (torch.ops.nanomsa.sparse_attention_tile_fwd, (dq, dk, dv, bi, bs, tile.ROWS)),
         "sparse_attention_tile_bwd": (torch.ops.nanomsa.sparse_attention_tile_bwd,
                                       (q, k, v, tout, tlse, dout, bi, reads, bs, tile.ROWS)),
-        "kl_loss_tile": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, None, True)),
-        "kl_loss_tile_lse": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, tlse, True)),
+        "kl_loss_tile": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, None, True, [])),
+        "kl_loss_tile_lse": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, tlse, True, [])),
         "sparse_decode": (torch.ops.nanomsa.sparse_decode, (*dcase, 8, K, None)),
         "linear_cross_entropy": (torch.ops.nanomsa.linear_cross_entropy,
                                  (h.requires_grad_(), w.requires_grad_(), y, True, True, torch.float32)),
@@ -111,12 +112,25 @@ def compiled(fn, backend="eager"):
 
 
 def msa_step(q, k, v, qi, ki, bs, K):
-    """The MSA part of a training step: the selection (no grad), the attention and the KL loss given its lse."""
+    """The MSA part of a training step as model.py runs it: the selection (no grad), then the attention and the KL
+    loss given its lse in one call (sparse_attention_kl, which shares the attention's work lists with the KL)."""
+    with torch.no_grad():
+        bi = msa_triton.index_topk(qi, ki, bs, K)
+    return msa_triton.sparse_attention_kl(q, k, v, qi, ki, bi, bs)
+
+
+def msa_step_apart(q, k, v, qi, ki, bs, K):
+    """The same step through the two functions called one after the other."""
     with torch.no_grad():
         bi = msa_triton.index_topk(qi, ki, bs, K)
     out, lse = msa_triton.sparse_attention(q, k, v, bi, bs)
-    kl = msa_triton.kl_loss(q, k, qi, ki, bi, bs, lse=lse)
-    return out, lse, kl
+    return out, lse, msa_triton.kl_loss(q, k, qi, ki, bi, bs, lse=lse)
+
+
+def msa_step_ref(q, k, v, qi, ki, bs, K):
+    with torch.no_grad():
+        bi = msa_ref.index_topk(qi, ki, bs, K)
+    return msa_ref.sparse_attention_kl(q, k, v, qi, ki, bi, bs)
 
 
 def step_grads(step, q, k, v, qi, ki, bs, K, dout):
@@ -127,6 +141,19 @@ def step_grads(step, q, k, v, qi, ki, bs, K, dout):
     return [t.detach() for t in (out, lse, kl, *g)]
 
 
+def test_sparse_attention_kl(path):
+    """sparse_attention_kl equals sparse_attention then kl_loss given its lse (bitwise: the same kernels, and on the
+    KV-outer path the same work lists, built once) and msa_ref's, in value and gradients."""
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, _ = case()
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = step_grads(msa_step, q, k, v, qi, ki, bs, K, dout)
+    for a, b in zip(got, step_grads(msa_step_apart, q, k, v, qi, ki, bs, K, dout)):
+        assert torch.equal(a, b)
+    for a, b in zip(got, step_grads(msa_step_ref, q, k, v, qi, ki, bs, K, dout)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_each_function_without_graph_break(path):
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
     q, k, v, qi, ki, bi = case()
@@ -134,6 +161,7 @@ def test_compile_each_function_without_graph_break(path):
         "index_topk": (lambda qi, ki: msa_triton.index_topk(qi, ki, bs, K), (qi, ki)),
         "sparse_attention": (lambda q, k, v, bi: msa_triton.sparse_attention(q, k, v, bi, bs), (q, k, v, bi)),
         "kl_loss": (lambda q, k, qi, ki, bi: msa_triton.kl_loss(q, k, qi, ki, bi, bs), (q, k, qi, ki, bi)),
+        "sparse_attention_kl": (lambda *a: msa_triton.sparse_attention_kl(*a, bs), (q, k, v, qi, ki, bi)),
         "sparse_decode": (lambda *a: msa_triton.sparse_decode(*a, 8, K), decode_case()),
         "linear_cross_entropy": (lambda h, w, y: msa_triton.linear_cross_entropy(h, w, y),
                                  (q.reshape(-1, D)[:30], k.reshape(-1, D)[:7], torch.arange(30, device=DEVICE) % 8 - 1)),
@@ -304,6 +332,7 @@ def test_no_host_sync(gpu_checks_default, path):
 
     def run():
         step_grads(msa_step, q, k, v, qi, ki, bs, K, dout)
+        step_grads(msa_step_apart, q, k, v, qi, ki, bs, K, dout)
         xi = grads((qi, ki))
         torch.autograd.grad(msa_triton.kl_loss(q, k, *xi, msa_triton.index_topk(qi, ki, bs, K), bs), xi)  # no lse
         msa_triton.sparse_decode(*dcase, bs, K)
