@@ -140,7 +140,7 @@ def _(qi, ki, block_size, topk, fp8):
 # them against tiles of BLOCK_Q gathered entries (a tile = BLOCK_Q tokens of one group):
 #   1. stats (one program per segment of a block's list): per entry, the partial log-sum-exp over
 #      this block's visible tokens of every teacher head (q_h . k / sqrt(D)) and of the student
-#      (qi . ki / sqrt(Di)); torch merges the K partials into lse_h (BH, Tc, G) and lse_u (BH, Tc).
+#      (qi . ki / sqrt(Di)), written as partials that pass 2 merges into lse_h and lse_u for each row.
 #      The teacher half is skipped when the caller passes sparse_attention's lse, the same numbers;
 #   2. loss + gradient (one program per segment of a block's list; a block's further segments write their
 #      dki sums to slots that common._fixup_kernel adds in order: deterministic, no atomics):
@@ -227,21 +227,26 @@ def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_p
 
 @triton.jit
 def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
-                    lq_ptr, lu_ptr, loss_ptr, dqp_ptr, dki_ptr, dkip_ptr,
+                    lq_ptr, lup_ptr, loss_ptr, dqp_ptr, dki_ptr, dkip_ptr,
                     s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
                     T, t0, Tc, K, NSEG, NX, Hkv, scale_d2, scale_i2, grad_scale,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                     DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NCHUNK: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr):
-    """Pass 2, one program per segment of a KV block's list (common._split_segments). loss (BH, NSEG): sum
-    over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of each entry into dqp
-    (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of dki (B, Hkv, T, Di)
-    fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for common._fixup_kernel."""
+                    NCHUNK: tl.constexpr, KN_P: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr,
+                    TEACHER: tl.constexpr):
+    """Pass 2, one program per segment of a KV block's list (common._split_segments). The rows' lse2 come from
+    pass 1's partials, merged here: the student's from lup (BH, Tc, K*NCHUNK), each teacher head's from lq, the
+    partials (BH, Tc, K*NCHUNK, G) with TEACHER, else the lse2 (BH, Tc, G) that sparse_attention gave.
+    loss (BH, NSEG): sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of
+    each entry into dqp (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of
+    dki (B, Hkv, T, Di) fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for
+    common._fixup_kernel."""
     b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
     x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
     ent_b = ent_ptr + bh.to(tl.int64) * Tc * K
     d = tl.arange(0, D_P)
     di = tl.arange(0, DI_P)
+    kn = tl.arange(0, KN_P)                                                    # a row's partials
     loss = tl.zeros([BLOCK_Q], tl.float32)
     for c in tl.static_range(NCHUNK):
         j, kmask, k, ki = _kl_block(k_ptr, ki_ptr, b, g, kb, c, T, s_kb, s_kh, s_kt, s_kd, s_kib, s_kit, s_kid,
@@ -252,13 +257,18 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
                                              DI, BLOCK_Q)
             vis = ev[:, None] & kmask[None, :] & (j[None, :] <= t[:, None])
             row = bh.to(tl.int64) * Tc + tloc                                  # (BLOCK_Q,) row of (BH, Tc)
-            log_r = (tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2
-                     - tl.load(lu_ptr + row, mask=ev, other=0.0)[:, None])
+            pm = ev[:, None] & (kn[None, :] < K * NCHUNK)
+            part = row[:, None] * (K * NCHUNK) + kn[None, :]                   # (BLOCK_Q, KN_P) the row's partials
+            lu = tl.where(ev, _row_lse2(tl.load(lup_ptr + part, mask=pm, other=float("-inf"))), 0.0)
+            log_r = tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2 - lu[:, None]
             p = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
             for h in range(G):
                 q = tl.load(q_ptr + b * s_qb + (g * G + h) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
-                lse_h = tl.load(lq_ptr + row * G + h, mask=ev, other=0.0)
+                if TEACHER:                                                    # merged from pass 1's partials
+                    lse_h = tl.where(ev, _row_lse2(tl.load(lq_ptr + part * G + h, mask=pm, other=float("-inf"))), 0.0)
+                else:
+                    lse_h = tl.load(lq_ptr + row * G + h, mask=ev, other=0.0)
                 p += tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_d2 - lse_h[:, None])
             p = tl.where(vis, p / G, 0.0)                                      # (BLOCK_Q, BLOCK_N) teacher
             loss += tl.sum(tl.where(p > 0, p * (tl.log2(tl.where(p > 0, p, 1.0)) - log_r), 0.0), axis=1)
@@ -323,19 +333,19 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
             lqp_ptr=lqp, lup_ptr=lup, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv,
             scale_d2=scale_d2, scale_i2=scale_i2, TEACHER=lq_all is None, num_warps=4, **meta)
-        lu = _lse2_merge(lup, 2)                                               # (BH, Tc)
-        lq = _lse2_merge(lqp, 2) if lq_all is None else lq_all[:, t0:t1].contiguous()  # (BH, Tc, G)
-        del lup, lqp
-        # pass 2: the loss, and its gradient while the scores are at hand
+        lq = lqp if lq_all is None else lq_all[:, t0:t1].contiguous()          # partials, or the rows' lse2
+        # pass 2: the rows' lse2 from the partials, the loss, and its gradient while the scores are at hand
         lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, KL_SEG)
         loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
         dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
         dkip = torch.empty(BH, nx, nchunk, block_n, meta["DI_P"], dtype=torch.float32, device=dev) if grad else loss
         _kl_loss_kernel[(lo.shape[1], BH)](
             q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
-            seg_x_ptr=x, lq_ptr=lq, lu_ptr=lu, loss_ptr=loss, dqp_ptr=dqp, dki_ptr=dki if grad else loss, dkip_ptr=dkip,
-            T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=nx, Hkv=Hkv, scale_d2=scale_d2, scale_i2=scale_i2,
-            grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, GRAD=grad, num_warps=8 if on_gpu else 4, **meta)
+            seg_x_ptr=x, lq_ptr=lq, lup_ptr=lup, loss_ptr=loss, dqp_ptr=dqp, dki_ptr=dki if grad else loss,
+            dkip_ptr=dkip, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=nx, Hkv=Hkv, scale_d2=scale_d2,
+            scale_i2=scale_i2, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, KN_P=_pow2(K * nchunk, 1),
+            GRAD=grad, TEACHER=lq_all is None, num_warps=8 if on_gpu else 4, **meta)
+        del lup, lqp
         if grad:
             _fixup_kernel[(nbc, BH, nchunk)](
                 x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, T=T, NBC=nbc, NX=nx, BS=block_size, D=Di,
@@ -347,11 +357,6 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
                 D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk, num_warps=4)
     loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
     return loss, dqi, (dki.sum(1) if grad else None)
-
-
-def _lse2_merge(x, dim):
-    """log2-sum-exp2 over dim (partials of one row); -inf where every partial is -inf."""
-    return (torch.logsumexp(x * LN2, dim=dim) * LOG2E).contiguous()
 
 
 _kl_op = _kl_custom_op("kl_loss", _kl_launch)
