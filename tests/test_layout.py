@@ -106,8 +106,8 @@ def test_facade_exports_the_api():
     tree = ast.parse(repo_sources()[PACKAGE])
     names = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
     names |= {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}   # the facade's own dispatchers
-    for f in ("index_topk", "sparse_attention", "kl_loss", "sparse_decode", "linear_cross_entropy",
-              "attention_forward_query_outer"):
+    for f in ("index_topk", "sparse_attention", "kl_loss", "sparse_attention_kl", "sparse_decode",
+              "linear_cross_entropy", "attention_forward_query_outer"):
         assert f in names, f
 
 
