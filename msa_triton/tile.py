@@ -42,8 +42,8 @@ def use_tile(B, Hkv, T, K, block_size, G, D):
       a tile reads the union of its tokens' blocks, close to dense work, while the KV-outer passes read each
       chosen block once per query. A compiled model (torch.compile, whose "reduce-overhead" mode replays CUDA
       graphs) therefore takes the KV-outer path;
-    - called eagerly, the KV-outer path's ~100 small launches per training step (the work lists, the passes,
-      the combine) cost more host time than the tile path's extra reads up to TILE_MAX_T tokens, not beyond.
+    - called eagerly, the KV-outer path's small launches per training step (the work lists, the passes, the
+      combine) cost more host time than the tile path's extra reads up to TILE_MAX_T tokens, not beyond.
       A CUDA graph captured by hand (torch.cuda.graph) keeps the eager choice, so that its warm-up call has
       compiled the kernels the capture replays.
     B, Hkv and D scale both paths alike and do not enter the rule."""
