@@ -544,6 +544,15 @@ def count_ops(fn):
     return n
 
 
+def msa_train_step(q, k, v, qi, ki, dout, bs, K):
+    """One MSA training step at the model's layer, as model.py runs it: the selection (no grad), sparse_attention_kl,
+    and the gradients of out . dout + kl with respect to q, k, v, qi, ki (the leaves given)."""
+    with torch.no_grad():
+        idx = msa_triton.index_topk(qi, ki, bs, K)
+    o, _, kl = msa_triton.sparse_attention_kl(q, k, v, qi, ki, idx, bs)
+    return torch.autograd.grad([o, kl], [q, k, v, qi, ki], [dout, torch.ones_like(kl)])
+
+
 def bench_launches(args):
     """The host operations of one MSA training step (index_topk, sparse_attention_kl: the attention and kl_loss given
     its lse, their backward) on each path (tile.FORCE) at the model's head shape, K in 4 and 8, one token chunk. On a
@@ -564,10 +573,7 @@ def bench_launches(args):
             dout = torch.randn_like(q)
 
             def step():
-                with torch.no_grad():
-                    idx = msa_triton.index_topk(qi, ki, bs, K)
-                o, _, kl = msa_triton.sparse_attention_kl(q, k, v, qi, ki, idx, bs)
-                return torch.autograd.grad([o, kl], [q, k, v, qi, ki], [dout, torch.ones_like(kl)])
+                return msa_train_step(q, k, v, qi, ki, dout, bs, K)
             for path in ("kv", "tile"):
                 tile.FORCE = path
                 try:
@@ -648,10 +654,7 @@ def bench_small(args):
                     return msa_triton.sparse_attention(q, k, v, msa_triton.index_topk(qi, ki, bs, K), bs)
 
             def msa_step():
-                with torch.no_grad():
-                    idx = msa_triton.index_topk(qi, ki, bs, K)
-                o, _, kl = msa_triton.sparse_attention_kl(*qkv, qiv, kiv, idx, bs)
-                return torch.autograd.grad([o, kl], qkv + [qiv, kiv], [dout, torch.ones_like(kl)])
+                return msa_train_step(*qkv, qiv, kiv, dout, bs, K)
 
             dense_ms = None
             for impl, pas, fn in (("dense SDPA (causal, enable_gqa)", "fwd+bwd", dense_step),

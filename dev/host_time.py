@@ -18,6 +18,7 @@ import triton.language as tl
 import triton.runtime.jit as jit
 sys.path.insert(0, os.getcwd())
 import msa_triton
+from bench import msa_train_step
 from msa_triton import attention, decode, index, tile
 
 dev, dt = "cuda", torch.bfloat16
@@ -65,10 +66,7 @@ for T, path in ((1024, "tile"), (1024, "kv"), (16384, "kv")):
     dout = torch.randn_like(q)
 
     def step():
-        with torch.no_grad():
-            idx = msa_triton.index_topk(qi, ki, bs, K)
-        o, _, kl = msa_triton.sparse_attention_kl(q, k, v, qi, ki, idx, bs)
-        return torch.autograd.grad([o, kl], [q, k, v, qi, ki], [dout, torch.ones_like(kl)])
+        return msa_train_step(q, k, v, qi, ki, dout, bs, K)
 
     total = host_us(step, 20)
     launches.clear()
