@@ -198,10 +198,10 @@ def test_backward_makes_no_zero_gradients(path):
     assert not [n for n in ops.names if n.split(".")[0] in ("zeros", "zeros_like", "fill_", "full", "zero_")], ops.names
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compile_msa_step_with_backward(backend, path):
     """The MSA step traced whole, forward and backward (aot_eager: through the fake implementations and the
-    registered autograd, as inductor traces it), equal to eager."""
+    registered autograd, as inductor traces it; inductor: compiled, here to C++ around the ops), equal to eager."""
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
     q, k, v, qi, ki, _ = case()
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
