@@ -179,17 +179,12 @@ class Attention(nn.Module):
             cache.write(pos, k, v, kic, ksc)
         if cache is not None and T == 1:
             y = self._decode(q, qi, pos, cache)
-        elif self.sparse and not dense:
-            # the KL on the chosen blocks comes with the attention (one call shares its work); a blind rule has
-            # no index branch to teach
-            with_kl = kl_support == "sparse" and self.learned
-            y, _, _, kl = self._sparse(q, k, v, qi, ki, with_kl)
-            if kl_support == "dense" and self.learned:
-                kl = self._kl_dense(q, k, qi, ki)
+        elif self.sparse and not dense:  # the KL on the chosen blocks comes with the attention (one call shares work)
+            y, _, _, kl = self._sparse(q, k, v, qi, ki, with_kl=kl_support == "sparse" and self.learned)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            if kl_support is not None and self.learned:  # an MSA layer attending densely: the KL over every token
-                kl = self._kl_dense(q, k, qi, ki)
+        if kl is None and kl_support is not None and self.learned:  # the dense KL (a blind rule has nothing to teach)
+            kl = self._kl_dense(q, k, qi, ki)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kl
 
     def _sparse(self, q, k, v, qi, ki, with_kl=False):
@@ -212,8 +207,8 @@ class Attention(nn.Module):
         return y, block_idx, lse, None
 
     def _kl_dense(self, q, k, qi, ki):
-        """The index branch's KL loss on every visible block (kl_support 'dense': the warm-up), whatever the main
-        branch read. Gradients reach qi, ki only."""
+        """The index branch's KL loss on every visible block (kl_support 'dense', the warm-up, or a layer attending
+        densely), whatever the main branch read. Gradients reach qi, ki only."""
         B, Hkv, T, _ = qi.shape
         bs = self.cfg.msa_block_size
         block_idx = msa_ref.dense_block_idx(B, Hkv, T, bs, q.device)
