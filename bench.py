@@ -617,10 +617,12 @@ def bench_lists(args):
 
 
 def bench_small(args):
+    from msa_triton import tile
     rows = []
     dev, dtype = "cuda", torch.bfloat16
     Hq, Hkv, D, Di, bs = (SMALL[x] for x in ("Hq", "Hkv", "D", "Di", "bs"))
     msa_triton.checks(False)                                                   # the hot path: no host sync
+    tile.FORCE = args.path                                                     # None: the rule picks each call's path
     for K in SMALL["K"]:
         for T in args.T or SMALL["T"]:
             B = max(1, SMALL["tokens"] // T)
@@ -630,6 +632,7 @@ def bench_small(args):
             ki = torch.randn(B, T, Di, device=dev, dtype=dtype, generator=gen)
             dout = torch.randn_like(q)
             base = dict(shape="model", T=T, B=B, K=K, sel="indexer")
+            path = "tile" if tile.use_tile(B, Hkv, T, K, bs, Hq // Hkv, D) else "kv"
             block_idx = msa_triton.index_topk(qi, ki, bs, K)
             if T <= REF_MAX_T:                                                 # two batch rows against msa_ref
                 chk = check_attention(q[:2], k[:2], v[:2], block_idx[:2], bs)
@@ -658,9 +661,9 @@ def bench_small(args):
 
             dense_ms = None
             for impl, pas, fn in (("dense SDPA (causal, enable_gqa)", "fwd+bwd", dense_step),
-                                  ("MSA step", "fwd+bwd", msa_step),
-                                  ("MSA forward (index_topk + sparse_attention)", "fwd", msa_fwd),
-                                  ("MSA step, CUDA graph", "fwd+bwd", "graph")):
+                                  (f"MSA step [{path}]", "fwd+bwd", msa_step),
+                                  (f"MSA forward (index_topk + sparse_attention) [{path}]", "fwd", msa_fwd),
+                                  (f"MSA step, CUDA graph [{path}]", "fwd+bwd", "graph")):
                 try:
                     if fn == "graph":
                         fn, ops = graph_of(msa_step), 1
@@ -676,6 +679,7 @@ def bench_small(args):
             del q, k, v, qi, ki, qiv, kiv, qkv, dout, block_idx
             torch.cuda.empty_cache()
     msa_triton.checks(None)
+    tile.FORCE = None
     return rows
 
 
@@ -1004,6 +1008,8 @@ def main():
     p.add_argument("--compile_modes", nargs="+", default=["default", "reduce-overhead"],
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="model train: the torch.compile modes timed after eager (reduce-overhead: CUDA graphs)")
+    p.add_argument("--path", choices=["kv", "tile"],
+                   help="small: every MSA call on this path (tile.FORCE; default: the rule, tile.use_tile)")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
     if not torch.cuda.is_available() and args.what != ["launches"]:

@@ -31,7 +31,7 @@ ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROW
 BLOCK_Q = 32          # tokens of a kl_loss_tile tile (one row each; >= 16)
 # Smaller tiles read fewer blocks (the union of fewer tokens' lists) at a lower matrix-unit efficiency and with
 # more tiles for each dK, dV program to walk; bench.py --what paths measures ROWS = 64 and 16.
-TILE_MAX_T = 4096     # use_tile: eager calls on sequences up to this length take the tile path
+TILE_MAX_T = 2048     # use_tile: eager calls on sequences up to this length take the tile path
 
 
 def use_tile(B, Hkv, T, K, block_size, G, D):
@@ -42,8 +42,9 @@ def use_tile(B, Hkv, T, K, block_size, G, D):
       a tile reads the union of its tokens' blocks, close to dense work, while the KV-outer passes read each
       chosen block once per query. A compiled model (torch.compile, whose "reduce-overhead" mode replays CUDA
       graphs) therefore takes the KV-outer path;
-    - called eagerly, the KV-outer path's small launches per training step (the work lists, the passes, the
-      combine) cost more host time than the tile path's extra reads up to TILE_MAX_T tokens, not beyond.
+    - called eagerly, the KV-outer path's launches per training step (the work lists, the passes, the combine:
+      about three times the tile path's) cost more host time than the tile path's extra reads up to TILE_MAX_T
+      tokens; at 4K the two are level with K = 4 and the KV-outer path is ahead with K = 8, at 16K far ahead.
       A CUDA graph captured by hand (torch.cuda.graph) keeps the eager choice, so that its warm-up call has
       compiled the kernels the capture replays.
     B, Hkv and D scale both paths alike and do not enter the rule."""

@@ -174,7 +174,9 @@ def test_kl_no_grad_and_bad_lse():
 def test_use_tile_rule_and_force(monkeypatch):
     model = dict(Hkv=2, block_size=64, G=4, D=64)
     assert tile.use_tile(B=32, T=1024, K=4, **model) is True               # short: near-dense union, no lists
-    assert isinstance(tile.use_tile(B=2, T=16384, K=8, **model), bool)
+    assert tile.use_tile(B=16, T=tile.TILE_MAX_T, K=8, **model) is True
+    assert tile.use_tile(B=8, T=tile.TILE_MAX_T + 1, K=4, **model) is False  # longer: the KV-outer lists pay
+    assert tile.use_tile(B=2, T=16384, K=8, **model) is False
     assert tile.use_tile(B=1, T=1024, K=4, Hkv=2, block_size=64, G=128, D=64) is False   # beyond the kernels
     for force, want in (("tile", True), ("kv", False)):
         monkeypatch.setattr(tile, "FORCE", force)
