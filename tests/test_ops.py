@@ -19,6 +19,7 @@ import msa_ref
 import msa_triton
 from msa_triton import attention, common, tile
 from conftest import DEVICE, rand_inputs, requires_cuda
+from test_msa_triton import random_block_idx
 
 # (B, Hq, Hkv, T, D, Di, bs, K): B > 1, T not a multiple of bs, G = 2
 SHAPE = (2, 4, 2, 21, 16, 16, 8, 3)
@@ -152,6 +153,30 @@ def test_sparse_attention_kl(path):
         assert torch.equal(a, b)
     for a, b in zip(got, step_grads(msa_step_ref, q, k, v, qi, ki, bs, K, dout)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# (B, Hq, Hkv, T, D, Di, bs, K), selection: T = 1; G = 1 and K = 1 (the local block alone); block 0 in every token's
+# list (a sink) beside shuffled random blocks
+KL_EDGES = [((1, 2, 1, 1, 16, 16, 8, 2), "index"), ((2, 2, 2, 19, 16, 16, 8, 1), "index"),
+            ((1, 4, 2, 40, 16, 16, 8, 3), "sink")]
+
+
+@pytest.mark.parametrize("shape,kind", KL_EDGES)
+def test_sparse_attention_kl_edges(path, shape, kind):
+    """sparse_attention_kl against msa_ref's at the edges, values and gradients, on both paths."""
+    B, Hq, Hkv, T, D, Di, bs, K = shape
+    q, k, v, qi, ki, bi = case(shape, seed=2)
+    if kind == "sink":
+        bi = random_block_idx(B, Hkv, T, bs, K, seed=3)
+        bi[..., 0] = 0
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    res = []
+    for impl in (msa_triton, msa_ref):
+        x = grads((q, k, v, qi, ki))
+        out, lse, kl = impl.sparse_attention_kl(*x, bi, bs)
+        res.append([out, lse, kl, *torch.autograd.grad((out * dout).sum() + kl, x)])
+    for name, a, b in zip(("out", "lse", "kl", "dq", "dk", "dv", "dqi", "dki"), *res):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_compile_each_function_without_graph_break(path):
