@@ -632,8 +632,8 @@ def bench_small(args):
             ki = torch.randn(B, T, Di, device=dev, dtype=dtype, generator=gen)
             dout = torch.randn_like(q)
             base = dict(shape="model", T=T, B=B, K=K, sel="indexer")
-            path = "tile" if tile.use_tile(B, Hkv, T, K, bs, Hq // Hkv, D) else "kv"
             block_idx = msa_triton.index_topk(qi, ki, bs, K)
+            path = "tile" if msa_triton._tile_path(q, k, block_idx, bs) else "kv"
             if T <= REF_MAX_T:                                                 # two batch rows against msa_ref
                 chk = check_attention(q[:2], k[:2], v[:2], block_idx[:2], bs)
                 qr, kr = (x[:2].detach().float().requires_grad_() for x in (qi, ki))

@@ -316,10 +316,11 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; where
-    # the attention cut the tokens into the same chunks (the model's shapes: one chunk), its lists serve here
+    # the attention cut the tokens into chunks of the same lengths (the model's shapes: one chunk), its lists serve
+    # here (chunks run consecutively from token 0, so equal lengths are equal bounds; slots is (BH, Tc, K))
     per_slot = nchunk * max(G, Di)
     bounds = _chunk_bounds(B, Hkv, T, K, per_slot, block_size)
-    if lists and bounds == _chunk_bounds(B, Hkv, T, K, G * D, block_size):
+    if lists and [t1 - t0 for t0, t1, _ in bounds] == [slots.shape[1] for slots in lists[::4]]:
         chunks = [(*c, *lists[4 * i:4 * i + 4]) for i, c in enumerate(bounds)]
     else:
         chunks = _chunks(block_idx, per_slot, block_size)
