@@ -1,13 +1,13 @@
 #!/bin/bash
 # The four arms of config/train_recall.py side by side on one GPU (same batches, same seed), then report.py's
-# retrieval views of them: how rounds 5-8 of retrieval.md ran.
+# retrieval views of them: how the four-arm rounds of retrieval.md ran.
 #   bash dev/recall_arms.sh RUNS [SECONDS] [--key=value ...]     # the overrides go to every arm
 #   ARMS="dense idx" NIAH_SCALES=1 bash dev/recall_arms.sh ...    # a subset of the arms; the needle grid's scales
-# Each arm is stopped after SECONDS (default 420) as Ctrl-C stops it, with a checkpoint: run the same command with
+# Each arm is stopped after SECONDS (default 540) as Ctrl-C stops it, with a checkpoint: run the same command with
 # --init_from=resume to continue. RUNS/<arm> holds each run, RUNS/<arm>.txt its output, RUNS/*.png the figures.
 set -u
 runs=${1:?usage: bash dev/recall_arms.sh RUNS [SECONDS] [--key=value ...]}
-seconds=${2:-420}
+seconds=${2:-540}
 shift $(( $# >= 2 ? 2 : 1 ))
 arms=${ARMS:-dense idx local random}
 mkdir -p "$runs"
