@@ -424,12 +424,16 @@ def _chunk_bounds(B, Hkv, T, K, per_slot, block_size):
     return [(t0, min(T, t0 + Tc), math.ceil(min(T, t0 + Tc) / block_size)) for t0 in range(0, T, Tc)]
 
 
-def _chunks(block_idx, per_slot, block_size):
+def _chunks(block_idx, per_slot, block_size, lists=()):
     """The selection as KV-outer work lists, chunk by chunk of tokens (_chunk_bounds): yields
     (t0, t1, nbc, slots, ent, start, cnt) (_csr). A generator, so that the host builds chunk i + 1's lists
-    while the GPU runs chunk i; the attention forward keeps them for its backward, kl_loss builds its own."""
-    for t0, t1, nbc in _chunk_bounds(*block_idx.shape, per_slot, block_size):
-        yield (t0, t1, nbc, *_csr(block_idx, t0, t1, nbc))
+    while the GPU runs chunk i. lists: lists built before for this block_idx (flat, four tensors a chunk, as the
+    attention forward keeps them for its backward): they serve when their chunks are these chunks (chunks run
+    consecutively from token 0, so equal lengths are equal bounds; slots is (BH, Tc, K)), else they are built."""
+    bounds = _chunk_bounds(*block_idx.shape, per_slot, block_size)
+    reuse = bool(lists) and [t1 - t0 for t0, t1, _ in bounds] == [slots.shape[1] for slots in lists[::4]]
+    for i, (t0, t1, nbc) in enumerate(bounds):
+        yield (t0, t1, nbc, *(lists[4 * i:4 * i + 4] if reuse else _csr(block_idx, t0, t1, nbc)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows,
+from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows,
                      _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile,
                      _sortable_key, _split_segments, _strides)
 
@@ -315,16 +315,9 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     dqi = torch.empty(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
     dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
     losses = []
-    # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; where
-    # the attention cut the tokens into chunks of the same lengths (the model's shapes: one chunk), its lists serve
-    # here (chunks run consecutively from token 0, so equal lengths are equal bounds; slots is (BH, Tc, K))
-    per_slot = nchunk * max(G, Di)
-    bounds = _chunk_bounds(B, Hkv, T, K, per_slot, block_size)
-    if lists and [t1 - t0 for t0, t1, _ in bounds] == [slots.shape[1] for slots in lists[::4]]:
-        chunks = [(*c, *lists[4 * i:4 * i + 4]) for i, c in enumerate(bounds)]
-    else:
-        chunks = _chunks(block_idx, per_slot, block_size)
-    for t0, t1, nbc, slots, ent, start, cnt in chunks:
+    # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; the
+    # attention's lists serve where it cut the same chunks (the model's shapes: one chunk)
+    for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size, lists):
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
