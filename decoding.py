@@ -69,7 +69,10 @@ def compiled_step(fn, backend):
     Compiling happens at the first call; if it fails, one line says why and fn itself runs from then on (tok and
     pos are restored first; the cache and out rows it may have written are written again, with the same values).
     """
-    compiled, chosen = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend), None
+    # inductor's combo kernels: independent small kernels (a layer's norms, its routing, its cache writes) run as one
+    # launch, which a step of ~150 one-token kernels pays for in launches, not in bytes
+    options = dict(combo_kernels=True) if backend == "inductor" else None
+    compiled, chosen = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, options=options), None
 
     def call(tok, pos, *args):
         nonlocal chosen
