@@ -30,9 +30,18 @@ from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
-# each further segment costs a dK, dV partial and a fix-up pass. Tuned on Hopper; see bench.py.
+# each further segment costs a dK, dV partial and a fix-up pass; in a chunk of at most BWD_SMALL entries (the
+# model's shapes up to 16K tokens, a launch of a few waves) shorter ones pay, more programs sharing the work.
+# Tuned on Hopper; see bench.py.
 SEG = 128
 BWD_SEG = 1024
+BWD_SEG_SMALL = 256
+BWD_SMALL = 1 << 20
+
+
+def _bwd_seg(n_entries):
+    """Entries per backward program for a chunk of n_entries (token, slot) entries over all (batch, group)."""
+    return BWD_SEG_SMALL if n_entries <= BWD_SMALL else BWD_SEG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +271,8 @@ def _tiles(kind, D, G_P, BLOCK_N):
     take part of a block: fewer registers, but one more dq partial per slot); maxnreg caps registers per thread
     so that more programs share an SM (None: the compiler's choice)."""
     if kind == "combine":
-        return dict(ROWS=max(G_P, 32), num_warps=2)   # 2 warps: more programs, more loads in flight per SM
+        # few warps: more programs, more loads in flight per SM (1 at the model's D = 64, 2 at D = 128)
+        return dict(ROWS=max(G_P, 32), num_warps=1 if D <= 64 else 2)
     if kind == "fwd":
         return dict(ROWS=max(G_P, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=None)
     if D > 64:   # whole blocks, 2 tokens x 16 heads a tile: half the dq partials and gathers of 64 x 64 tiles
@@ -324,7 +334,8 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     for i, (t0, t1, nbc) in enumerate(_chunk_bounds(B, Hkv, T, K, G * D, block_size)):
         slots, ent, start, cnt = lists[4 * i:4 * i + 4]
-        lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, BWD_SEG)
+        seg = _bwd_seg(B * Hkv * (t1 - t0) * K)
+        lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, seg)
         dkp, dvp = torch.empty(2, B * Hkv, NX, NSUB, tiles["BLOCK_N"], c["D_P"], device=q.device, dtype=torch.float32)
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
         _bwd_kv_kernel[(lo.shape[1], B * Hkv, NSUB)](

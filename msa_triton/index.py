@@ -299,8 +299,10 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
     dev = q.device
     on_gpu = q.is_cuda
-    block_q = 64 if on_gpu else 16        # 64 x 128 tiles, 8 warps (tuned on Hopper; see bench.py)
+    block_q = 64 if on_gpu else 16        # tiles of 64 entries x a block (tuned on Hopper; see bench.py)
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
+    # pass 2's launch: 8 warps for 128-key tiles; 4 and no software pipelining for 64 keys or fewer
+    loss_opts = dict(num_warps=8) if on_gpu and block_n > 64 else dict(num_warps=4, num_stages=1)
     nchunk = triton.cdiv(block_size, block_n)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
@@ -338,7 +340,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             seg_x_ptr=x, lq_ptr=lq, lup_ptr=lup, loss_ptr=loss, dqp_ptr=dqp, dki_ptr=dki if grad else loss,
             dkip_ptr=dkip, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=nx, Hkv=Hkv, scale_d2=scale_d2,
             scale_i2=scale_i2, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, KN_P=_pow2(K * nchunk, 1),
-            GRAD=grad, TEACHER=lq_all is None, num_warps=8 if on_gpu else 4, **meta)
+            GRAD=grad, TEACHER=lq_all is None, **loss_opts, **meta)
         del lup, lqp
         if grad:
             _fixup_kernel[(nbc, BH, nchunk)](

@@ -143,20 +143,25 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-# (shape, dtype, BWD_SEG, PARTIAL_ELEMS): NSUB = 1 and 2, D > 64, and on a GPU the M3 layout with the real settings
+# (shape, dtype, backward segment, PARTIAL_ELEMS): NSUB = 1 and 2, D > 64, and on a GPU the M3 layout with the real
+# settings (None: the segment that attention._bwd_seg picks)
 HOT = [((1, 4, 2, 70, 16, 8, 3), torch.float32, 4, 16384), ((1, 2, 1, 150, 16, 96, 2), torch.float32, 4, 16384),
        ((1, 4, 2, 70, 72, 16, 3), torch.float32, 4, 16384)]
-HOT += [((1, 64, 4, 2048, 128, 128, 16), torch.bfloat16, attention.BWD_SEG, common.PARTIAL_ELEMS)] if GPU else []
+HOT += [((1, 64, 4, 2048, 128, 128, 16), torch.bfloat16, None, common.PARTIAL_ELEMS)] if GPU else []
 
 
 @pytest.mark.parametrize("shape, dtype, seg, partial", HOT)
 def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
     """A block chosen by many tokens (block 0 by every token here, as an attention sink would be) is split over
-    several backward programs of BWD_SEG entries; their dK, dV sums are added in a fixed order: equal to the
+    several backward programs of seg entries; their dK, dV sums are added in a fixed order: equal to the
     reference, bitwise the same in two runs, across chunks of T too."""
-    monkeypatch.setattr(attention, "BWD_SEG", seg)
-    monkeypatch.setattr(common, "PARTIAL_ELEMS", partial)
     B, Hq, Hkv, T, D, bs, K = shape
+    if seg is None:
+        seg = attention._bwd_seg(B * Hkv * T * K)
+    else:
+        monkeypatch.setattr(attention, "BWD_SEG", seg)
+        monkeypatch.setattr(attention, "BWD_SEG_SMALL", seg)
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", partial)
     q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=9)
     block_idx = random_block_idx(B, Hkv, T, bs, K, seed=9)
     block_idx[..., 0] = 0
@@ -168,6 +173,15 @@ def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
     again, _ = run_both(q, k, v, block_idx, bs, dout)
     for a, b in zip(got[2:], again[2:]):
         assert torch.equal(a, b)
+
+
+def test_backward_segments_by_chunk_size():
+    """Short backward segments for a chunk of few entries (more programs in a launch of a few waves), long ones
+    beyond BWD_SMALL entries (fewer dK, dV partials and fix-up work)."""
+    assert attention._bwd_seg(32 * 2 * 1024 * 4) == attention.BWD_SEG_SMALL < attention.BWD_SEG
+    assert attention._bwd_seg(attention.BWD_SMALL) == attention.BWD_SEG_SMALL
+    assert attention._bwd_seg(attention.BWD_SMALL + 1) == attention.BWD_SEG
+    assert attention._bwd_seg(4 * 32768 * 16) == attention.BWD_SEG                  # the M3 layer at 32K
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if GPU else []))
