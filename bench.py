@@ -830,7 +830,7 @@ def bench_generate(args, build, add, g):
     """bench_model's gen part (see there). build(attention) -> a fresh model in float32, add(...) records a row,
     g the generator of the random prompts."""
     import data
-    from decoding import KVCache
+    from decoding import KVCache, compiled_step
     dev = "cuda"
     T0, n_new, T_long = 512, 256, 32768
     prompt = torch.randint(0, data.EOT, (8, T0), device=dev, generator=g)
@@ -888,7 +888,7 @@ def bench_generate(args, build, add, g):
                 m16(prompt[:1], cache=cache)
                 tok, pos = prompt[:1, -1:].clone(), torch.tensor([T0], device=dev)
                 out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)
-                step = torch.compile(m16.decode_step, fullgraph=True, dynamic=False) if compiled else m16.decode_step
+                step = compiled_step(m16.decode_step, "inductor") if compiled else m16.decode_step  # as generate()
                 impl = f"decode step B=1, {decode} decode, {'compiled' if compiled else 'eager'}: GPU ops"
                 try:
                     add(impl, "one step", kernels=gpu_ops(lambda: step(tok, pos, cache, out, None, 0, None)))

@@ -21,7 +21,7 @@ sys.path.insert(0, os.getcwd())
 import data
 from configurator import read_config_file
 from model import GPT, GPTConfig, gpu_peak_flops
-from decoding import KVCache
+from decoding import KVCache, compiled_step
 OUT = os.environ.get("OUT", "/tmp")
 dev = "cuda"
 conf = read_config_file("config/train_gpu.py")
@@ -102,7 +102,7 @@ if "decode" in parts:
             m(prompt, cache=cache)
             tok, pos = prompt[:, -1:].clone(), torch.tensor([T0], device=dev)
             out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)
-            step = torch.compile(m.decode_step, fullgraph=True, dynamic=False)
+            step = compiled_step(m.decode_step, "inductor")                  # as generate() compiles it
             cnt, kt = kernels(lambda: step(tok, pos, cache, out, None, 0, None), f"decode_{decode}", n=4)
             s = f"decode B=1 {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
             print(s); summary.append(s)
