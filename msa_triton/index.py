@@ -302,7 +302,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     block_q = 64 if on_gpu else 16        # tiles of 64 entries x a block (tuned on Hopper; see bench.py)
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     # pass 2's launch: 8 warps for 128-key tiles; 4 and no software pipelining for 64 keys or fewer
-    loss_opts = dict(num_warps=8) if on_gpu and block_n > 64 else dict(num_warps=4, num_stages=1)
+    loss_opts = dict(num_warps=8) if block_n > 64 else dict(num_warps=4, num_stages=1)
     nchunk = triton.cdiv(block_size, block_n)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
