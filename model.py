@@ -257,7 +257,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.n_embd), nn.RMSNorm(cfg.n_embd)
         self.attn = Attention(cfg, sparse, backend)
-        self.moe = MoE(cfg)
+        self.moe = MoE(cfg, getattr(backend, "expert_mix", None))  # msa_triton's on a GPU; msa_ref has none
 
     def forward(self, x, pos, cache=None, kl_support=None, rot=None, stats=True, dense=False):
         """x (B, T, C) at positions pos (T,) -> x (B, T, C), the KL (or None), the MoE's balance and load (None

@@ -8,7 +8,9 @@ An expert's gate and up projections sit side by side in one (C, 2H) matrix (one 
 shared expert is stored after the routed ones: w13 (E + 1, C, 2H), w2 (E + 1, H, C).
 A training step routes with moe_dispatch: the (token, expert) assignments sorted by expert, every expert's
 product over its own rows at once (grouped_mm), all on the device. A decode step's few tokens take
-moe_all_experts: every expert, the shared one included, on every token in one batched product, fewer kernels.
+moe_all_experts: every expert, the shared one included, on every token in one batched product, fewer kernels; or,
+when the tokens' chosen experts are fewer than all of them (one token: its k and the shared one), a backend's
+expert_mix (msa_triton's on a GPU), the same sum reading only the chosen experts' weights.
 """
 import math
 
@@ -152,9 +154,10 @@ class MoE(nn.Module):
     across DDP ranks, nothing outside the optimizer to checkpoint.)
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, expert_mix=None):
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.expert_hidden
+        self.expert_mix = expert_mix  # moe_all_experts' sum reading only the chosen experts (a backend's), or None
         self.k, self.E, self.n_shared = cfg.expert_topk, E, int(cfg.shared_expert)  # n_shared: 0 or 1
         self.router = nn.Linear(C, E, bias=False)
         # the routed experts, then the shared one (if any): gate and up projections side by side, and the down one
@@ -173,7 +176,16 @@ class MoE(nn.Module):
         chosen = idx.unsqueeze(-1) == torch.arange(E, device=idx.device)  # (N, k, E) one-hot
         if B * T <= MOE_FEW_TOKENS:  # gates as an (N, E) row, 0 where not chosen; the shared expert's weight 1
             weight = F.pad((chosen * gate.unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)  # (N, E')
-            out = moe_all_experts(xf, weight, self.w13, self.w2)
+            # in the products' dtype, as they are applied: a compiled step's gates, computed in another order, then
+            # round to the eager step's, and greedy decoding picks the same tokens
+            weight = weight.to(compute_dtype(xf))
+            # the decode step's product is a read of expert weights: read only the chosen ones when they are fewer
+            # than all (no gradient: expert_mix has none)
+            fewer = B * T * (self.k + self.n_shared) < E + self.n_shared
+            if self.expert_mix is not None and fewer and xf.is_cuda and not torch.is_grad_enabled():
+                out = self.expert_mix(xf, weight, self.w13, self.w2)
+            else:
+                out = moe_all_experts(xf, weight, self.w13, self.w2)
         else:
             out = moe_dispatch(xf, idx, gate, self.w13[:E], self.w2[:E])
             if self.n_shared:

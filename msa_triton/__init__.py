@@ -10,6 +10,7 @@ them all.
   index.py           index_topk (which blocks each query reads) and kl_loss on the KV-outer path
   decode.py          sparse_decode (one new token against the caches)
   cross_entropy.py   linear_cross_entropy (the language-model loss, chunked)
+  experts.py         expert_mix (a decode step's experts, reading only the chosen ones' weights)
   common.py          constants, Triton helpers, the naming convention of every kernel, the checking mode
 Each public function checks its arguments' shapes and calls custom ops (torch.ops.nanomsa.*, registered on
 import), so torch.compile traces through it without a graph break and a CUDA graph can capture it: no call
@@ -28,10 +29,11 @@ from .attention import attention_forward_query_outer
 from .common import checks
 from .cross_entropy import linear_cross_entropy
 from .decode import sparse_decode
+from .experts import expert_mix
 from .index import index_topk
 
 __all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_attention_kl",
-           "sparse_decode", "linear_cross_entropy", "attention_forward_query_outer", "checks"]
+           "sparse_decode", "linear_cross_entropy", "expert_mix", "attention_forward_query_outer", "checks"]
 
 
 def _tile_path(q, k, block_idx, block_size):

@@ -1,0 +1,124 @@
+"""
+The experts of a decode step in Triton: expert_mix computes moe.moe_all_experts (the sum over experts of each
+token's gate times the expert's output) while reading only the experts that some token chose. Not MSA, but most
+of the bytes of a batch-1 decode step: moe_all_experts' batched product reads every expert's weights (nine at the
+default config, ~28 MB a layer in bf16) to multiply most of them by a gate of 0.
+
+A row times a matrix is a few FLOPs per byte, so the time is the weights' read, and a read runs at the memory's
+speed only with enough bytes in flight: each program loads its whole strip of weights in one go (no loop of small
+dependent loads), and there are a few hundred programs. Programs of a (token, expert) pair whose gate is 0 return
+at once, so a token's k routed experts and the shared one are all that is read. Products run as broadcast
+multiply-and-sum on the CUDA cores (the tensor cores need 16 rows), accumulated in fp32. Two launches:
+  1. up:   h[n, e, j] = silu(x[n] . w13[e, :, j]) * (x[n] . w13[e, :, H + j]), UP_COLS hidden units a program;
+  2. down: part[n, e, s, c] = weight[n, e] * (h[n, e, slice s] . w2[e, slice s, c]), the hidden units in
+           DOWN_SPLIT slices (more programs for one token), DOWN_COLS output columns a program;
+then the partial sums are added in a fixed order outside the op (deterministic), where a compiled model fuses
+that sum into what follows.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import _op
+
+# Tile sizes (tuned on Hopper at the default model's experts, C=512, H=1024; see dev/decode.md)
+UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip of the gate and of the up weights
+DOWN_COLS = 64     # output columns per program of the down kernel
+DOWN_SPLIT = 8     # slices of the hidden units, one program each: a (H / 8, 64) strip of w2
+MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
+
+
+@triton.jit
+def _up_kernel(x_ptr, wt_ptr, w13_ptr, h_ptr, C, H, E, s_xn, s_xc, s_we, s_wc,
+               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program = one (token n, expert e) pair x BLOCK_H hidden units j; nothing read or written where
+    weight[n, e] == 0. h (N, E, H) fp32."""
+    pair = tl.program_id(0)                                                    # n * E + e
+    n, e = pair // E, pair % E
+    if tl.load(wt_ptr + pair) != 0:
+        j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                 # (BLOCK_H,) hidden units
+        jm = j < H
+        gate = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        w_e = w13_ptr + e.to(tl.int64) * s_we
+        for c0 in range(0, C, BLOCK_C):                                        # one piece when C <= BLOCK_C
+            c = c0 + tl.arange(0, BLOCK_C)                                     # (BLOCK_C,) input features
+            cm = c < C
+            xc = tl.load(x_ptr + n * s_xn + c * s_xc, mask=cm, other=0.0).to(tl.float32)
+            w = w_e + c[:, None].to(tl.int64) * s_wc + j[None, :]              # (BLOCK_C, BLOCK_H) gate columns
+            m = cm[:, None] & jm[None, :]
+            wg = tl.load(w, mask=m, other=0.0)                                 # both strips' loads issued
+            wu = tl.load(w + H, mask=m, other=0.0)                             # before either sum
+            gate += tl.sum(xc[:, None] * wg.to(tl.float32), axis=0)
+            up += tl.sum(xc[:, None] * wu.to(tl.float32), axis=0)
+        tl.store(h_ptr + pair * H + j, gate * tl.sigmoid(gate) * up, mask=jm)
+
+
+@triton.jit
+def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, E, s_we, s_wh, PER,
+                 SPLIT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program = one (token n, expert e) pair x BLOCK_C output columns c x the s-th slice of PER hidden units:
+    part[n, e, s, c] = weight[n, e] * (h[n, e, slice] . w2[e, slice, c]); zeros where weight[n, e] == 0 (w2 and h
+    not read). part (N, E, SPLIT, C) fp32."""
+    pair, sp = tl.program_id(0), tl.program_id(2)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                    # (BLOCK_C,) output columns
+    cm = c < C
+    wt = tl.load(wt_ptr + pair)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if wt != 0:
+        e = pair % E
+        w_e = w2_ptr + e.to(tl.int64) * s_we
+        for j0 in range(sp * PER, tl.minimum(sp * PER + PER, H), BLOCK_J):  # one piece when PER <= BLOCK_J
+            j = j0 + tl.arange(0, BLOCK_J)                                     # (BLOCK_J,) hidden units
+            jm = (j < sp * PER + PER) & (j < H)
+            hj = tl.load(h_ptr + pair * H + j, mask=jm, other=0.0)             # (BLOCK_J,) fp32
+            w = tl.load(w_e + j[:, None].to(tl.int64) * s_wh + c[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+            acc += tl.sum(hj[:, None] * w.to(tl.float32), axis=0)
+        acc = acc * wt
+    tl.store(p_ptr + (pair * SPLIT + sp) * C + c, acc, mask=cm)
+
+
+# The two kernels as one custom op (torch.compile traces through it): it returns the (N, E, DOWN_SPLIT, C) fp32
+# partial sums, which expert_mix adds up outside the op. Offsets inside a weight tensor are int64; those of x, h
+# and the partials (N * E * max(H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
+
+@_op("expert_mix")
+def _mix_op(x: torch.Tensor, weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    N, C = x.shape
+    E, H = w13.shape[0], w2.shape[1]
+    h = torch.empty(N, E, H, device=x.device, dtype=torch.float32)            # rows of unchosen pairs stay unwritten
+    part = torch.empty(N, E, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
+    block_c = min(triton.next_power_of_2(C), MAX_STRIP // UP_COLS)
+    _up_kernel[(N * E, triton.cdiv(H, UP_COLS))](
+        x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=E, s_xn=x.stride(0), s_xc=x.stride(1),
+        s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4)
+    per = triton.cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
+    _down_kernel[(N * E, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
+        h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, E=E, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
+        SPLIT=DOWN_SPLIT, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // DOWN_COLS), BLOCK_C=DOWN_COLS,
+        num_warps=4)
+    return part
+
+
+@_mix_op.register_fake
+def _(x, weight, w13, w2):
+    return x.new_empty(x.shape[0], w13.shape[0], DOWN_SPLIT, x.shape[1], dtype=torch.float32)
+
+
+def expert_mix(x, weight, w13, w2):
+    """moe.moe_all_experts without its gradient: out[n] = sum over e of weight[n, e] * expert_e(x[n]), the experts
+    with weight 0 skipped (not read). x (N, C); weight (N, E), 0 where a token did not choose an expert (1 for a
+    shared one); w13 (E, C, 2H) each expert's gate and up projections side by side, w2 (E, H, C) -> (N, C) in x's
+    dtype. Products accumulate in fp32 whatever the weights' dtype. No gradient: decoding only."""
+    N, C = x.shape if x.dim() == 2 else (None, None)
+    if N is None or w13.dim() != 3 or w2.dim() != 3 or w13.shape[1] != C or w13.shape[2] != 2 * w2.shape[1] \
+            or w2.shape[0] != w13.shape[0] or w2.shape[2] != C or tuple(weight.shape) != (N, w13.shape[0]):
+        raise ValueError(f"expert_mix wants x (N, C), weight (N, E), w13 (E, C, 2H), w2 (E, H, C); got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
+    if not (x.device == weight.device == w13.device == w2.device):
+        raise ValueError(f"x, weight, w13, w2 must be on one device, got {x.device}, {weight.device}, "
+                         f"{w13.device}, {w2.device}")
+    # the weights' last dimension read contiguously (views of a stacked parameter keep it so)
+    w13, w2 = (w if w.stride(2) == 1 else w.contiguous() for w in (w13, w2))
+    part = torch.ops.nanomsa.expert_mix(x, weight.float().contiguous(), w13, w2)
+    return part.sum((1, 2)).to(x.dtype)                                        # (N, C): experts and slices added in order
