@@ -176,8 +176,8 @@ class MoE(nn.Module):
         chosen = idx.unsqueeze(-1) == torch.arange(E, device=idx.device)  # (N, k, E) one-hot
         if B * T <= MOE_FEW_TOKENS:  # gates as an (N, E) row, 0 where not chosen; the shared expert's weight 1
             weight = F.pad((chosen * gate.unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)  # (N, E')
-            # in the products' dtype, as they are applied: a compiled step's gates, computed in another order, then
-            # round to the eager step's, and greedy decoding picks the same tokens
+            # the gates in the products' dtype, as moe_all_experts applies them; so rounded, a compiled step's gates
+            # (summed in another order) equal the eager step's, and greedy decoding picks the same tokens
             weight = weight.to(compute_dtype(xf))
             # the decode step's product is a read of expert weights: read only the chosen ones when they are fewer
             # than all (no gradient: expert_mix has none)
