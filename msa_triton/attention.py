@@ -84,7 +84,7 @@ def _kv_block(k_ptr, v_ptr, b, g, kb, jn, T, BS, D, s_kb, s_kh, s_kt, s_kd, s_vb
 @triton.jit
 def _fwd_kv_kernel(q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
-                   T, t0, Tc, K, NSEG, Hkv, BS, D, scale2,
+                   T, t0, Tc, K: tl.constexpr, NSEG, Hkv, BS, D, scale2,
                    G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    D_P: tl.constexpr, PREC: tl.constexpr):
     """One program = one segment of one KV block's list of (token, slot) entries, for one (batch, group).
@@ -188,7 +188,7 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, T, Hq, s_ob, s_oh, s_ot, s_od, s_
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_ptr, dv_ptr, dkp_ptr, dvp_ptr,
                    ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_dob, s_doh, s_dot, s_dod,
-                   T, t0, Tc, K, NSEG, NX, Hkv, BS, D, scale, scale2,
+                   T, t0, Tc, K: tl.constexpr, NSEG, NX, Hkv, BS, D, scale, scale2,
                    G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, NSUB: tl.constexpr,
                    BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr):
     """One program = keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of one KV block (NSUB parts per block) of one
@@ -273,8 +273,8 @@ def _tiles(kind, D, G_P, BLOCK_N):
     if kind == "combine":
         # few warps: more programs, more loads in flight per SM (1 at the model's D = 64, 2 at D = 128)
         return dict(ROWS=max(G_P, 32), num_warps=1 if D <= 64 else 2)
-    if kind == "fwd":
-        return dict(ROWS=max(G_P, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=None)
+    if kind == "fwd":   # at D = 64 a cap of 168 registers fits three programs on an SM (two at the compiler's 185)
+        return dict(ROWS=max(G_P, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=168 if D <= 64 else None)
     if D > 64:   # whole blocks, 2 tokens x 16 heads a tile: half the dq partials and gathers of 64 x 64 tiles
         return dict(ROWS=max(G_P, 32), BLOCK_N=BLOCK_N, num_warps=8, num_stages=2, maxnreg=None)
     return dict(ROWS=max(G_P, 64), BLOCK_N=min(BLOCK_N, 64), num_warps=4, num_stages=2, maxnreg=None)

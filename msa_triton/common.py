@@ -22,6 +22,8 @@ ascending: a counting sort in three launches (_csr). A program takes one segment
 loads the block once and runs it against tiles of the gathered rows. Segments bound a program's work, so
 a block chosen by many tokens (a sink) is split over programs; tokens run in chunks so that partial
 buffers stay under PARTIAL_ELEMS.
+An entry is token_in_chunk * K + slot; the kernels that read entries take K as a compile-time constant,
+so that splitting one (ent // K, ent % K) is a shift and a mask, not an integer division per row.
 """
 import math
 import os
@@ -440,7 +442,25 @@ def _chunks(block_idx, per_slot, block_size, lists=()):
 # kernels that finish a KV-outer pass
 
 @triton.jit
-def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K, Hkv, D,
+def _combine_one(s, acc, m, l, op_ptr, lp_ptr, slots_ptr, row0, rv, h, d, dm, D,
+                 G: tl.constexpr, WITH_LSE: tl.constexpr, NSUB: tl.constexpr):
+    """Partial s of each row merged into (acc, m, l): _combine_kernel's step."""
+    ok = rv & (tl.load(slots_ptr + row0 + s // NSUB, mask=rv, other=-1) >= 0)
+    po = (row0 * NSUB + s) * G + h
+    o = tl.load(op_ptr + po[:, None] * D + d[None, :], mask=ok[:, None] & dm, other=0.0).to(tl.float32)
+    if WITH_LSE:
+        lse2_in = tl.load(lp_ptr + po, mask=ok, other=float("-inf"))
+        m, m_ref, alpha = _softmax_rescale(m, lse2_in)
+        beta = tl.exp2(lse2_in - m_ref)
+        acc = acc * alpha[:, None] + o * beta[:, None]
+        l = l * alpha + beta
+    else:
+        acc += o
+    return acc, m, l
+
+
+@triton.jit
+def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K: tl.constexpr, Hkv, D,
                     G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, D_P: tl.constexpr,
                     WITH_LSE: tl.constexpr, NSUB: tl.constexpr):
     """Merge the K partials of ROWS // G_P tokens of one (batch, group) into o (B, Hq, T, D), contiguous.
@@ -459,18 +479,15 @@ def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K, Hkv
     acc = tl.zeros((ROWS, D_P), dtype=tl.float32)
     m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((ROWS,), dtype=tl.float32)
-    for s in range(K * NSUB):
-        ok = rv & (tl.load(slots_ptr + row0 + s // NSUB, mask=rv, other=-1) >= 0)
-        po = (row0 * NSUB + s) * G + h
-        o = tl.load(op_ptr + po[:, None] * D + d[None, :], mask=ok[:, None] & dm, other=0.0).to(tl.float32)
-        if WITH_LSE:
-            lse2_in = tl.load(lp_ptr + po, mask=ok, other=float("-inf"))
-            m, m_ref, alpha = _softmax_rescale(m, lse2_in)
-            beta = tl.exp2(lse2_in - m_ref)
-            acc = acc * alpha[:, None] + o * beta[:, None]
-            l = l * alpha + beta
-        else:
-            acc += o
+    # up to 8 partials a row the loop is unrolled, so that all their loads are in flight at once; with more (the
+    # M3 shape's 16) the unrolled loads hold more tiles than the registers do, and a loop is faster
+    FEW: tl.constexpr = K * NSUB <= 8
+    if FEW:
+        for s in tl.static_range(K * NSUB):
+            acc, m, l = _combine_one(s, acc, m, l, op_ptr, lp_ptr, slots_ptr, row0, rv, h, d, dm, D, G, WITH_LSE, NSUB)
+    else:
+        for s in range(K * NSUB):
+            acc, m, l = _combine_one(s, acc, m, l, op_ptr, lp_ptr, slots_ptr, row0, rv, h, d, dm, D, G, WITH_LSE, NSUB)
     b = bh // Hkv
     g = bh % Hkv
     orow = ((b * Hkv + g) * G + h).to(tl.int64) * T + t0 + tloc               # (ROWS,) row of (B, Hq, T)

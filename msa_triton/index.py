@@ -196,7 +196,7 @@ def _row_lse2(s):
 @triton.jit
 def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, lqp_ptr, lup_ptr,
                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
-                     T, t0, Tc, K, NSEG, Hkv, scale_d2, scale_i2,
+                     T, t0, Tc, K: tl.constexpr, NSEG, Hkv, scale_d2, scale_i2,
                      G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                      DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                      NCHUNK: tl.constexpr, PREC: tl.constexpr, TEACHER: tl.constexpr):
@@ -229,7 +229,7 @@ def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_p
 def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
                     lq_ptr, lup_ptr, loss_ptr, dqp_ptr, dki_ptr, dkip_ptr,
                     s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
-                    T, t0, Tc, K, NSEG, NX, Hkv, scale_d2, scale_i2, grad_scale,
+                    T, t0, Tc, K: tl.constexpr, NSEG, NX, Hkv, scale_d2, scale_i2, grad_scale,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                     DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     NCHUNK: tl.constexpr, KN_P: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr,
@@ -262,7 +262,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
             lu = tl.where(ev, _row_lse2(tl.load(lup_ptr + part, mask=pm, other=float("-inf"))), 0.0)
             log_r = tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2 - lu[:, None]
             p = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
-            for h in range(G):
+            for h in tl.range(0, G, num_stages=2):                              # head h + 1's q loads during h
                 q = tl.load(q_ptr + b * s_qb + (g * G + h) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
                 if TEACHER:                                                    # merged from pass 1's partials
