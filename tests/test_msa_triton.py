@@ -61,6 +61,7 @@ CPU_SHAPES = [
     (1, 2, 2, 40, 24, 12, 8),     # G = 1, D and bs not powers of two, K * bs >= T: dense causal
     (1, 4, 2, 40, 72, 16, 3),     # D > 64: the backward's whole-block tiles
     (1, 2, 1, 150, 16, 96, 2),    # bs > 64, D <= 64: two backward programs per block (NSUB = 2)
+    (1, 2, 1, 70, 16, 8, 9),      # K = 9 > 8: the combine loops over a row's partials (up to 8 it is unrolled)
 ]
 GPU_SHAPES = [
     (1, 64, 4, 1000, 128, 128, 16),   # M3 head layout
