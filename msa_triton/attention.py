@@ -281,7 +281,7 @@ def _tiles(kind, D, G_P, BLOCK_N):
 
 
 def _launch_opts(t):
-    """Kernel keyword arguments from a _tiles dict (maxnreg only when set; the interpreter drops what it does not know)."""
+    """Kernel keyword arguments from a _tiles dict: the options set (maxnreg None: the compiler's choice)."""
     return {k: v for k, v in t.items() if v is not None}
 
 
