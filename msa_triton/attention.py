@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx, check_inputs
-from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _fixup_kernel,
-                     _kernel_limits, _op, _pow2, _prec, _segment, _segments, _slot_tile, _slots, _softmax_finish,
-                     _softmax_rescale, _split_segments, _strides)
+from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
+                     _fixup_kernel, _kernel_limits, _op, _pow2, _prec, _segment, _segments, _slot_tile, _slots,
+                     _softmax_finish, _softmax_rescale, _split_segments, _strides)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
@@ -310,7 +310,7 @@ def _forward(q, k, v, block_idx, block_size):
             G=G, G_P=G_P, D_P=c["D_P"], PREC=c["PREC"], **tiles)
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=op, lp_ptr=lp, slots_ptr=slots, o_ptr=out, lse_ptr=lse, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
-            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1, **ct)
+            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1, UNROLL=_combine_unroll(K, 1), **ct)
     return out, lse, lists
 
 
@@ -351,7 +351,8 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
                 NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"])
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
-            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB, **ct)
+            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB, UNROLL=_combine_unroll(K, NSUB),
+            **ct)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

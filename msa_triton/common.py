@@ -459,14 +459,19 @@ def _combine_one(s, acc, m, l, op_ptr, lp_ptr, slots_ptr, row0, rv, h, d, dm, D,
     return acc, m, l
 
 
+def _combine_unroll(K, NSUB):
+    """_combine_kernel's UNROLL for K slots of NSUB partials: their count when at most 8, else 0."""
+    return K * NSUB if K * NSUB <= 8 else 0
+
+
 @triton.jit
-def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K: tl.constexpr, Hkv, D,
+def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K, Hkv, D,
                     G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, D_P: tl.constexpr,
-                    WITH_LSE: tl.constexpr, NSUB: tl.constexpr):
+                    WITH_LSE: tl.constexpr, NSUB: tl.constexpr, UNROLL: tl.constexpr):
     """Merge the K partials of ROWS // G_P tokens of one (batch, group) into o (B, Hq, T, D), contiguous.
     WITH_LSE: partial outs weighted by their lse2 (the attention forward; also writes lse (B, Hq, T) in
     natural log); else a plain sum (a gradient: NSUB partials per slot). Slots with slots < 0 were never
-    written and are not read."""
+    written and are not read. UNROLL: _combine_unroll(K, NSUB)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     r = tl.arange(0, ROWS)
@@ -479,11 +484,11 @@ def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K: tl.
     acc = tl.zeros((ROWS, D_P), dtype=tl.float32)
     m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((ROWS,), dtype=tl.float32)
-    # up to 8 partials a row the loop is unrolled, so that all their loads are in flight at once; with more (the
-    # M3 shape's 16) the unrolled loads hold more tiles than the registers do, and a loop is faster
-    FEW: tl.constexpr = K * NSUB <= 8
-    if FEW:
-        for s in tl.static_range(K * NSUB):
+    # up to 8 partials a row the loop is unrolled (UNROLL), so that all their loads are in flight at once; with more
+    # (the M3 shape's 16) the trip count K * NSUB stays a runtime value: unrolled, or with K a compile-time constant,
+    # the combine at that shape is two to three times slower (dev/kernels.md)
+    if UNROLL > 0:
+        for s in tl.static_range(UNROLL):
             acc, m, l = _combine_one(s, acc, m, l, op_ptr, lp_ptr, slots_ptr, row0, rv, h, d, dm, D, G, WITH_LSE, NSUB)
     else:
         for s in range(K * NSUB):

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _fixup_kernel, _fp8_rows,
+from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _combine_unroll, _fixup_kernel, _fp8_rows,
                      _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile,
                      _sortable_key, _split_segments, _strides)
 
@@ -350,7 +350,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
                 op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dqi, lse_ptr=dqi, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv,
-                D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk, num_warps=4)
+                D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk,
+                UNROLL=_combine_unroll(K, nchunk), num_warps=4)
     loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
     return loss, dqi, (dki.sum(1) if grad else None)
 
