@@ -10,7 +10,7 @@ A training step routes with moe_dispatch: the (token, expert) assignments sorted
 product over its own rows at once (grouped_mm), all on the device. A decode step's few tokens take
 moe_all_experts: every expert, the shared one included, on every token in one batched product, fewer kernels; or,
 when the tokens' chosen experts are fewer than all of them (one token: its k and the shared one), a backend's
-expert_mix (msa_triton's on a GPU), the same sum reading only the chosen experts' weights.
+expert_mix (msa_triton's on a GPU): the routing and the same sum in one op, reading only the chosen experts' weights.
 """
 import math
 
@@ -157,7 +157,7 @@ class MoE(nn.Module):
     def __init__(self, cfg, expert_mix=None):
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.expert_hidden
-        self.expert_mix = expert_mix  # moe_all_experts' sum reading only the chosen experts (a backend's), or None
+        self.expert_mix = expert_mix  # a backend's decode-step MoE (routing, chosen experts only), or None
         self.k, self.E, self.n_shared = cfg.expert_topk, E, int(cfg.shared_expert)  # n_shared: 0 or 1
         self.router = nn.Linear(C, E, bias=False)
         # the routed experts, then the shared one (if any): gate and up projections side by side, and the down one
@@ -170,6 +170,13 @@ class MoE(nn.Module):
         B, T, C = x.shape
         xf = x.reshape(B * T, C)                                     # (N, C)
         E = self.E
+        # a decode step reads expert weights: with a backend's expert_mix it routes and reads only the chosen experts
+        # (no gradient; one token's k + shared ones are fewer than all), in one op where the routing below takes five
+        fewer = B * T * (self.k + self.n_shared) < E + self.n_shared
+        if self.expert_mix is not None and fewer and not stats and xf.is_cuda and not torch.is_grad_enabled():
+            dt = compute_dtype(xf)
+            out = self.expert_mix(xf.to(dt), self.router.weight.to(dt), self.k, self.w13, self.w2)
+            return out.to(x.dtype).view(B, T, C), None, None
         logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = top_k(logits, self.k)                       # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
@@ -178,14 +185,7 @@ class MoE(nn.Module):
             weight = F.pad((chosen * gate.unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)  # (N, E')
             # the gates in the products' dtype, as moe_all_experts applies them; so rounded, a compiled step's gates
             # (summed in another order) equal the eager step's, and greedy decoding picks the same tokens
-            weight = weight.to(compute_dtype(xf))
-            # the decode step's product is a read of expert weights: read only the chosen ones when they are fewer
-            # than all (no gradient: expert_mix has none)
-            fewer = B * T * (self.k + self.n_shared) < E + self.n_shared
-            if self.expert_mix is not None and fewer and xf.is_cuda and not torch.is_grad_enabled():
-                out = self.expert_mix(xf, weight, self.w13, self.w2)
-            else:
-                out = moe_all_experts(xf, weight, self.w13, self.w2)
+            out = moe_all_experts(xf, weight.to(compute_dtype(xf)), self.w13, self.w2)
         else:
             out = moe_dispatch(xf, idx, gate, self.w13[:E], self.w2[:E])
             if self.n_shared:

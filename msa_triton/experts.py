@@ -1,14 +1,17 @@
 """
-The experts of a decode step in Triton: expert_mix computes moe.moe_all_experts (the sum over experts of each
-token's gate times the expert's output) while reading only the experts that some token chose. Not MSA, but most
-of the bytes of a batch-1 decode step: moe_all_experts' batched product reads every expert's weights (nine at the
-default config, ~28 MB a layer in bf16) to multiply most of them by a gate of 0.
+The MoE layer of a decode step in Triton: expert_mix routes each token (router logits, top-k, softmax gates, as
+moe.MoE does) and computes moe.moe_all_experts' sum (each token's gates times its experts' outputs) while reading
+only the experts that some token chose. Not MSA, but most of the bytes of a batch-1 decode step: moe_all_experts'
+batched product reads every expert's weights (nine at the default config, ~28 MB a layer in bf16) to multiply most
+of them by a gate of 0.
 
 A row times a matrix is a few FLOPs per byte, so the time is the weights' read, and a read runs at the memory's
 speed only with enough bytes in flight: each program loads its whole strip of weights in one go (no loop of small
 dependent loads), and there are a few hundred programs. Programs of a (token, expert) pair whose gate is 0 return
 at once, so a token's k routed experts and the shared one are all that is read. Products run as broadcast
-multiply-and-sum on the CUDA cores (the tensor cores need 16 rows), accumulated in fp32. Two launches:
+multiply-and-sum on the CUDA cores (the tensor cores need 16 rows), accumulated in fp32. Three launches:
+  0. route: weight[n, e] = the softmax gate of expert e if it is among token n's top k by router logit, else 0;
+           1 for a shared expert (the MoE's routing, in one small launch where a compiled step takes five);
   1. up:   h[n, e, j] = silu(x[n] . w13[e, :, j]) * (x[n] . w13[e, :, H + j]), UP_COLS hidden units a program;
   2. down: part[n, e, s, c] = weight[n, e] * (h[n, e, slice s] . w2[e, slice s, c]), the hidden units in
            DOWN_SPLIT slices (more programs for one token), DOWN_COLS output columns a program;
@@ -26,6 +29,37 @@ UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip 
 DOWN_COLS = 64     # output columns per program of the down kernel
 DOWN_SPLIT = 8     # slices of the hidden units, one program each: a (H / 8, 64) strip of w2
 MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
+
+
+@triton.jit
+def _route_kernel(x_ptr, r_ptr, wt_ptr, C, E, EA, s_xn, s_xc, s_re, s_rc,
+                  K: tl.constexpr, EA_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program = one token n: writes its row of weight (N, EA) fp32, EA = E routed experts + the shared ones.
+    The logits x[n] . router[e] are rounded to x's dtype, as a product in that dtype returns them; expert e is
+    chosen when fewer than K logits beat it (a larger one, or an equal one at a lower index: moe.top_k's order);
+    the chosen ones' softmax is their gate, rounded to x's dtype as moe.MoE rounds it; shared experts get 1."""
+    n = tl.program_id(0)
+    e = tl.arange(0, EA_P)                                                     # (EA_P,) experts
+    em = e < E                                                                 # the routed ones
+    logit = tl.zeros((EA_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):                                            # one piece when C <= BLOCK_C
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        m = em[:, None] & cm[None, :]
+        # offsets clamped into the tensors and the product masked: the masked lanes of this small load read past
+        # the router on the H200 (NaN logits at C = 24 with the mask alone; dev/decode.md)
+        cs, es = tl.where(cm, c, 0), tl.where(em, e, 0)
+        xc = tl.load(x_ptr + n * s_xn + cs * s_xc, mask=cm, other=0.0).to(tl.float32)
+        w = tl.load(r_ptr + es[:, None] * s_re + cs[None, :] * s_rc, mask=m, other=0.0)
+        logit += tl.sum(tl.where(m, w.to(tl.float32) * xc[None, :], 0.0), axis=1)
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    logit = tl.where(em, logit.to(dt).to(tl.float32), float("-inf"))
+    mine, other = logit[:, None], logit[None, :]                               # (EA_P, 1) e, (1, EA_P) j
+    beats = (other > mine) | ((other == mine) & (e[None, :] < e[:, None]))     # (EA_P, EA_P): j beats e
+    chosen = em & (tl.sum(beats.to(tl.int32), axis=1) < K)
+    p = tl.where(chosen, tl.exp(logit - tl.max(logit, axis=0)), 0.0)           # the largest logit is chosen
+    gate = (p / tl.sum(p, axis=0)).to(dt).to(tl.float32)
+    tl.store(wt_ptr + n * EA + e, tl.where(em, gate, 1.0), mask=e < EA)
 
 
 @triton.jit
@@ -78,47 +112,56 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, E, s_we, s_wh, PER,
     tl.store(p_ptr + (pair * SPLIT + sp) * C + c, acc, mask=cm)
 
 
-# The two kernels as one custom op (torch.compile traces through it): it returns the (N, E, DOWN_SPLIT, C) fp32
+# The three kernels as one custom op (torch.compile traces through it): it returns the (N, E', DOWN_SPLIT, C) fp32
 # partial sums, which expert_mix adds up outside the op. Offsets inside a weight tensor are int64; those of x, h
-# and the partials (N * E * max(H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
+# and the partials (N * E' * max(H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
 
 @_op("expert_mix")
-def _mix_op(x: torch.Tensor, weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     N, C = x.shape
-    E, H = w13.shape[0], w2.shape[1]
-    h = torch.empty(N, E, H, device=x.device, dtype=torch.float32)            # rows of unchosen pairs stay unwritten
-    part = torch.empty(N, E, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
+    E, EA, H = router.shape[0], w13.shape[0], w2.shape[1]
+    weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
+    h = torch.empty(N, EA, H, device=x.device, dtype=torch.float32)          # rows of unchosen pairs stay unwritten
+    part = torch.empty(N, EA, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
+    _route_kernel[(N,)](
+        x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
+        s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=triton.next_power_of_2(EA),
+        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // triton.next_power_of_2(EA)), num_warps=4)
     block_c = min(triton.next_power_of_2(C), MAX_STRIP // UP_COLS)
-    _up_kernel[(N * E, triton.cdiv(H, UP_COLS))](
-        x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=E, s_xn=x.stride(0), s_xc=x.stride(1),
+    _up_kernel[(N * EA, triton.cdiv(H, UP_COLS))](
+        x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4)
     per = triton.cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
-    _down_kernel[(N * E, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
-        h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, E=E, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
+    _down_kernel[(N * EA, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
+        h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, E=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
         SPLIT=DOWN_SPLIT, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // DOWN_COLS), BLOCK_C=DOWN_COLS,
         num_warps=4)
     return part
 
 
 @_mix_op.register_fake
-def _(x, weight, w13, w2):
+def _(x, router, k, w13, w2):
     return x.new_empty(x.shape[0], w13.shape[0], DOWN_SPLIT, x.shape[1], dtype=torch.float32)
 
 
-def expert_mix(x, weight, w13, w2):
-    """moe.moe_all_experts without its gradient: out[n] = sum over e of weight[n, e] * expert_e(x[n]), the experts
-    with weight 0 skipped (not read). x (N, C); weight (N, E), 0 where a token did not choose an expert (1 for a
-    shared one); w13 (E, C, 2H) each expert's gate and up projections side by side, w2 (E, H, C) -> (N, C) in x's
-    dtype. Products accumulate in fp32 whatever the weights' dtype. No gradient: decoding only."""
+def expert_mix(x, router, k, w13, w2):
+    """A decode step's MoE layer (moe.MoE.forward's output without its statistics, no gradient): each token's k
+    experts of the E routed ones by router logit, gated by the softmax of their logits, plus the shared experts
+    (w13's and w2's beyond the first E) with weight 1; out[n] = sum over e of weight[n, e] * expert_e(x[n]), the
+    experts with weight 0 not read. x (N, C), in the products' dtype (the logits and gates are rounded to it, as
+    moe.MoE's are under autocast); router (E, C) the router's weight; w13 (E', C, 2H) each expert's gate and up
+    projections side by side, w2 (E', H, C), E' >= E -> (N, C) in x's dtype. Products accumulate in fp32."""
     N, C = x.shape if x.dim() == 2 else (None, None)
-    if N is None or w13.dim() != 3 or w2.dim() != 3 or w13.shape[1] != C or w13.shape[2] != 2 * w2.shape[1] \
-            or w2.shape[0] != w13.shape[0] or w2.shape[2] != C or tuple(weight.shape) != (N, w13.shape[0]):
-        raise ValueError(f"expert_mix wants x (N, C), weight (N, E), w13 (E, C, 2H), w2 (E, H, C); got "
-                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
-    if not (x.device == weight.device == w13.device == w2.device):
-        raise ValueError(f"x, weight, w13, w2 must be on one device, got {x.device}, {weight.device}, "
+    if N is None or router.dim() != 2 or w13.dim() != 3 or w2.dim() != 3 or router.shape[1] != C \
+            or w13.shape[1] != C or w13.shape[2] != 2 * w2.shape[1] or w2.shape[0] != w13.shape[0] \
+            or w2.shape[2] != C or not 1 <= k <= router.shape[0] <= w13.shape[0]:
+        raise ValueError(f"expert_mix wants x (N, C), router (E, C), 1 <= k <= E, w13 (E', C, 2H), w2 (E', H, C) with "
+                         f"E' >= E; got {tuple(x.shape)}, {tuple(router.shape)}, k={k}, {tuple(w13.shape)}, "
+                         f"{tuple(w2.shape)}")
+    if not (x.device == router.device == w13.device == w2.device):
+        raise ValueError(f"x, router, w13, w2 must be on one device, got {x.device}, {router.device}, "
                          f"{w13.device}, {w2.device}")
     # the weights' last dimension read contiguously (views of a stacked parameter keep it so)
     w13, w2 = (w if w.stride(2) == 1 else w.contiguous() for w in (w13, w2))
-    part = torch.ops.nanomsa.expert_mix(x, weight.float().contiguous(), w13, w2)
-    return part.sum((1, 2)).to(x.dtype)                                        # (N, C): experts and slices added in order
+    part = torch.ops.nanomsa.expert_mix(x, router, k, w13, w2)
+    return part.sum((1, 2)).to(x.dtype)                                    # (N, C): experts and slices in order
