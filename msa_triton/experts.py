@@ -46,8 +46,8 @@ def _route_kernel(x_ptr, r_ptr, wt_ptr, C, E, EA, s_xn, s_xc, s_re, s_rc,
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         m = em[:, None] & cm[None, :]
-        # offsets clamped into the tensors and the product masked: the masked lanes of this small load read past
-        # the router on the H200 (NaN logits at C = 24 with the mask alone; dev/decode.md)
+        # offsets clamped into the tensors and the product masked: with the mask alone this small load gave NaN
+        # logits on the H200 at C = 24 (right in the interpreter; cause not found, dev/decode.md)
         cs, es = tl.where(cm, c, 0), tl.where(em, e, 0)
         xc = tl.load(x_ptr + n * s_xn + cs * s_xc, mask=cm, other=0.0).to(tl.float32)
         w = tl.load(r_ptr + es[:, None] * s_re + cs[None, :] * s_rc, mask=m, other=0.0)
@@ -120,13 +120,14 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, E, s_we, s_wh, PER,
 def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     N, C = x.shape
     E, EA, H = router.shape[0], w13.shape[0], w2.shape[1]
+    ea_p = triton.next_power_of_2(EA)
     weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
     h = torch.empty(N, EA, H, device=x.device, dtype=torch.float32)          # rows of unchosen pairs stay unwritten
     part = torch.empty(N, EA, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
     _route_kernel[(N,)](
         x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
-        s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=triton.next_power_of_2(EA),
-        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // triton.next_power_of_2(EA)), num_warps=4)
+        s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
+        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // ea_p), num_warps=4)
     block_c = min(triton.next_power_of_2(C), MAX_STRIP // UP_COLS)
     _up_kernel[(N * EA, triton.cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
