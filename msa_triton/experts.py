@@ -7,16 +7,18 @@ of them by a gate of 0.
 
 A row times a matrix is a few FLOPs per byte, so the time is the weights' read, and a read runs at the memory's
 speed only with enough bytes in flight: each program loads its whole strip of weights in one go (no loop of small
-dependent loads), and there are a few hundred programs. Programs of a (token, expert) pair whose gate is 0 return
-at once, so a token's k routed experts and the shared one are all that is read. Products run as broadcast
+dependent loads), and there are a few hundred programs. The up kernel's programs of a (token, expert) pair whose
+gate is 0 return at once, and the down kernel's load only the chosen experts' strips, so a token's k routed experts
+and the shared one are all that is read. Products run as broadcast
 multiply-and-sum on the CUDA cores (the tensor cores need 16 rows), accumulated in fp32. Three launches:
   0. route: weight[n, e] = the softmax gate of expert e if it is among token n's top k by router logit, else 0;
            1 for a shared expert (the MoE's routing, in one small launch where a compiled step takes five);
   1. up:   h[n, e, j] = silu(x[n] . w13[e, :, j]) * (x[n] . w13[e, :, H + j]), UP_COLS hidden units a program;
-  2. down: part[n, e, s, c] = weight[n, e] * (h[n, e, slice s] . w2[e, slice s, c]), the hidden units in
-           DOWN_SPLIT slices (more programs for one token), DOWN_COLS output columns a program;
-then the partial sums are added in a fixed order outside the op (deterministic), where a compiled model fuses
-that sum into what follows.
+  2. down: part[n, s, c] = sum over token n's chosen experts e (in expert order) of
+           weight[n, e] * (h[n, e, slice s] . w2[e, slice s, c]), the hidden units in DOWN_SPLIT slices s (more
+           programs for one token), DOWN_COLS output columns a program;
+then the DOWN_SPLIT partial sums are added in a fixed order outside the op (deterministic): so few that a compiled
+model adds them inside the kernel that follows (the residual's sum and the next norm), with no launch of their own.
 """
 import torch
 import triton
@@ -26,8 +28,9 @@ from .common import _op
 
 # Tile sizes (tuned on Hopper at the default model's experts, C=512, H=1024; see dev/decode.md)
 UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip of the gate and of the up weights
-DOWN_COLS = 64     # output columns per program of the down kernel
-DOWN_SPLIT = 8     # slices of the hidden units, one program each: a (H / 8, 64) strip of w2
+DOWN_COLS = 16     # output columns per program of the down kernel
+DOWN_SPLIT = 4     # slices of the hidden units, one program each: (H / 4, 16) strips of w2, one per chosen expert
+DOWN_WARPS = 4
 MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
 
 
@@ -89,32 +92,43 @@ def _up_kernel(x_ptr, wt_ptr, w13_ptr, h_ptr, C, H, E, s_xn, s_xc, s_we, s_wc,
 
 
 @triton.jit
-def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, E, s_we, s_wh, PER,
-                 SPLIT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program = one (token n, expert e) pair x BLOCK_C output columns c x the s-th slice of PER hidden units:
-    part[n, e, s, c] = weight[n, e] * (h[n, e, slice] . w2[e, slice, c]); zeros where weight[n, e] == 0 (w2 and h
-    not read). part (N, E, SPLIT, C) fp32."""
-    pair, sp = tl.program_id(0), tl.program_id(2)
+def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
+                 SPLIT: tl.constexpr, KA: tl.constexpr, EA_P: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """One program = one token n x BLOCK_C output columns c x the sp-th slice of PER hidden units:
+    part[n, sp, c] = sum over the token's experts e with weight[n, e] != 0 (at most KA: k routed + the shared ones)
+    of weight[n, e] * (h[n, e, slice] . w2[e, slice, c]), the KA experts' strips loaded together, in expert order.
+    part (N, SPLIT, C) fp32."""
+    n, sp = tl.program_id(0), tl.program_id(2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                    # (BLOCK_C,) output columns
     cm = c < C
-    wt = tl.load(wt_ptr + pair)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if wt != 0:
-        e = pair % E
-        w_e = w2_ptr + e.to(tl.int64) * s_we
-        for j0 in range(sp * PER, tl.minimum(sp * PER + PER, H), BLOCK_J):  # one piece when PER <= BLOCK_J
-            j = j0 + tl.arange(0, BLOCK_J)                                     # (BLOCK_J,) hidden units
-            jm = (j < sp * PER + PER) & (j < H)
-            hj = tl.load(h_ptr + pair * H + j, mask=jm, other=0.0)             # (BLOCK_J,) fp32
-            w = tl.load(w_e + j[:, None].to(tl.int64) * s_wh + c[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
-            acc += tl.sum(hj[:, None] * w.to(tl.float32), axis=0)
-        acc = acc * wt
-    tl.store(p_ptr + (pair * SPLIT + sp) * C + c, acc, mask=cm)
+    # the token's chosen experts, in order: slot a holds the a-th expert of nonzero weight (none: ok false)
+    e = tl.arange(0, EA_P)
+    wt = tl.load(wt_ptr + n * EA + e, mask=e < EA, other=0.0)                 # (EA_P,)
+    nz = wt != 0
+    slot = tl.cumsum(nz.to(tl.int32), axis=0) - 1                             # (EA_P,) its slot, if nonzero
+    a = tl.arange(0, KA)
+    sel = nz[None, :] & (slot[None, :] == a[:, None])                         # (KA, EA_P): slot a holds e
+    ok = tl.sum(sel.to(tl.int32), axis=1) > 0                                 # (KA,)
+    ea = tl.sum(tl.where(sel, e[None, :], 0), axis=1)                         # (KA,) expert ids
+    wa = tl.sum(tl.where(sel, wt[None, :], 0.0), axis=1)                      # (KA,) their weights
+    w_a = w2_ptr + ea.to(tl.int64) * s_we                                     # (KA,) each expert's w2
+    acc = tl.zeros((KA, BLOCK_C), dtype=tl.float32)
+    for j0 in range(sp * PER, tl.minimum(sp * PER + PER, H), BLOCK_J):      # one piece when PER <= BLOCK_J
+        j = j0 + tl.arange(0, BLOCK_J)                                         # (BLOCK_J,) hidden units
+        jm = (j < sp * PER + PER) & (j < H)
+        m = ok[:, None] & jm[None, :]                                          # (KA, BLOCK_J)
+        hj = tl.load(h_ptr + (n * EA + ea[:, None]) * H + j[None, :], mask=m, other=0.0)  # fp32
+        w = tl.load(w_a[:, None, None] + j[None, :, None].to(tl.int64) * s_wh + c[None, None, :],
+                    mask=m[:, :, None] & cm[None, None, :], other=0.0)        # (KA, BLOCK_J, BLOCK_C)
+        acc += tl.sum(hj[:, :, None] * w.to(tl.float32), axis=1)
+    out = tl.sum(acc * wa[:, None], axis=0)                                   # (BLOCK_C,) experts in order
+    tl.store(p_ptr + (n * SPLIT + sp) * C + c, out, mask=cm)
 
 
-# The three kernels as one custom op (torch.compile traces through it): it returns the (N, E', DOWN_SPLIT, C) fp32
+# The three kernels as one custom op (torch.compile traces through it): it returns the (N, DOWN_SPLIT, C) fp32
 # partial sums, which expert_mix adds up outside the op. Offsets inside a weight tensor are int64; those of x, h
-# and the partials (N * E' * max(H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
+# and the partials (N * max(E' * H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
 
 @_op("expert_mix")
 def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -123,7 +137,7 @@ def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2
     ea_p = triton.next_power_of_2(EA)
     weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
     h = torch.empty(N, EA, H, device=x.device, dtype=torch.float32)          # rows of unchosen pairs stay unwritten
-    part = torch.empty(N, EA, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
+    part = torch.empty(N, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
     _route_kernel[(N,)](
         x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
@@ -133,16 +147,17 @@ def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4)
     per = triton.cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
-    _down_kernel[(N * EA, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
-        h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, E=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
-        SPLIT=DOWN_SPLIT, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // DOWN_COLS), BLOCK_C=DOWN_COLS,
-        num_warps=4)
+    ka = triton.next_power_of_2(k + EA - E)                                    # chosen experts a token, padded
+    _down_kernel[(N, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
+        h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, EA=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
+        SPLIT=DOWN_SPLIT, KA=ka, EA_P=ea_p, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // (ka * DOWN_COLS)),
+        BLOCK_C=DOWN_COLS, num_warps=DOWN_WARPS)
     return part
 
 
 @_mix_op.register_fake
 def _(x, router, k, w13, w2):
-    return x.new_empty(x.shape[0], w13.shape[0], DOWN_SPLIT, x.shape[1], dtype=torch.float32)
+    return x.new_empty(x.shape[0], DOWN_SPLIT, x.shape[1], dtype=torch.float32)
 
 
 def expert_mix(x, router, k, w13, w2):
@@ -165,4 +180,7 @@ def expert_mix(x, router, k, w13, w2):
     # the weights' last dimension read contiguously (views of a stacked parameter keep it so)
     w13, w2 = (w if w.stride(2) == 1 else w.contiguous() for w in (w13, w2))
     part = torch.ops.nanomsa.expert_mix(x, router, k, w13, w2)
-    return part.sum((1, 2)).to(x.dtype)                                    # (N, C): experts and slices in order
+    out = part[:, 0]
+    for s in range(1, DOWN_SPLIT):  # added one by one, in order: eager and compiled steps round alike
+        out = out + part[:, s]
+    return out.to(x.dtype)                                                    # (N, C)
