@@ -830,7 +830,7 @@ def bench_generate(args, build, add, g):
     """bench_model's gen part (see there). build(attention) -> a fresh model in float32, add(...) records a row,
     g the generator of the random prompts."""
     import data
-    from decoding import KVCache, compiled_step
+    from decoding import compiled_step
     dev = "cuda"
     T0, n_new, T_long = 512, 256, 32768
     prompt = torch.randint(0, data.EOT, (8, T0), device=dev, generator=g)
@@ -884,7 +884,7 @@ def bench_generate(args, build, add, g):
         for decode in ("sparse", "dense") if every else ():
             for compiled in (False, True):
                 torch._dynamo.reset()
-                cache = [KVCache(T0 + n_new, dense=decode == "dense") for _ in m16.blocks]
+                cache = m16.new_cache(T0 + n_new, decode)
                 m16(prompt[:1], cache=cache)
                 tok, pos = prompt[:1, -1:].clone(), torch.tensor([T0], device=dev)
                 out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)

@@ -16,12 +16,14 @@ class KVCache:
     The tensors are allocated once, at the first write (the prefill), for all Tmax = max_len positions and in
     the dtype written (bf16 under autocast); positions not yet written hold zeros that attention masks out.
     dense: an MSA layer decodes like a dense one, over the whole cache (GPT.generate(decode='dense')).
+    w: the layer's q, k, v and index projections stacked into one weight (Attention.stacked_weight), which a decode
+    step multiplies once instead of twice; None: the layer's own weights, one product each.
     Every write is an index_copy_ at positions held in a device tensor, into tensors of fixed shape: nothing waits
     on the host, so a CUDA graph can capture a decode step and replay it with a new position.
     """
 
-    def __init__(self, max_len, dense=False):
-        self.max_len, self.dense = max_len, dense
+    def __init__(self, max_len, dense=False, w=None):
+        self.max_len, self.dense, self.w = max_len, dense, w
         self.k = self.v = self.ki = self.ks = None
 
     def write(self, pos, k, v, ki=None, ks=None):

@@ -137,21 +137,25 @@ class Attention(nn.Module):
                 self.wi.requires_grad_(False)  # frozen, so DDP does not wait for its gradient
         self.learned = sparse and cfg.msa_select == "indexer"       # the index branch chooses the blocks
 
-    def qkv(self, x, pos, rot=None):
+    def qkv(self, x, pos, rot=None, proj=None):
         """x (B, T, C) at positions pos (T,) -> q (B, Hq, T, D) and k (B, Hkv, T, D), both rotated (RoPE), and
-        v (B, Hkv, T, D). rot: rope_tables(pos, cfg) when the caller has them (GPT.forward), else built here."""
+        v (B, Hkv, T, D). rot: rope_tables(pos, cfg) when the caller has them (GPT.forward), else built here.
+        proj: wqkv(x) when the caller has it (a decode step's stacked product)."""
         cfg, B, T, _ = self.cfg, *x.shape
         Hq, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         table = (rot or rope_tables(pos, cfg))[D]
-        q, k, v = self.wqkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)          # (B, T, Hq*D), (B, T, Hkv*D) x2
+        proj = self.wqkv(x) if proj is None else proj                               # (B, T, (Hq + 2 Hkv) D)
+        q, k, v = proj.split([Hq * D, Hkv * D, Hkv * D], dim=-1)                    # (B, T, Hq*D), (B, T, Hkv*D) x2
         q = rope(q.view(B, T, Hq, D).transpose(1, 2), table)
         k = rope(k.view(B, T, Hkv, D).transpose(1, 2), table)
         return q, k, v.view(B, T, Hkv, D).transpose(1, 2)
 
-    def index_branch(self, x, pos, rot=None):
-        """x (B, T, C) -> qi (B, Hkv, T, Di), ki (B, T, Di). Reads x.detach(): the LM loss must not reach it."""
+    def index_branch(self, x, pos, rot=None, proj=None):
+        """x (B, T, C) -> qi (B, Hkv, T, Di), ki (B, T, Di). Reads x.detach(): the LM loss must not reach it.
+        proj: wi(x) when the caller has it (a decode step's stacked product, without gradients)."""
         cfg, B, T, _ = self.cfg, *x.shape
-        qi, ki = self.wi(x.detach()).split([cfg.n_kv_head * cfg.index_dim, cfg.index_dim], dim=-1)
+        proj = self.wi(x.detach()) if proj is None else proj                       # (B, T, (Hkv + 1) Di)
+        qi, ki = proj.split([cfg.n_kv_head * cfg.index_dim, cfg.index_dim], dim=-1)
         qi = qi.view(B, T, cfg.n_kv_head, cfg.index_dim).transpose(1, 2)
         if not cfg.index_rope:  # the scores see content only: a fact scores alike at any distance, even past seq_len
             return qi, ki
@@ -170,8 +174,13 @@ class Attention(nn.Module):
         Returns y (B, T, C) and the KL (a scalar tensor, or None).
         """
         cfg, B, T, _ = self.cfg, *x.shape
-        q, k, v = self.qkv(x, pos, rot)                                               # (B, Hq or Hkv, T, D)
-        qi, ki = self.index_branch(x, pos, rot) if self.learned else (None, None)    # (B, Hkv, T, Di), (B, T, Di)
+        pqkv = pi = None
+        if cache is not None and T == 1 and cache.w is not None:
+            # a decode step: q, k, v and the index branch's qi, ki from one product of the weights stacked (one
+            # small kernel a layer fewer, which is what a step of one token costs)
+            pqkv, pi = F.linear(x, cache.w).split([self.wqkv.out_features, self.wi.out_features], dim=-1)
+        q, k, v = self.qkv(x, pos, rot, pqkv)                                         # (B, Hq or Hkv, T, D)
+        qi, ki = self.index_branch(x, pos, rot, pi) if self.learned else (None, None)  # (B, Hkv, T, Di), (B, T, Di)
         kl = None
         if cache is not None:
             # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token
@@ -237,6 +246,12 @@ class Attention(nn.Module):
         # folding a group's heads into query rows would leave the backend only B * Hkv programs to stream the cache
         visible = (torch.arange(cache.max_len, device=q.device) < n).view(1, 1, 1, -1)  # (1, 1, 1, Tmax)
         return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible, enable_gqa=True)
+
+    @torch.no_grad()
+    def stacked_weight(self):
+        """wqkv's and wi's weights as one (rows, C) matrix for decode steps (KVCache.w), or None when the layer has
+        no index branch to read. A copy: generate() takes it when it starts, from the weights as they are then."""
+        return torch.cat([self.wqkv.weight, self.wi.weight]) if self.learned else None
 
     @torch.no_grad()
     def recall(self, x, pos):
@@ -414,6 +429,10 @@ class GPT(nn.Module):
         tok.copy_(nxt)
         pos.add_(1)
 
+    def new_cache(self, max_len, decode="sparse"):
+        """One KVCache per layer for max_len tokens (decode: generate's), each with its layer's stacked weight."""
+        return [KVCache(max_len, dense=decode == "dense", w=block.attn.stacked_weight()) for block in self.blocks]
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse",
                  compile="auto"):
@@ -433,7 +452,7 @@ class GPT(nn.Module):
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         B, T0 = idx.shape
-        cache = [KVCache(T0 + max_new_tokens, dense=decode == "dense") for _ in self.blocks]
+        cache = self.new_cache(T0 + max_new_tokens, decode)
         out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)     # (B, T0 + max_new_tokens)
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
         if max_new_tokens == 0:

@@ -21,7 +21,7 @@ sys.path.insert(0, os.getcwd())
 import data
 from configurator import read_config_file
 from model import GPT, GPTConfig, gpu_peak_flops
-from decoding import KVCache, compiled_step
+from decoding import compiled_step
 OUT = os.environ.get("OUT", "/tmp")
 dev = "cuda"
 conf = read_config_file("config/train_gpu.py")
@@ -98,7 +98,7 @@ if "decode" in parts:
     prompt = torch.randint(0, data.EOT, (1, T0), device=dev)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for decode in ("sparse",):
-            cache = [KVCache(T0 + n_new, dense=decode == "dense") for _ in m.blocks]
+            cache = m.new_cache(T0 + n_new, decode)
             m(prompt, cache=cache)
             tok, pos = prompt[:, -1:].clone(), torch.tensor([T0], device=dev)
             out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)

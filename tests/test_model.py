@@ -475,18 +475,21 @@ def test_cached_decode_equals_full_forward(attention, fp8, index_rope):
     """Prefill 9 tokens (an image inside), then decode 31 more one at a time through the caches: every step's
     logits equal the full forward's at that position (the selection is sparse: K * bs = 12 < 40). index_fp8:
     the index-key cache holds e4m3 keys and scales, and the forward selects with fp8 scores too. index_rope=False:
-    the cached index keys are unrotated, as the forward's."""
+    the cached index keys are unrotated, as the forward's. Caches with and without the stacked projection weight
+    (GPT.new_cache, as generate makes them; KVCache's default: each projection its own product)."""
     model = tiny(attention=attention, index_fp8=fp8, index_rope=index_rope).eval()
     x, _, patches = batch()
-    with torch.no_grad():
-        full, _ = model(x, patches=patches)                        # (B, T, V)
-        cache = [KVCache(40) for _ in model.blocks]
-        step, _ = model(x[:, :9], patches=patches[:, :9], cache=cache)
-        got = [step[:, 0]]
-        for t in range(9, 40):
-            step, _ = model(x[:, t:t + 1], cache=cache, pos0=t)
-            got.append(step[:, 0])
-    torch.testing.assert_close(torch.stack(got, 1), full[:, 8:], rtol=1e-4, atol=1e-4)
+    stacked = model.new_cache(40)
+    assert [c.w is not None for c in stacked] == [block.attn.learned for block in model.blocks]
+    for cache in ([KVCache(40) for _ in model.blocks], stacked):
+        with torch.no_grad():
+            full, _ = model(x, patches=patches)                    # (B, T, V)
+            step, _ = model(x[:, :9], patches=patches[:, :9], cache=cache)
+            got = [step[:, 0]]
+            for t in range(9, 40):
+                step, _ = model(x[:, t:t + 1], cache=cache, pos0=t)
+                got.append(step[:, 0])
+        torch.testing.assert_close(torch.stack(got, 1), full[:, 8:], rtol=1e-4, atol=1e-4)
     C, Hkv = model.cfg.n_embd, model.cfg.n_kv_head
     assert all(c.k.shape == c.v.shape == (2, Hkv, 40, C // model.cfg.n_head) for c in cache)
     sparse = [c for c, block in zip(cache, model.blocks) if block.attn.sparse]
