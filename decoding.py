@@ -7,6 +7,7 @@ The machinery of decoding, apart from the model it drives (model.py's GPT.genera
 Together they make a decode step that nothing on the host waits for, so one CUDA graph replays it per token.
 """
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -53,12 +54,23 @@ def sample_token(logits, temperature, top_k, uniform):
     top_k: only the top_k largest logits compete (those tied with the k-th too); top_k=1 is greedy.
     """
     if temperature == 0:
-        return logits.argmax(-1)
+        return argmax(logits)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                      # (B, 1) the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return (logits - torch.log(-torch.log(uniform))).argmax(-1)              # u = 0 gives -inf: never picked
+    return argmax(logits - torch.log(-torch.log(uniform)))                   # u = 0 gives -inf: never picked
+
+
+def argmax(x, pieces=64):
+    """x (B, V) float -> (B,) long: x.argmax(-1) (the first index of each row's largest value), in two passes: the
+    largest of each of `pieces` pieces of a row, then the largest of those. A compiled step runs a row's argmax as
+    one program looping over the whole row (~10 us at V = 50K); the pieces run side by side."""
+    B, V = x.shape
+    x = F.pad(x, (0, -V % pieces), value=float("-inf")).view(B, pieces, -1)  # (B, pieces, L), padding never chosen
+    best, where = x.max(-1)                                                   # (B, pieces) each piece's first largest
+    piece = best.argmax(-1, keepdim=True)                                     # (B, 1) the first piece holding the max
+    return piece[:, 0] * x.shape[-1] + where.gather(1, piece)[:, 0]
 
 
 def compiled_step(fn, backend):

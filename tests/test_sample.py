@@ -202,6 +202,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def test_argmax_in_pieces_equals_torch_argmax():
+    """decoding.argmax: the first index of the largest value, as torch.argmax, for rows not a multiple of the pieces,
+    ties inside a piece and across pieces, -inf entries, one row and several."""
+    from decoding import argmax
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 5, 64, 100, 50304):
+        x = torch.randn(3, V, generator=g)
+        x[1] = x[1].round()                                                    # many ties
+        x[2, : V // 2] = float("-inf")
+        assert torch.equal(argmax(x), x.argmax(-1)), V
+    x = torch.zeros(2, 300)
+    x[0, [7, 150, 299]] = 1.0                                                  # equal maxima in three pieces
+    x[1, [150, 151]] = 2.0                                                     # two in one piece
+    assert argmax(x).tolist() == [7, 150] == x.argmax(-1).tolist()
+    assert torch.equal(argmax(x, pieces=7), x.argmax(-1))
+
+
 def test_sample_token_draws_from_the_softmax():
     """The Gumbel-max trick draws token i with probability softmax(logits / temperature)_i; top_k renormalises
     over the k largest; temperature 0 and top_k=1 are the argmax."""
