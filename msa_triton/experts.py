@@ -29,7 +29,8 @@ from .common import _op
 # Tile sizes (tuned on Hopper at the default model's experts, C=512, H=1024; see dev/decode.md)
 UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip of the gate and of the up weights
 DOWN_COLS = 16     # output columns per program of the down kernel
-DOWN_SPLIT = 4     # slices of the hidden units, one program each: (H / 4, 16) strips of w2, one per chosen expert
+DOWN_SPLIT = 4     # slices of the hidden units, one program each: (H / 4, 16) strips of w2, one per chosen expert;
+                   # under 8, so that inductor adds the partial sums inside the next kernel (unrolled)
 DOWN_WARPS = 4
 MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
 
@@ -181,6 +182,6 @@ def expert_mix(x, router, k, w13, w2):
     w13, w2 = (w if w.stride(2) == 1 else w.contiguous() for w in (w13, w2))
     part = torch.ops.nanomsa.expert_mix(x, router, k, w13, w2)
     out = part[:, 0]
-    for s in range(1, DOWN_SPLIT):  # added one by one, in order: eager and compiled steps round alike
+    for s in range(1, DOWN_SPLIT):  # one by one, in order: the eager op adds them as a compiled step does
         out = out + part[:, s]
     return out.to(x.dtype)                                                    # (N, C)
