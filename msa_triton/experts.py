@@ -9,12 +9,12 @@ A row times a matrix is a few FLOPs per byte, so the time is the weights' read, 
 speed only with enough bytes in flight: each program loads its whole strip of weights in one go (no loop of small
 dependent loads), and there are a few hundred programs. The up kernel's programs of a (token, expert) pair whose
 gate is 0 return at once, and the down kernel's load only the chosen experts' strips, so a token's k routed experts
-and the shared one are all that is read. Products run as broadcast
-multiply-and-sum on the CUDA cores (the tensor cores need 16 rows), accumulated in fp32. Three launches:
+and the shared one are all that is read. Products run as broadcast multiply-and-sum on the CUDA cores (the tensor
+cores need 16 rows), accumulated in fp32. Three launches:
   0. route: weight[n, e] = the softmax gate of expert e if it is among token n's top k by router logit, else 0;
            1 for a shared expert (the MoE's routing, in one small launch where a compiled step takes five);
   1. up:   h[n, e, j] = silu(x[n] . w13[e, :, j]) * (x[n] . w13[e, :, H + j]), UP_COLS hidden units a program;
-  2. down: part[n, s, c] = sum over token n's chosen experts e (in expert order) of
+  2. down: part[n, s, c] = sum over token n's chosen experts e of
            weight[n, e] * (h[n, e, slice s] . w2[e, slice s, c]), the hidden units in DOWN_SPLIT slices s (more
            programs for one token), DOWN_COLS output columns a program;
 then the DOWN_SPLIT partial sums are added in a fixed order outside the op (deterministic): so few that a compiled
@@ -31,7 +31,7 @@ UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip 
 DOWN_COLS = 16     # output columns per program of the down kernel
 DOWN_SPLIT = 4     # slices of the hidden units, one program each: (H / 4, 16) strips of w2, one per chosen expert;
                    # under 8, so that inductor adds the partial sums inside the next kernel (unrolled)
-DOWN_WARPS = 4
+DOWN_WARPS = 4     # warps of a down program
 MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
 
 
@@ -98,7 +98,7 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
                  BLOCK_C: tl.constexpr):
     """One program = one token n x BLOCK_C output columns c x the sp-th slice of PER hidden units:
     part[n, sp, c] = sum over the token's experts e with weight[n, e] != 0 (at most KA: k routed + the shared ones)
-    of weight[n, e] * (h[n, e, slice] . w2[e, slice, c]), the KA experts' strips loaded together, in expert order.
+    of weight[n, e] * (h[n, e, slice] . w2[e, slice, c]), the KA experts' strips loaded together.
     part (N, SPLIT, C) fp32."""
     n, sp = tl.program_id(0), tl.program_id(2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                    # (BLOCK_C,) output columns
@@ -123,7 +123,7 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
         w = tl.load(w_a[:, None, None] + j[None, :, None].to(tl.int64) * s_wh + c[None, None, :],
                     mask=m[:, :, None] & cm[None, None, :], other=0.0)        # (KA, BLOCK_J, BLOCK_C)
         acc += tl.sum(hj[:, :, None] * w.to(tl.float32), axis=1)
-    out = tl.sum(acc * wa[:, None], axis=0)                                   # (BLOCK_C,) experts in order
+    out = tl.sum(acc * wa[:, None], axis=0)                                   # (BLOCK_C,) over the experts
     tl.store(p_ptr + (n * SPLIT + sp) * C + c, out, mask=cm)
 
 

@@ -481,9 +481,10 @@ def test_cached_decode_equals_full_forward(attention, fp8, index_rope):
     x, _, patches = batch()
     stacked = model.new_cache(40)
     assert [c.w is not None for c in stacked] == [block.attn.learned for block in model.blocks]
+    with torch.no_grad():
+        full, _ = model(x, patches=patches)                        # (B, T, V)
     for cache in ([KVCache(40) for _ in model.blocks], stacked):
         with torch.no_grad():
-            full, _ = model(x, patches=patches)                    # (B, T, V)
             step, _ = model(x[:, :9], patches=patches[:, :9], cache=cache)
             got = [step[:, 0]]
             for t in range(9, 40):
