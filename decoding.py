@@ -6,6 +6,9 @@ The machinery of decoding, apart from the model it drives (model.py's GPT.genera
   cuda_graphed   a function of fixed tensors, captured once in a CUDA graph and replayed.
 Together they make a decode step that nothing on the host waits for, so one CUDA graph replays it per token.
 """
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -84,7 +87,7 @@ def compiled_step(fn, backend):
     pos are restored first; the cache and out rows it may have written are written again, with the same values).
     """
     # inductor's combo kernels: independent small kernels (a layer's norms, its routing, its cache writes) run as one
-    # launch, which a step of ~150 one-token kernels pays for in launches, not in bytes
+    # launch, which a step of ~100 one-token kernels pays for in launches, not in bytes
     options = dict(combo_kernels=True) if backend == "inductor" else None
     compiled, chosen = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, options=options), None
 
@@ -93,7 +96,8 @@ def compiled_step(fn, backend):
         if chosen is None:                                                   # the first call: compile
             saved = tok.clone(), pos.clone()
             try:
-                compiled(tok, pos, *args)
+                with _pdl_config(backend, tok):
+                    compiled(tok, pos, *args)
                 chosen = compiled
                 return
             except Exception as e:
@@ -104,6 +108,17 @@ def compiled_step(fn, backend):
                 chosen = fn
         chosen(tok, pos, *args)
     return call
+
+
+def _pdl_config(backend, tok):
+    """The inductor setting under which a decode step of tok (B, 1) compiles: programmatic dependent launch in
+    inductor's kernels, as in msa_triton's (msa_triton/common.py; NANOMSA_PDL=0 turns both off), so that each
+    kernel starts while the one before finishes; at batch 1 only, on a GPU of compute capability 9 or newer. At
+    batch 8 the step is slower with it (measured, dev/decode.md)."""
+    cfg = torch._inductor.config.triton
+    on = backend == "inductor" and os.environ.get("NANOMSA_PDL", "1").strip() != "0" and hasattr(cfg, "enable_pdl") \
+        and tok.is_cuda and tok.shape[0] == 1 and torch.cuda.get_device_capability(tok.device)[0] >= 9
+    return torch._inductor.config.patch({"triton.enable_pdl": True}) if on else contextlib.nullcontext()
 
 
 def cuda_graphed(fn):

@@ -11,6 +11,7 @@ them all.
   decode.py          sparse_decode (one new token against the caches)
   cross_entropy.py   linear_cross_entropy (the language-model loss, chunked)
   experts.py         expert_mix (a decode step's MoE layer: routing, then only the chosen experts' weights read)
+  rows.py            row_linear (a decode step's dense products: a few rows times a weight matrix)
   common.py          constants, Triton helpers, the naming convention of every kernel, the checking mode
 Each public function checks its arguments' shapes and calls custom ops (torch.ops.nanomsa.*, registered on
 import), so torch.compile traces through it without a graph break and a CUDA graph can capture it: no call
@@ -31,9 +32,11 @@ from .cross_entropy import linear_cross_entropy
 from .decode import sparse_decode
 from .experts import expert_mix
 from .index import index_topk
+from .rows import row_linear
 
 __all__ = ["index_topk", "fixed_block_idx", "select_fixed", "sparse_attention", "kl_loss", "sparse_attention_kl",
-           "sparse_decode", "linear_cross_entropy", "expert_mix", "attention_forward_query_outer", "checks"]
+           "sparse_decode", "linear_cross_entropy", "expert_mix", "row_linear", "attention_forward_query_outer",
+           "checks"]
 
 
 def _tile_path(q, k, block_idx, block_size):

@@ -25,6 +25,7 @@ buffers stay under PARTIAL_ELEMS.
 An entry is token_in_chunk * K + slot; the kernels that read entries take K as a compile-time constant,
 so that splitting one (ent // K, ent % K) is a shift and a mask, not an integer division per row.
 """
+import functools
 import math
 import os
 from typing import Optional
@@ -80,6 +81,36 @@ def _op(name):
         from torch._library.custom_ops import OPDEFS                           # the registry of custom ops
         return OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=())
     return register
+
+
+# ---------------------------------------------------------------------------------------------
+# programmatic dependent launch (PDL, compute capability 9 and newer): a kernel launched with it starts while the
+# kernel before it in the stream is still running, and waits (gdc_wait) before it reads anything that kernel wrote.
+# A decode step is ~90 kernels of a few microseconds each, so each launch's latency shows between them; with PDL it
+# overlaps the kernel before. The decode kernels take PDL as a constexpr and are launched with launch_pdl=PDL.
+# NANOMSA_PDL=0, read once at import, turns it off (decoding.compiled_step reads it too).
+
+PDL = os.environ.get("NANOMSA_PDL", "1").strip() != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device):
+    return torch.cuda.get_device_capability(device)
+
+
+def _pdl(x):
+    """Whether the kernels of a call on x's device launch with PDL: a GPU of compute capability 9 or newer, PDL on."""
+    return PDL and x.is_cuda and _capability(x.device)[0] >= 9
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Under PDL: wait until the kernel before has finished and its writes are visible (call it before the first
+    load of anything an earlier kernel of the stream wrote), then let the next kernel launch at once: its programs
+    wait in their own _pdl_wait, and a decode kernel's few programs leave the GPU room for them."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def _kernel_limits(q, k, v, Hkv, block_size):

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_cache_lens, check_decode_inputs
-from .common import (INT64_MIN, LOG2E, _checking, _fp8_rows, _key_block, _op, _pow2, _prec, _softmax_finish,
-                     _softmax_rescale, _sortable_key, _strides)
+from .common import (INT64_MIN, LOG2E, _checking, _fp8_rows, _key_block, _op, _pdl, _pdl_wait, _pow2, _prec,
+                     _softmax_finish, _softmax_rescale, _sortable_key, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +47,8 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr,
                   s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch,
                   Tmax, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
-                  PREC: tl.constexpr, FP8: tl.constexpr):
+                  PREC: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    _pdl_wait(PDL)
     first = tl.program_id(0) * BLOCKS                        # BLOCKS consecutive blocks of BS cached tokens
     b = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), Tmax)
@@ -133,13 +134,14 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, sc_ptr, idx_ptr, o_ptr, lse_pt
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
                    SPLITS: tl.constexpr, ITEMS: tl.constexpr, NS: tl.constexpr, BLOCK_N: tl.constexpr,
                    G_P: tl.constexpr, D_P: tl.constexpr, NB_P: tl.constexpr, K_P: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, PDL: tl.constexpr):
     # The selection of (b, h) is K blocks, each cut in SPLITS pieces of BLOCK_N tokens: K*SPLITS
     # items. Program (bh, p) runs items p*ITEMS .. p*ITEMS+ITEMS-1 with an online softmax and writes
     # one partial (out, lse) for each of the G heads: NS = cdiv(K*SPLITS, ITEMS) partials per head.
     # Every program first runs the top-k of its (b, h) itself (the same answer in all NS of them, from
     # 4 KB of scores in L2): one launch and one round trip fewer than a top-k pass of its own, which is
     # what a batch-1 step waits on. Program 0 writes the selection out.
+    _pdl_wait(PDL)
     bh = tl.program_id(0)
     p = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -189,12 +191,13 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, sc_ptr, idx_ptr, o_ptr, lse_pt
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
-                  HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, D_P: tl.constexpr):
+                  HQ: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, D_P: tl.constexpr, PDL: tl.constexpr):
     # One row (b * Hq + head): the LSE-weighted sum of its NS partials, as an online softmax over the
     # pieces. Every piece is read (an empty one holds zeros and lse = -inf, weight 0) and nothing but
     # elementwise math follows a load, so the unrolled loop puts all loads in flight at once: one round
     # trip to L2. (Reducing the lse first and reading only non-empty pieces would cost two dependent round
     # trips, which a batch-1 step feels.)
+    _pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)   # (1,) the row, as a vector
     d = tl.arange(0, D_P)
     m = tl.full([1], float("-inf"), tl.float32)              # running max of the lse, log2 units
@@ -250,7 +253,8 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
         **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
         s_scb=S.stride(0), s_sch=S.stride(1),
         Tmax=Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16),
-        BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps)
+        BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps,
+        PDL=_pdl(qi), launch_pdl=_pdl(qi))
     return S
 
 
@@ -273,7 +277,7 @@ def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
         s_scb=S.stride(0), s_sch=S.stride(1), Tmax=Tmax, qk_scale=LOG2E / math.sqrt(D),
         HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
         BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), NB_P=_pow2(nb, 1), K_P=_pow2(K, 1),
-        PREC=_prec(q), num_warps=warps, num_stages=stages)
+        PREC=_prec(q), num_warps=warps, num_stages=stages, PDL=_pdl(q), launch_pdl=_pdl(q))
     return o_part, lse_part, block_idx
 
 
@@ -282,7 +286,8 @@ def _merge(o_part, lse_part, like):
     B, Hq, NS, D = o_part.shape
     out = torch.empty_like(like)
     _merge_kernel[(B * Hq,)](o_ptr=o_part, lse_ptr=lse_part, out_ptr=out, **_strides("o", out, "bhd"),
-                             HQ=Hq, D=D, NS=NS, D_P=_pow2(D, 1), num_warps=4)
+                             HQ=Hq, D=D, NS=NS, D_P=_pow2(D, 1), num_warps=4, PDL=_pdl(out),
+                             launch_pdl=_pdl(out))
     return out
 
 

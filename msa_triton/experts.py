@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _op
+from .common import _op, _pdl, _pdl_wait
 
 # Tile sizes (tuned on Hopper at the default model's experts, C=512, H=1024; see dev/decode.md)
 UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip of the gate and of the up weights
@@ -37,11 +37,12 @@ MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs th
 
 @triton.jit
 def _route_kernel(x_ptr, r_ptr, wt_ptr, C, E, EA, s_xn, s_xc, s_re, s_rc,
-                  K: tl.constexpr, EA_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  K: tl.constexpr, EA_P: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """One program = one token n: writes its row of weight (N, EA) fp32, EA = E routed experts + the shared ones.
     The logits x[n] . router[e] are rounded to x's dtype, as a product in that dtype returns them; expert e is
     chosen when fewer than K logits beat it (a larger one, or an equal one at a lower index: moe.top_k's order);
     the chosen ones' softmax is their gate, rounded to x's dtype as moe.MoE rounds it; shared experts get 1."""
+    _pdl_wait(PDL)
     n = tl.program_id(0)
     e = tl.arange(0, EA_P)                                                     # (EA_P,) experts
     em = e < E                                                                 # the routed ones
@@ -68,9 +69,10 @@ def _route_kernel(x_ptr, r_ptr, wt_ptr, C, E, EA, s_xn, s_xc, s_re, s_rc,
 
 @triton.jit
 def _up_kernel(x_ptr, wt_ptr, w13_ptr, h_ptr, C, H, E, s_xn, s_xc, s_we, s_wc,
-               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """One program = one (token n, expert e) pair x BLOCK_H hidden units j; nothing read or written where
     weight[n, e] == 0. h (N, E, H) fp32."""
+    _pdl_wait(PDL)
     pair = tl.program_id(0)                                                    # n * E + e
     n, e = pair // E, pair % E
     if tl.load(wt_ptr + pair) != 0:
@@ -95,11 +97,12 @@ def _up_kernel(x_ptr, wt_ptr, w13_ptr, h_ptr, C, H, E, s_xn, s_xc, s_we, s_wc,
 @triton.jit
 def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
                  SPLIT: tl.constexpr, KA: tl.constexpr, EA_P: tl.constexpr, BLOCK_J: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """One program = one token n x BLOCK_C output columns c x the sp-th slice of PER hidden units:
     part[n, sp, c] = sum over the token's experts e with weight[n, e] != 0 (at most KA: k routed + the shared ones)
     of weight[n, e] * (h[n, e, slice] . w2[e, slice, c]), the KA experts' strips loaded together.
     part (N, SPLIT, C) fp32."""
+    _pdl_wait(PDL)
     n, sp = tl.program_id(0), tl.program_id(2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                    # (BLOCK_C,) output columns
     cm = c < C
@@ -139,20 +142,22 @@ def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2
     weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
     h = torch.empty(N, EA, H, device=x.device, dtype=torch.float32)          # rows of unchosen pairs stay unwritten
     part = torch.empty(N, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
+    pdl = _pdl(x)
     _route_kernel[(N,)](
         x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
-        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // ea_p), num_warps=4)
+        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // ea_p), num_warps=4, PDL=pdl, launch_pdl=pdl)
     block_c = min(triton.next_power_of_2(C), MAX_STRIP // UP_COLS)
     _up_kernel[(N * EA, triton.cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
-        s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4)
+        s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4,
+        PDL=pdl, launch_pdl=pdl)
     per = triton.cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
     ka = triton.next_power_of_2(k + EA - E)                                    # chosen experts a token, padded
     _down_kernel[(N, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
         h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, EA=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
         SPLIT=DOWN_SPLIT, KA=ka, EA_P=ea_p, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // (ka * DOWN_COLS)),
-        BLOCK_C=DOWN_COLS, num_warps=DOWN_WARPS)
+        BLOCK_C=DOWN_COLS, num_warps=DOWN_WARPS, PDL=pdl, launch_pdl=pdl)
     return part
 
 
