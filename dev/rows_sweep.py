@@ -11,8 +11,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 sys.path.insert(0, os.getcwd())
+from bench import graphed, timed
 from msa_triton import rows
 
 
@@ -25,12 +25,8 @@ def chain(fn, x0, wa, wb, reps=10):
 
 
 def graphed_us(f):
-    f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        f()
-    return do_bench(g.replay, warmup=50, rep=300) * 1e3
+    """us of one replay of f() captured in a CUDA graph (median)."""
+    return timed(graphed(f)) * 1e3
 
 
 def main():
