@@ -121,13 +121,14 @@ def rope(x, table):
     return (x * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)  # float32 tables: float32 products
 
 
-def decode_linear(row_linear, x, w, cache):
-    """x (B, T, C) times w (N, C) transposed -> (B, T, N): row_linear (the backend's kernel for the few rows of a
-    decode step) when x is one new token a sequence on CUDA, decoded without gradients, x and w of one dtype that
-    autocast leaves as it is, and row_linear exists; else F.linear (which casts under autocast)."""
+def decode_linear(backend, x, w, cache):
+    """x (B, T, C) times w (N, C) transposed -> (B, T, N): the backend's row_linear (msa_triton's kernel for the few
+    rows of a decode step) when x is one new token a sequence on CUDA, decoded without gradients, x and w of one
+    dtype that autocast leaves as it is; else F.linear (which casts under autocast)."""
+    row_linear = getattr(backend, "row_linear", None)
     one = cache is not None and x.shape[1] == 1 and x.is_cuda and not torch.is_grad_enabled()
-    same = x.dtype == w.dtype and (not torch.is_autocast_enabled("cuda") or w.dtype == torch.get_autocast_dtype("cuda"))
-    return (row_linear if one and same and row_linear is not None else F.linear)(x, w)
+    kept = not torch.is_autocast_enabled("cuda") or w.dtype == torch.get_autocast_dtype("cuda")
+    return (row_linear if one and x.dtype == w.dtype and kept and row_linear is not None else F.linear)(x, w)
 
 
 class Attention(nn.Module):
@@ -136,7 +137,6 @@ class Attention(nn.Module):
     def __init__(self, cfg, sparse, backend):
         super().__init__()
         self.cfg, self.sparse, self.backend = cfg, sparse, backend
-        self.row_linear = getattr(backend, "row_linear", None)  # msa_triton's decode-step product (decode_linear)
         C, Hq, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         # q, k and v in one product: one kernel instead of three, which is what a decode step's time depends on
         self.wqkv = nn.Linear(C, (Hq + 2 * Hkv) * D, bias=False)
@@ -188,10 +188,10 @@ class Attention(nn.Module):
         if cache is not None and T == 1 and cache.w is not None:
             # a decode step: q, k, v and the index branch's qi, ki from one product of the weights stacked (one
             # small kernel a layer fewer, which is what a step of one token costs)
-            pqkv, pi = decode_linear(self.row_linear, x, cache.w, cache).split(
+            pqkv, pi = decode_linear(self.backend, x, cache.w, cache).split(
                 [self.wqkv.out_features, self.wi.out_features], dim=-1)
         elif cache is not None and T == 1:
-            pqkv = decode_linear(self.row_linear, x, self.wqkv.weight, cache)           # a layer without an index
+            pqkv = decode_linear(self.backend, x, self.wqkv.weight, cache)           # a layer without an index
         q, k, v = self.qkv(x, pos, rot, pqkv)                                         # (B, Hq or Hkv, T, D)
         qi, ki = self.index_branch(x, pos, rot, pi) if self.learned else (None, None)  # (B, Hkv, T, Di), (B, T, Di)
         kl = None
@@ -207,7 +207,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if kl is None and kl_support is not None and self.learned:  # the dense KL (a blind rule has nothing to teach)
             kl = self._kl_dense(q, k, qi, ki)
-        return decode_linear(self.row_linear, y.transpose(1, 2).reshape(B, T, -1), self.wo.weight, cache), kl
+        return decode_linear(self.backend, y.transpose(1, 2).reshape(B, T, -1), self.wo.weight, cache), kl
 
     def _sparse(self, q, k, v, qi, ki, with_kl=False):
         """MSA over a whole sequence: the index branch picks K blocks per query and group (no gradient through the
@@ -303,7 +303,6 @@ class GPT(nn.Module):
         cfg.check()
         self.cfg = cfg
         self.backend = get_backend(backend)
-        self.row_linear = getattr(self.backend, "row_linear", None)  # the logits of a decode step (decode_linear)
         n_sparse_from = cfg.n_layer if cfg.attention == "dense" else cfg.n_dense_layers
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.patch_proj = nn.Linear(cfg.patch_dim, cfg.n_embd)  # a flattened image patch -> one token's embedding
@@ -369,7 +368,7 @@ class GPT(nn.Module):
             h = h[:, -1:]                                                    # only the next token's logits
         h = self.norm_f(h)                                                   # (B, T, C)
         if y is None:
-            return decode_linear(self.row_linear, h, self.lm_head.weight, cache), None     # (B, T, V)
+            return decode_linear(self.backend, h, self.lm_head.weight, cache), None     # (B, T, V)
         # the loss straight from h and the head's weight: the Triton backend never builds the (B*T, V) logits
         lm = self.backend.linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, y.reshape(-1))
         kl_layers = torch.stack(kls).float() if kls else lm.new_zeros(0)

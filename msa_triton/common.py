@@ -87,7 +87,8 @@ def _op(name):
 # programmatic dependent launch (PDL, compute capability 9 and newer): a kernel launched with it starts while the
 # kernel before it in the stream is still running, and waits (gdc_wait) before it reads anything that kernel wrote.
 # A decode step is ~90 kernels of a few microseconds each, so each launch's latency shows between them; with PDL it
-# overlaps the kernel before. The decode kernels take PDL as a constexpr and are launched with launch_pdl=PDL.
+# overlaps the kernel before. The decode kernels take PDL as a constexpr and launch with launch_pdl equal to it:
+# both come from _pdl(x), passed as **_pdl(x).
 # NANOMSA_PDL=0, read once at import, turns it off (decoding.compiled_step reads it too).
 
 PDL = os.environ.get("NANOMSA_PDL", "1").strip() != "0"
@@ -99,8 +100,10 @@ def _capability(device):
 
 
 def _pdl(x):
-    """Whether the kernels of a call on x's device launch with PDL: a GPU of compute capability 9 or newer, PDL on."""
-    return PDL and x.is_cuda and _capability(x.device)[0] >= 9
+    """A decode kernel's launch arguments for a call on x's device: the PDL constexpr and the launch option, both on
+    for a GPU of compute capability 9 or newer with PDL on."""
+    on = PDL and x.is_cuda and _capability(x.device)[0] >= 9
+    return dict(PDL=on, launch_pdl=on)
 
 
 @triton.jit

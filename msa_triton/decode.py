@@ -253,8 +253,7 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
         **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
         s_scb=S.stride(0), s_sch=S.stride(1),
         Tmax=Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16),
-        BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps,
-        PDL=_pdl(qi), launch_pdl=_pdl(qi))
+        BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps, **_pdl(qi))
     return S
 
 
@@ -277,7 +276,7 @@ def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
         s_scb=S.stride(0), s_sch=S.stride(1), Tmax=Tmax, qk_scale=LOG2E / math.sqrt(D),
         HKV=Hkv, G=G, D=D, BS=block_size, K=K, SPLITS=splits, ITEMS=ITEMS, NS=NS,
         BLOCK_N=BLOCK_N, G_P=_pow2(G), D_P=_pow2(D), NB_P=_pow2(nb, 1), K_P=_pow2(K, 1),
-        PREC=_prec(q), num_warps=warps, num_stages=stages, PDL=_pdl(q), launch_pdl=_pdl(q))
+        PREC=_prec(q), num_warps=warps, num_stages=stages, **_pdl(q))
     return o_part, lse_part, block_idx
 
 
@@ -286,8 +285,7 @@ def _merge(o_part, lse_part, like):
     B, Hq, NS, D = o_part.shape
     out = torch.empty_like(like)
     _merge_kernel[(B * Hq,)](o_ptr=o_part, lse_ptr=lse_part, out_ptr=out, **_strides("o", out, "bhd"),
-                             HQ=Hq, D=D, NS=NS, D_P=_pow2(D, 1), num_warps=4, PDL=_pdl(out),
-                             launch_pdl=_pdl(out))
+                             HQ=Hq, D=D, NS=NS, D_P=_pow2(D, 1), num_warps=4, **_pdl(out))
     return out
 
 

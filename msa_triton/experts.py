@@ -146,18 +146,17 @@ def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2
     _route_kernel[(N,)](
         x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
-        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // ea_p), num_warps=4, PDL=pdl, launch_pdl=pdl)
+        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // ea_p), num_warps=4, **pdl)
     block_c = min(triton.next_power_of_2(C), MAX_STRIP // UP_COLS)
     _up_kernel[(N * EA, triton.cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
-        s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4,
-        PDL=pdl, launch_pdl=pdl)
+        s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4, **pdl)
     per = triton.cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
     ka = triton.next_power_of_2(k + EA - E)                                    # chosen experts a token, padded
     _down_kernel[(N, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
         h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, EA=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
         SPLIT=DOWN_SPLIT, KA=ka, EA_P=ea_p, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // (ka * DOWN_COLS)),
-        BLOCK_C=DOWN_COLS, num_warps=DOWN_WARPS, PDL=pdl, launch_pdl=pdl)
+        BLOCK_C=DOWN_COLS, num_warps=DOWN_WARPS, **pdl)
     return part
 
 

@@ -69,8 +69,7 @@ def _row_linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     _row_linear_kernel[(triton.cdiv(N, COLS),)](
         x_ptr=x, w_ptr=w, y_ptr=y, N=N, K=K, s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
         s_ym=y.stride(0), M=M, M_P=triton.next_power_of_2(M), BLOCK_N=COLS,
-        BLOCK_K=min(triton.next_power_of_2(K), MAX_STRIP // COLS), num_warps=WARPS, PDL=_pdl(x),
-        launch_pdl=_pdl(x))
+        BLOCK_K=min(triton.next_power_of_2(K), MAX_STRIP // COLS), num_warps=WARPS, **_pdl(x))
     return y
 
 
