@@ -1,7 +1,7 @@
 """
 A lab tool (dev/decode.md, "One-row products in Triton, and programmatic dependent launch"), not part of the model:
 the default GPU model's compiled, CUDA-graphed decode step timed in several forms in one process. Each variant sets
-msa_triton's PDL switch, row_linear's MAX_ROWS and inductor's triton.enable_pdl (None: left to
+msa_triton's PDL switch, row_linear's MAX_ROWS, COLS and WARPS, and inductor's triton.enable_pdl (None: left to
 decoding.compiled_step), compiles and captures its own step; then rounds of N replays run variant after variant
 (CUDA events; pos and the token reset each round, so every round decodes the same greedy tokens), and the median us
 a step is printed with how many leading tokens (all rows) equal the first variant's:
@@ -24,16 +24,19 @@ from configurator import read_config_file
 from decoding import compiled_step, cuda_graphed, sample_token
 from model import GPT, GPTConfig
 
-VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, inductor's PDL: True, False, None)
-    "base": (False, 0, False), "rows": (False, 1, False), "pdl": (True, 0, False), "pdl+rows": (True, 1, False),
-    "pdl+rows+inductor": (True, 1, True), "pdl+inductor": (True, 0, True), "final": (True, 1, None),
+VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, inductor's PDL (True, False, None),
+    #                row_linear's COLS and WARPS)
+    "base": (False, 0, False, 16, 4), "rows": (False, 1, False, 16, 4), "pdl": (True, 0, False, 16, 4),
+    "pdl+rows": (True, 1, False, 16, 4), "pdl+rows+inductor": (True, 1, True, 16, 4),
+    "pdl+inductor": (True, 0, True, 16, 4), "final": (True, 1, None, 16, 4), "final-again": (True, 1, None, 16, 4),
+    "cols8": (True, 1, None, 8, 4), "cols8-w2": (True, 1, None, 8, 2), "cols8-global": (True, 1, True, 8, 2),
 }
 T0, N, ROUNDS = 512, 200, 7
 
 
-def build(model, prompt, pdl, max_rows, inductor_pdl):
+def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps):
     """The variant's step, captured: returns run(n) -> (us a step over n replays, the (B, n + 1) tokens)."""
-    common.PDL, rows.MAX_ROWS = pdl, max_rows
+    common.PDL, rows.MAX_ROWS, rows.COLS, rows.WARPS = pdl, max_rows, cols, warps
     inductor_config.triton.enable_pdl = bool(inductor_pdl)
     os.environ["NANOMSA_PDL"] = "0" if inductor_pdl is False else "1"        # what compiled_step reads
     torch._dynamo.reset()

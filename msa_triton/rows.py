@@ -19,7 +19,7 @@ import triton.language as tl
 from .common import _op, _pdl, _pdl_wait
 
 # Tile sizes (tuned on Hopper at the default model's products, K = 512, N = 512 and 960; see dev/decode.md)
-COLS = 16          # output columns per program
+COLS = 8           # output columns per program
 WARPS = 4          # warps per program
 MAX_ROWS = 1       # rows a call computes here; more go to F.linear (at 2-4 rows cuBLAS wins the logits' product)
 MAX_STRIP = 16384  # elements of w loaded at once; a larger K runs the strip in pieces of this size
