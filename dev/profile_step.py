@@ -5,6 +5,8 @@ A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of th
            (default compile mode, each profiled: kernels a step, their time, every kernel by time), then dense and MSA
            under mode="reduce-overhead" (CUDA graphs; timed only)
   train8k  the same model on 2 x 8192 tokens, dense and MSA (default mode, profiled)
+  split1k  train1k's dense and MSA rows in the default mode only (profiled)
+           (each profile splits the kernel time: msa_triton's kernels, dense attention's, the rest)
   ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
   decode   one compiled batch-1 decode step (sparse), profiled un-graphed
 Run from the repository root; $OUT (default /tmp) receives one prof_*.txt per profile; a summary prints last:
@@ -54,13 +56,17 @@ def kernels(fn, tag, n=2):
             a = agg[e.name]; a[0] += 1; a[1] += e.device_time / 1e3
     tot = sum(v[1] for v in agg.values()) / n
     cnt = sum(v[0] for v in agg.values()) / n
-    lines = [f"== {tag}: {cnt:.0f} kernels/step, {tot:.3f} ms kernel time/step"]
+    # msa_triton's kernels are the Triton functions named _..._kernel; dense attention is cuDNN's or flash's
+    ours = sum(v[1] for k, v in agg.items() if k.startswith("_") and k.endswith("_kernel")) / n
+    dense = sum(v[1] for k, v in agg.items() if any(w in k.lower() for w in ("flash", "fmha", "cudnn"))) / n
+    lines = [f"== {tag}: {cnt:.0f} kernels/step, {tot:.3f} ms kernel time/step: msa_triton {ours:.3f}, "
+             f"dense attention {dense:.3f}, the rest {tot - ours - dense:.3f}"]
     for name, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"{t / n:8.3f} ms {c / n:6.0f}x  {name[:150]}")
     txt = "\n".join(lines)
     open(f"{OUT}/prof_{tag}.txt", "w").write(txt + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
     print("\n".join(lines[:22]), flush=True)
-    return cnt, tot
+    return cnt, tot, lines[0].split(": ", 1)[1]
 
 def train_rows(B, T, tag, variants):
     g = torch.Generator(device=dev).manual_seed(0)
@@ -82,14 +88,15 @@ def train_rows(B, T, tag, variants):
         t0 = time.time(); step(); torch.cuda.synchronize(); cs = time.time() - t0
         ms = median_ms(step)
         mfu = 100 * fpt * B * T / (ms * 1e-3) / peak
-        cnt, kt = kernels(step, f"{tag}_{attention}_{mode}_{force}") if mode is None else (0, 0)
-        s = f"{tag} {attention} {mode} force={force} compiled: {ms:.2f} ms/step {B*T/ms*1e3/1e3:.0f}K tok/s MFU {mfu:.1f}% kernels {cnt:.0f} ktime {kt:.2f} ms (compile {cs:.0f}s)"
+        cnt, kt, split = kernels(step, f"{tag}_{attention}_{mode}_{force}") if mode is None else (0, 0, "")
+        s = f"{tag} {attention} {mode} force={force} compiled: {ms:.2f} ms/step {B*T/ms*1e3/1e3:.0f}K tok/s MFU {mfu:.1f}% kernels {cnt:.0f} ktime {kt:.2f} ms {split} (compile {cs:.0f}s)"
         print(s, flush=True); summary.append(s)
         del m, c; torch._dynamo.reset(); torch.cuda.empty_cache()
 
 if "train1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa", None, None), ("msa", None, "tile"),
                                                    ("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "train8k" in parts: train_rows(2, 8192, "t8k", [("dense", None, None), ("msa", None, None)])
+if "split1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa", None, None)])
 if "ro1k" in parts: train_rows(16, 1024, "t1k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "ro8k" in parts: train_rows(2, 8192, "t8k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "decode" in parts:
@@ -103,7 +110,7 @@ if "decode" in parts:
             tok, pos = prompt[:, -1:].clone(), torch.tensor([T0], device=dev)
             out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)
             step = compiled_step(m.decode_step, "inductor")                  # as generate() compiles it
-            cnt, kt = kernels(lambda: step(tok, pos, cache, out, None, 0, None), f"decode_{decode}", n=4)
+            cnt, kt, _ = kernels(lambda: step(tok, pos, cache, out, None, 0, None), f"decode_{decode}", n=4)
             s = f"decode B=1 {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
             print(s); summary.append(s)
 print("\n".join(["SUMMARY"] + summary))

@@ -26,7 +26,7 @@ import triton.language as tl
 from msa_checks import check_block_idx, check_inputs
 from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
                      _fixup_kernel, _kernel_limits, _op, _pow2, _prec, _segment, _segments, _slot_tile, _slots,
-                     _softmax_finish, _softmax_rescale, _split_segments, _strides)
+                     _softmax_finish, _softmax_rescale, _split_segments, _strides, _token_major)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
@@ -286,8 +286,8 @@ def _launch_opts(t):
 
 
 def _forward(q, k, v, block_idx, block_size):
-    """KV-outer forward. Returns out (B, Hq, T, D) contiguous in q's dtype, lse fp32 (B, Hq, T) and the work lists,
-    flat: slots, ent, start, cnt of each chunk in turn (common._chunks)."""
+    """KV-outer forward. Returns out (B, Hq, T, D) in q's dtype, token-major (common._token_major), lse fp32
+    (B, Hq, T) and the work lists, flat: slots, ent, start, cnt of each chunk in turn (common._chunks)."""
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], block_idx.shape[3]
     G = Hq // Hkv
@@ -295,7 +295,7 @@ def _forward(q, k, v, block_idx, block_size):
     c = _consts(q, block_size)
     tiles = _launch_opts(_tiles("fwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
-    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    out = _token_major(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     lists = []
     for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, G * D, block_size):
@@ -309,8 +309,9 @@ def _forward(q, k, v, block_idx, block_size):
             T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv, BS=block_size, D=D, scale2=LOG2E / math.sqrt(D),
             G=G, G_P=G_P, D_P=c["D_P"], PREC=c["PREC"], **tiles)
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
-            op_ptr=op, lp_ptr=lp, slots_ptr=slots, o_ptr=out, lse_ptr=lse, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
-            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1, UNROLL=_combine_unroll(K, 1), **ct)
+            op_ptr=op, lp_ptr=lp, slots_ptr=slots, o_ptr=out, lse_ptr=lse, **_strides("o", out, "bht_"), T=T, t0=t0,
+            Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1,
+            UNROLL=_combine_unroll(K, 1), **ct)
     return out, lse, lists
 
 
@@ -326,7 +327,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     _delta_kernel[(triton.cdiv(B * Hq * T, 64),)](
         o_ptr=out, do_ptr=dout, delta_ptr=delta, N=B * Hq * T, T=T, Hq=Hq, **_strides("o", out), **_strides("do", dout),
         D=D, ROWS=64, D_P=c["D_P"])
-    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    dq = _token_major(B, Hq, T, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
@@ -350,10 +351,12 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
                 x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, T=T, NBC=nbc, NX=NX, BS=block_size, D=D,
                 NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"])
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
-            op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=D,
-            G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB, UNROLL=_combine_unroll(K, NSUB),
-            **ct)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+            op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, **_strides("o", dq, "bht_"), T=T, t0=t0,
+            Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB,
+            UNROLL=_combine_unroll(K, NSUB), **ct)
+    # dK, dV cast to k's and v's dtype into the token-major layout in one copy each
+    return dq, _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype).copy_(dk), \
+        _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype).copy_(dv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def _(q, k, v, block_idx, block_size):
     for t0, t1, nbc in _chunk_bounds(B, Hkv, T, K, (Hq // Hkv) * D, block_size):
         lists += [q.new_empty(B * Hkv, t1 - t0, K, dtype=torch.int32), q.new_empty(B * Hkv, (t1 - t0) * K, dtype=torch.int32),
                   q.new_empty(B * Hkv, nbc, dtype=torch.int64), q.new_empty(B * Hkv, nbc, dtype=torch.int64)]
-    return q.new_empty(B, Hq, T, D), q.new_empty(B, Hq, T, dtype=torch.float32), lists
+    return _token_major(B, Hq, T, D, dtype=q.dtype, device=q.device), q.new_empty(B, Hq, T, dtype=torch.float32), lists
 
 
 @_op("sparse_attention_bwd")
@@ -389,7 +392,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 
 @_bwd_op.register_fake
 def _(q, k, v, out, lse, dout, lists, block_size):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return tuple(_token_major(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
 def _fwd_setup(ctx, inputs, output):

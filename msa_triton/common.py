@@ -145,9 +145,17 @@ def _prec(*tensors):
 
 def _strides(prefix, x, dims="bhtd"):
     """x's strides as a kernel's keyword arguments: _strides("q", q) = {"s_qb": .., "s_qh": .., "s_qt": .., "s_qd": ..};
-    dims names x's dimensions in order (b batch, h head, t token, d feature)."""
+    dims names x's dimensions in order (b batch, h head, t token, d feature; _ a dimension the kernel does not take)."""
     assert x.dim() == len(dims), (x.shape, dims)
-    return {f"s_{prefix}{a}": st for a, st in zip(dims, x.stride())}
+    return {f"s_{prefix}{a}": st for a, st in zip(dims, x.stride()) if a != "_"}
+
+
+def _token_major(B, H, T, D, **kw):
+    """An empty (B, H, T, D) tensor laid out as (B, T, H, D): the layout of q, k, v as a model's projection makes them
+    (x @ W viewed as heads, transposed). An output or a gradient in that layout goes back into the model's (B, T, C)
+    rows as a view; a (B, H, T, D)-contiguous one costs a transposing copy there (a compiled step's tiled transpose
+    kernels, dev/model.md)."""
+    return torch.empty(B, T, H, D, **kw).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,10 +507,11 @@ def _combine_unroll(K, NSUB):
 
 
 @triton.jit
-def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K, Hkv, D,
+def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, s_ob, s_oh, s_ot, T, t0, Tc, K, Hkv, D,
                     G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, D_P: tl.constexpr,
                     WITH_LSE: tl.constexpr, NSUB: tl.constexpr, UNROLL: tl.constexpr):
-    """Merge the K partials of ROWS // G_P tokens of one (batch, group) into o (B, Hq, T, D), contiguous.
+    """Merge the K partials of ROWS // G_P tokens of one (batch, group) into o (B, Hq, T, D) of strides s_o* (its
+    last dimension contiguous).
     WITH_LSE: partial outs weighted by their lse2 (the attention forward; also writes lse (B, Hq, T) in
     natural log); else a plain sum (a gradient: NSUB partials per slot). Slots with slots < 0 were never
     written and are not read. UNROLL: _combine_unroll(K, NSUB)."""
@@ -529,12 +538,14 @@ def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, T, t0, Tc, K, Hkv
             acc, m, l = _combine_one(s, acc, m, l, op_ptr, lp_ptr, slots_ptr, row0, rv, h, d, dm, D, G, WITH_LSE, NSUB)
     b = bh // Hkv
     g = bh % Hkv
-    orow = ((b * Hkv + g) * G + h).to(tl.int64) * T + t0 + tloc               # (ROWS,) row of (B, Hq, T)
+    hq = (g * G + h).to(tl.int64)                                             # (ROWS,) head of each row
+    t = t0 + tloc
     if WITH_LSE:
         ls, lse2 = _softmax_finish(m, l)
         acc = acc / ls[:, None]
-        tl.store(lse_ptr + orow, lse2 * LN2_K, mask=rv)
-    tl.store(o_ptr + orow[:, None] * D + d[None, :], acc.to(o_ptr.dtype.element_ty), mask=rv[:, None] & dm)
+        tl.store(lse_ptr + (b * Hkv * G + hq) * T + t, lse2 * LN2_K, mask=rv)  # lse (B, Hq, T), contiguous
+    orow = b.to(tl.int64) * s_ob + hq * s_oh + t.to(tl.int64) * s_ot
+    tl.store(o_ptr + orow[:, None] + d[None, :], acc.to(o_ptr.dtype.element_ty), mask=rv[:, None] & dm)
 
 
 @triton.jit
@@ -564,8 +575,8 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, T, NBC, NX, BS, D,
 
 def _kl_custom_op(name, launch):
     """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
-    custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di) and d loss /
-    d ki (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its backward only scales them by
+    custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di), token-major
+    (_token_major), and d loss / d ki (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its backward only scales them by
     the incoming gradient. lists: the attention's KV-outer work lists for this block_idx, or [] (sparse_attention_kl).
     Returns the op."""
     @_op(name)
@@ -582,8 +593,8 @@ def _kl_custom_op(name, launch):
     @kl_op.register_fake
     def _(q, k, qi, ki, block_idx, block_size, lse, grad, lists):
         B, Hkv, T, Di = qi.shape
-        f32 = dict(dtype=torch.float32)
-        return (q.new_empty((), **f32), q.new_empty((B, Hkv, T, Di) if grad else (0,), **f32),
+        f32 = dict(dtype=torch.float32, device=q.device)
+        return (q.new_empty((), **f32), _token_major(B, Hkv, T, Di, **f32) if grad else q.new_empty(0, **f32),
                 q.new_empty((B, T, Di) if grad else (0,), **f32))
 
     def setup(ctx, inputs, output):

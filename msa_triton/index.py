@@ -31,7 +31,7 @@ from msa_checks import check_inputs
 from msa_ref import fp8_quantize
 from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _combine_unroll, _fixup_kernel, _fp8_rows,
                      _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile,
-                     _sortable_key, _split_segments, _strides)
+                     _sortable_key, _split_segments, _strides, _token_major)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
-    (B, Hkv, T, Di) and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None.
+    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None.
     lists: the attention's work lists for this block_idx (flat, as attention._forward returns them), or ()."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
@@ -314,7 +314,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     scale_d2, scale_i2 = LOG2E / math.sqrt(D), LOG2E / math.sqrt(Di)
     n_rows = B * Hkv * T
     lq_all = None if lse is None else (lse.view(B, Hkv, G, T).transpose(2, 3) * LOG2E).reshape(BH, T, G)
-    dqi = torch.empty(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
+    dqi = _token_major(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
     dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; the
@@ -349,8 +349,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
-                op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dqi, lse_ptr=dqi, T=T, t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv,
-                D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk,
+                op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dqi, lse_ptr=dqi, **_strides("o", dqi, "bht_"), T=T,
+                t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk,
                 UNROLL=_combine_unroll(K, nchunk), num_warps=4)
     loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
     return loss, dqi, (dki.sum(1) if grad else None)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from msa_checks import check_block_idx, check_inputs
 from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _checking, _kernel_limits, _kl_call, _kl_custom_op, _op, _pow2, _prec,
-                     _softmax_finish, _softmax_rescale, _strides)
+                     _softmax_finish, _softmax_rescale, _strides, _token_major)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
 ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
@@ -456,12 +456,12 @@ def _kl_stats_kernel(qi_ptr, ki_ptr, bi_ptr, lu_ptr, rd_ptr,
 @triton.jit
 def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, loss_ptr, dqi_ptr,
                     s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
-                    s_ib, s_ih, s_it, s_ik,
+                    s_ib, s_ih, s_it, s_ik, s_gb, s_gh, s_gt,
                     T, K, Hkv, BS, D, DI, scale_d2, scale_i2, loss_scale, grad_scale,
                     G: tl.constexpr, BLOCK_Q: tl.constexpr, K_P: tl.constexpr, BLOCK_N: tl.constexpr,
                     D_P: tl.constexpr, DI_P: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr):
     """Grid (NT, B * Hkv): loss (BH * NT,) = loss_scale * sum over the tile's rows of sum p (log2 p - log2 r);
-    with GRAD, dqi (B, Hkv, T, Di) fp32 contiguous = grad_scale * sum over the row's support of (r - p) ki."""
+    with GRAD, dqi (B, Hkv, T, Di) fp32 of strides s_g* = grad_scale * sum over the row's support of (r - p) ki."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -496,7 +496,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, loss_
                 dqi += tl.dot(ds.to(ki.dtype), ki, input_precision=PREC)
     tl.store(loss_ptr + bh * tl.num_programs(0) + tile, tl.sum(loss, 0) * loss_scale)
     if GRAD:
-        tl.store(dqi_ptr + (bh.to(tl.int64) * T + t)[:, None] * DI + di[None, :], dqi * grad_scale,
+        tl.store(dqi_ptr + (b * s_gb + g * s_gh + t.to(tl.int64) * s_gt)[:, None] + di[None, :], dqi * grad_scale,
                  mask=rv[:, None] & dimask[None, :])
 
 
@@ -551,8 +551,8 @@ def _kl_dki_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, rd_ptr
 # kl_loss launcher
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
-    """Returns the loss (fp32 scalar) and, with grad, d loss / d qi (B, Hkv, T, Di) and d loss / d ki (B, T, Di),
-    fp32. lse: sparse_attention's (B, Hq, T), or None (then the forward kernel recomputes it, without V).
+    """Returns the loss (fp32 scalar) and, with grad, d loss / d qi (B, Hkv, T, Di), token-major
+    (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None (then the forward kernel recomputes it, without V).
     lists: unused (this path has no work lists; the op's arguments are those of the KV-outer path's)."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
@@ -576,10 +576,11 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     _kl_stats_kernel[(NT, BH)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, rd_ptr=reads, NB=NB, NT=NT,
                                BLOCK_N=block_n, num_warps=4, num_stages=1, **meta)
     loss = torch.empty(BH * NT, device=dev, dtype=torch.float32)
-    dqi = torch.empty(B, Hkv, T, Di, device=dev, dtype=torch.float32) if grad else None
+    dqi = _token_major(B, Hkv, T, Di, device=dev, dtype=torch.float32) if grad else None
     grad_scale = 1.0 / (n_rows * math.sqrt(Di))                                # d/du = (r - p) / n_rows, u = qi.ki/sqrt(Di)
     _kl_loss_kernel[(NT, BH)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, loss_ptr=loss,
-                              dqi_ptr=dqi if grad else loss, loss_scale=LN2 / n_rows, grad_scale=grad_scale,
+                              dqi_ptr=dqi if grad else loss, **_strides("g", dqi if grad else qi, "bht_"),
+                              loss_scale=LN2 / n_rows, grad_scale=grad_scale,
                               BLOCK_N=block_n, GRAD=grad, num_warps=_warps(max(D, Di), block_n), num_stages=1,
                               **meta, **teacher)
     dki = None
