@@ -333,7 +333,11 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
-    for i, (t0, t1, nbc) in enumerate(_chunk_bounds(B, Hkv, T, K, G * D, block_size)):
+    # dK, dV finished by the last chunk's fix-up pass in k's and v's dtype, token-major (_token_major)
+    dk_out = _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype)
+    dv_out = _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype)
+    bounds = _chunk_bounds(B, Hkv, T, K, G * D, block_size)
+    for i, (t0, t1, nbc) in enumerate(bounds):
         slots, ent, start, cnt = lists[4 * i:4 * i + 4]
         seg = _bwd_seg(B * Hkv * (t1 - t0) * K)
         lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, seg)
@@ -346,17 +350,17 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
             T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=NX, Hkv=Hkv, BS=block_size, D=D,
             scale=1.0 / math.sqrt(D), scale2=LOG2E / math.sqrt(D),
             G=G, G_P=G_P, NSUB=NSUB, D_P=c["D_P"], PREC=c["PREC"], **tiles)
-        for grad, partial in ((dk, dkp), (dv, dvp)):
+        last = i == len(bounds) - 1
+        for grad, partial, o in ((dk, dkp, dk_out), (dv, dvp, dv_out)):
             _fixup_kernel[(nbc, B * Hkv, NSUB)](
-                x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, T=T, NBC=nbc, NX=NX, BS=block_size, D=D,
-                NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"])
+                x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=o, **_strides("o", o, "bht_"), T=T,
+                NBC=nbc, NX=NX, BS=block_size, D=D, HO=Hkv, NG=1, NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"],
+                OUT=last)
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, **_strides("o", dq, "bht_"), T=T, t0=t0,
             Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB,
             UNROLL=_combine_unroll(K, NSUB), **ct)
-    # dK, dV cast to k's and v's dtype into the token-major layout in one copy each
-    return dq, _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype).copy_(dk), \
-        _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype).copy_(dv)
+    return dq, dk_out, dv_out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -549,25 +549,40 @@ def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, s_ob, s_oh, s_ot,
 
 
 @triton.jit
-def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, T, NBC, NX, BS, D,
-                  NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
-    """Grid (NBC, BH, NSUB): add the sums of block kb's further segments (slots xbase .. xbase + xcnt of xp
-    (BH, NX, NSUB, BLOCK_N, D_P), in order) into its rows of x (BH, T, D) fp32 (dK, dV or dKI)."""
+def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, o_ptr, s_ob, s_oh, s_ot, T, NBC, NX, BS, D, HO,
+                  NG: tl.constexpr, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, OUT: tl.constexpr):
+    """Grid (NBC, BH // NG, NSUB): for each of the NG consecutive (batch, head) rows bh = pid1 * NG + i, add the sums
+    of block kb's further segments (slots xbase .. xbase + xcnt of xp (BH, NX, NSUB, BLOCK_N, D_P), in order) to its
+    rows of x (BH, T, D) fp32 (dK, dV or dKI). Without OUT, into x. With OUT (the last chunk of tokens, whose blocks
+    are all of them): the finished rows, summed over the NG rows, go to o (B, HO, T, D) of strides s_o*, in o's dtype
+    (dK, dV in k's dtype and layout: NG = 1; dKI summed over its groups: NG = Hkv, HO = 1), so that no cast or sum
+    runs after the pass."""
     kb = tl.program_id(0)
-    bh = tl.program_id(1)
+    j = tl.program_id(1)
     sub = tl.program_id(2)
-    x0 = tl.load(xbase_ptr + bh * NBC + kb)
-    nx = tl.load(xcnt_ptr + bh * NBC + kb)
-    if nx > 0:
-        jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-        n = kb * BS + jn
-        d = tl.arange(0, D_P)
-        m = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
-        acc = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
-        for x in range(x0, x0 + nx):
-            acc += tl.load(xp_ptr + _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P))
+    jn = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = kb * BS + jn
+    d = tl.arange(0, D_P)
+    m = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
+    total = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
+    for i in tl.static_range(NG):
+        bh = j * NG + i
+        x0 = tl.load(xbase_ptr + bh * NBC + kb)
+        nx = tl.load(xcnt_ptr + bh * NBC + kb)
         xo = bh.to(tl.int64) * T * D + n[:, None] * D + d[None, :]
-        tl.store(x_ptr + xo, tl.load(x_ptr + xo, mask=m, other=0.0) + acc, mask=m)
+        if OUT or nx > 0:
+            acc = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
+            for x in range(x0, x0 + nx):
+                acc += tl.load(xp_ptr + _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P))
+            acc += tl.load(x_ptr + xo, mask=m, other=0.0)
+            if OUT:
+                total += acc
+            else:
+                tl.store(x_ptr + xo, acc, mask=m)
+    if OUT:
+        b = (j // HO).to(tl.int64)
+        oo = b * s_ob + (j % HO) * s_oh + n.to(tl.int64)[:, None] * s_ot + d[None, :]
+        tl.store(o_ptr + oo, total.to(o_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------

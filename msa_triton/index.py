@@ -29,9 +29,9 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, _chunks, _combine_kernel, _combine_unroll, _fixup_kernel, _fp8_rows,
-                     _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment, _segments, _slot_tile,
-                     _sortable_key, _split_segments, _strides, _token_major)
+from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
+                     _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment,
+                     _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
                     TEACHER: tl.constexpr):
     """Pass 2, one program per segment of a KV block's list (common._split_segments). The rows' lse2 come from
     pass 1's partials, merged here: the student's from lup (BH, Tc, K*NCHUNK), each teacher head's from lq, the
-    partials (BH, Tc, K*NCHUNK, G) with TEACHER, else the lse2 (BH, Tc, G) that sparse_attention gave.
+    partials (BH, Tc, K*NCHUNK, G) with TEACHER, else from the lse (B, Hq, T) that sparse_attention gave.
     loss (BH, NSEG): sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of
     each entry into dqp (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of
     dki (B, Hkv, T, Di) fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for
@@ -267,8 +267,8 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
                 if TEACHER:                                                    # merged from pass 1's partials
                     lse_h = tl.where(ev, _row_lse2(tl.load(lq_ptr + part * G + h, mask=pm, other=float("-inf"))), 0.0)
-                else:
-                    lse_h = tl.load(lq_ptr + row * G + h, mask=ev, other=0.0)
+                else:                                                          # lse (B, Hq, T) -> log2
+                    lse_h = tl.load(lq_ptr + (bh.to(tl.int64) * G + h) * T + t, mask=ev, other=0.0) * LOG2E_K
                 p += tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_d2 - lse_h[:, None])
             p = tl.where(vis, p / G, 0.0)                                      # (BLOCK_Q, BLOCK_N) teacher
             loss += tl.sum(tl.where(p > 0, p * (tl.log2(tl.where(p > 0, p, 1.0)) - log_r), 0.0), axis=1)
@@ -313,13 +313,16 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
                 **_strides("q", q), **_strides("k", k), **_strides("qi", qi), **_strides("ki", ki, "btd"))
     scale_d2, scale_i2 = LOG2E / math.sqrt(D), LOG2E / math.sqrt(Di)
     n_rows = B * Hkv * T
-    lq_all = None if lse is None else (lse.view(B, Hkv, G, T).transpose(2, 3) * LOG2E).reshape(BH, T, G)
+    lq_all = None if lse is None else lse.contiguous()                          # (B, Hq, T), natural log
     dqi = _token_major(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
-    dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group, summed below
+    dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; the
     # attention's lists serve where it cut the same chunks (the model's shapes: one chunk)
-    for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size, lists):
+    dki_out = torch.empty(B, T, Di, dtype=torch.float32, device=dev) if grad else None  # the groups' sum, at the end
+    n_chunks = len(_chunk_bounds(B, Hkv, T, K, nchunk * max(G, Di), block_size))
+    for i, (t0, t1, nbc, slots, ent, start, cnt) in enumerate(
+            _chunks(block_idx, nchunk * max(G, Di), block_size, lists)):
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
@@ -329,7 +332,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
             lqp_ptr=lqp, lup_ptr=lup, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv,
             scale_d2=scale_d2, scale_i2=scale_i2, TEACHER=lq_all is None, num_warps=4, **meta)
-        lq = lqp if lq_all is None else lq_all[:, t0:t1].contiguous()          # partials, or the rows' lse2
+        lq = lqp if lq_all is None else lq_all                                 # partials, or the rows' lse
         # pass 2: the rows' lse2 from the partials, the loss, and its gradient while the scores are at hand
         lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, KL_SEG)
         loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
@@ -342,10 +345,12 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             scale_i2=scale_i2, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, KN_P=_pow2(K * nchunk, 1),
             GRAD=grad, TEACHER=lq_all is None, **loss_opts, **meta)
         del lup, lqp
-        if grad:
-            _fixup_kernel[(nbc, BH, nchunk)](
-                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, T=T, NBC=nbc, NX=nx, BS=block_size, D=Di,
-                NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"])
+        if grad:   # the last chunk's fix-up also sums dki over the groups into dki_out (B, T, Di)
+            last = i == n_chunks - 1
+            _fixup_kernel[(nbc, B if last else BH, nchunk)](
+                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=dki_out, **_strides("o", dki_out, "bt_"),
+                s_oh=0, T=T, NBC=nbc, NX=nx, BS=block_size, D=Di, HO=1, NG=Hkv if last else 1, NSUB=nchunk,
+                BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last)
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
@@ -353,7 +358,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
                 t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk,
                 UNROLL=_combine_unroll(K, nchunk), num_warps=4)
     loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
-    return loss, dqi, (dki.sum(1) if grad else None)
+    return loss, dqi, dki_out
 
 
 _kl_op = _kl_custom_op("kl_loss", _kl_launch)
