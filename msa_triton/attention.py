@@ -385,7 +385,8 @@ def _(q, k, v, block_idx, block_size):
     for t0, t1, nbc in _chunk_bounds(B, Hkv, T, K, (Hq // Hkv) * D, block_size):
         lists += [q.new_empty(B * Hkv, t1 - t0, K, dtype=torch.int32), q.new_empty(B * Hkv, (t1 - t0) * K, dtype=torch.int32),
                   q.new_empty(B * Hkv, nbc, dtype=torch.int64), q.new_empty(B * Hkv, nbc, dtype=torch.int64)]
-    return _token_major(B, Hq, T, D, dtype=q.dtype, device=q.device), q.new_empty(B, Hq, T, dtype=torch.float32), lists
+    out = _token_major(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    return out, q.new_empty(B, Hq, T, dtype=torch.float32), lists
 
 
 @_op("sparse_attention_bwd")

@@ -591,9 +591,9 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, o_ptr, s_ob, s_oh, s_ot, T
 def _kl_custom_op(name, launch):
     """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
     custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di), token-major
-    (_token_major), and d loss / d ki (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its backward only scales them by
-    the incoming gradient. lists: the attention's KV-outer work lists for this block_idx, or [] (sparse_attention_kl).
-    Returns the op."""
+    (_token_major), and d loss / d ki (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its
+    backward only scales them by the incoming gradient. lists: the attention's KV-outer work lists for this
+    block_idx, or [] (sparse_attention_kl). Returns the op."""
     @_op(name)
     def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
               block_size: int, lse: Optional[torch.Tensor], grad: bool,

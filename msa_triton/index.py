@@ -292,8 +292,9 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
-    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None.
-    lists: the attention's work lists for this block_idx (flat, as attention._forward returns them), or ()."""
+    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's
+    (B, Hq, T), or None. lists: the attention's work lists for this block_idx (flat, as attention._forward returns
+    them), or ()."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]

@@ -552,7 +552,8 @@ def _kl_dki_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, rd_ptr
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Returns the loss (fp32 scalar) and, with grad, d loss / d qi (B, Hkv, T, Di), token-major
-    (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None (then the forward kernel recomputes it, without V).
+    (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None (then
+    the forward kernel recomputes it, without V).
     lists: unused (this path has no work lists; the op's arguments are those of the KV-outer path's)."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
@@ -579,7 +580,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     dqi = _token_major(B, Hkv, T, Di, device=dev, dtype=torch.float32) if grad else None
     grad_scale = 1.0 / (n_rows * math.sqrt(Di))                                # d/du = (r - p) / n_rows, u = qi.ki/sqrt(Di)
     _kl_loss_kernel[(NT, BH)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, loss_ptr=loss,
-                              dqi_ptr=dqi if grad else loss, **_strides("g", dqi if grad else qi, "bht_"),
+                              dqi_ptr=dqi if grad else loss,
+                              **_strides("g", dqi if grad else qi, "bht_"),
                               loss_scale=LN2 / n_rows, grad_scale=grad_scale,
                               BLOCK_N=block_n, GRAD=grad, num_warps=_warps(max(D, Di), block_n), num_stages=1,
                               **meta, **teacher)
