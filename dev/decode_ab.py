@@ -28,8 +28,8 @@ VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, induc
     #                row_linear's COLS and WARPS)
     "base": (False, 0, False, 16, 4), "rows": (False, 1, False, 16, 4), "pdl": (True, 0, False, 16, 4),
     "pdl+rows": (True, 1, False, 16, 4), "pdl+rows+inductor": (True, 1, True, 16, 4),
-    "pdl+inductor": (True, 0, True, 16, 4), "final": (True, 1, None, 16, 4), "final-again": (True, 1, None, 16, 4),
-    "cols8": (True, 1, None, 8, 4), "cols8-w2": (True, 1, None, 8, 2), "cols8-global": (True, 1, True, 8, 2),
+    "pdl+inductor": (True, 0, True, 16, 4), "cols16": (True, 1, None, 16, 4), "cols16-again": (True, 1, None, 16, 4),
+    "final": (True, 1, None, 8, 4), "final-w2": (True, 1, None, 8, 2), "final-w2-global": (True, 1, True, 8, 2),
 }
 T0, N, ROUNDS = 512, 200, 7
 
