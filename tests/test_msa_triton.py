@@ -129,6 +129,20 @@ def test_non_contiguous_and_chunked(monkeypatch):
         assert_close(a, b, torch.float32, name)
 
 
+def test_outputs_token_major():
+    """out, dq, dk and dv come back laid out (B, T, H, D) in memory, as a model's projections lay out q, k, v: out's
+    rows for the output projection, out.transpose(1, 2).reshape(B, T, Hq * D), are a view of it, not a copy."""
+    B, Hq, Hkv, T, D, bs, K = 2, 4, 2, 40, 16, 8, 3
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, D)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=3)
+    qkv = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _ = attention.sparse_attention(*qkv, block_idx, bs)
+    grads = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    for name, x in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert x.transpose(1, 2).is_contiguous(), name
+    assert out.transpose(1, 2).reshape(B, T, Hq * D).data_ptr() == out.data_ptr()
+
+
 def test_backward_is_deterministic():
     """Two backward passes give bitwise equal gradients (no atomics; fixed reduction orders)."""
     B, Hq, Hkv, T, D, bs, K = (1, 64, 4, 512, 128, 64, 8) if GPU else (1, 4, 1, 40, 16, 8, 4)

@@ -182,6 +182,20 @@ def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):
         mti.kl_loss(q, k, qi, ki, idx, bs, lse=lse[:, :1])
 
 
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_kl_loss_gradient_layouts(monkeypatch, chunks):
+    """dqi comes back token-major ((B, T, Hkv, Di) in memory, as a model's projection lays out qi) and dki (B, T, Di)
+    contiguous, summed over the groups by the last chunk's fix-up pass, in one chunk of tokens or several."""
+    B, Hq, Hkv, T, D, Di, bs, K = 2, 4, 2, 40, 16, 16, 4, 3
+    q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, seed=2)
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", B * Hkv * K * D * T // chunks)
+    qg, kg = qi.clone().requires_grad_(), ki.clone().requires_grad_()
+    dqi, dki = torch.autograd.grad(mti.kl_loss(q, k, qg, kg, idx, bs), (qg, kg))
+    assert dqi.transpose(1, 2).is_contiguous() and dki.is_contiguous()
+    for a, b in zip((dqi, dki), torch.autograd.grad(msa_ref.kl_loss(q, k, qg, kg, idx, bs), (qg, kg))):
+        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("bs", [4, 40])                                      # one key chunk per block, or two
 def test_kl_loss_hot_blocks_split(monkeypatch, bs):
     """Block 0 chosen by every token (a sink): pass 2 splits its list over several programs (a tiny KL_SEG) whose
