@@ -336,8 +336,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     # dK, dV finished by the last chunk's fix-up pass in k's and v's dtype, token-major (_token_major)
     dk_out = _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype)
     dv_out = _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype)
-    bounds = _chunk_bounds(B, Hkv, T, K, G * D, block_size)
-    for i, (t0, t1, nbc) in enumerate(bounds):
+    for i, (t0, t1, nbc) in enumerate(_chunk_bounds(B, Hkv, T, K, G * D, block_size)):
         slots, ent, start, cnt = lists[4 * i:4 * i + 4]
         seg = _bwd_seg(B * Hkv * (t1 - t0) * K)
         lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, seg)
@@ -350,12 +349,11 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
             T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=NX, Hkv=Hkv, BS=block_size, D=D,
             scale=1.0 / math.sqrt(D), scale2=LOG2E / math.sqrt(D),
             G=G, G_P=G_P, NSUB=NSUB, D_P=c["D_P"], PREC=c["PREC"], **tiles)
-        last = i == len(bounds) - 1
         for grad, partial, o in ((dk, dkp, dk_out), (dv, dvp, dv_out)):
             _fixup_kernel[(nbc, B * Hkv, NSUB)](
                 x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=o, **_strides("o", o, "bht_"), T=T,
                 NBC=nbc, NX=NX, BS=block_size, D=D, HO=Hkv, NG=1, NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"],
-                OUT=last)
+                OUT=t1 == T)                                                   # the last chunk finishes them
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, **_strides("o", dq, "bht_"), T=T, t0=t0,
             Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB,

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
+from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunks, _combine_kernel, _combine_unroll,
                      _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment,
                      _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
 
@@ -321,9 +321,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; the
     # attention's lists serve where it cut the same chunks (the model's shapes: one chunk)
     dki_out = torch.empty(B, T, Di, dtype=torch.float32, device=dev) if grad else None  # the groups' sum, at the end
-    n_chunks = len(_chunk_bounds(B, Hkv, T, K, nchunk * max(G, Di), block_size))
-    for i, (t0, t1, nbc, slots, ent, start, cnt) in enumerate(
-            _chunks(block_idx, nchunk * max(G, Di), block_size, lists)):
+    for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size, lists):
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
         lup = torch.full((BH, t1 - t0, K * nchunk), float("-inf"), dtype=torch.float32, device=dev)
@@ -346,12 +344,12 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             scale_i2=scale_i2, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, KN_P=_pow2(K * nchunk, 1),
             GRAD=grad, TEACHER=lq_all is None, **loss_opts, **meta)
         del lup, lqp
-        if grad:   # the last chunk's fix-up also sums dki over the groups into dki_out (B, T, Di)
-            last = i == n_chunks - 1
+        if grad:   # the last chunk's fix-up (the chunks run in order up to T) also sums dki over the groups
+            last = t1 == T
             _fixup_kernel[(nbc, B if last else BH, nchunk)](
-                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=dki_out, **_strides("o", dki_out, "bt_"),
-                s_oh=0, T=T, NBC=nbc, NX=nx, BS=block_size, D=Di, HO=1, NG=Hkv if last else 1, NSUB=nchunk,
-                BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last)
+                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=dki_out,
+                **_strides("o", dki_out[:, None], "bht_"), T=T, NBC=nbc, NX=nx, BS=block_size, D=Di, HO=1,
+                NG=Hkv if last else 1, NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last)
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
