@@ -167,21 +167,22 @@ def _fwd_query_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, slots_ptr,
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, T, Hq, s_ob, s_oh, s_ot, s_od, s_dob, s_doh, s_dot, s_dod, D,
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, Hq, s_ob, s_oh, s_ot, s_od, s_dob, s_doh, s_dot, s_dod, D,
                   ROWS: tl.constexpr, D_P: tl.constexpr):
-    """delta (B*Hq*T,) fp32 = rowsum(out * dout), the softmax-backward term of every row."""
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    d = tl.arange(0, D_P)
-    rv = r < N
-    rr = r.to(tl.int64)
-    t = rr % T
-    bh = rr // T
+    """Grid (B * Hq, cdiv(T, ROWS)): delta (B, Hq, T) fp32 = rowsum(out * dout), the softmax-backward term of every
+    row. The (batch, head) comes from the grid, so no row index is divided on the device."""
+    bh = tl.program_id(0)
     b = bh // Hq
     h = bh % Hq
-    msk = rv[:, None] & (d[None, :] < D)
-    o = tl.load(o_ptr + (b * s_ob + h * s_oh + t * s_ot)[:, None] + d[None, :] * s_od, mask=msk, other=0.0)
-    do = tl.load(do_ptr + (b * s_dob + h * s_doh + t * s_dot)[:, None] + d[None, :] * s_dod, mask=msk, other=0.0)
-    tl.store(delta_ptr + r, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rv)
+    t = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, D_P)
+    tv = t < T
+    msk = tv[:, None] & (d[None, :] < D)
+    orow = b.to(tl.int64) * s_ob + h * s_oh + t.to(tl.int64) * s_ot                # (ROWS,) row starts
+    dorow = b.to(tl.int64) * s_dob + h * s_doh + t.to(tl.int64) * s_dot
+    o = tl.load(o_ptr + orow[:, None] + d[None, :] * s_od, mask=msk, other=0.0)
+    do = tl.load(do_ptr + dorow[:, None] + d[None, :] * s_dod, mask=msk, other=0.0)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=tv)
 
 
 @triton.jit
@@ -190,13 +191,14 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_dob, s_doh, s_dot, s_dod,
                    T, t0, Tc, K: tl.constexpr, NSEG, NX, Hkv, BS, D, scale, scale2,
                    G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, NSUB: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr, FRESH: tl.constexpr):
     """One program = keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of one KV block (NSUB parts per block) of one
     (batch, group), over one segment of the (token, slot) entries of the chunk that chose the block.
     Writes each row's partial dQ into dqp (BH, Tc, K * NSUB, G, D) at slot * NSUB + sub. A block's first
     segment (seg_x = -1) adds its dK, dV into dk, dv (B, Hkv, T, D) fp32; a further one (a block chosen by
     many tokens) stores them in slot seg_x of dkp, dvp (BH, NX, NSUB, BLOCK_N, D_P) for _fixup_kernel:
-    no atomics, so the sums are deterministic."""
+    no atomics, so the sums are deterministic. FRESH (one chunk of tokens): the first segment stores its sums
+    instead, into dk, dv left unzeroed."""
     b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
     sub = tl.program_id(2)
     if lo < hi:
@@ -242,8 +244,12 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
         x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
         if x < 0:
             kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
-            tl.store(dk_ptr + kvo, tl.load(dk_ptr + kvo, mask=kvm, other=0.0) + dk * scale, mask=kvm)
-            tl.store(dv_ptr + kvo, tl.load(dv_ptr + kvo, mask=kvm, other=0.0) + dv, mask=kvm)
+            dk = dk * scale
+            if not FRESH:                                                      # chunks of T add up
+                dk = tl.load(dk_ptr + kvo, mask=kvm, other=0.0) + dk
+                dv = tl.load(dv_ptr + kvo, mask=kvm, other=0.0) + dv
+            tl.store(dk_ptr + kvo, dk, mask=kvm)
+            tl.store(dv_ptr + kvo, dv, mask=kvm)
         else:
             xo = _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P)
             tl.store(dkp_ptr + xo, dk * scale)
@@ -324,19 +330,20 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     G_P = triton.next_power_of_2(G)
     c = _consts(q, block_size)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(B * Hq * T, 64),)](
-        o_ptr=out, do_ptr=dout, delta_ptr=delta, N=B * Hq * T, T=T, Hq=Hq, **_strides("o", out), **_strides("do", dout),
+    _delta_kernel[(B * Hq, triton.cdiv(T, 64))](
+        o_ptr=out, do_ptr=dout, delta_ptr=delta, T=T, Hq=Hq, **_strides("o", out), **_strides("do", dout),
         D=D, ROWS=64, D_P=c["D_P"])
     dq = _token_major(B, Hq, T, D, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
-    dv = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    bounds = _chunk_bounds(B, Hkv, T, K, G * D, block_size)
+    fresh = len(bounds) == 1                       # one chunk: first segments store, so no zeros are needed
+    dk, dv = (torch.empty if fresh else torch.zeros)(2, B, Hkv, T, D, device=q.device, dtype=torch.float32)
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     # dK, dV finished by the last chunk's fix-up pass in k's and v's dtype, token-major (_token_major)
     dk_out = _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype)
     dv_out = _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype)
-    for i, (t0, t1, nbc) in enumerate(_chunk_bounds(B, Hkv, T, K, G * D, block_size)):
+    for i, (t0, t1, nbc) in enumerate(bounds):
         slots, ent, start, cnt = lists[4 * i:4 * i + 4]
         seg = _bwd_seg(B * Hkv * (t1 - t0) * K)
         lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, seg)
@@ -348,12 +355,12 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
             **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("do", dout),
             T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=NX, Hkv=Hkv, BS=block_size, D=D,
             scale=1.0 / math.sqrt(D), scale2=LOG2E / math.sqrt(D),
-            G=G, G_P=G_P, NSUB=NSUB, D_P=c["D_P"], PREC=c["PREC"], **tiles)
+            G=G, G_P=G_P, NSUB=NSUB, D_P=c["D_P"], PREC=c["PREC"], FRESH=fresh, **tiles)
         for grad, partial, o in ((dk, dkp, dk_out), (dv, dvp, dv_out)):
             _fixup_kernel[(nbc, B * Hkv, NSUB)](
-                x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=o, **_strides("o", o, "bht_"), T=T,
-                NBC=nbc, NX=NX, BS=block_size, D=D, HO=Hkv, NG=1, NSUB=NSUB, BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"],
-                OUT=t1 == T)                                                   # the last chunk finishes them
+                x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, cnt_ptr=cnt, o_ptr=o,
+                **_strides("o", o, "bht_"), T=T, NBC=nbc, NX=NX, BS=block_size, D=D, HO=Hkv, NG=1, NSUB=NSUB,
+                BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"], OUT=t1 == T, FRESH=fresh)   # the last chunk finishes them
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, **_strides("o", dq, "bht_"), T=T, t0=t0,
             Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB,

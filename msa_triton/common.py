@@ -44,6 +44,7 @@ INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_
 PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
 LIST_TILE = 4096                          # most (token, slot) entries per program of the list builder (_csr)
 LIST_PROGRAMS = 1024                      # its tiles shrink while its grid would have fewer programs (_list_tiles)
+HIST_BINS = 512                           # the list builder counts up to this many keys a tile by histogram (_slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,13 +233,14 @@ def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: t
 
 @triton.jit
 def _slots_kernel(bi_ptr, slots_ptr, cnt_ptr, ccnt_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, NT, NCH, BB,
-                  TT: tl.constexpr, K_P: tl.constexpr, COUNT: tl.constexpr):
+                  TT: tl.constexpr, K_P: tl.constexpr, COUNT: tl.constexpr, NB: tl.constexpr, NCB: tl.constexpr):
     """Grid (NT, BH): TT tokens of one (batch, group) -> their rows of slots (BH, Tc, K) int32 (_slots). A row is
     sorted by counting, not by moving values: an id's place is the number of ids below it plus the equal ones in
     earlier columns, and an id equal to one in an earlier column is a repeat. COUNT: also the tile's counts of
     entries per key (a block, or NBC for an empty slot) into cnt (BH, NT, NBC + 1) and per chunk of BB keys into
-    ccnt (BH, NT, NCH), for _csr. This program owns those two rows: it zeroes them, then adds with atomics
-    (integer sums: their order cannot change them, so the counts are deterministic)."""
+    ccnt (BH, NT, NCH), for _csr. This program owns those two rows. NB > 0 (at most HIST_BINS bins, >= NBC + 2): it
+    counts them with tl.histogram of NB and NCB bins and stores them; NB = 0: it zeroes them, then adds with atomics
+    (integer sums: their order cannot change them, so the counts are deterministic either way)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     tt = tile * TT + tl.arange(0, TT)                                          # (TT,) tokens of the chunk
@@ -259,14 +261,22 @@ def _slots_kernel(bi_ptr, slots_ptr, cnt_ptr, ccnt_ptr, s_ib, s_ih, s_it, s_ik, 
     if COUNT:
         key = tl.where(keep, v, NBC).to(tl.int32)                              # an empty slot: the spare key NBC
         own = bh.to(tl.int64) * NT + tile
-        for k0 in range(0, NBC + 1, TT * K_P):                                 # zero this tile's rows, then count
-            kz = k0 + tl.arange(0, TT * K_P)
-            tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.zeros_like(kz), mask=kz <= NBC)
-            tl.store(ccnt_ptr + own * NCH + kz, tl.zeros_like(kz), mask=kz < NCH)
-        tl.debug_barrier()                                                     # the zeros land before the adds
-        one = tl.full((TT, K_P), 1, tl.int32)
-        tl.atomic_add(cnt_ptr + own * (NBC + 1) + key, one, mask=m, sem="relaxed")
-        tl.atomic_add(ccnt_ptr + own * NCH + key // BB, one, mask=m, sem="relaxed")
+        if NB > 0:   # few keys: a histogram in registers, stored whole (atomics on a few addresses serialise)
+            key = tl.reshape(tl.where(m, key, NBC + 1), (TT * K_P,))           # lanes outside the tile: bin NBC + 1
+            kz = tl.arange(0, NB)
+            tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.histogram(key, NB), mask=kz <= NBC)
+            cz = tl.arange(0, NCB)
+            chunk = tl.where(key <= NBC, key // BB, NCH)                       # the same lanes: bin NCH
+            tl.store(ccnt_ptr + own * NCH + cz, tl.histogram(chunk, NCB), mask=cz < NCH)
+        else:        # many keys: zero this tile's rows, then count with atomics (rarely on one address)
+            for k0 in range(0, NBC + 1, TT * K_P):
+                kz = k0 + tl.arange(0, TT * K_P)
+                tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.zeros_like(kz), mask=kz <= NBC)
+                tl.store(ccnt_ptr + own * NCH + kz, tl.zeros_like(kz), mask=kz < NCH)
+            tl.debug_barrier()                                                 # the zeros land before the adds
+            one = tl.full((TT, K_P), 1, tl.int32)
+            tl.atomic_add(cnt_ptr + own * (NBC + 1) + key, one, mask=m, sem="relaxed")
+            tl.atomic_add(ccnt_ptr + own * NCH + key // BB, one, mask=m, sem="relaxed")
 
 
 @triton.jit
@@ -368,8 +378,11 @@ def _slots(block_idx, t0, t1, nbc, counts=None):
     K_P, TT, NT = _list_tiles(K, t1 - t0, B * Hkv)
     slots = torch.empty(B * Hkv, t1 - t0, K, device=block_idx.device, dtype=torch.int32)
     cnt, ccnt, NCH, BB = counts or (slots, slots, 1, 1)
+    NB = max(32, _pow2(nbc + 2))                                               # tl.histogram wants >= 32 bins
+    hist = NB <= HIST_BINS
     _slots_kernel[(NT, B * Hkv)](block_idx, slots, cnt, ccnt, *block_idx.stride(), t0, t1 - t0, K, Hkv, nbc, NT,
-                                 NCH, BB, TT=TT, K_P=K_P, COUNT=counts is not None, num_warps=4)
+                                 NCH, BB, TT=TT, K_P=K_P, COUNT=counts is not None, NB=NB if hist else 0,
+                                 NCB=max(32, _pow2(NCH + 1)) if hist else 0, num_warps=4)
     return slots
 
 
@@ -549,14 +562,16 @@ def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, s_ob, s_oh, s_ot,
 
 
 @triton.jit
-def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, o_ptr, s_ob, s_oh, s_ot, T, NBC, NX, BS, D, HO,
-                  NG: tl.constexpr, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, OUT: tl.constexpr):
+def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, cnt_ptr, o_ptr, s_ob, s_oh, s_ot, T, NBC, NX, BS, D, HO,
+                  NG: tl.constexpr, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, OUT: tl.constexpr,
+                  FRESH: tl.constexpr):
     """Grid (NBC, BH // NG, NSUB): for each of the NG consecutive (batch, head) rows bh = pid1 * NG + i, add the sums
     of block kb's further segments (slots xbase .. xbase + xcnt of xp (BH, NX, NSUB, BLOCK_N, D_P), in order) to its
     rows of x (BH, T, D) fp32 (dK, dV or dKI). Without OUT, into x. With OUT (the last chunk of tokens, whose blocks
     are all of them): the finished rows, summed over the NG rows, go to o (B, HO, T, D) of strides s_o*, in o's dtype
     (dK, dV in k's dtype and layout: NG = 1; dKI summed over its groups: NG = Hkv, HO = 1), so that no cast or sum
-    runs after the pass."""
+    runs after the pass. FRESH (one chunk of tokens: the first segments stored their sums into x, which was not
+    zeroed): a block no token chose (cnt (BH, NBC) = 0) has no rows in x and counts as zero."""
     kb = tl.program_id(0)
     j = tl.program_id(1)
     sub = tl.program_id(2)
@@ -574,7 +589,10 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, o_ptr, s_ob, s_oh, s_ot, T
             acc = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
             for x in range(x0, x0 + nx):
                 acc += tl.load(xp_ptr + _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P))
-            acc += tl.load(x_ptr + xo, mask=m, other=0.0)
+            xm = m
+            if FRESH:      # x holds a block's rows only if a token chose it: its keys, else none
+                xm = m & (jn < tl.where(tl.load(cnt_ptr + bh * NBC + kb) > 0, BS, 0))[:, None]
+            acc += tl.load(x_ptr + xo, mask=xm, other=0.0)
             if OUT:
                 total += acc
             else:
@@ -591,8 +609,8 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, o_ptr, s_ob, s_oh, s_ot, T
 def _kl_custom_op(name, launch):
     """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
     custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di), token-major
-    (_token_major), and d loss / d ki (B, T, Di) in fp32 (empty tensors otherwise) while the scores are at hand; its
-    backward only scales them by the incoming gradient. lists: the attention's KV-outer work lists for this
+    (_token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes (empty tensors otherwise), while the scores
+    are at hand; its backward only scales them by the incoming gradient (one kernel each). lists: the attention's KV-outer work lists for this
     block_idx, or [] (sparse_attention_kl). Returns the op."""
     @_op(name)
     def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
@@ -609,20 +627,19 @@ def _kl_custom_op(name, launch):
     def _(q, k, qi, ki, block_idx, block_size, lse, grad, lists):
         B, Hkv, T, Di = qi.shape
         f32 = dict(dtype=torch.float32, device=q.device)
-        return (q.new_empty((), **f32), _token_major(B, Hkv, T, Di, **f32) if grad else q.new_empty(0, **f32),
-                q.new_empty((B, T, Di) if grad else (0,), **f32))
+        return (q.new_empty((), **f32),
+                _token_major(B, Hkv, T, Di, dtype=qi.dtype, device=q.device) if grad else q.new_empty(0, **f32),
+                ki.new_empty((B, T, Di)) if grad else q.new_empty(0, **f32))
 
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)                                       # dqi, dki get no gradient: no zeros
         ctx.save_for_backward(output[1], output[2])
-        ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
         ctx.n_lists = len(inputs[8])
 
     def backward(ctx, dloss, _dqi, _dki):
         dqi, dki = ctx.saved_tensors
-        return (None, None, (dqi * dloss).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-                (dki * dloss).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, None, None, None, None,
-                [None] * ctx.n_lists)
+        return (None, None, dqi * dloss if ctx.needs_input_grad[2] else None,
+                dki * dloss if ctx.needs_input_grad[3] else None, None, None, None, None, [None] * ctx.n_lists)
 
     kl_op.register_autograd(backward, setup_context=setup)
     return kl_op

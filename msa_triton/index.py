@@ -29,7 +29,7 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunks, _combine_kernel, _combine_unroll,
+from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
                      _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment,
                      _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
 
@@ -233,14 +233,14 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                     DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     NCHUNK: tl.constexpr, KN_P: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr,
-                    TEACHER: tl.constexpr):
+                    TEACHER: tl.constexpr, FRESH: tl.constexpr):
     """Pass 2, one program per segment of a KV block's list (common._split_segments). The rows' lse2 come from
     pass 1's partials, merged here: the student's from lup (BH, Tc, K*NCHUNK), each teacher head's from lq, the
     partials (BH, Tc, K*NCHUNK, G) with TEACHER, else from the lse (B, Hq, T) that sparse_attention gave.
     loss (BH, NSEG): sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of
     each entry into dqp (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of
     dki (B, Hkv, T, Di) fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for
-    common._fixup_kernel."""
+    common._fixup_kernel. FRESH (one chunk of tokens): the first segment stores its sum, into dki left unzeroed."""
     b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
     x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
     ent_b = ent_ptr + bh.to(tl.int64) * Tc * K
@@ -284,7 +284,9 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
                 if x < 0:
                     dptr = dki_ptr + ((b * Hkv + g) * T + j[:, None]) * DI + di[None, :]
                     dmask = kmask[:, None] & (di[None, :] < DI)
-                    tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + dki, mask=dmask)   # chunks of T add up
+                    if not FRESH:                                              # chunks of T add up
+                        dki = tl.load(dptr, mask=dmask, other=0.0) + dki
+                    tl.store(dptr, dki, mask=dmask)
                 else:
                     tl.store(dkip_ptr + _slot_tile(bh, x, c, NX, NCHUNK, BLOCK_N, DI_P), dki)
     tl.store(loss_ptr + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
@@ -292,7 +294,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
-    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's
+    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes. lse: sparse_attention's
     (B, Hq, T), or None. lists: the attention's work lists for this block_idx (flat, as attention._forward returns
     them), or ()."""
     B, Hq, T, D = q.shape
@@ -307,6 +309,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     nchunk = triton.cdiv(block_size, block_n)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
+    dki_dtype = ki.dtype                                                       # its gradient's, before the cast
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
     meta = dict(G=G, BS=block_size, D=D, D_P=_pow2(D), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q,
@@ -315,12 +318,13 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     scale_d2, scale_i2 = LOG2E / math.sqrt(D), LOG2E / math.sqrt(Di)
     n_rows = B * Hkv * T
     lq_all = None if lse is None else lse.contiguous()                          # (B, Hq, T), natural log
-    dqi = _token_major(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
-    dki = torch.zeros(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None   # per group
+    dqi = _token_major(B, Hkv, T, Di, dtype=qi.dtype, device=dev) if grad else None
+    fresh = len(_chunk_bounds(B, Hkv, T, K, nchunk * max(G, Di), block_size)) == 1   # one chunk: no zeros needed
+    dki = (torch.empty if fresh else torch.zeros)(B, Hkv, T, Di, dtype=torch.float32, device=dev) if grad else None
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; the
     # attention's lists serve where it cut the same chunks (the model's shapes: one chunk)
-    dki_out = torch.empty(B, T, Di, dtype=torch.float32, device=dev) if grad else None  # the groups' sum, at the end
+    dki_out = torch.empty(B, T, Di, dtype=dki_dtype, device=dev) if grad else None  # the groups' sum, at the end
     for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size, lists):
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf
@@ -342,14 +346,14 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             seg_x_ptr=x, lq_ptr=lq, lup_ptr=lup, loss_ptr=loss, dqp_ptr=dqp, dki_ptr=dki if grad else loss,
             dkip_ptr=dkip, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=nx, Hkv=Hkv, scale_d2=scale_d2,
             scale_i2=scale_i2, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, KN_P=_pow2(K * nchunk, 1),
-            GRAD=grad, TEACHER=lq_all is None, **loss_opts, **meta)
+            GRAD=grad, TEACHER=lq_all is None, FRESH=fresh, **loss_opts, **meta)
         del lup, lqp
         if grad:   # the last chunk's fix-up (the chunks run in order up to T) also sums dki over the groups
             last = t1 == T
             _fixup_kernel[(nbc, B if last else BH, nchunk)](
-                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, o_ptr=dki_out,
+                x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, cnt_ptr=cnt, o_ptr=dki_out,
                 **_strides("o", dki_out[:, None], "bht_"), T=T, NBC=nbc, NX=nx, BS=block_size, D=Di, HO=1,
-                NG=Hkv if last else 1, NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last)
+                NG=Hkv if last else 1, NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last, FRESH=fresh)
         losses.append(loss.sum())
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](

@@ -461,7 +461,8 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, loss_
                     G: tl.constexpr, BLOCK_Q: tl.constexpr, K_P: tl.constexpr, BLOCK_N: tl.constexpr,
                     D_P: tl.constexpr, DI_P: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr):
     """Grid (NT, B * Hkv): loss (BH * NT,) = loss_scale * sum over the tile's rows of sum p (log2 p - log2 r);
-    with GRAD, dqi (B, Hkv, T, Di) fp32 of strides s_g* = grad_scale * sum over the row's support of (r - p) ki."""
+    with GRAD, dqi (B, Hkv, T, Di), in its dtype and of strides s_g*, = grad_scale * sum over the row's support of
+    (r - p) ki."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -496,7 +497,8 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, loss_
                 dqi += tl.dot(ds.to(ki.dtype), ki, input_precision=PREC)
     tl.store(loss_ptr + bh * tl.num_programs(0) + tile, tl.sum(loss, 0) * loss_scale)
     if GRAD:
-        tl.store(dqi_ptr + (b * s_gb + g * s_gh + t.to(tl.int64) * s_gt)[:, None] + di[None, :], dqi * grad_scale,
+        tl.store(dqi_ptr + (b * s_gb + g * s_gh + t.to(tl.int64) * s_gt)[:, None] + di[None, :],
+                 (dqi * grad_scale).to(dqi_ptr.dtype.element_ty),
                  mask=rv[:, None] & dimask[None, :])
 
 
@@ -509,7 +511,7 @@ def _kl_dki_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, rd_ptr
                    BLOCK_N: tl.constexpr, D_P: tl.constexpr, DI_P: tl.constexpr, CHUNK: tl.constexpr,
                    PREC: tl.constexpr):
     """Grid (NB * NSUB, B): keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of key block kb of batch b; dki (B, T, Di)
-    fp32 contiguous = grad_scale * sum over the groups and the query tiles that read kb of (r - p)^T qi."""
+    contiguous, in its dtype, = grad_scale * sum over the groups and the query tiles that read kb of (r - p)^T qi."""
     kb = tl.program_id(0) // NSUB
     sub = tl.program_id(0) % NSUB
     b = tl.program_id(1).to(tl.int64)
@@ -544,7 +546,8 @@ def _kl_dki_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, rd_ptr
                                                    dmask, scale_d2, G, BLOCK_Q, BLOCK_N, PREC), 0.0)
                         ds = tl.where(vis, tl.exp2(log_r), 0.0) - p
                         dki += tl.dot(tl.trans(ds.to(qi.dtype)), qi, input_precision=PREC)
-    tl.store(dki_ptr + (b * T + n)[:, None] * DI + di[None, :], dki * grad_scale, mask=kmask[:, None] & dimask[None, :])
+    tl.store(dki_ptr + (b * T + n)[:, None] * DI + di[None, :], (dki * grad_scale).to(dki_ptr.dtype.element_ty),
+             mask=kmask[:, None] & dimask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,6 +564,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     dev = q.device
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
+    dki_dtype = ki.dtype                                                       # its gradient's, before the cast
     if ki.dtype != qi.dtype:
         ki = ki.to(qi.dtype)
     lse = _forward(q, k, k, block_idx, block_size, ROWS, with_out=False)[1] if lse is None else lse.contiguous()
@@ -577,7 +581,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     _kl_stats_kernel[(NT, BH)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, rd_ptr=reads, NB=NB, NT=NT,
                                BLOCK_N=block_n, num_warps=4, num_stages=1, **meta)
     loss = torch.empty(BH * NT, device=dev, dtype=torch.float32)
-    dqi = _token_major(B, Hkv, T, Di, device=dev, dtype=torch.float32) if grad else None
+    dqi = _token_major(B, Hkv, T, Di, device=dev, dtype=qi.dtype) if grad else None
     grad_scale = 1.0 / (n_rows * math.sqrt(Di))                                # d/du = (r - p) / n_rows, u = qi.ki/sqrt(Di)
     _kl_loss_kernel[(NT, BH)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, loss_ptr=loss,
                               dqi_ptr=dqi if grad else loss,
@@ -589,7 +593,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     if grad:
         sub_n = min(block_n, 64)
         nsub = triton.cdiv(block_size, sub_n)
-        dki = torch.empty(B, T, Di, device=dev, dtype=torch.float32)
+        dki = torch.empty(B, T, Di, device=dev, dtype=dki_dtype)
         _kl_dki_kernel[(NB * nsub, B)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, rd_ptr=reads, dki_ptr=dki,
                                        NB=NB, NT=NT, grad_scale=grad_scale, NSUB=nsub, BLOCK_N=sub_n, CHUNK=32,
                                        num_warps=_warps(max(D, Di), sub_n), num_stages=1, **meta, **teacher)

@@ -36,6 +36,14 @@ def rand_inputs(B, Hq, Hkv, T, D, Di, dtype=torch.float32, device=DEVICE, seed=0
     return tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes)
 
 
+def poison_allocator(numel, dtype=torch.float32, device=DEVICE, n=8):
+    """Fill n freed buffers of numel elements with NaN, so that the next allocations of that size (an output the
+    code under test allocates without zeroing) start as NaN instead of zeros by luck: a row that is never written
+    then shows. Reliable with CUDA's caching allocator; on a CPU the C allocator usually hands the same memory back."""
+    bufs = [torch.full((numel,), float("nan"), dtype=dtype, device=device) for _ in range(n)]
+    del bufs
+
+
 @pytest.fixture(autouse=True)
 def _torch_matmul_precision():
     """Each test starts from the float32 matmul precision of the test session: train.py, which some tests run in

@@ -3,7 +3,8 @@ The KV-outer work lists (msa_triton.common: _slots, _csr, _chunks) against their
 (slots_by_torch, csr_by_torch below: a sort per row, a stable sort of the keys, a searchsorted), bitwise, over
 random selections and the edge cases: -1 padding, repeated blocks, ids >= nbc or < 0 (dropped), K = 1, T = 1,
 a chunk [t0, t1) inside T, B > 1, Hkv = 1, int16 / int32 / int64 ids, a strided block_idx, one tile or many
-(common.LIST_TILE, and the rule that shrinks tiles for a small grid), one chunk of keys or several in the scan;
+(common.LIST_TILE, and the rule that shrinks tiles for a small grid), one chunk of keys or several in the scan,
+a tile's keys counted by histogram or by atomics;
 the in-register sort (common._sort_keys) against torch.sort. Integer kernels only: the interpreter is exact.
 Also: the builder is three Triton launches and no torch kernel, whatever the shapes.
 """
@@ -62,19 +63,23 @@ def random_block_idx(B, Hkv, T, K, lo, hi, seed, dtype=torch.int32):
     return torch.randint(lo, hi, (B, Hkv, T, K), generator=g).to(dtype).to(DEVICE)
 
 
-def set_tile(monkeypatch, tile):
+def set_tile(monkeypatch, tile, counts="histogram"):
     """tile entries a tile (LIST_TILE, not shrunk), or 'auto': the rule of common._list_tiles (tiles shrink while the
-    grid is small)."""
+    grid is small). counts: how _slots_kernel counts a tile's keys, by 'histogram' (up to HIST_BINS keys, as every
+    shape here has) or by 'atomics' (HIST_BINS = 0, what more keys get)."""
+    if counts == "atomics":
+        monkeypatch.setattr(common, "HIST_BINS", 0)
     if tile != "auto":
         monkeypatch.setattr(common, "LIST_TILE", tile)
         monkeypatch.setattr(common, "LIST_PROGRAMS", 1)
 
 
+@pytest.mark.parametrize("counts", ["histogram", "atomics"])
 @pytest.mark.parametrize("tile", [16, 64, 4096, "auto"])
 @pytest.mark.parametrize("seed", range(6))
-def test_lists_random(monkeypatch, tile, seed):
+def test_lists_random(monkeypatch, tile, seed, counts):
     """Random selections with repeats, -1, ids out of range on both sides; a random chunk of tokens."""
-    set_tile(monkeypatch, tile)
+    set_tile(monkeypatch, tile, counts)
     g = torch.Generator().manual_seed(100 + seed)
     B, Hkv = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
     T, K = int(torch.randint(1, 90, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
@@ -85,11 +90,12 @@ def test_lists_random(monkeypatch, tile, seed):
     assert_lists_equal(random_block_idx(B, Hkv, T, K, -3, nbc + 3, seed, dtype), t0, t1, nbc)
 
 
+@pytest.mark.parametrize("counts", ["histogram", "atomics"])
 @pytest.mark.parametrize("tile", [16, 4096, "auto"])
-def test_lists_many_tiles_and_key_chunks(monkeypatch, tile):
+def test_lists_many_tiles_and_key_chunks(monkeypatch, tile, counts):
     """nbc > 128 (several programs of the scan, each needing the entries of the chunks before it), more tiles
     than one load of the scan holds (TB), a sink block that every token chose."""
-    set_tile(monkeypatch, tile)
+    set_tile(monkeypatch, tile, counts)
     bi = random_block_idx(2, 1, 300, 4, -1, 300, 7)
     bi[..., 1] = 0
     assert_lists_equal(bi, 0, 300, 300)

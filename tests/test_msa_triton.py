@@ -9,7 +9,7 @@ import torch
 import msa_ref
 import msa_triton
 from msa_triton import attention, common, tile
-from conftest import DEVICE, rand_inputs, requires_cuda
+from conftest import DEVICE, poison_allocator, rand_inputs, requires_cuda
 
 GPU = DEVICE == "cuda"
 
@@ -141,6 +141,24 @@ def test_outputs_token_major():
     for name, x in zip(("out", "dq", "dk", "dv"), (out, *grads)):
         assert x.transpose(1, 2).is_contiguous(), name
     assert out.transpose(1, 2).reshape(B, T, Hq * D).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_unchosen_block_gets_zero_gradients(monkeypatch, chunks):
+    """A block that no token chose gets dK = dV = 0 exactly, in one chunk of tokens (where each block's first
+    segment stores its sums into fp32 buffers that are not zeroed first) and in several (zeroed, added to)."""
+    B, Hq, Hkv, T, D, bs, K = 1, 4, 2, 40, 16, 8, 3
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, seed=8)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=8)
+    block_idx = block_idx.masked_fill(block_idx == 1, -1)                      # block 1: nobody's, not even its own
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", B * Hkv * K * (Hq // Hkv) * D * T // chunks)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    poison_allocator(B * Hkv * T * D)
+    got, ref = run_both(q, k, v, block_idx, bs, dout)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, torch.float32, name)
+    for name, g in zip(("dk", "dv"), got[3:]):
+        assert torch.equal(g[:, :, bs:2 * bs], torch.zeros_like(g[:, :, bs:2 * bs])), name
 
 
 def test_backward_is_deterministic():

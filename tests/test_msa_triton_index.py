@@ -18,7 +18,7 @@ if not torch.cuda.is_available():                # before triton is imported; co
 import msa_ref
 from msa_triton import common
 from msa_triton import index as mti
-from conftest import rand_inputs, requires_cuda
+from conftest import poison_allocator, rand_inputs, requires_cuda
 
 
 def index_inputs(B, Hkv, T, Di, dtype=torch.float32, seed=0):
@@ -194,6 +194,22 @@ def test_kl_loss_gradient_layouts(monkeypatch, chunks):
     assert dqi.transpose(1, 2).is_contiguous() and dki.is_contiguous()
     for a, b in zip((dqi, dki), torch.autograd.grad(msa_ref.kl_loss(q, k, qg, kg, idx, bs), (qg, kg))):
         assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_kl_loss_unchosen_block_gets_zero_dki(monkeypatch, chunks):
+    """A key block that no token of any group chose gets dki = 0 exactly, in one chunk of tokens (where each block's
+    first segment stores its sum into an fp32 buffer that is not zeroed first) and in several."""
+    B, Hq, Hkv, T, D, Di, bs, K = 1, 4, 2, 40, 16, 16, 4, 3
+    q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, seed=5)
+    idx = idx.masked_fill(idx == 2, -1)                                        # block 2: nobody's
+    monkeypatch.setattr(common, "PARTIAL_ELEMS", B * Hkv * K * D * T // chunks)
+    poison_allocator(B * Hkv * T * Di)
+    (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)
+    assert torch.allclose(l1.cpu(), l0.cpu(), rtol=1e-5)
+    for a, b in ((dqi1, dqi0), (dki1, dki0)):
+        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert torch.equal(dki1[:, 2 * bs:3 * bs], torch.zeros_like(dki1[:, 2 * bs:3 * bs]))
 
 
 @pytest.mark.parametrize("bs", [4, 40])                                      # one key chunk per block, or two
