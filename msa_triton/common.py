@@ -610,7 +610,7 @@ def _kl_custom_op(name, launch):
     """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
     custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di), token-major
     (_token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes (empty tensors otherwise), while the scores
-    are at hand; its backward only scales them by the incoming gradient (one kernel each). lists: the attention's KV-outer work lists for this
+    are at hand; its backward only scales them by the incoming gradient (one multi-tensor kernel for both). lists: the attention's KV-outer work lists for this
     block_idx, or [] (sparse_attention_kl). Returns the op."""
     @_op(name)
     def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
@@ -638,8 +638,10 @@ def _kl_custom_op(name, launch):
 
     def backward(ctx, dloss, _dqi, _dki):
         dqi, dki = ctx.saved_tensors
-        return (None, None, dqi * dloss if ctx.needs_input_grad[2] else None,
-                dki * dloss if ctx.needs_input_grad[3] else None, None, None, None, None, [None] * ctx.n_lists)
+        want = [x for x, w in zip((dqi, dki), ctx.needs_input_grad[2:4]) if w]
+        got = iter(torch._foreach_mul(want, dloss))                            # one launch for both
+        return (None, None, next(got) if ctx.needs_input_grad[2] else None,
+                next(got) if ctx.needs_input_grad[3] else None, None, None, None, None, [None] * ctx.n_lists)
 
     kl_op.register_autograd(backward, setup_context=setup)
     return kl_op

@@ -229,7 +229,7 @@ def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_p
 def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
                     lq_ptr, lup_ptr, loss_ptr, dqp_ptr, dki_ptr, dkip_ptr,
                     s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid,
-                    T, t0, Tc, K: tl.constexpr, NSEG, NX, Hkv, scale_d2, scale_i2, grad_scale,
+                    T, t0, Tc, K: tl.constexpr, NSEG, NX, Hkv, scale_d2, scale_i2, loss_scale, grad_scale,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                     DI: tl.constexpr, DI_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     NCHUNK: tl.constexpr, KN_P: tl.constexpr, PREC: tl.constexpr, GRAD: tl.constexpr,
@@ -237,7 +237,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
     """Pass 2, one program per segment of a KV block's list (common._split_segments). The rows' lse2 come from
     pass 1's partials, merged here: the student's from lup (BH, Tc, K*NCHUNK), each teacher head's from lq, the
     partials (BH, Tc, K*NCHUNK, G) with TEACHER, else from the lse (B, Hq, T) that sparse_attention gave.
-    loss (BH, NSEG): sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of
+    loss (BH, NSEG): loss_scale x the sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of
     each entry into dqp (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of
     dki (B, Hkv, T, Di) fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for
     common._fixup_kernel. FRESH (one chunk of tokens): the first segment stores its sum, into dki left unzeroed."""
@@ -289,7 +289,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
                     tl.store(dptr, dki, mask=dmask)
                 else:
                     tl.store(dkip_ptr + _slot_tile(bh, x, c, NX, NCHUNK, BLOCK_N, DI_P), dki)
-    tl.store(loss_ptr + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0))
+    tl.store(loss_ptr + bh * NSEG + tl.program_id(0), tl.sum(loss, axis=0) * loss_scale)
 
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
@@ -336,7 +336,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             lqp_ptr=lqp, lup_ptr=lup, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv,
             scale_d2=scale_d2, scale_i2=scale_i2, TEACHER=lq_all is None, num_warps=4, **meta)
         lq = lqp if lq_all is None else lq_all                                 # partials, or the rows' lse
-        # pass 2: the rows' lse2 from the partials, the loss, and its gradient while the scores are at hand
+        # pass 2: the rows' lse2 from the partials, the loss (log2 -> natural log, / rows: the mean), and its gradient
+        # while the scores are at hand
         lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, KL_SEG)
         loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
         dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
@@ -345,8 +346,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
             q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk,
             seg_x_ptr=x, lq_ptr=lq, lup_ptr=lup, loss_ptr=loss, dqp_ptr=dqp, dki_ptr=dki if grad else loss,
             dkip_ptr=dkip, T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=nx, Hkv=Hkv, scale_d2=scale_d2,
-            scale_i2=scale_i2, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E, KN_P=_pow2(K * nchunk, 1),
-            GRAD=grad, TEACHER=lq_all is None, FRESH=fresh, **loss_opts, **meta)
+            scale_i2=scale_i2, loss_scale=LN2 / n_rows, grad_scale=LN2 / (n_rows * math.sqrt(Di)) * LOG2E,
+            KN_P=_pow2(K * nchunk, 1), GRAD=grad, TEACHER=lq_all is None, FRESH=fresh, **loss_opts, **meta)
         del lup, lqp
         if grad:   # the last chunk's fix-up (the chunks run in order up to T) also sums dki over the groups
             last = t1 == T
@@ -354,13 +355,13 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
                 x_ptr=dki, xp_ptr=dkip, xbase_ptr=xbase, xcnt_ptr=xcnt, cnt_ptr=cnt, o_ptr=dki_out,
                 **_strides("o", dki_out[:, None], "bht_"), T=T, NBC=nbc, NX=nx, BS=block_size, D=Di, HO=1,
                 NG=Hkv if last else 1, NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last, FRESH=fresh)
-        losses.append(loss.sum())
+        losses.append(loss)
         if grad:                                                               # dqi = sum of the K partials
             _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
                 op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dqi, lse_ptr=dqi, **_strides("o", dqi, "bht_"), T=T,
                 t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk,
                 UNROLL=_combine_unroll(K, nchunk), num_warps=4)
-    loss = torch.stack(losses).sum() * (LN2 / n_rows)                          # log2 -> natural log, mean
+    loss = (torch.cat(losses, 1) if len(losses) > 1 else losses[0]).sum()      # the mean, in natural log
     return loss, dqi, dki_out
 
 
