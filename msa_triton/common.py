@@ -606,11 +606,39 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, cnt_ptr, o_ptr, s_ob, s_oh
 # ---------------------------------------------------------------------------------------------
 # kl_loss as a custom op, for both of its paths (index.py's KV-outer passes, tile.py's query tiles)
 
+@triton.jit
+def _scale2_kernel(a_ptr, b_ptr, g_ptr, oa_ptr, ob_ptr, NA, NB, BLOCK: tl.constexpr):
+    """Grid (cdiv(max(NA, NB), BLOCK),): oa = a * g and ob = b * g, elementwise over flat buffers of NA and NB
+    elements, g a scalar on the device, the products in fp32, stored in the outputs' dtypes."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(g_ptr).to(tl.float32)
+    a = tl.load(a_ptr + i, mask=i < NA, other=0.0)
+    tl.store(oa_ptr + i, (a.to(tl.float32) * g).to(oa_ptr.dtype.element_ty), mask=i < NA)
+    b = tl.load(b_ptr + i, mask=i < NB, other=0.0)
+    tl.store(ob_ptr + i, (b.to(tl.float32) * g).to(ob_ptr.dtype.element_ty), mask=i < NB)
+
+
+@_op("kl_loss_grads")
+def _kl_grads_op(dqi: torch.Tensor, dki: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kl_loss's gradients times the loss's incoming gradient g (a 0-dim tensor), both in one launch, where two torch
+    multiplies by a tensor on the device take two slower, broadcasting kernels. dqi and dki fill their storage (no
+    gaps; any strides): the outputs get their strides."""
+    oa, ob = torch.empty_like(dqi), torch.empty_like(dki)
+    n = max(dqi.numel(), dki.numel(), 1)
+    _scale2_kernel[(triton.cdiv(n, 1024),)](dqi, dki, g, oa, ob, dqi.numel(), dki.numel(), BLOCK=1024)
+    return oa, ob
+
+
+@_kl_grads_op.register_fake
+def _(dqi, dki, g):
+    return torch.empty_like(dqi), torch.empty_like(dki)
+
+
 def _kl_custom_op(name, launch):
     """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
     custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di), token-major
     (_token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes (empty tensors otherwise), while the scores
-    are at hand; its backward only scales them by the incoming gradient (one multi-tensor kernel for both). lists: the attention's KV-outer work lists for this
+    are at hand; its backward only scales them by the incoming gradient (_kl_grads_op: one kernel for both). lists: the attention's KV-outer work lists for this
     block_idx, or [] (sparse_attention_kl). Returns the op."""
     @_op(name)
     def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
@@ -637,11 +665,9 @@ def _kl_custom_op(name, launch):
         ctx.n_lists = len(inputs[8])
 
     def backward(ctx, dloss, _dqi, _dki):
-        dqi, dki = ctx.saved_tensors
-        want = [x for x, w in zip((dqi, dki), ctx.needs_input_grad[2:4]) if w]
-        got = iter(torch._foreach_mul(want, dloss))                            # one launch for both
-        return (None, None, next(got) if ctx.needs_input_grad[2] else None,
-                next(got) if ctx.needs_input_grad[3] else None, None, None, None, None, [None] * ctx.n_lists)
+        dqi, dki = _kl_grads_op(*ctx.saved_tensors, dloss)
+        return (None, None, dqi if ctx.needs_input_grad[2] else None, dki if ctx.needs_input_grad[3] else None,
+                None, None, None, None, [None] * ctx.n_lists)
 
     kl_op.register_autograd(backward, setup_context=setup)
     return kl_op

@@ -62,7 +62,8 @@ def grads(x):
 
 def test_ops_registered_once():
     for name in ("index_topk", "sparse_attention_fwd", "sparse_attention_bwd", "kl_loss", "sparse_decode",
-                 "linear_cross_entropy", "sparse_attention_tile_fwd", "sparse_attention_tile_bwd", "kl_loss_tile"):
+                 "linear_cross_entropy", "sparse_attention_tile_fwd", "sparse_attention_tile_bwd", "kl_loss_tile",
+                 "kl_loss_grads"):
         assert hasattr(torch.ops.nanomsa, name), name
     op = torch.ops.nanomsa.sparse_attention_fwd.default
     importlib.reload(attention)                                                # importing again registers nothing
@@ -87,6 +88,8 @@ def opcheck_cases():
         "kl_loss_lse": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True, [])),
         "kl_loss_lists": (torch.ops.nanomsa.kl_loss, (q, k, dqi, dki, bi, bs, lse, True, lists)),
         "kl_loss_nograd": (torch.ops.nanomsa.kl_loss, (q, k, qi, ki, bi, bs, lse, False, [])),
+        "kl_loss_grads": (torch.ops.nanomsa.kl_loss_grads, (qi.transpose(1, 2).contiguous().transpose(1, 2), ki,
+                                                            torch.tensor(0.75, device=DEVICE))),
         "sparse_attention_tile_fwd": (torch.ops.nanomsa.sparse_attention_tile_fwd, (dq, dk, dv, bi, bs, tile.ROWS)),
         "sparse_attention_tile_bwd": (torch.ops.nanomsa.sparse_attention_tile_bwd,
                                       (q, k, v, tout, tlse, dout, bi, reads, bs, tile.ROWS)),
@@ -221,6 +224,21 @@ def test_backward_makes_no_zero_gradients(path):
     with _Ops() as ops:
         (out.sum() + kl + ce).backward()
     assert not [n for n in ops.names if n.split(".")[0] in ("zeros", "zeros_like", "fill_", "full", "zero_")], ops.names
+
+
+def test_kl_loss_scales_its_gradients(path):
+    """kl_loss's backward multiplies the gradients its forward computed by the loss's incoming gradient (here 2.5 and
+    -0.5) and returns them in qi's and ki's dtypes (ki in float64: cast to float32 for the kernels, its gradient back)."""
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, _, qi, ki, bi = case()
+    for scale, ki_dtype in ((2.5, torch.float32), (-0.5, torch.float64)):
+        got = grads((qi, ki.to(ki_dtype)))
+        ref = grads((qi.double(), ki.double()))
+        g = torch.autograd.grad(msa_triton.kl_loss(q, k, *got, bi, bs) * scale, got)
+        r = torch.autograd.grad(msa_ref.kl_loss(q.double(), k.double(), *ref, bi, bs) * scale, ref)
+        assert g[0].dtype == torch.float32 and g[1].dtype == ki_dtype
+        for a, b in zip(g, r):
+            assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
