@@ -113,8 +113,9 @@ def _index_topk_op(qi: torch.Tensor, ki: torch.Tensor, block_size: int, topk: in
     if fp8:
         ki, ks = fp8_quantize(ki)                                              # (B, T, Di) e4m3, (B, T)
     on_gpu = qi.is_cuda
-    # 256-query tiles pay at long T (tuned on Hopper; see bench.py); small tiles for the interpreter
-    block_q = (256 if T >= 16384 else 128) if on_gpu else 16
+    # tiles of queries (tuned on Hopper; dev/indexer.md): 64 at Di <= 64 (the model's shape, 1K to 16K), at Di = 128
+    # 256 for long T (the M3 shape), else 128; small tiles for the interpreter
+    block_q = (64 if Di <= 64 else 256 if T >= 16384 else 128) if on_gpu else 16
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, triton.cdiv(T, block_q))
     _index_topk_kernel[grid](
