@@ -44,7 +44,7 @@ INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_
 PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
 LIST_TILE = 4096                          # most (token, slot) entries per program of the list builder (_csr)
 LIST_PROGRAMS = 1024                      # its tiles shrink while its grid would have fewer programs (_list_tiles)
-HIST_BINS = 512                           # the list builder counts up to this many keys a tile by histogram (_slots)
+HIST_BINS = 512                           # the list builder counts up to this many keys a tile by histogram
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,18 +232,13 @@ def _slot_tile(bh, x, sub, NX, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: t
 # the selection, inverted: which queries read each KV block?
 
 @triton.jit
-def _slots_kernel(bi_ptr, slots_ptr, cnt_ptr, ccnt_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, NT, NCH, BB,
-                  TT: tl.constexpr, K_P: tl.constexpr, COUNT: tl.constexpr, NB: tl.constexpr, NCB: tl.constexpr):
-    """Grid (NT, BH): TT tokens of one (batch, group) -> their rows of slots (BH, Tc, K) int32 (_slots). A row is
-    sorted by counting, not by moving values: an id's place is the number of ids below it plus the equal ones in
-    earlier columns, and an id equal to one in an earlier column is a repeat. COUNT: also the tile's counts of
-    entries per key (a block, or NBC for an empty slot) into cnt (BH, NT, NBC + 1) and per chunk of BB keys into
-    ccnt (BH, NT, NCH), for _csr. This program owns those two rows. NB > 0 (at most HIST_BINS bins, >= NBC + 2): it
-    counts them with tl.histogram of NB and NCB bins and stores them; NB = 0: it zeroes them, then adds with atomics
-    (integer sums: their order cannot change them, so the counts are deterministic either way)."""
-    tile = tl.program_id(0)
+def _slot_rows(bi_ptr, slots_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, TT: tl.constexpr, K_P: tl.constexpr):
+    """Program (tile, bh) of a grid (NT, BH): TT tokens of one (batch, group) -> their rows of slots (BH, Tc, K) int32
+    (_slots). A row is sorted by counting, not by moving values: an id's place is the number of ids below it plus the
+    equal ones in earlier columns, and an id equal to one in an earlier column is a repeat. Returns m, the (TT, K_P)
+    real slots, v their ids, and keep, the ids kept (not a repeat, not -1, below NBC)."""
+    tt = tl.program_id(0) * TT + tl.arange(0, TT)                              # (TT,) tokens of the chunk
     bh = tl.program_id(1)
-    tt = tile * TT + tl.arange(0, TT)                                          # (TT,) tokens of the chunk
     s = tl.arange(0, K_P)
     tm = tt < Tc
     m = tm[:, None] & (s[None, :] < K)                                         # (TT, K_P) real slots
@@ -258,32 +253,50 @@ def _slots_kernel(bi_ptr, slots_ptr, cnt_ptr, ccnt_ptr, s_ib, s_ih, s_it, s_ik, 
         rep += ((vj == v) & earlier).to(tl.int32)
     keep = (rep == 0) & (v >= 0) & (v < NBC)                                   # a block chosen twice counts once
     tl.store(slots_ptr + (bh.to(tl.int64) * Tc + tt[:, None]) * K + place, tl.where(keep, v, -1).to(tl.int32), mask=m)
-    if COUNT:
-        key = tl.where(keep, v, NBC).to(tl.int32)                              # an empty slot: the spare key NBC
-        own = bh.to(tl.int64) * NT + tile
-        if NB > 0:   # few keys: a histogram in registers, stored whole (atomics on a few addresses serialise)
-            key = tl.reshape(tl.where(m, key, NBC + 1), (TT * K_P,))           # lanes outside the tile: bin NBC + 1
-            kz = tl.arange(0, NB)
-            tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.histogram(key, NB), mask=kz <= NBC)
-            cz = tl.arange(0, NCB)
-            chunk = tl.where(key <= NBC, key // BB, NCH)                       # the same lanes: bin NCH
-            tl.store(ccnt_ptr + own * NCH + cz, tl.histogram(chunk, NCB), mask=cz < NCH)
-        else:        # many keys: zero this tile's rows, then count with atomics (rarely on one address)
-            for k0 in range(0, NBC + 1, TT * K_P):
-                kz = k0 + tl.arange(0, TT * K_P)
-                tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.zeros_like(kz), mask=kz <= NBC)
-                tl.store(ccnt_ptr + own * NCH + kz, tl.zeros_like(kz), mask=kz < NCH)
-            tl.debug_barrier()                                                 # the zeros land before the adds
-            one = tl.full((TT, K_P), 1, tl.int32)
-            tl.atomic_add(cnt_ptr + own * (NBC + 1) + key, one, mask=m, sem="relaxed")
-            tl.atomic_add(ccnt_ptr + own * NCH + key // BB, one, mask=m, sem="relaxed")
+    return m, v, keep
+
+
+@triton.jit
+def _slots_kernel(bi_ptr, slots_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC,
+                  TT: tl.constexpr, K_P: tl.constexpr):
+    """Grid (NT, BH): the slots of TT tokens of one (batch, group) each (_slot_rows)."""
+    _slot_rows(bi_ptr, slots_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, TT, K_P)
+
+
+@triton.jit
+def _count_kernel(bi_ptr, slots_ptr, cnt_ptr, ccnt_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, NT, NCH, BB,
+                  TT: tl.constexpr, K_P: tl.constexpr, NB: tl.constexpr, NCB: tl.constexpr):
+    """Grid (NT, BH): _slots_kernel's rows, and each tile's counts of entries per key (a block, or NBC for an empty
+    slot) into cnt (BH, NT, NBC + 1) and per chunk of BB keys into ccnt (BH, NT, NCH), for _csr. The program owns
+    those two rows. NB > 0 (up to HIST_BINS bins, >= NBC + 2): it counts with tl.histogram of NB and NCB bins in
+    registers and stores the rows; NB = 0 (more keys): it zeroes them, then adds with atomics. Integer sums: their
+    order cannot change them, so the counts are deterministic either way."""
+    m, v, keep = _slot_rows(bi_ptr, slots_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, TT, K_P)
+    key = tl.where(keep, v, NBC).to(tl.int32)                                  # an empty slot: the spare key NBC
+    own = tl.program_id(1).to(tl.int64) * NT + tl.program_id(0)
+    if NB > 0:   # few keys: atomics on a few addresses would serialise
+        key = tl.reshape(tl.where(m, key, NBC + 1), (TT * K_P,))               # lanes outside the tile: bin NBC + 1
+        kz = tl.arange(0, NB)
+        tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.histogram(key, NB), mask=kz <= NBC)
+        cz = tl.arange(0, NCB)
+        chunk = tl.where(key <= NBC, key // BB, NCH)                           # the same lanes: bin NCH
+        tl.store(ccnt_ptr + own * NCH + cz, tl.histogram(chunk, NCB), mask=cz < NCH)
+    else:        # many keys: atomics rarely meet on one address
+        for k0 in range(0, NBC + 1, TT * K_P):
+            kz = k0 + tl.arange(0, TT * K_P)
+            tl.store(cnt_ptr + own * (NBC + 1) + kz, tl.zeros_like(kz), mask=kz <= NBC)
+            tl.store(ccnt_ptr + own * NCH + kz, tl.zeros_like(kz), mask=kz < NCH)
+        tl.debug_barrier()                                                     # the zeros land before the adds
+        one = tl.full((TT, K_P), 1, tl.int32)
+        tl.atomic_add(cnt_ptr + own * (NBC + 1) + key, one, mask=m, sem="relaxed")
+        tl.atomic_add(ccnt_ptr + own * NCH + key // BB, one, mask=m, sem="relaxed")
 
 
 @triton.jit
 def _csr_scan_kernel(cnt_ptr, ccnt_ptr, off_ptr, start32_ptr, start_ptr, count_ptr, NBC, NT, NCH,
                      BB: tl.constexpr, TB: tl.constexpr, NCH_P: tl.constexpr):
     """Grid (NCH, BH): keys [j * BB, (j + 1) * BB) of one (batch, group), a walk over the tiles' counts
-    (_slots_kernel) TB tiles at a time. An entry of key k that sits at place i of its tile sorted by key goes to
+    (_count_kernel) TB tiles at a time. An entry of key k that sits at place i of its tile sorted by key goes to
     start[k] + base[t, k] + (i - below[t, k]) of the list: start, the entries of smaller keys in the whole row;
     base, those of key k in earlier tiles; below, those of smaller keys in its own tile. Writes off[t, k] =
     base - below (BH, NT, NBC + 1) and start32 (BH, NBC + 1) for _csr_scatter_kernel, and start, cnt (BH, NBC) int64."""
@@ -368,21 +381,17 @@ def _list_tiles(K, Tc, BH):
     return K_P, TT, triton.cdiv(Tc, TT)
 
 
-def _slots(block_idx, t0, t1, nbc, counts=None):
+def _slots(block_idx, t0, t1, nbc):
     """The selection of tokens [t0, t1) as a slot table: block_idx (B, Hkv, T, K) -> int32 (B*Hkv, Tc, K),
     each row sorted, -1 for padding, for a repeated block and for a block >= nbc (entirely after t1) or < 0
     (so that ids out of range, unchecked outside the checking mode, are dropped, never read); the -1 of a
     repeat or an id out of range stays where the id sorted to. Slot s of (token, group) is where that block's
-    partial result goes. One launch. counts: (cnt, ccnt, NCH, BB), _csr's tile counts to fill, or None."""
+    partial result goes. One launch."""
     B, Hkv, _, K = block_idx.shape
     K_P, TT, NT = _list_tiles(K, t1 - t0, B * Hkv)
     slots = torch.empty(B * Hkv, t1 - t0, K, device=block_idx.device, dtype=torch.int32)
-    cnt, ccnt, NCH, BB = counts or (slots, slots, 1, 1)
-    NB = max(32, _pow2(nbc + 2))                                               # tl.histogram wants >= 32 bins
-    hist = NB <= HIST_BINS
-    _slots_kernel[(NT, B * Hkv)](block_idx, slots, cnt, ccnt, *block_idx.stride(), t0, t1 - t0, K, Hkv, nbc, NT,
-                                 NCH, BB, TT=TT, K_P=K_P, COUNT=counts is not None, NB=NB if hist else 0,
-                                 NCB=max(32, _pow2(NCH + 1)) if hist else 0, num_warps=4)
+    _slots_kernel[(NT, B * Hkv)](block_idx, slots, *block_idx.stride(), t0, t1 - t0, K, Hkv, nbc, TT=TT, K_P=K_P,
+                                 num_warps=4)
     return slots
 
 
@@ -390,8 +399,9 @@ def _csr(block_idx, t0, t1, nbc):
     """The work lists of tokens [t0, t1): slots (_slots) and their inversion, a CSR: ent int32 (BH, Tc*K), entry
     ids e = token * K + slot grouped by block, tokens ascending, then the empty slots' (a spare block nbc) in
     order; start, cnt int64 (BH, nbc): where each block's entries begin in ent and how many there are. A stable
-    counting sort in three launches, no host sync: counts per (tile of tokens, block) (_slots_kernel), scans of
-    those counts (_csr_scan_kernel), each tile's entries sorted in registers and written out (_csr_scatter_kernel)."""
+    counting sort in three launches, no host sync: slots and counts per (tile of tokens, block) (_count_kernel),
+    scans of those counts (_csr_scan_kernel), each tile's entries sorted in registers and written out
+    (_csr_scatter_kernel)."""
     B, Hkv, _, K = block_idx.shape
     BH, Tc, dev = B * Hkv, t1 - t0, block_idx.device
     K_P, TT, NT = _list_tiles(K, Tc, BH)
@@ -400,7 +410,12 @@ def _csr(block_idx, t0, t1, nbc):
     assert (nbc + 2) * TT * K_P <= 2 ** 30 and BH * Tc * K < 2 ** 31, "work lists too long for int32 keys"
     work = torch.empty(BH * (NT * (2 * (nbc + 1) + NCH) + nbc + 1), device=dev, dtype=torch.int32)
     cnt, off, ccnt, start32 = work.split([BH * NT * (nbc + 1)] * 2 + [BH * NT * NCH, BH * (nbc + 1)])
-    slots = _slots(block_idx, t0, t1, nbc, (cnt, ccnt, NCH, BB))
+    slots = torch.empty(BH, Tc, K, device=dev, dtype=torch.int32)
+    NB = max(32, _pow2(nbc + 2))                                               # tl.histogram takes >= 32 bins
+    hist = NB <= HIST_BINS
+    _count_kernel[(NT, BH)](block_idx, slots, cnt, ccnt, *block_idx.stride(), t0, Tc, K, Hkv, nbc, NT, NCH, BB,
+                            TT=TT, K_P=K_P, NB=NB if hist else 0, NCB=max(32, _pow2(NCH + 1)) if hist else 0,
+                            num_warps=4)
     ent = torch.empty(BH, Tc * K, device=dev, dtype=torch.int32)
     start = torch.empty(BH, nbc, device=dev, dtype=torch.int64)
     count = torch.empty(BH, nbc, device=dev, dtype=torch.int64)
@@ -638,8 +653,8 @@ def _kl_custom_op(name, launch):
     """Register launch(q, k, qi, ki, block_idx, block_size, grad, lse, lists) -> (loss fp32 scalar, dqi, dki) as the
     custom op nanomsa::name. Its forward computes the loss and, when grad, d loss / d qi (B, Hkv, T, Di), token-major
     (_token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes (empty tensors otherwise), while the scores
-    are at hand; its backward only scales them by the incoming gradient (_kl_grads_op: one kernel for both). lists: the attention's KV-outer work lists for this
-    block_idx, or [] (sparse_attention_kl). Returns the op."""
+    are at hand; its backward only scales them by the incoming gradient (_kl_grads_op: one kernel for both).
+    lists: the attention's KV-outer work lists for this block_idx, or [] (sparse_attention_kl). Returns the op."""
     @_op(name)
     def kl_op(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, block_idx: torch.Tensor,
               block_size: int, lse: Optional[torch.Tensor], grad: bool,
