@@ -636,8 +636,9 @@ def _scale2_kernel(a_ptr, b_ptr, g_ptr, oa_ptr, ob_ptr, NA, NB, BLOCK: tl.conste
 @_op("kl_loss_grads")
 def _kl_grads_op(dqi: torch.Tensor, dki: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """kl_loss's gradients times the loss's incoming gradient g (a 0-dim tensor), both in one launch, where two torch
-    multiplies by a tensor on the device take two slower, broadcasting kernels. dqi and dki fill their storage (no
-    gaps; any strides): the outputs get their strides."""
+    multiplies by a tensor on the device take two slower, broadcasting kernels. dqi and dki are kl_loss's outputs,
+    dense in memory in any dim order (dqi is token-major), so they are scaled as flat buffers; the results get the
+    same strides (empty_like)."""
     oa, ob = torch.empty_like(dqi), torch.empty_like(dki)
     n = max(dqi.numel(), dki.numel(), 1)
     _scale2_kernel[(triton.cdiv(n, 1024),)](dqi, dki, g, oa, ob, dqi.numel(), dki.numel(), BLOCK=1024)

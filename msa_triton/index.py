@@ -238,9 +238,9 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
     """Pass 2, one program per segment of a KV block's list (common._split_segments). The rows' lse2 come from
     pass 1's partials, merged here: the student's from lup (BH, Tc, K*NCHUNK), each teacher head's from lq, the
     partials (BH, Tc, K*NCHUNK, G) with TEACHER, else from the lse (B, Hq, T) that sparse_attention gave.
-    loss (BH, NSEG): loss_scale x the sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial dqi ds @ ki of
-    each entry into dqp (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the block's rows of
-    dki (B, Hkv, T, Di) fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for
+    loss (BH, NSEG): loss_scale x the sum over the segment's entries of p (log2 p - log2 r). With GRAD: the partial
+    dqi ds @ ki of each entry into dqp (BH, Tc, K*NCHUNK, Di), and ds^T @ qi, summed over the segment, added to the
+    block's rows of dki (B, Hkv, T, Di) fp32 by its first segment (seg_x = -1) or stored in slot seg_x of dkip for
     common._fixup_kernel. FRESH (one chunk of tokens): the first segment stores its sum, into dki left unzeroed."""
     b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
     x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
@@ -295,9 +295,9 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
-    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes. lse: sparse_attention's
-    (B, Hq, T), or None. lists: the attention's work lists for this block_idx (flat, as attention._forward returns
-    them), or ()."""
+    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes.
+    lse: sparse_attention's (B, Hq, T), or None. lists: the attention's work lists for this block_idx (flat, as
+    attention._forward returns them), or ()."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]

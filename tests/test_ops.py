@@ -228,7 +228,8 @@ def test_backward_makes_no_zero_gradients(path):
 
 def test_kl_loss_scales_its_gradients(path):
     """kl_loss's backward multiplies the gradients its forward computed by the loss's incoming gradient (here 2.5 and
-    -0.5) and returns them in qi's and ki's dtypes (ki in float64: cast to float32 for the kernels, its gradient back)."""
+    -0.5) and returns them in qi's and ki's dtypes (ki in float64: cast to float32 for the kernels, its gradient
+    back)."""
     B, Hq, Hkv, T, D, Di, bs, K = SHAPE
     q, k, _, qi, ki, bi = case()
     for scale, ki_dtype in ((2.5, torch.float32), (-0.5, torch.float64)):
