@@ -691,8 +691,9 @@ def _kl_custom_op(name, launch):
 
 def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None, lists=()):
     """What both kl_loss paths do around their op: shape checks (no host sync), then limits(Hkv) (a path's own
-    checks, or None), lse's check, whether gradients are wanted; q and k enter detached (the teacher is a target).
-    lists: the attention's work lists, if the caller has them. Returns the loss in qi's dtype promoted to fp32."""
+    checks, or None), lse's check, whether gradients are wanted; q and k enter detached (the teacher is a target), k
+    in q's dtype and ki in qi's (autograd casts ki's gradient back). lists: the attention's work lists, if the caller
+    has them. Returns the loss in qi's dtype promoted to fp32."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
     if limits is not None:
         limits(Hkv)
@@ -702,5 +703,6 @@ def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None, lists
                              f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
         lse = lse.detach()
     grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
-    loss, _, _ = kl_op(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse, grad, list(lists))
+    loss, _, _ = kl_op(q.detach(), k.detach().to(q.dtype), qi, ki.to(qi.dtype), block_idx, block_size, lse, grad,
+                       list(lists))
     return loss.to(torch.promote_types(qi.dtype, torch.float32))

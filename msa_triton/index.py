@@ -295,7 +295,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Both passes, chunk by chunk of tokens. Returns the loss (fp32 scalar) and, with grad, d loss / d qi
-    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), in qi's and ki's dtypes.
+    (B, Hkv, T, Di), token-major (common._token_major), and d loss / d ki (B, T, Di), in qi's dtype (ki's).
     lse: sparse_attention's (B, Hq, T), or None. lists: the attention's work lists for this block_idx (flat, as
     attention._forward returns them), or ()."""
     B, Hq, T, D = q.shape
@@ -308,11 +308,6 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     # pass 2's launch: 8 warps for 128-key tiles; 4 and no software pipelining for 64 keys or fewer
     loss_opts = dict(num_warps=8) if block_n > 64 else dict(num_warps=4, num_stages=1)
     nchunk = triton.cdiv(block_size, block_n)
-    if k.dtype != q.dtype:
-        k = k.to(q.dtype)
-    dki_dtype = ki.dtype                                                       # its gradient's, before the cast
-    if ki.dtype != qi.dtype:
-        ki = ki.to(qi.dtype)
     meta = dict(G=G, BS=block_size, D=D, D_P=_pow2(D), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q,
                 BLOCK_N=block_n, NCHUNK=nchunk, PREC=_prec(q, qi),
                 **_strides("q", q), **_strides("k", k), **_strides("qi", qi), **_strides("ki", ki, "btd"))
@@ -325,7 +320,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     losses = []
     # chunks of tokens whose partials (nchunk per slot, of G teacher lse or Di dqi values) fit PARTIAL_ELEMS; the
     # attention's lists serve where it cut the same chunks (the model's shapes: one chunk)
-    dki_out = torch.empty(B, T, Di, dtype=dki_dtype, device=dev) if grad else None  # the groups' sum, at the end
+    dki_out = torch.empty(B, T, Di, dtype=ki.dtype, device=dev) if grad else None  # the groups' sum, at the end
     for t0, t1, nbc, slots, ent, start, cnt in _chunks(block_idx, nchunk * max(G, Di), block_size, lists):
         lo, hi, blk = _segments(start, cnt, (t1 - t0) * K, STATS_SEG)
         # pass 1: partial lse2 per (token, slot, chunk); slots never written stay -inf

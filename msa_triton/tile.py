@@ -555,18 +555,13 @@ def _kl_dki_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, rd_ptr
 
 def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     """Returns the loss (fp32 scalar) and, with grad, d loss / d qi (B, Hkv, T, Di), token-major
-    (common._token_major), and d loss / d ki (B, T, Di), fp32. lse: sparse_attention's (B, Hq, T), or None (then
-    the forward kernel recomputes it, without V).
+    (common._token_major), and d loss / d ki (B, T, Di), in qi's dtype (ki's: common._kl_call casts it). lse:
+    sparse_attention's (B, Hq, T), or None (then the forward kernel recomputes it, without V).
     lists: unused (this path has no work lists; the op's arguments are those of the KV-outer path's)."""
     B, Hq, T, D = q.shape
     Hkv, Di = qi.shape[1], qi.shape[3]
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
     dev = q.device
-    if k.dtype != q.dtype:
-        k = k.to(q.dtype)
-    dki_dtype = ki.dtype                                                       # its gradient's, before the cast
-    if ki.dtype != qi.dtype:
-        ki = ki.to(qi.dtype)
     lse = _forward(q, k, k, block_idx, block_size, ROWS, with_out=False)[1] if lse is None else lse.contiguous()
     NT, NB = triton.cdiv(T, BLOCK_Q), triton.cdiv(T, block_size)
     block_n = _pow2(block_size)
@@ -593,7 +588,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     if grad:
         sub_n = min(block_n, 64)
         nsub = triton.cdiv(block_size, sub_n)
-        dki = torch.empty(B, T, Di, device=dev, dtype=dki_dtype)
+        dki = torch.empty(B, T, Di, device=dev, dtype=ki.dtype)
         _kl_dki_kernel[(NB * nsub, B)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, rd_ptr=reads, dki_ptr=dki,
                                        NB=NB, NT=NT, grad_scale=grad_scale, NSUB=nsub, BLOCK_N=sub_n, CHUNK=32,
                                        num_warps=_warps(max(D, Di), sub_n), num_stages=1, **meta, **teacher)
