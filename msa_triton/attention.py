@@ -187,9 +187,9 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, Hq, s_ob, s_oh, s_ot, s_od, s_dob
 
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_ptr, dv_ptr, dkp_ptr, dvp_ptr,
-                   ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
+                   dko_ptr, dvo_ptr, xcnt_ptr, ent_ptr, seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, seg_x_ptr,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_dob, s_doh, s_dot, s_dod,
-                   T, t0, Tc, K: tl.constexpr, NSEG, NX, Hkv, BS, D, scale, scale2,
+                   s_ob, s_oh, s_ot, T, t0, Tc, K: tl.constexpr, NSEG, NX, NBC, Hkv, BS, D, scale, scale2,
                    G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, NSUB: tl.constexpr,
                    BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr, FRESH: tl.constexpr):
     """One program = keys [sub * BLOCK_N, (sub + 1) * BLOCK_N) of one KV block (NSUB parts per block) of one
@@ -198,7 +198,9 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
     segment (seg_x = -1) adds its dK, dV into dk, dv (B, Hkv, T, D) fp32; a further one (a block chosen by
     many tokens) stores them in slot seg_x of dkp, dvp (BH, NX, NSUB, BLOCK_N, D_P) for _fixup_kernel:
     no atomics, so the sums are deterministic. FRESH (one chunk of tokens): the first segment stores its sums
-    instead, into dk, dv left unzeroed."""
+    instead, into dk, dv left unzeroed; and the only segment of a block (xcnt (BH, NBC) = 0 further ones) stores
+    its finished rows straight into dko, dvo (dK, dV in k's and v's dtype, strides s_o*), which the fix-up
+    pass then leaves alone."""
     b, g, bh, lo, hi, kb = _segment(seg_lo_ptr, seg_hi_ptr, seg_blk_ptr, NSEG, Hkv)
     sub = tl.program_id(2)
     if lo < hi:
@@ -243,13 +245,21 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
             q, do, lse2, delta, ent, rv, ent_n, rv_n = q_n, do_n, lse2_n, delta_n, ent_n, rv_n, ent_nn, rv_nn
         x = tl.load(seg_x_ptr + bh * NSEG + tl.program_id(0))
         if x < 0:
-            kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
             dk = dk * scale
-            if not FRESH:                                                      # chunks of T add up
-                dk = tl.load(dk_ptr + kvo, mask=kvm, other=0.0) + dk
-                dv = tl.load(dv_ptr + kvo, mask=kvm, other=0.0) + dv
-            tl.store(dk_ptr + kvo, dk, mask=kvm)
-            tl.store(dv_ptr + kvo, dv, mask=kvm)
+            further = 1                                                        # the block's further segments
+            if FRESH:
+                further = tl.load(xcnt_ptr + bh * NBC + kb)
+            if further == 0:                                                   # the whole sum: finished rows
+                oo = b.to(tl.int64) * s_ob + g * s_oh + n.to(tl.int64)[:, None] * s_ot + d[None, :]
+                tl.store(dko_ptr + oo, dk.to(dko_ptr.dtype.element_ty), mask=kvm)
+                tl.store(dvo_ptr + oo, dv.to(dvo_ptr.dtype.element_ty), mask=kvm)
+            else:
+                kvo = (b * Hkv + g) * T * D + n[:, None] * D + d[None, :]
+                if not FRESH:                                                  # chunks of T add up
+                    dk = tl.load(dk_ptr + kvo, mask=kvm, other=0.0) + dk
+                    dv = tl.load(dv_ptr + kvo, mask=kvm, other=0.0) + dv
+                tl.store(dk_ptr + kvo, dk, mask=kvm)
+                tl.store(dv_ptr + kvo, dv, mask=kvm)
         else:
             xo = _slot_tile(bh, x, sub, NX, NSUB, BLOCK_N, D_P)
             tl.store(dkp_ptr + xo, dk * scale)
@@ -277,8 +287,8 @@ def _tiles(kind, D, G_P, BLOCK_N):
     take part of a block: fewer registers, but one more dq partial per slot); maxnreg caps registers per thread
     so that more programs share an SM (None: the compiler's choice)."""
     if kind == "combine":
-        # few warps: more programs, more loads in flight per SM (1 at the model's D = 64, 2 at D = 128)
-        return dict(ROWS=max(G_P, 32), num_warps=1 if D <= 64 else 2)
+        # 32 rows a program: many programs, many loads in flight per SM; 4 warps at the model's D = 64, 2 at D = 128
+        return dict(ROWS=max(G_P, 32), num_warps=4 if D <= 64 else 2)
     if kind == "fwd":   # at D = 64 a cap of 168 registers fits three programs on an SM (two at the compiler's 185)
         return dict(ROWS=max(G_P, 64), BLOCK_N=BLOCK_N, num_warps=4, num_stages=1, maxnreg=168 if D <= 64 else None)
     if D > 64:   # whole blocks, 2 tokens x 16 heads a tile: half the dq partials and gathers of 64 x 64 tiles
@@ -340,7 +350,8 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
     NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
-    # dK, dV finished by the last chunk's fix-up pass in k's and v's dtype, token-major (_token_major)
+    # dK, dV finished in k's and v's dtype, token-major (_token_major), by the last chunk's fix-up pass (and in one
+    # chunk by the backward itself for a block with one segment); both of one layout, so they share strides
     dk_out = _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype)
     dv_out = _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype)
     for i, (t0, t1, nbc) in enumerate(bounds):
@@ -351,16 +362,17 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq
         _bwd_kv_kernel[(lo.shape[1], B * Hkv, NSUB)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=dout, lse_ptr=lse, delta_ptr=delta, dqp_ptr=dqp, dk_ptr=dk, dv_ptr=dv,
-            dkp_ptr=dkp, dvp_ptr=dvp, ent_ptr=ent, seg_lo_ptr=lo, seg_hi_ptr=hi, seg_blk_ptr=blk, seg_x_ptr=x,
-            **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("do", dout),
-            T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=NX, Hkv=Hkv, BS=block_size, D=D,
+            dkp_ptr=dkp, dvp_ptr=dvp, dko_ptr=dk_out, dvo_ptr=dv_out, xcnt_ptr=xcnt, ent_ptr=ent, seg_lo_ptr=lo,
+            seg_hi_ptr=hi, seg_blk_ptr=blk, seg_x_ptr=x, **_strides("q", q), **_strides("k", k), **_strides("v", v),
+            **_strides("do", dout), **_strides("o", dk_out, "bht_"),
+            T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], NX=NX, NBC=nbc, Hkv=Hkv, BS=block_size, D=D,
             scale=1.0 / math.sqrt(D), scale2=LOG2E / math.sqrt(D),
             G=G, G_P=G_P, NSUB=NSUB, D_P=c["D_P"], PREC=c["PREC"], FRESH=fresh, **tiles)
-        for grad, partial, o in ((dk, dkp, dk_out), (dv, dvp, dv_out)):
+        for grad, partial, o in ((dk, dkp, dk_out), (dv, dvp, dv_out)):           # the last chunk finishes them
             _fixup_kernel[(nbc, B * Hkv, NSUB)](
                 x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, cnt_ptr=cnt, o_ptr=o,
                 **_strides("o", o, "bht_"), T=T, NBC=nbc, NX=NX, BS=block_size, D=D, HO=Hkv, NG=1, NSUB=NSUB,
-                BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"], OUT=t1 == T, FRESH=fresh)   # the last chunk finishes them
+                BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"], OUT=t1 == T, FRESH=fresh, DIRECT=fresh)
         _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, **_strides("o", dq, "bht_"), T=T, t0=t0,
             Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB,

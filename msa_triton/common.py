@@ -579,14 +579,16 @@ def _combine_kernel(op_ptr, lp_ptr, slots_ptr, o_ptr, lse_ptr, s_ob, s_oh, s_ot,
 @triton.jit
 def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, cnt_ptr, o_ptr, s_ob, s_oh, s_ot, T, NBC, NX, BS, D, HO,
                   NG: tl.constexpr, NSUB: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, OUT: tl.constexpr,
-                  FRESH: tl.constexpr):
+                  FRESH: tl.constexpr, DIRECT: tl.constexpr = False):
     """Grid (NBC, BH // NG, NSUB): for each of the NG consecutive (batch, head) rows bh = pid1 * NG + i, add the sums
     of block kb's further segments (slots xbase .. xbase + xcnt of xp (BH, NX, NSUB, BLOCK_N, D_P), in order) to its
     rows of x (BH, T, D) fp32 (dK, dV or dKI). Without OUT, into x. With OUT (the last chunk of tokens, whose blocks
     are all of them): the finished rows, summed over the NG rows, go to o (B, HO, T, D) of strides s_o*, in o's dtype
     (dK, dV in k's dtype and layout: NG = 1; dKI summed over its groups: NG = Hkv, HO = 1), so that no cast or sum
     runs after the pass. FRESH (one chunk of tokens: the first segments stored their sums into x, which was not
-    zeroed): a block no token chose (cnt (BH, NBC) = 0) has no rows in x and counts as zero."""
+    zeroed): a block no token chose (cnt (BH, NBC) = 0) has no rows in x and counts as zero. DIRECT (FRESH, OUT,
+    NG = 1; the attention's dK, dV): the pass stored the finished rows of a chosen block with one segment in o
+    itself, so those blocks are left as they are."""
     kb = tl.program_id(0)
     j = tl.program_id(1)
     sub = tl.program_id(2)
@@ -594,6 +596,9 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, cnt_ptr, o_ptr, s_ob, s_oh
     n = kb * BS + jn
     d = tl.arange(0, D_P)
     m = ((jn < BS) & (n < T))[:, None] & (d[None, :] < D)
+    if DIRECT:                     # left to do: a block no token chose (zeros) or one with further segments
+        todo = (tl.load(cnt_ptr + j * NBC + kb) == 0) | (tl.load(xcnt_ptr + j * NBC + kb) > 0)
+        m = m & (jn < tl.where(todo, BS, 0))[:, None]
     total = tl.zeros((BLOCK_N, D_P), dtype=tl.float32)
     for i in tl.static_range(NG):
         bh = j * NG + i
