@@ -153,9 +153,18 @@ def _(qi, ki, block_size, topk, fp8):
 # Inside the kernels logits are in log2 units (exp2; log2(e) folded into the scales).
 
 # Entries per program of each pass, so that a block chosen by many tokens (a sink) is split over programs;
-# pass 2's segments are longer because each further one costs a dki partial. Tuned on Hopper; see bench.py.
+# pass 2's segments are longer because each further one costs a dki partial, except in a chunk of at most
+# KL_SMALL entries (the model's shapes up to 16K tokens), where more, shorter programs pay, as in the
+# attention's backward. Tuned on Hopper; see bench.py.
 STATS_SEG = 64
 KL_SEG = 4096
+KL_SEG_SMALL = 512
+KL_SMALL = 1 << 20
+
+
+def _kl_seg(n_entries):
+    """Entries per pass-2 program for a chunk of n_entries (token, slot) entries over all (batch, group)."""
+    return KL_SEG_SMALL if n_entries <= KL_SMALL else KL_SEG
 
 
 @triton.jit
@@ -334,7 +343,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
         lq = lqp if lq_all is None else lq_all                                 # partials, or the rows' lse
         # pass 2: the rows' lse2 from the partials, the loss (log2 -> natural log, / rows: the mean), and its gradient
         # while the scores are at hand
-        lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, KL_SEG)
+        lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, _kl_seg(BH * (t1 - t0) * K))
         loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
         dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
         dkip = torch.empty(BH, nx, nchunk, block_n, meta["DI_P"], dtype=torch.float32, device=dev) if grad else loss

@@ -218,6 +218,7 @@ def test_kl_loss_hot_blocks_split(monkeypatch, bs):
     dki sums common._fixup_kernel adds in order, also across chunks of T: equal to msa_ref, bitwise the same
     in two runs."""
     monkeypatch.setattr(mti, "KL_SEG", 3)
+    monkeypatch.setattr(mti, "KL_SEG_SMALL", 3)
     monkeypatch.setattr(common, "PARTIAL_ELEMS", 2 * 3 * 16 * 24)        # 24 tokens per chunk
     q, k, qi, ki, idx = kl_case(1, 4, 2, 60, 16, 16, bs, 3, seed=6)
     idx[..., 0] = 0
@@ -227,6 +228,15 @@ def test_kl_loss_hot_blocks_split(monkeypatch, bs):
         assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
     (l2, dqi2, dki2), _ = kl_both(q, k, qi, ki, idx, bs)
     assert torch.equal(l1, l2) and torch.equal(dqi1, dqi2) and torch.equal(dki1, dki2)
+
+
+def test_kl_segments_by_chunk_size():
+    """Pass 2's short segments for a chunk of few entries (the model's shapes: more programs), long ones beyond
+    KL_SMALL entries (the M3 shape: fewer dki partials and fix-up work)."""
+    assert mti._kl_seg(32 * 2 * 1024 * 4) == mti.KL_SEG_SMALL < mti.KL_SEG
+    assert mti._kl_seg(mti.KL_SMALL) == mti.KL_SEG_SMALL
+    assert mti._kl_seg(mti.KL_SMALL + 1) == mti.KL_SEG
+    assert mti._kl_seg(4 * 32768 * 16) == mti.KL_SEG                                # the M3 layer at 32K
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, T, D, Di, bs, K, chunk_elems, shared", [
