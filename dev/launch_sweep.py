@@ -5,8 +5,9 @@ launch options swept at the repository model's shape (Hq=8, Hkv=2, D=Di=64, bs=6
 training step (bench.msa_train_step) captured in a CUDA graph at four shapes (K = 4 at 1K, 4K, 16K; K = 8 at 1K),
 after checking its gradients against the committed options' (relative difference <= 3e-2). A knob's best setting
 counts when the mean of its four times over the committed ones is below 0.985; the best settings are then timed
-together. $OUT (default /tmp) receives launch_sweep.json; stop early with SWEEP_S (seconds, default 330):
-    python dev/launch_sweep.py
+together. $OUT (default /tmp) receives launch_sweep.json; stop early with SWEEP_S (seconds, default 330); name
+knobs (KNOBS below) to sweep only those:
+    python dev/launch_sweep.py [fwd KL_SEG_SMALL ...]
 """
 import itertools
 import json
@@ -39,7 +40,8 @@ class Override:
 
 
 TILES, KERNELS = A._tiles, dict(klloss=I._kl_loss_kernel, klstats=I._kl_stats_kernel)
-SEGS = dict(SEG=(A, A.SEG), BWD_SEG_SMALL=(A, A.BWD_SEG_SMALL), KL_SEG=(I, I.KL_SEG), STATS_SEG=(I, I.STATS_SEG))
+SEGS = dict(SEG=(A, A.SEG), BWD_SEG_SMALL=(A, A.BWD_SEG_SMALL), KL_SEG_SMALL=(I, I.KL_SEG_SMALL),
+            STATS_SEG=(I, I.STATS_SEG))
 
 
 def apply(cfg):
@@ -83,11 +85,16 @@ KNOBS = {   # the committed setting is among each knob's values (for D = 64, bs 
     "bwd": [dict(ROWS=r, num_warps=w, num_stages=s) for r, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2))],
     "fwd": [dict(ROWS=r, num_warps=w, num_stages=s) for r, w, s in itertools.product((64, 128), (4, 8), (1, 2))],
     "combine": [dict(ROWS=r, num_warps=w) for r, w in itertools.product((32, 64, 128), (1, 2, 4))],
-    "SEG": [32, 64, 128, 256], "BWD_SEG_SMALL": [256, 512, 1024, 2048], "KL_SEG": [512, 1024, 2048, 4096],
+    "SEG": [32, 64, 128, 256], "BWD_SEG_SMALL": [256, 512, 1024, 2048], "KL_SEG_SMALL": [512, 1024, 2048, 4096],
     "STATS_SEG": [32, 64, 128, 256],
     "klstats": [dict(BLOCK_Q=bq, num_warps=w, num_stages=s) for bq, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2))],
 }
 
+if sys.argv[1:]:
+    unknown = set(sys.argv[1:]) - set(KNOBS)
+    if unknown:
+        sys.exit(f"launch_sweep: knobs are {', '.join(KNOBS)}; got {', '.join(sorted(unknown))}")
+    KNOBS = {name: KNOBS[name] for name in sys.argv[1:]}
 base = measure({})
 print("committed: " + "  ".join(f"K={K} T={T} {base[K, T][0]:.3f} ms" for K, T in SHAPES), flush=True)
 best, log, t0 = {}, [], time.time()
