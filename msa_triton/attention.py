@@ -25,23 +25,16 @@ import triton.language as tl
 
 from msa_checks import check_block_idx, check_inputs
 from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
-                     _fixup_kernel, _kernel_limits, _op, _pow2, _prec, _segment, _segments, _slot_tile, _slots,
-                     _softmax_finish, _softmax_rescale, _split_segments, _strides, _token_major)
+                     _fixup_kernel, _kernel_limits, _op, _pow2, _prec, _seg_len, _segment, _segments, _slot_tile,
+                     _slots, _softmax_finish, _softmax_rescale, _split_segments, _strides, _token_major)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
-# each further segment costs a dK, dV partial and a fix-up pass; in a chunk of at most BWD_SMALL entries (the
-# model's shapes up to 16K tokens, a launch of a few waves) shorter ones pay, more programs sharing the work.
+# each further segment costs a dK, dV partial and a fix-up pass, but short in a small chunk (_seg_len).
 # Tuned on Hopper; see bench.py.
 SEG = 128
 BWD_SEG = 1024
 BWD_SEG_SMALL = 256
-BWD_SMALL = 1 << 20
-
-
-def _bwd_seg(n_entries):
-    """Entries per backward program for a chunk of n_entries (token, slot) entries over all (batch, group)."""
-    return BWD_SEG_SMALL if n_entries <= BWD_SMALL else BWD_SEG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +349,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     dv_out = _token_major(B, Hkv, T, D, device=q.device, dtype=v.dtype)
     for i, (t0, t1, nbc) in enumerate(bounds):
         slots, ent, start, cnt = lists[4 * i:4 * i + 4]
-        seg = _bwd_seg(B * Hkv * (t1 - t0) * K)
+        seg = _seg_len(B * Hkv * (t1 - t0) * K, BWD_SEG_SMALL, BWD_SEG)
         lo, hi, blk, x, xbase, xcnt, NX = _split_segments(start, cnt, (t1 - t0) * K, seg)
         dkp, dvp = torch.empty(2, B * Hkv, NX, NSUB, tiles["BLOCK_N"], c["D_P"], device=q.device, dtype=torch.float32)
         dqp = torch.empty(B * Hkv, t1 - t0, K * NSUB, G, D, device=q.device, dtype=q.dtype)  # partial dq

@@ -45,6 +45,7 @@ PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, i
 LIST_TILE = 4096                          # most (token, slot) entries per program of the list builder (_csr)
 LIST_PROGRAMS = 1024                      # its tiles shrink while its grid would have fewer programs (_list_tiles)
 HIST_BINS = 512                           # the list builder counts up to this many keys a tile by histogram
+SMALL_CHUNK = 1 << 20                     # gradient passes take short segments up to this many entries (_seg_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +482,14 @@ def _split_segments(start, cnt, n_entries, seg):
     xbase, xcnt = torch.empty(2, BH, nbc, device=cnt.device, dtype=torch.int32)
     _segments_kernel[(BH,)](start, cnt, lo, hi, blk, x, xbase, xcnt, nbc, n, seg, BLOCK_B=256, BLOCK=256)
     return lo, hi, blk, x, xbase, xcnt, max(1, n_entries // seg)
+
+
+def _seg_len(n_entries, short, long):
+    """Entries per program of a pass that sums a block's gradient rows (the attention's backward, kl_loss's pass 2),
+    for a chunk of n_entries (token, slot) entries over all (batch, group). Long segments cost fewer partials and
+    less fix-up work; in a chunk of at most SMALL_CHUNK entries (the model's shapes up to 16K tokens, a launch of a
+    few waves) short ones pay, more programs sharing the work."""
+    return short if n_entries <= SMALL_CHUNK else long
 
 
 def _segments(start, cnt, n_entries, seg):

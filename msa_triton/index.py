@@ -30,8 +30,8 @@ import triton.language as tl
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
 from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
-                     _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _segment,
-                     _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
+                     _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _seg_len,
+                     _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,18 +153,11 @@ def _(qi, ki, block_size, topk, fp8):
 # Inside the kernels logits are in log2 units (exp2; log2(e) folded into the scales).
 
 # Entries per program of each pass, so that a block chosen by many tokens (a sink) is split over programs;
-# pass 2's segments are longer because each further one costs a dki partial, except in a chunk of at most
-# KL_SMALL entries (the model's shapes up to 16K tokens), where more, shorter programs pay, as in the
-# attention's backward. Tuned on Hopper; see bench.py.
+# pass 2's segments are longer because each further one costs a dki partial, but short in a small chunk
+# (common._seg_len). Tuned on Hopper; see bench.py.
 STATS_SEG = 64
 KL_SEG = 4096
 KL_SEG_SMALL = 512
-KL_SMALL = 1 << 20
-
-
-def _kl_seg(n_entries):
-    """Entries per pass-2 program for a chunk of n_entries (token, slot) entries over all (batch, group)."""
-    return KL_SEG_SMALL if n_entries <= KL_SMALL else KL_SEG
 
 
 @triton.jit
@@ -343,7 +336,8 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
         lq = lqp if lq_all is None else lq_all                                 # partials, or the rows' lse
         # pass 2: the rows' lse2 from the partials, the loss (log2 -> natural log, / rows: the mean), and its gradient
         # while the scores are at hand
-        lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K, _kl_seg(BH * (t1 - t0) * K))
+        lo, hi, blk, x, xbase, xcnt, nx = _split_segments(start, cnt, (t1 - t0) * K,
+                                                             _seg_len(BH * (t1 - t0) * K, KL_SEG_SMALL, KL_SEG))
         loss = torch.empty(BH, lo.shape[1], dtype=torch.float32, device=dev)
         dqp = torch.empty(BH, t1 - t0, K * nchunk, Di, dtype=qi.dtype, device=dev) if grad else loss
         dkip = torch.empty(BH, nx, nchunk, block_n, meta["DI_P"], dtype=torch.float32, device=dev) if grad else loss

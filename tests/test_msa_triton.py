@@ -177,7 +177,7 @@ def test_backward_is_deterministic():
 
 
 # (shape, dtype, backward segment, PARTIAL_ELEMS): NSUB = 1 and 2, D > 64, and on a GPU the M3 layout with the real
-# settings (None: the segment that attention._bwd_seg picks)
+# settings (None: the segment that the backward picks, common._seg_len)
 HOT = [((1, 4, 2, 70, 16, 8, 3), torch.float32, 4, 16384), ((1, 2, 1, 150, 16, 96, 2), torch.float32, 4, 16384),
        ((1, 4, 2, 70, 72, 16, 3), torch.float32, 4, 16384)]
 HOT += [((1, 64, 4, 2048, 128, 128, 16), torch.bfloat16, None, common.PARTIAL_ELEMS)] if GPU else []
@@ -190,7 +190,7 @@ def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
     reference, bitwise the same in two runs, across chunks of T too."""
     B, Hq, Hkv, T, D, bs, K = shape
     if seg is None:
-        seg = attention._bwd_seg(B * Hkv * T * K)
+        seg = common._seg_len(B * Hkv * T * K, attention.BWD_SEG_SMALL, attention.BWD_SEG)
     else:
         monkeypatch.setattr(attention, "BWD_SEG", seg)
         monkeypatch.setattr(attention, "BWD_SEG_SMALL", seg)
@@ -210,11 +210,13 @@ def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
 
 def test_backward_segments_by_chunk_size():
     """Short backward segments for a chunk of few entries (more programs in a launch of a few waves), long ones
-    beyond BWD_SMALL entries (fewer dK, dV partials and fix-up work)."""
-    assert attention._bwd_seg(32 * 2 * 1024 * 4) == attention.BWD_SEG_SMALL < attention.BWD_SEG
-    assert attention._bwd_seg(attention.BWD_SMALL) == attention.BWD_SEG_SMALL
-    assert attention._bwd_seg(attention.BWD_SMALL + 1) == attention.BWD_SEG
-    assert attention._bwd_seg(4 * 32768 * 16) == attention.BWD_SEG                  # the M3 layer at 32K
+    beyond SMALL_CHUNK entries (fewer dK, dV partials and fix-up work)."""
+    def seg(n):
+        return common._seg_len(n, attention.BWD_SEG_SMALL, attention.BWD_SEG)
+    assert seg(32 * 2 * 1024 * 4) == attention.BWD_SEG_SMALL < attention.BWD_SEG
+    assert seg(common.SMALL_CHUNK) == attention.BWD_SEG_SMALL
+    assert seg(common.SMALL_CHUNK + 1) == attention.BWD_SEG
+    assert seg(4 * 32768 * 16) == attention.BWD_SEG                                # the M3 layer at 32K
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if GPU else []))

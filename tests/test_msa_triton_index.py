@@ -232,11 +232,13 @@ def test_kl_loss_hot_blocks_split(monkeypatch, bs):
 
 def test_kl_segments_by_chunk_size():
     """Pass 2's short segments for a chunk of few entries (the model's shapes: more programs), long ones beyond
-    KL_SMALL entries (the M3 shape: fewer dki partials and fix-up work)."""
-    assert mti._kl_seg(32 * 2 * 1024 * 4) == mti.KL_SEG_SMALL < mti.KL_SEG
-    assert mti._kl_seg(mti.KL_SMALL) == mti.KL_SEG_SMALL
-    assert mti._kl_seg(mti.KL_SMALL + 1) == mti.KL_SEG
-    assert mti._kl_seg(4 * 32768 * 16) == mti.KL_SEG                                # the M3 layer at 32K
+    SMALL_CHUNK entries (the M3 shape: fewer dki partials and fix-up work)."""
+    def seg(n):
+        return common._seg_len(n, mti.KL_SEG_SMALL, mti.KL_SEG)
+    assert seg(32 * 2 * 1024 * 4) == mti.KL_SEG_SMALL < mti.KL_SEG
+    assert seg(common.SMALL_CHUNK) == mti.KL_SEG_SMALL
+    assert seg(common.SMALL_CHUNK + 1) == mti.KL_SEG
+    assert seg(4 * 32768 * 16) == mti.KL_SEG                                        # the M3 layer at 32K
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, T, D, Di, bs, K, chunk_elems, shared", [
