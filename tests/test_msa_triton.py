@@ -8,7 +8,7 @@ import torch
 
 import msa_ref
 import msa_triton
-from msa_triton import attention, common, tile
+from msa_triton import attention, common, index, tile
 from conftest import DEVICE, poison_allocator, rand_inputs, requires_cuda
 
 GPU = DEVICE == "cuda"
@@ -208,15 +208,15 @@ def test_hot_blocks_split(monkeypatch, shape, dtype, seg, partial):
         assert torch.equal(a, b)
 
 
-def test_backward_segments_by_chunk_size():
-    """Short backward segments for a chunk of few entries (more programs in a launch of a few waves), long ones
-    beyond SMALL_CHUNK entries (fewer dK, dV partials and fix-up work)."""
-    def seg(n):
-        return common._seg_len(n, attention.BWD_SEG_SMALL, attention.BWD_SEG)
-    assert seg(32 * 2 * 1024 * 4) == attention.BWD_SEG_SMALL < attention.BWD_SEG
-    assert seg(common.SMALL_CHUNK) == attention.BWD_SEG_SMALL
-    assert seg(common.SMALL_CHUNK + 1) == attention.BWD_SEG
-    assert seg(4 * 32768 * 16) == attention.BWD_SEG                                # the M3 layer at 32K
+@pytest.mark.parametrize("short, long", [(attention.BWD_SEG_SMALL, attention.BWD_SEG),  # the backward
+                                         (index.KL_SEG_SMALL, index.KL_SEG)])           # kl_loss's pass 2
+def test_gradient_segments_by_chunk_size(short, long):
+    """Short segments for a chunk of few entries (the model's shapes: more programs in a launch of a few waves),
+    long ones beyond SMALL_CHUNK entries (the M3 shape: fewer partials and less fix-up work)."""
+    assert common._seg_len(32 * 2 * 1024 * 4, short, long) == short < long
+    assert common._seg_len(common.SMALL_CHUNK, short, long) == short
+    assert common._seg_len(common.SMALL_CHUNK + 1, short, long) == long
+    assert common._seg_len(4 * 32768 * 16, short, long) == long                     # the M3 layer at 32K
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if GPU else []))

@@ -230,17 +230,6 @@ def test_kl_loss_hot_blocks_split(monkeypatch, bs):
     assert torch.equal(l1, l2) and torch.equal(dqi1, dqi2) and torch.equal(dki1, dki2)
 
 
-def test_kl_segments_by_chunk_size():
-    """Pass 2's short segments for a chunk of few entries (the model's shapes: more programs), long ones beyond
-    SMALL_CHUNK entries (the M3 shape: fewer dki partials and fix-up work)."""
-    def seg(n):
-        return common._seg_len(n, mti.KL_SEG_SMALL, mti.KL_SEG)
-    assert seg(32 * 2 * 1024 * 4) == mti.KL_SEG_SMALL < mti.KL_SEG
-    assert seg(common.SMALL_CHUNK) == mti.KL_SEG_SMALL
-    assert seg(common.SMALL_CHUNK + 1) == mti.KL_SEG
-    assert seg(4 * 32768 * 16) == mti.KL_SEG                                        # the M3 layer at 32K
-
-
 @pytest.mark.parametrize("B, Hq, Hkv, T, D, Di, bs, K, chunk_elems, shared", [
     (2, 4, 2, 45, 16, 16, 8, 3, None, True),             # one chunk in both
     (1, 3, 3, 60, 16, 16, 4, 3, 3 * 3 * 16 * 20, True),  # G = 1, D = Di: the same three chunks of 20 tokens
