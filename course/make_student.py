@@ -47,8 +47,8 @@ ASSIGNMENTS = {
     3: dict(title="the KL alignment loss", files=["msa_ref.py", "DESIGN.md"], blank={"msa_ref.py": ["kl_loss"]}),
     4: dict(title="the inner loop of a Triton kernel", files=["DESIGN.md", "msa_ref.py"],
             extract={"query_forward.py": {
-                "msa_triton/common.py": ["LOG2E", "LN2", "LN2_K", "LIST_TILE", "LIST_PROGRAMS", "_pow2", "_prec", "_strides",
-                                         "_kernel_limits", "_softmax_rescale", "_softmax_finish", "_slot_rows",
+                "msa_triton/common.py": ["LOG2E", "LN2", "LN2_K", "LIST_TILE", "LIST_PROGRAMS", "_pow2", "_cdiv", "_prec",
+                                         "_strides", "_kernel_limits", "_softmax_rescale", "_softmax_finish", "_slot_rows",
                                          "_slots_kernel", "_list_tiles", "_slots"],
                 "msa_triton/attention.py": ["_fwd_query_kernel", "attention_forward_query_outer", "_check", "_consts"]}},
             loops={"query_forward.py": ["_fwd_query_kernel"]}),

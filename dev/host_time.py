@@ -84,7 +84,7 @@ for T, path in ((1024, "tile"), (1024, "kv"), (16384, "kv")):
     kl_body = tile._kl_launch if path == "tile" else index._kl_launch
     for name, fn in (("index_topk", lambda: msa_triton.index_topk(qid, kid, bs, K)),
                      ("  its op, no checks", lambda: torch.ops.nanomsa.index_topk(qid, kid, bs, K, False)),
-                     ("  its body, no dispatch", lambda: index._index_topk_op._init_fn(qid, kid, bs, K, False)),
+                     ("  its body, no dispatch", lambda: index._index_topk_op.eager(qid, kid, bs, K, False)),
                      ("sparse_attention (no grad)", lambda: msa_triton.sparse_attention(qd, kd, vd, idx, bs)),
                      ("  its body", lambda: body(qd, kd, vd, idx, bs, *([tile.ROWS] if path == "tile" else []))),
                      ("kl_loss (no grad)", lambda: msa_triton.kl_loss(qd, kd, qid, kid, idx, bs)),
@@ -119,7 +119,7 @@ for B, Tmax, hq, hkv, d, block, topk in ((1, 131072, 64, 4, 128, 128, 16), (8, 2
     kic = torch.randn(B, Tmax, 64, device=dev, dtype=dt)
     lens = torch.full((B,), Tmax - 5, device=dev, dtype=torch.int32)
     call = lambda: msa_triton.sparse_decode(q, qi, kc, kc, kic, lens, block, topk)
-    body = lambda: decode._decode_op._init_fn(q, qi, kc, kc, kic, lens, block, topk, None)
+    body = lambda: decode._decode_op.eager(q, qi, kc, kc, kic, lens, block, topk, None)
     graph = torch.cuda.CUDAGraph()
     call()
     torch.cuda.synchronize()

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx, check_inputs
-from .common import (LOG2E, LOG2E_K, LN2_K, _checking, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
+from .common import (LOG2E, LOG2E_K, LN2_K, _cdiv, _checking, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
                      _fixup_kernel, _kernel_limits, _op, _pow2, _prec, _seg_len, _segment, _segments, _slot_tile,
                      _slots, _softmax_finish, _softmax_rescale, _split_segments, _strides, _token_major)
 
@@ -300,7 +300,7 @@ def _forward(q, k, v, block_idx, block_size):
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], block_idx.shape[3]
     G = Hq // Hkv
-    G_P = triton.next_power_of_2(G)
+    G_P = _pow2(G, 1)
     c = _consts(q, block_size)
     tiles = _launch_opts(_tiles("fwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
@@ -317,7 +317,7 @@ def _forward(q, k, v, block_idx, block_size):
             **_strides("q", q), **_strides("k", k), **_strides("v", v),
             T=T, t0=t0, Tc=t1 - t0, K=K, NSEG=lo.shape[1], Hkv=Hkv, BS=block_size, D=D, scale2=LOG2E / math.sqrt(D),
             G=G, G_P=G_P, D_P=c["D_P"], PREC=c["PREC"], **tiles)
-        _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
+        _combine_kernel[(_cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=op, lp_ptr=lp, slots_ptr=slots, o_ptr=out, lse_ptr=lse, **_strides("o", out, "bht_"), T=T, t0=t0,
             Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=True, NSUB=1,
             UNROLL=_combine_unroll(K, 1), **ct)
@@ -330,10 +330,10 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], lists[0].shape[2]                                     # slots: (BH, Tc, K)
     G = Hq // Hkv
-    G_P = triton.next_power_of_2(G)
+    G_P = _pow2(G, 1)
     c = _consts(q, block_size)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    _delta_kernel[(B * Hq, triton.cdiv(T, 64))](
+    _delta_kernel[(B * Hq, _cdiv(T, 64))](
         o_ptr=out, do_ptr=dout, delta_ptr=delta, T=T, Hq=Hq, **_strides("o", out), **_strides("do", dout),
         D=D, ROWS=64, D_P=c["D_P"])
     dq = _token_major(B, Hq, T, D, device=q.device, dtype=q.dtype)
@@ -342,7 +342,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     dk, dv = (torch.empty if fresh else torch.zeros)(2, B, Hkv, T, D, device=q.device, dtype=torch.float32)
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
-    NSUB = triton.cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
+    NSUB = _cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
     # dK, dV finished in k's and v's dtype, token-major (_token_major), by the last chunk's fix-up pass (and in one
     # chunk by the backward itself for a block with one segment); both of one layout, so they share strides
     dk_out = _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype)
@@ -366,7 +366,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
                 x_ptr=grad, xp_ptr=partial, xbase_ptr=xbase, xcnt_ptr=xcnt, cnt_ptr=cnt, o_ptr=o,
                 **_strides("o", o, "bht_"), T=T, NBC=nbc, NX=NX, BS=block_size, D=D, HO=Hkv, NG=1, NSUB=NSUB,
                 BLOCK_N=tiles["BLOCK_N"], D_P=c["D_P"], OUT=t1 == T, FRESH=fresh, DIRECT=fresh)
-        _combine_kernel[(triton.cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
+        _combine_kernel[(_cdiv(t1 - t0, ct["ROWS"] // G_P), B * Hkv)](
             op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dq, lse_ptr=dq, **_strides("o", dq, "bht_"), T=T, t0=t0,
             Tc=t1 - t0, K=K, Hkv=Hkv, D=D, G=G, G_P=G_P, D_P=c["D_P"], WITH_LSE=False, NSUB=NSUB,
             UNROLL=_combine_unroll(K, NSUB), **ct)
@@ -439,7 +439,7 @@ def sparse_attention(q, k, v, block_idx, block_size, with_lists=False):
     ids outside [0, nb) are ignored.
     """
     _check(q, k, v, block_idx, block_size, values=False)
-    out, lse, lists = torch.ops.nanomsa.sparse_attention_fwd(q, k, v, block_idx, block_size)
+    out, lse, lists = _fwd_op(q, k, v, block_idx, block_size)
     return (out, lse, lists) if with_lists else (out, lse)
 
 

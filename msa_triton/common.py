@@ -77,12 +77,51 @@ def _checking(x):
 
 def _op(name):
     """Register the decorated function as the custom op nanomsa::name (torch.library.custom_op; it allocates its
-    outputs and mutates no input), once per process: importing a module again returns the op registered first."""
+    outputs and mutates no input), once per process: importing a module again reuses the op registered first.
+    Returns an _Op, which a caller calls with positional arguments."""
     def register(fn):
         qualname = f"nanomsa::{name}"
         from torch._library.custom_ops import OPDEFS                           # the registry of custom ops
-        return OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=())
+        return _Op(OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=()), fn)
     return register
+
+
+class _Op:
+    """One of the package's custom ops and the way a call reaches it. Under torch.compile (and for fake tensors)
+    a call is the custom op itself: one node of the graph, its shapes from the fake implementation. An eager call
+    on real tensors runs the same function without the dispatcher, which costs ~40-90 us of host time a call (its
+    autograd wrapper included), several times a plain function's: through a torch.autograd.Function built from the
+    op's own setup_context and backward when it has them, else directly."""
+
+    def __init__(self, op, fn):
+        self.op, self.fn = op, fn                                              # fn: the decorated function
+        self.eager = fn
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+    def register_autograd(self, backward, setup_context):
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self.fn
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                output = fn(*args)
+                setup_context(ctx, args, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, *grads):
+                # autograd.Function wants None for an input that is not a tensor, such as a list of work lists
+                return tuple(None if isinstance(g, list) else g for g in backward(ctx, *grads))
+
+        self.eager = Function.apply
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or type(args[0]) not in (torch.Tensor, torch.nn.Parameter):
+            return self.op(*args)
+        return self.eager(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +173,15 @@ def _kernel_limits(q, k, v, Hkv, block_size):
 
 
 def _pow2(n, lo=16):
-    """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16."""
-    return max(lo, triton.next_power_of_2(n))
+    """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16. (Plain Python, as
+    is _cdiv: triton.next_power_of_2 and triton.cdiv are constexpr functions that cost microseconds of host time a
+    call, and an eager step computes a few dozen launch sizes.)"""
+    return max(lo, 1 << max(n - 1, 0).bit_length())
+
+
+def _cdiv(a, b):
+    """ceil(a / b) for integers a >= 0, b > 0."""
+    return -(-a // b)
 
 
 def _prec(*tensors):
@@ -377,9 +423,9 @@ def _list_tiles(K, Tc, BH):
     a few long programs on an idle GPU."""
     K_P = _pow2(K, 1)
     TT = min(max(1, LIST_TILE // K_P), _pow2(Tc, 1))
-    while TT * K_P > 64 and BH * triton.cdiv(Tc, TT) < LIST_PROGRAMS:
+    while TT * K_P > 64 and BH * _cdiv(Tc, TT) < LIST_PROGRAMS:
         TT //= 2
-    return K_P, TT, triton.cdiv(Tc, TT)
+    return K_P, TT, _cdiv(Tc, TT)
 
 
 def _slots(block_idx, t0, t1, nbc):
@@ -407,7 +453,7 @@ def _csr(block_idx, t0, t1, nbc):
     BH, Tc, dev = B * Hkv, t1 - t0, block_idx.device
     K_P, TT, NT = _list_tiles(K, Tc, BH)
     BB = min(128, _pow2(nbc + 1, 1))                                            # keys per program of the scan
-    NCH = triton.cdiv(nbc + 1, BB)
+    NCH = _cdiv(nbc + 1, BB)
     assert (nbc + 2) * TT * K_P <= 2 ** 30 and BH * Tc * K < 2 ** 31, "work lists too long for int32 keys"
     work = torch.empty(BH * (NT * (2 * (nbc + 1) + NCH) + nbc + 1), device=dev, dtype=torch.int32)
     cnt, off, ccnt, start32 = work.split([BH * NT * (nbc + 1)] * 2 + [BH * NT * NCH, BH * (nbc + 1)])
@@ -655,7 +701,7 @@ def _kl_grads_op(dqi: torch.Tensor, dki: torch.Tensor, g: torch.Tensor) -> tuple
     same strides (empty_like)."""
     oa, ob = torch.empty_like(dqi), torch.empty_like(dki)
     n = max(dqi.numel(), dki.numel(), 1)
-    _scale2_kernel[(triton.cdiv(n, 1024),)](dqi, dki, g, oa, ob, dqi.numel(), dki.numel(), BLOCK=1024)
+    _scale2_kernel[(_cdiv(n, 1024),)](dqi, dki, g, oa, ob, dqi.numel(), dki.numel(), BLOCK=1024)
     return oa, ob
 
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_cache_lens, check_decode_inputs
-from .common import (INT64_MIN, LOG2E, _checking, _fp8_rows, _key_block, _op, _pdl, _pdl_wait, _pow2, _prec,
+from .common import (INT64_MIN, LOG2E, _cdiv, _checking, _fp8_rows, _key_block, _op, _pdl, _pdl_wait, _pow2, _prec,
                      _softmax_finish, _softmax_rescale, _sortable_key, _strides)
 
 
@@ -232,7 +232,7 @@ def _attend_config(B, Hkv, K, block_size):
     bn = min(128, _pow2(block_size))
     if B * Hkv * K < 2 * 132 and block_size > 64:
         bn = 64
-    pieces = B * Hkv * K * triton.cdiv(block_size, bn)
+    pieces = B * Hkv * K * _cdiv(block_size, bn)
     items = 1
     while items * 2 <= K and pieces // (items * 2) >= 256:
         items *= 2
@@ -244,11 +244,11 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
     written for the blocks before each row's local block only. fp8 keys: ki_scale (B, Tmax)."""
     B, Hkv, Di = qi.shape
     Tmax = ki_cache.shape[1]
-    nb = triton.cdiv(Tmax, block_size)
+    nb = _cdiv(Tmax, block_size)
     S = torch.empty(B, Hkv, nb, device=qi.device, dtype=torch.float32)                 # (B, Hkv, nb)
     blocks, warps = _score_config(B, nb)
     fp8 = ki_scale is not None
-    _score_kernel[(triton.cdiv(nb, blocks), B)](
+    _score_kernel[(_cdiv(nb, blocks), B)](
         qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
         **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
         s_scb=S.stride(0), s_sch=S.stride(1),
@@ -265,8 +265,8 @@ def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     G, K, nb = Hq // Hkv, topk, S.shape[-1]
     BLOCK_N, ITEMS, warps, stages = _attend_config(B, Hkv, K, block_size)
-    splits = triton.cdiv(block_size, BLOCK_N)
-    NS = triton.cdiv(K * splits, ITEMS)                                                  # partials per head
+    splits = _cdiv(block_size, BLOCK_N)
+    NS = _cdiv(K * splits, ITEMS)                                                  # partials per head
     block_idx = torch.empty(B, Hkv, K, device=q.device, dtype=torch.int32)              # (B, Hkv, K)
     o_part = torch.empty(B, Hq, NS, D, device=q.device, dtype=torch.float32)            # (B, Hq, NS, D)
     lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS)
@@ -309,7 +309,7 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
     check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale, values=False)
     if ki_scale is not None and not q.is_cuda:
         raise ValueError(f"an fp8 index-key cache needs CUDA tensors, got {q.device}")
-    return torch.ops.nanomsa.sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+    return _decode_op(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
 
 
 @_op("sparse_decode")

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _op, _pdl, _pdl_wait
+from .common import _cdiv, _op, _pdl, _pdl_wait, _pow2
 
 # Tile sizes (tuned on Hopper at the default model's experts, C=512, H=1024; see dev/decode.md)
 UP_COLS = 16       # hidden units per program of the up kernel: a (C, 16) strip of the gate and of the up weights
@@ -138,7 +138,7 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
 def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     N, C = x.shape
     E, EA, H = router.shape[0], w13.shape[0], w2.shape[1]
-    ea_p = triton.next_power_of_2(EA)
+    ea_p = _pow2(EA, 1)
     weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
     h = torch.empty(N, EA, H, device=x.device, dtype=torch.float32)          # rows of unchosen pairs stay unwritten
     part = torch.empty(N, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
@@ -146,16 +146,16 @@ def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2
     _route_kernel[(N,)](
         x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
-        BLOCK_C=min(triton.next_power_of_2(C), MAX_STRIP // ea_p), num_warps=4, **pdl)
-    block_c = min(triton.next_power_of_2(C), MAX_STRIP // UP_COLS)
-    _up_kernel[(N * EA, triton.cdiv(H, UP_COLS))](
+        BLOCK_C=min(_pow2(C, 1), MAX_STRIP // ea_p), num_warps=4, **pdl)
+    block_c = min(_pow2(C, 1), MAX_STRIP // UP_COLS)
+    _up_kernel[(N * EA, _cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4, **pdl)
-    per = triton.cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
-    ka = triton.next_power_of_2(k + EA - E)                                    # chosen experts a token, padded
-    _down_kernel[(N, triton.cdiv(C, DOWN_COLS), DOWN_SPLIT)](
+    per = _cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
+    ka = _pow2(k + EA - E, 1)                                    # chosen experts a token, padded
+    _down_kernel[(N, _cdiv(C, DOWN_COLS), DOWN_SPLIT)](
         h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, EA=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
-        SPLIT=DOWN_SPLIT, KA=ka, EA_P=ea_p, BLOCK_J=min(triton.next_power_of_2(per), MAX_STRIP // (ka * DOWN_COLS)),
+        SPLIT=DOWN_SPLIT, KA=ka, EA_P=ea_p, BLOCK_J=min(_pow2(per, 1), MAX_STRIP // (ka * DOWN_COLS)),
         BLOCK_C=DOWN_COLS, num_warps=DOWN_WARPS, **pdl)
     return part
 
@@ -184,7 +184,7 @@ def expert_mix(x, router, k, w13, w2):
                          f"{w13.device}, {w2.device}")
     # the weights' last dimension read contiguously (views of a stacked parameter keep it so)
     w13, w2 = (w if w.stride(2) == 1 else w.contiguous() for w in (w13, w2))
-    part = torch.ops.nanomsa.expert_mix(x, router, k, w13, w2)
+    part = _mix_op(x, router, k, w13, w2)
     out = part[:, 0]
     for s in range(1, DOWN_SPLIT):  # one by one, in order: the eager op adds them as a compiled step does
         out = out + part[:, s]

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
-from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
+from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _cdiv, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
                      _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _seg_len,
                      _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
 
@@ -100,7 +100,7 @@ def index_topk(qi, ki, block_size, topk, fp8=False):
     check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
     if fp8 and not qi.is_cuda:
         raise ValueError(f"fp8=True needs CUDA tensors, got {qi.device}")
-    return torch.ops.nanomsa.index_topk(qi.detach(), ki.detach(), block_size, topk, fp8)
+    return _index_topk_op(qi.detach(), ki.detach(), block_size, topk, fp8)
 
 
 @_op("index_topk")
@@ -117,12 +117,12 @@ def _index_topk_op(qi: torch.Tensor, ki: torch.Tensor, block_size: int, topk: in
     # 256 for long T (the M3 shape), else 128; small tiles for the interpreter
     block_q = (64 if Di <= 64 else 256 if T >= 16384 else 128) if on_gpu else 16
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
-    grid = (B * Hkv, triton.cdiv(T, block_q))
+    grid = (B * Hkv, _cdiv(T, block_q))
     _index_topk_kernel[grid](
         qi_ptr=qi, ki_ptr=ki, ks_ptr=ks, out_ptr=out, T=T, Hkv=Hkv, sqrt_di=math.sqrt(Di),
         **_strides("qi", qi), **_strides("ki", ki, "btd"), **_strides("o", out, "bhtk"),
         BS=block_size, K=topk, K_P=_pow2(topk, 2), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
-        NCHUNK=triton.cdiv(block_size, block_n), PREC=_prec(qi, ki), FP8=fp8,
+        NCHUNK=_cdiv(block_size, block_n), PREC=_prec(qi, ki), FP8=fp8,
         num_warps=8 if block_q >= 256 else 4, num_stages=3)
     return out
 
@@ -309,7 +309,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     # pass 2's launch: 8 warps for 128-key tiles; 4 and no software pipelining for 64 keys or fewer
     loss_opts = dict(num_warps=8) if block_n > 64 else dict(num_warps=4, num_stages=1)
-    nchunk = triton.cdiv(block_size, block_n)
+    nchunk = _cdiv(block_size, block_n)
     meta = dict(G=G, BS=block_size, D=D, D_P=_pow2(D), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q,
                 BLOCK_N=block_n, NCHUNK=nchunk, PREC=_prec(q, qi),
                 **_strides("q", q), **_strides("k", k), **_strides("qi", qi), **_strides("ki", ki, "btd"))
@@ -356,7 +356,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
                 NG=Hkv if last else 1, NSUB=nchunk, BLOCK_N=block_n, D_P=meta["DI_P"], OUT=last, FRESH=fresh)
         losses.append(loss)
         if grad:                                                               # dqi = sum of the K partials
-            _combine_kernel[(triton.cdiv(t1 - t0, 32), BH)](
+            _combine_kernel[(_cdiv(t1 - t0, 32), BH)](
                 op_ptr=dqp, lp_ptr=dqp, slots_ptr=slots, o_ptr=dqi, lse_ptr=dqi, **_strides("o", dqi, "bht_"), T=T,
                 t0=t0, Tc=t1 - t0, K=K, Hkv=Hkv, D=Di, G=1, G_P=1, ROWS=32, D_P=_pow2(Di), WITH_LSE=False, NSUB=nchunk,
                 UNROLL=_combine_unroll(K, nchunk), num_warps=4)

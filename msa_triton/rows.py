@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import _op, _pdl, _pdl_wait
+from .common import _cdiv, _op, _pdl, _pdl_wait, _pow2
 
 # Tile sizes (tuned on Hopper at the default model's products, K = 512, N = 512 and 960; see dev/decode.md)
 COLS = 8           # output columns per program
@@ -66,10 +66,10 @@ def _row_linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    _row_linear_kernel[(triton.cdiv(N, COLS),)](
+    _row_linear_kernel[(_cdiv(N, COLS),)](
         x_ptr=x, w_ptr=w, y_ptr=y, N=N, K=K, s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
-        s_ym=y.stride(0), M=M, M_P=triton.next_power_of_2(M), BLOCK_N=COLS,
-        BLOCK_K=min(triton.next_power_of_2(K), MAX_STRIP // COLS), num_warps=WARPS, **_pdl(x))
+        s_ym=y.stride(0), M=M, M_P=_pow2(M, 1), BLOCK_N=COLS,
+        BLOCK_K=min(_pow2(K, 1), MAX_STRIP // COLS), num_warps=WARPS, **_pdl(x))
     return y
 
 
@@ -90,4 +90,4 @@ def row_linear(x, w):
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > MAX_ROWS or rows.shape[0] == 0:
         return F.linear(x, w)
-    return torch.ops.nanomsa.row_linear(rows, w).view(*x.shape[:-1], w.shape[0])
+    return _row_linear_op(rows, w).view(*x.shape[:-1], w.shape[0])

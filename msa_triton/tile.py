@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx, check_inputs
-from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _checking, _kernel_limits, _kl_call, _kl_custom_op, _op, _pow2, _prec,
-                     _softmax_finish, _softmax_rescale, _strides, _token_major)
+from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _cdiv, _checking, _kernel_limits, _kl_call, _kl_custom_op, _op, _pow2,
+                     _prec, _softmax_finish, _softmax_rescale, _strides, _token_major)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
 ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
@@ -258,7 +258,7 @@ def reads_shape(B, Hkv, T, G, block_size, rows):
     """The shape (B * Hkv, nb, NT) of the forward's int8 table "query tile i reads key block kb", which the backward
     takes (a custom op's fake implementation needs it): NT tiles of rows // G_P tokens (rows: see _meta)."""
     G_P = _pow2(G, 1)
-    return B * Hkv, triton.cdiv(T, block_size), triton.cdiv(T, max(rows, G_P) // G_P)
+    return B * Hkv, _cdiv(T, block_size), _cdiv(T, max(rows, G_P) // G_P)
 
 
 def _meta(q, block_idx, block_size, Hkv, rows):
@@ -312,7 +312,7 @@ def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out), **_strides("do", dout),
         **_strides("i", block_idx, "bhtk"), BLOCK_N=block_n, num_warps=_warps(D, block_n), num_stages=1, **common)
     sub_n = min(block_n, 64)                                                   # dK, dV accumulate in registers
-    nsub = triton.cdiv(block_size, sub_n)
+    nsub = _cdiv(block_size, sub_n)
     _bwd_dkv_kernel[(NB * nsub, B * Hkv)](
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=dout, lse_ptr=lse, delta_ptr=delta, bi_ptr=block_idx, rd_ptr=reads,
         dk_ptr=dk, dv_ptr=dv, **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("do", dout),
@@ -563,7 +563,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     G, BH, K = Hq // Hkv, B * Hkv, block_idx.shape[3]
     dev = q.device
     lse = _forward(q, k, k, block_idx, block_size, ROWS, with_out=False)[1] if lse is None else lse.contiguous()
-    NT, NB = triton.cdiv(T, BLOCK_Q), triton.cdiv(T, block_size)
+    NT, NB = _cdiv(T, BLOCK_Q), _cdiv(T, block_size)
     block_n = _pow2(block_size)
     n_rows = BH * T
     meta = dict(T=T, K=K, Hkv=Hkv, BS=block_size, DI=Di, scale_i2=LOG2E / math.sqrt(Di), BLOCK_Q=BLOCK_Q,
@@ -587,7 +587,7 @@ def _kl_launch(q, k, qi, ki, block_idx, block_size, grad, lse=None, lists=()):
     dki = None
     if grad:
         sub_n = min(block_n, 64)
-        nsub = triton.cdiv(block_size, sub_n)
+        nsub = _cdiv(block_size, sub_n)
         dki = torch.empty(B, T, Di, device=dev, dtype=ki.dtype)
         _kl_dki_kernel[(NB * nsub, B)](qi_ptr=qi, ki_ptr=ki, bi_ptr=block_idx, lu_ptr=lu, rd_ptr=reads, dki_ptr=dki,
                                        NB=NB, NT=NT, grad_scale=grad_scale, NSUB=nsub, BLOCK_N=sub_n, CHUNK=32,

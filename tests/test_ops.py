@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import msa_ref
 import msa_triton
-from msa_triton import attention, common, tile
+from msa_triton import attention, common, cross_entropy, decode, experts, index, rows, tile
 from conftest import DEVICE, rand_inputs, requires_cuda
 from test_msa_triton import random_block_idx
 
@@ -156,6 +156,46 @@ def test_sparse_attention_kl(path):
         assert torch.equal(a, b)
     for a, b in zip(got, step_grads(msa_step_ref, q, k, v, qi, ki, bs, K, dout)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def eager_calls(q, k, v, qi, ki, bs, K, dout):
+    """Every eager call the model makes, with the gradients of the differentiable ones: the MSA step (both functions
+    and sparse_attention_kl), sparse_decode, linear_cross_entropy, row_linear and expert_mix."""
+    D = q.shape[3]
+    res = step_grads(msa_step, q, k, v, qi, ki, bs, K, dout) + step_grads(msa_step_apart, q, k, v, qi, ki, bs, K, dout)
+    res.append(msa_triton.sparse_decode(*decode_case(), 8, K))
+    h, w = grads((q.reshape(-1, D)[:30], k.reshape(-1, D)[:7]))
+    ce = msa_triton.linear_cross_entropy(h, w, torch.arange(30, device=DEVICE) % 8 - 1)
+    res += [ce.detach(), *torch.autograd.grad(ce, (h, w))]
+    g = torch.Generator().manual_seed(5)                                      # 3 tokens, C = 32, E = 4, H = 16
+    x, router, w13, w2 = (torch.randn(*shape, generator=g).to(DEVICE)
+                          for shape in ((3, 32), (4, 32), (4, 32, 32), (4, 16, 32)))
+    res += [msa_triton.row_linear(x, w13[0].T), msa_triton.expert_mix(x, router, 2, w13, w2)]
+    return res
+
+
+def test_eager_calls_skip_the_dispatcher(path, monkeypatch):
+    """An eager call on real tensors runs the op's function without the dispatcher (common._Op: directly, or through
+    an autograd.Function built from the op's own backward), with the same results, bitwise, as a call of the custom
+    op itself, gradients included."""
+    B, Hq, Hkv, T, D, Di, bs, K = SHAPE
+    q, k, v, qi, ki, _ = case()
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ops = {op for mod in (attention, common, tile, index, decode, cross_entropy, experts, rows)
+           for op in vars(mod).values() if isinstance(op, common._Op)}
+    assert len(ops) == 12                                                       # every op of the package
+    monkeypatch.setattr(common._Op, "__call__", lambda self, *args: self.op(*args))
+    want = eager_calls(q, k, v, qi, ki, bs, K, dout)                           # through the custom ops
+    monkeypatch.undo()
+
+    def no_dispatch(*args):
+        raise AssertionError("an eager call reached the dispatcher")
+    for op in ops:
+        monkeypatch.setattr(op, "op", no_dispatch)
+    got = eager_calls(q, k, v, qi, ki, bs, K, dout)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
 
 
 # (B, Hq, Hkv, T, D, Di, bs, K), selection: T = 1; G = 1 and K = 1 (the local block alone); block 0 in every token's
