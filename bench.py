@@ -12,7 +12,8 @@ Each benchmark family is one function bench_<what>(args) -> list of rows (dicts)
 helpers below: selections, timing (do_bench, median), FLOP counts, the markdown table and the JSON.
 Every family checks correctness before it times anything.
 Conventions (DESIGN.md section 2): E = attended (query, key) pairs, summed over batch and groups;
-main forward FLOPs = 4 * G * D * E, backward = 2.5x forward; "useful TF/s" = those FLOPs / time.
+main forward FLOPs = 4 * G * D * E, backward = 2.5x forward, kl_loss (2 G D + 8 Di) E, index_topk
+2 Hkv Di E_causal; "useful TF/s" = those FLOPs / time.
 """
 import argparse
 import json
@@ -76,6 +77,12 @@ def attended_pairs(block_idx, bs, T):
     t = torch.arange(T, device=block_idx.device)[None, :, None]
     n = (torch.minimum(t + 1, (sl + 1) * bs) - sl * bs).clamp(min=0)          # visible keys of each chosen block
     return int(torch.where(sl >= 0, n, 0).sum())
+
+
+def kl_flops(E, G, D, Di):
+    """kl_loss given the attention's lse, forward + backward (DESIGN.md section 2): per attended pair the G teacher
+    heads' scores (2 G D) and the student's scores in both passes, dqi and dki (8 Di)."""
+    return (2 * G * D + 8 * Di) * E
 
 
 def rel_err(x, ref):
@@ -257,6 +264,7 @@ def bench_index(args):
             chk.update({f"fp8_{a}": b for a, b in check_index(qi, ki, msa_triton.index_topk(qi, ki, bs, K, fp8=True), bs, K).items()})
             E = attended_pairs(block_idx, bs, T)
             flops = 4 * G * D * E
+            step_flops = 3.5 * flops + kl_flops(E, G, D, Di) + idx_flops       # the work a training step must do
             if T <= REF_MAX_T:                                                 # kl_loss vs msa_ref, bf16 inputs
                 qr, kr = (x.detach().float().requires_grad_() for x in (qi, ki))
                 qg, kg = (x.detach().requires_grad_() for x in (qi, ki))
@@ -300,15 +308,15 @@ def bench_index(args):
                                       ("index_topk", "select", select, idx_flops),
                                       ("index_topk fp8", "select", lambda: msa_triton.index_topk(qi, ki, bs, K, fp8=True), idx_flops),
                                       ("MSA fwd = index_topk + sparse_attention", "fwd", msa_fwd, flops + idx_flops),
-                                      ("kl_loss (teacher lse recomputed)", "fwd+bwd", lambda: kl_step(None), None),
-                                      ("kl_loss (given sparse_attention's lse)", "fwd+bwd", lambda: kl_step(attn_lse), None),
-                                      ("MSA train step (kl recomputes lse)", "fwd+bwd", lambda: msa_step(False), 3.5 * flops + idx_flops),
-                                      ("MSA train step (kl reuses attention lse)", "fwd+bwd", lambda: msa_step(True), 3.5 * flops + idx_flops)):
+                                      ("kl_loss (teacher lse recomputed)", "fwd+bwd", lambda: kl_step(None), kl_flops(E, G, D, Di)),
+                                      ("kl_loss (given sparse_attention's lse)", "fwd+bwd", lambda: kl_step(attn_lse), kl_flops(E, G, D, Di)),
+                                      ("MSA train step (kl recomputes lse)", "fwd+bwd", lambda: msa_step(False), step_flops),
+                                      ("MSA train step (kl reuses attention lse)", "fwd+bwd", lambda: msa_step(True), step_flops)):
                 ms = timed(fn)
                 if impl.startswith("dense"):
                     dense[pas] = ms
                 rows.append(dict(base, impl=impl, **{"pass": pas}, ms=round(ms, 3),
-                                 tflops=round(fl / ms / 1e9, 1) if fl else "",
+                                 tflops=round(fl / ms / 1e9, 1),
                                  vs_dense=f"{dense[pas] / ms:.2f}x" if impl.startswith(("dense", "MSA")) else "",
                                  mem_MiB=peak_extra_mib(fn), E=E, check=chk))
             del q, k, v, qi, ki, qiv, kiv, dout, block_idx
@@ -633,6 +641,9 @@ def bench_small(args):
             dout = torch.randn_like(q)
             base = dict(shape="model", T=T, B=B, K=K, sel="indexer")
             block_idx = msa_triton.index_topk(qi, ki, bs, K)
+            E, G = attended_pairs(block_idx, bs, T), Hq // Hkv
+            idx_flops, fwd_flops = 2 * Hkv * Di * B * T * (T + 1) / 2, 4 * G * D * E
+            step_flops = 3.5 * fwd_flops + kl_flops(E, G, D, Di) + idx_flops
             path = "tile" if msa_triton._tile_path(q, k, block_idx, bs) else "kv"
             if T <= REF_MAX_T:                                                 # two batch rows against msa_ref
                 chk = check_attention(q[:2], k[:2], v[:2], block_idx[:2], bs)
@@ -660,10 +671,12 @@ def bench_small(args):
                 return msa_train_step(*qkv, qiv, kiv, dout, bs, K)
 
             dense_ms = None
-            for impl, pas, fn in (("dense SDPA (causal, enable_gqa)", "fwd+bwd", dense_step),
-                                  (f"MSA step [{path}]", "fwd+bwd", msa_step),
-                                  (f"MSA forward (index_topk + sparse_attention) [{path}]", "fwd", msa_fwd),
-                                  (f"MSA step, CUDA graph [{path}]", "fwd+bwd", "graph")):
+            for impl, pas, fn, fl in (("dense SDPA (causal, enable_gqa)", "fwd+bwd", dense_step,
+                                       3.5 * 4 * Hq * D * B * T * (T + 1) / 2),
+                                      (f"MSA step [{path}]", "fwd+bwd", msa_step, step_flops),
+                                      (f"MSA forward (index_topk + sparse_attention) [{path}]", "fwd", msa_fwd,
+                                       fwd_flops + idx_flops),
+                                      (f"MSA step, CUDA graph [{path}]", "fwd+bwd", "graph", step_flops)):
                 try:
                     if fn == "graph":
                         fn, ops = graph_of(msa_step), 1
@@ -674,8 +687,8 @@ def bench_small(args):
                     rows.append(dict(base, impl=impl, **{"pass": pas}, ms="n/a", note=f"{type(e).__name__}: {str(e)[:80]}"))
                     continue
                 dense_ms = dense_ms or ms
-                rows.append(dict(base, impl=impl, **{"pass": pas}, ms=round(ms, 3), launches=ops,
-                                 msa_over_dense=f"{ms / dense_ms:.2f}x"))
+                rows.append(dict(base, impl=impl, **{"pass": pas}, ms=round(ms, 3), tflops=round(fl / ms / 1e9, 1),
+                                 launches=ops, msa_over_dense=f"{ms / dense_ms:.2f}x"))
             del q, k, v, qi, ki, qiv, kiv, qkv, dout, block_idx
             torch.cuda.empty_cache()
     msa_triton.checks(None)

@@ -2,16 +2,18 @@
 A lab tool (dev/kernels.md, "Launch options at the model's shape"), not part of the model: the KV-outer kernels'
 launch options swept at the repository model's shape (Hq=8, Hkv=2, D=Di=64, bs=64, 32K tokens a call, bf16,
 `indexer` selections) on one GPU. One knob at a time, the others as committed; each setting times the whole MSA
-training step (bench.msa_train_step) captured in a CUDA graph at four shapes (K = 4 at 1K, 4K, 16K; K = 8 at 1K),
+training step (bench.msa_train_step) captured in a CUDA graph at four shapes by default (K = 4 at 1K, 4K, 16K; K = 8 at 1K),
 after checking its gradients against the committed options' (relative difference <= 3e-2). A knob's best setting
-counts when the mean of its four times over the committed ones is below 0.985; the best settings are then timed
+counts when the mean of its times over the committed ones is below 0.985; the best settings are then timed
 together. $OUT (default /tmp) receives launch_sweep.json; stop early with SWEEP_S (seconds, default 330); name
-knobs (KNOBS below) to sweep only those:
-    python dev/launch_sweep.py [fwd KL_SEG_SMALL ...]
+knobs (KNOBS below) to sweep only those, and cases TxK (as dev/step_kernels.py takes them) to time those shapes
+instead of the four above:
+    python dev/launch_sweep.py [fwd KL_SEG_SMALL ...] [1024x8 4096x8 ...]
 """
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -24,6 +26,8 @@ from msa_triton import attention as A, index as I, tile
 dev, dt = "cuda", torch.bfloat16
 Hq, Hkv, D, Di, bs = 8, 2, 64, 64, 64
 SHAPES = [(4, 1024), (8, 1024), (4, 4096), (4, 16384)]                      # (K, T), B = 32K / T
+cases = [tuple(int(x) for x in a.split("x")) for a in sys.argv[1:] if re.fullmatch(r"\d+x\d+", a)]
+SHAPES = [(K, T) for T, K in cases] or SHAPES
 msa_triton.checks(False)                                                      # the hot path: no host sync
 tile.FORCE = "kv"                                                             # every call on the KV-outer path
 
@@ -90,11 +94,12 @@ KNOBS = {   # the committed setting is among each knob's values (for D = 64, bs 
     "klstats": [dict(BLOCK_Q=bq, num_warps=w, num_stages=s) for bq, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2))],
 }
 
-if sys.argv[1:]:
-    unknown = set(sys.argv[1:]) - set(KNOBS)
+names = [a for a in sys.argv[1:] if not re.fullmatch(r"\d+x\d+", a)]
+if names:
+    unknown = set(names) - set(KNOBS)
     if unknown:
-        sys.exit(f"launch_sweep: knobs are {', '.join(KNOBS)}; got {', '.join(sorted(unknown))}")
-    KNOBS = {name: KNOBS[name] for name in sys.argv[1:]}
+        sys.exit(f"launch_sweep: knobs are {', '.join(KNOBS)} or cases TxK; got {', '.join(sorted(unknown))}")
+    KNOBS = {name: KNOBS[name] for name in names}
 base = measure({})
 print("committed: " + "  ".join(f"K={K} T={T} {base[K, T][0]:.3f} ms" for K, T in SHAPES), flush=True)
 best, log, t0 = {}, [], time.time()
