@@ -89,9 +89,9 @@ def _op(name):
 class _Op:
     """One of the package's custom ops and the way a call reaches it. Under torch.compile (and for fake tensors)
     a call is the custom op itself: one node of the graph, its shapes from the fake implementation. An eager call
-    on real tensors runs the same function without the dispatcher, which costs ~40-90 us of host time a call (its
-    autograd wrapper included), several times a plain function's: through a torch.autograd.Function built from the
-    op's own setup_context and backward when it has them, else directly."""
+    on real tensors runs the same function without the dispatcher (tens of microseconds of host time a call, its
+    autograd wrapper included: dev/kernels.md): through a torch.autograd.Function built from the op's own
+    setup_context and backward when it has them, else directly."""
 
     def __init__(self, op, fn):
         self.op, self.fn = op, fn                                              # fn: the decorated function
