@@ -342,7 +342,7 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     dk, dv = (torch.empty if fresh else torch.zeros)(2, B, Hkv, T, D, device=q.device, dtype=torch.float32)
     tiles = _launch_opts(_tiles("bwd", D, G_P, c["BLOCK_N"]))
     ct = _tiles("combine", D, G_P, c["BLOCK_N"])
-    NSUB = _cdiv(block_size, tiles["BLOCK_N"])                           # programs per KV block
+    NSUB = _cdiv(block_size, tiles["BLOCK_N"])                                 # programs per KV block
     # dK, dV finished in k's and v's dtype, token-major (_token_major), by the last chunk's fix-up pass (and in one
     # chunk by the backward itself for a block with one segment); both of one layout, so they share strides
     dk_out = _token_major(B, Hkv, T, D, device=q.device, dtype=k.dtype)

@@ -266,7 +266,7 @@ def _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk):
     G, K, nb = Hq // Hkv, topk, S.shape[-1]
     BLOCK_N, ITEMS, warps, stages = _attend_config(B, Hkv, K, block_size)
     splits = _cdiv(block_size, BLOCK_N)
-    NS = _cdiv(K * splits, ITEMS)                                                  # partials per head
+    NS = _cdiv(K * splits, ITEMS)                                                        # partials per head
     block_idx = torch.empty(B, Hkv, K, device=q.device, dtype=torch.int32)              # (B, Hkv, K)
     o_part = torch.empty(B, Hq, NS, D, device=q.device, dtype=torch.float32)            # (B, Hq, NS, D)
     lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)             # (B, Hq, NS)

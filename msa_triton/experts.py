@@ -151,8 +151,8 @@ def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2
     _up_kernel[(N * EA, _cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
         s_we=w13.stride(0), s_wc=w13.stride(1), BLOCK_C=block_c, BLOCK_H=UP_COLS, num_warps=4, **pdl)
-    per = _cdiv(H, DOWN_SPLIT)                                           # hidden units per slice
-    ka = _pow2(k + EA - E, 1)                                    # chosen experts a token, padded
+    per = _cdiv(H, DOWN_SPLIT)                                                 # hidden units per slice
+    ka = _pow2(k + EA - E, 1)                                                  # chosen experts a token, padded
     _down_kernel[(N, _cdiv(C, DOWN_COLS), DOWN_SPLIT)](
         h_ptr=h, wt_ptr=weight, w2_ptr=w2, p_ptr=part, C=C, H=H, EA=EA, s_we=w2.stride(0), s_wh=w2.stride(1), PER=per,
         SPLIT=DOWN_SPLIT, KA=ka, EA_P=ea_p, BLOCK_J=min(_pow2(per, 1), MAX_STRIP // (ka * DOWN_COLS)),
