@@ -15,9 +15,10 @@ them all.
   common.py          constants, Triton helpers, the naming convention of every kernel, the checking mode
 Each public function checks its arguments' shapes and calls custom ops (torch.ops.nanomsa.*, registered on
 import), so torch.compile traces through it without a graph break and a CUDA graph can capture it: no call
-waits on the host. An eager call on real tensors runs the same functions without the dispatcher (common._Op), which
-would cost tens of microseconds of host time a call. The checks that read the data (block_idx's and cache_lens' values) run in the checking mode
-only: checks(True / False / None), or NANOMSA_CHECKS=1 / 0; by default on for CPU tensors, off on CUDA.
+waits on the host. An eager call on real tensors runs the same functions without the dispatcher (common._Op),
+which would cost tens of microseconds of host time a call. The checks that read the data (block_idx's and
+cache_lens' values) run in the checking mode only: checks(True / False / None), or NANOMSA_CHECKS=1 / 0; by
+default on for CPU tensors, off on CUDA.
 sparse_attention and kl_loss pick their path from the shapes alone (tile.use_tile, DESIGN.md section 4), so
 an eager call, a compiled graph and its fake implementations all take the same one. sparse_attention_kl, what a
 training step calls, runs both on one path and hands the attention's work lists to the KL.

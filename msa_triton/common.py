@@ -94,15 +94,14 @@ class _Op:
     setup_context and backward when it has them, else directly."""
 
     def __init__(self, op, fn):
-        self.op, self.fn = op, fn                                              # fn: the decorated function
-        self.eager = fn
+        self.op, self.eager = op, fn                                           # fn: the decorated function
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)
 
     def register_autograd(self, backward, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
-        fn = self.fn
+        fn = self.eager
 
         class Function(torch.autograd.Function):
             @staticmethod
