@@ -84,15 +84,18 @@ def test_ties_go_to_the_lower_block():
     assert select(q, qi, k, v, ki, cache_lens, 3, 10)[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
-def test_topk_rounds_with_ties_and_few_blocks():
-    # scores with many exact ties (rounded) and every K from 1 to past the visible blocks: the top-k takes
-    # 4 blocks per reduction round, so K - 1 = 4, 5, 8, 9 probe the round boundaries; vs msa_ref's stable sort
+@pytest.mark.parametrize("lens, Ks", [([70, 40, 7], (1, 2, 5, 6, 9, 10, 13)),   # 24, 14 and 3 blocks visible
+                                       ([16, 10, 7], (10,))],                   # K past every row's blocks
+                         ids=["K-1-to-13", "K-past-all"])
+def test_topk_rounds_with_ties_and_few_blocks(lens, Ks):
+    # scores with many exact ties (rounded) and K from 1 to past the visible blocks: the top-k takes 4 blocks
+    # per reduction round, so K - 1 = 4, 5, 8, 9 probe the round boundaries; vs msa_ref's stable sort
     B, Hq, Hkv, Tmax, D, Di, bs = 3, 2, 2, 70, 16, 16, 3
-    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, [70, 40, 7], seed=8)
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens, seed=8)
     qi, ki = qi.round(), (ki * 0.5).round()                  # integer products: many equal block scores
     q_pos = (cache_lens - 1).view(B, 1, 1)
     S = msa_ref.block_scores(qi.unsqueeze(2), ki, bs, q_pos)
-    for K in (1, 2, 5, 6, 9, 10, 13, 30):
+    for K in Ks:
         want = msa_ref.select_blocks(S, q_pos, bs, K).squeeze(2)
         assert torch.equal(select(q, qi, k, v, ki, cache_lens, bs, K).cpu(), want.cpu()), K
 
