@@ -219,6 +219,7 @@ def test_several_blocks_per_scoring_program(monkeypatch):
     assert torch.equal(select(q, qi, k, v, ki, cache_lens, 4, 4).cpu(), want_idx.cpu())
 
 
+@requires_cuda  # the interpreter runs a program as one thread whatever num_warps says: only a GPU changes the layouts
 @pytest.mark.parametrize("warps", [1, 2])
 def test_topk_warps(monkeypatch, warps):
     # the attention pass (whose programs run the top-k) with other warp counts, so other reduction
