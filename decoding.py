@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 class KVCache:
     """
-    One attention layer's decoding cache: k, v (B, Hkv, Tmax, D) and, for an MSA layer, the index keys
-    ki (B, Tmax, Di), plus their scales ks (B, Tmax) when the index is fp8 (msa_ref.fp8_quantize).
+    One attention layer's decoding cache: k, v (B, Hkv, Tmax, D) and, for an MSA layer with a learnt index, the
+    index keys ki (B, Tmax, Di), plus their scales ks (B, Tmax) when the index is fp8 (msa_ref.fp8_quantize).
     The tensors are allocated once, at the first write (the prefill), for all Tmax = max_len positions and in
     the dtype written (bf16 under autocast); positions not yet written hold zeros that attention masks out.
     dense: an MSA layer decodes like a dense one, over the whole cache (GPT.generate(decode='dense')).

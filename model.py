@@ -11,7 +11,8 @@ One block is  x + attn(norm(x))  then  x + moe(norm(x)).
   group, the main branch attends over those blocks only. The index branch learns from the KL loss alone.
 - moe: a router picks the top-k of E SwiGLU experts per token (plus an optional shared expert that sees
   every token); a Switch-style auxiliary loss keeps the experts evenly loaded (moe.py).
-The forward returns logits and the losses (LM, KL summed over MSA layers, balance), so train.py stays simple.
+The forward returns the logits, or, given targets, the losses (LM, KL summed over MSA layers, balance), so
+train.py stays simple.
 GPT also measures itself for train.py: indexer_recall (how much of the dense attention the chosen blocks hold)
 and flops_per_token (for the MFU). generate() decodes with one KVCache per layer (decoding.py).
 """
@@ -73,7 +74,7 @@ class GPTConfig:
     msa_topk: int = 4           # K blocks per query, the local block included
     msa_select: str = "indexer" # which K blocks: 'indexer' (learned), or a blind control (msa_ref.select_fixed):
                                 # 'local' (first block + the K - 1 last), 'random' (K - 1 random earlier + local); no KL
-    index_fp8: bool = False     # index scores in float8 e4m3 (msa_ref.fp8_quantize), so the decoding cache is fp8
+    index_fp8: bool = False     # qi, ki rounded to float8 e4m3 to score (msa_ref.fp8_quantize): an fp8 decode cache
     n_expert: int = 8           # E
     expert_topk: int = 2        # experts per token (>= 2: the gates are a softmax over the chosen ones)
     shared_expert: bool = True  # one more expert that every token goes through
@@ -348,7 +349,7 @@ class GPT(nn.Module):
         graph replays the step with a new value in it).
         Without y: logits (B, T, V), None. With y: None (the loss is computed chunk by chunk from the last hidden
         states, so a long-context step never holds the logits) and losses: lm, kl (summed over MSA layers),
-        balance (mean over layers), kl_layers (n_msa,), expert_load (n_layer, E).
+        balance (mean over layers), kl_layers (n_msa,) ((0,) under a blind msa_select), expert_load (n_layer, E).
         """
         B, T = x.shape
         if y is not None and y.shape != x.shape:
@@ -378,15 +379,16 @@ class GPT(nn.Module):
     @torch.no_grad()
     def indexer_recall(self, x, patches=None):
         """x (B, T) (patches as for forward) -> recall (n_msa,) float32, one per MSA layer: the dense teacher's
-        attention mass inside the blocks the indexer chose (Attention.recall), averaged over batch, heads and
-        queries. 1 when the chosen blocks hold all of it. Runs the blocks up to the last MSA layer only."""
+        attention mass inside the chosen blocks (the indexer's, or a blind rule's; Attention.recall), averaged over
+        batch, heads and queries. 1 when the chosen blocks hold all of it. Runs the blocks up to the last MSA layer
+        only."""
         T = x.shape[1]
         sparse = [block.attn.sparse for block in self.blocks]
         if not any(sparse):
             return torch.zeros(0, device=x.device)
         h, pos = self.embed(x, patches), torch.arange(T, device=x.device)   # (B, T, C), (T,)
         recalls = []
-        for block in self.blocks[:len(sparse) - sparse[::-1].index(True)]:
+        for block in self.blocks[:len(sparse) - sparse[::-1].index(True)]:   # up to the last MSA layer
             if block.attn.sparse:
                 recalls.append(block.attn.recall(block.norm1(h), pos))
             h = block(h, pos, stats=False)[0]

@@ -5,7 +5,8 @@ the experts evenly loaded.
 
 Shapes: N tokens, C = n_embd, H = expert_hidden, E = n_expert, k = expert_topk.
 An expert's gate and up projections sit side by side in one (C, 2H) matrix (one product computes both), and the
-shared expert is stored after the routed ones: w13 (E + 1, C, 2H), w2 (E + 1, H, C).
+shared expert, if any, is stored after the routed ones: w13 (E + S, C, 2H), w2 (E + S, H, C), S = 1 with a
+shared expert, else 0.
 A training step routes with moe_dispatch: the (token, expert) assignments sorted by expert, every expert's
 product over its own rows at once (grouped_mm), all on the device. A decode step's few tokens take
 moe_all_experts: every expert, the shared one included, on every token in one batched product, fewer kernels; or,
@@ -117,7 +118,7 @@ def moe_dispatch(x, idx, gate, w13, w2):
     expert, order = idx.reshape(-1).sort(stable=True)                          # (N*k,) assignments by expert
     ends = torch.searchsorted(expert, torch.arange(E, device=x.device), right=True).to(torch.int32)  # (E,)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))  # order's inverse
-    # assignment i is token order[i] // k: its row in expert order, and (GatherRows) a backward without atomics
+    # row i in expert order is assignment order[i], of token order[i] // k; GatherRows' backward needs no atomics
     xs = GatherRows.apply(x.to(dt), order, inverse, k)                         # (N*k, C)
     h = swiglu_act(grouped_mm(xs, w13.to(dt), ends))                          # (N*k, 2H) -> (N*k, H)
     y = grouped_mm(h, w2.to(dt), ends)                                         # (N*k, C)
@@ -149,7 +150,7 @@ class MoE(nn.Module):
     Load balancing, Switch-Transformer style: balance = E * sum_e f_e * P_e, where f_e is the fraction of
     the N*k assignments that went to expert e and P_e the mean router probability of e. f is not
     differentiable, P is: the gradient lowers the probability of the experts that are overloaded.
-    It is 1 when the load is uniform (its minimum), E when every token goes to one expert.
+    It is 1 when the load is uniform, and at most E / k (every token routed to the same k experts).
     (We chose it over DeepSeek-V3's bias update because it is a plain loss: nothing to synchronise
     across DDP ranks, nothing outside the optimizer to checkpoint.)
     """

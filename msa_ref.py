@@ -16,8 +16,8 @@ An MSA layer attends in two steps:
 The index branch learns from a KL loss that pulls its token distribution towards the main branch's
 attention (the "teacher"); the language-model loss never reaches it.
 
-The MSA functions come in that order (index branch, main branch, KL loss, decoding), then the
-language-model loss. Their input checks, shared with msa_triton, are in msa_checks.py.
+The MSA functions come in that order (index branch, main branch, KL loss, selections without an index
+branch, decoding), then the language-model loss. Their input checks, shared with msa_triton, are in msa_checks.py.
 """
 import math
 
@@ -59,7 +59,7 @@ def select_blocks(S, q_pos, block_size, topk):
     local = (q_pos // block_size).unsqueeze(-1)                                # (..., 1) the local block l
     S = S.masked_fill(torch.arange(nb, device=S.device) >= local, float("-inf"))  # only earlier blocks compete
     order = S.sort(dim=-1, descending=True, stable=True).indices               # stable: ties -> lower index
-    return _with_local(F.pad(order, (0, max(0, topk - nb)), value=-1), local, topk)
+    return _with_local(F.pad(order, (0, max(0, topk - nb)), value=-1), local, topk)  # -1 pads nb < K up to K
 
 
 def _with_local(far, local, topk):
@@ -73,7 +73,7 @@ def _with_local(far, local, topk):
 
 def index_topk(qi, ki, block_size, topk, fp8=False):
     """qi (B, Hkv, T, Di), ki (B, T, Di) -> block_idx int32 (B, Hkv, T, K), see select_blocks.
-    fp8=True: the scores of qi and ki rounded to float8 e4m3 (fp8_quantize), as an fp8 indexer computes them."""
+    fp8=True: qi and ki rounded to float8 e4m3 (fp8_quantize) before scoring, as an fp8 indexer computes them."""
     B, Hkv, T = check_inputs(qi=qi, ki=ki, block_size=block_size, topk=topk)
     if fp8:
         qi, ki = (fp8_dequantize(*fp8_quantize(x)) for x in (qi, ki))
@@ -86,7 +86,8 @@ def fp8_quantize(x):
     fp8 index scores (DeepSeek's indexer runs in fp8: twice bf16's matrix rate on Hopper, half the key-cache bytes).
     Each vector's scale is the power of two that puts max|x| in [128, 256) (e4m3 reaches 448); a power of two
     scales exactly, so every implementation rounds every element alike."""
-    e = torch.frexp(x.float().abs().amax(-1))[1].clamp(-118, 128)             # max|x| = m * 2^e, m in [0.5, 1)
+    e = torch.frexp(x.float().abs().amax(-1))[1].clamp(-118, 128)             # max|x| = m * 2^e, m in [0.5, 1);
+                                                                               # clamped: 2^(e - 8) stays normal
     scale = ((e + 119) << 23).view(torch.float32)                              # 2^(e - 8), built from its bits
     return (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale    # |x8| <= 256 after rounding
 
@@ -132,7 +133,7 @@ def _attend(q, k, v, mask):
 def sparse_attention(q, k, v, block_idx, block_size):
     """
     q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx (B, Hkv, T, K).
-    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse float32 (B, Hq, T).
+    Returns out (B, Hq, T, D) in q's dtype and the natural-log lse (B, Hq, T), float32 (float64 for float64 inputs).
     A row with no visible key (only possible for a hand-made block_idx) gives out 0 and lse -inf.
     """
     B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
@@ -159,7 +160,7 @@ def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
         s = _grouped_scores(q, k, mask)                                        # (B, Hkv, G, T, T)
         if lse is None:
             lse = s.logsumexp(-1)
-        lse = lse.reshape(B, Hkv, -1, T, 1).to(s.dtype)                         # (B, Hkv, G, T, 1)
+        lse = lse.reshape(B, Hkv, -1, T, 1).to(s.dtype)                         # (B, Hkv, G, T, 1): head g*G + i
         p = torch.exp(s - lse).mean(2)                                         # (B, Hkv, T, T) teacher
     dt = torch.promote_types(qi.dtype, torch.float32)
     s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) / math.sqrt(qi.shape[-1])
@@ -176,12 +177,22 @@ def sparse_attention_kl(q, k, v, qi, ki, block_idx, block_size):
     return out, lse, kl_loss(q.detach(), k.detach(), qi, ki, block_idx, block_size, lse=lse)
 
 
+# ---------------------------------------------------------------------------------------------
+# selections without an index branch, in select_blocks' layout: every visible block (the support of the dense
+# KL warm-up, kl_loss_dense), and the blind controls
+
 def dense_block_idx(B, Hkv, T, block_size, device=None):
     """Every visible block for every query: block_idx (B, Hkv, T, nb) with the local block last."""
     nb = math.ceil(T / block_size)
     local = torch.arange(T, device=device)[:, None] // block_size              # (T, 1)
     idx = torch.arange(nb, device=device).expand(T, nb)                        # (T, nb)
     return idx.masked_fill(idx > local, -1).to(torch.int32).expand(B, Hkv, T, nb)
+
+
+def kl_loss_dense(q, k, qi, ki, block_size):
+    """Warm-up variant: the same KL with every visible token as support (no top-k)."""
+    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size)
+    return kl_loss(q, k, qi, ki, dense_block_idx(B, Hkv, T, block_size, q.device), block_size)
 
 
 SELECT_RULES = ("indexer", "local", "random")  # the indexer's choice, and two blind controls with the same K
@@ -227,12 +238,6 @@ def fixed_block_idx(B, Hkv, T, block_size, topk, rule, generator=None, device=No
     for the blind rules 'local' and 'random' (msa_select in model.py)."""
     check_sizes(block_size=block_size, topk=topk)
     return select_fixed(torch.arange(T, device=device), B, Hkv, block_size, topk, rule, generator)
-
-
-def kl_loss_dense(q, k, qi, ki, block_size):
-    """Warm-up variant: the same KL with every visible token as support (no top-k)."""
-    B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_size=block_size)
-    return kl_loss(q, k, qi, ki, dense_block_idx(B, Hkv, T, block_size, q.device), block_size)
 
 
 # ---------------------------------------------------------------------------------------------
