@@ -175,15 +175,13 @@ class Attention(nn.Module):
         return rope(qi, table), rope(ki, table)
 
     def forward(self, x, pos, cache=None, kl_support=None, rot=None, dense=False):
-        """
-        x (B, T, C), pos (T,) positions (rot: their rope_tables, when the caller has them). Three paths:
+        """x (B, T, C), pos (T,) positions (rot: their rope_tables, when the caller has them). Three paths:
           a whole sequence from position 0 (training, eval, prefill): MSA (_sparse) or dense causal attention
           (dense=True: an MSA layer attends densely too, its index branch learning from the dense KL);
           with a KVCache, this chunk's keys are also written into it at pos;
           with a KVCache and T == 1: one token decoded against everything cached (_decode).
         kl_support None (no KL), 'sparse' (the chosen blocks) or 'dense' (every visible block: the warm-up).
-        Returns y (B, T, C) and the KL (a scalar tensor, or None).
-        """
+        Returns y (B, T, C) and the KL (a scalar tensor, or None)."""
         cfg, B, T, _ = self.cfg, *x.shape
         pqkv = pi = None
         if cache is not None and T == 1 and cache.w is not None:
@@ -338,8 +336,7 @@ class GPT(nn.Module):
         return h
 
     def forward(self, x, y=None, patches=None, kl_dense=False, cache=None, pos0=0, msa_dense=False):
-        """
-        x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
+        """x (B, T) token ids; y (B, T) targets, -1 where no loss; patches (B, T, patch_dim) float, read where
         x == img_patch_id. kl_dense: KL over every visible token (the indexer warm-up) instead of the chosen blocks.
         msa_dense: the MSA layers attend to every visible token, as dense layers do, and learn from the dense KL: a
         warm-up in which their attention learns where to look (the teacher the index branch follows) before it
@@ -349,8 +346,7 @@ class GPT(nn.Module):
         graph replays the step with a new value in it).
         Without y: logits (B, T, V), None. With y: None (the loss is computed chunk by chunk from the last hidden
         states, so a long-context step never holds the logits) and losses: lm, kl (summed over MSA layers),
-        balance (mean over layers), kl_layers (n_msa,) ((0,) under a blind msa_select), expert_load (n_layer, E).
-        """
+        balance (mean over layers), kl_layers (n_msa,) ((0,) under a blind msa_select), expert_load (n_layer, E)."""
         B, T = x.shape
         if y is not None and y.shape != x.shape:
             raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
@@ -395,8 +391,7 @@ class GPT(nn.Module):
         return torch.stack(recalls)
 
     def flops_per_token(self, seq_len, kl_dense=False, msa_dense=False):
-        """
-        Model FLOPs of one training token (forward + backward) on rows of seq_len tokens, for the MFU: what the
+        """Model FLOPs of one training token (forward + backward) on rows of seq_len tokens, for the MFU: what the
         model needs, not what the kernels happen to do (no recomputation, no padding). A multiply-add is 2 FLOPs;
         backward = 2x forward.
           matmul weights: 6 * (active params per token): attention Wq, Wk, Wv, Wo, the router, expert_topk experts
@@ -411,8 +406,7 @@ class GPT(nn.Module):
             t + 1 visible tokens and the block max, 2 * Hkv * Di * (t + 1);
           MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up, kl_dense):
             teacher q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
-        Averaged over the seq_len positions of a row.
-        """
+        Averaged over the seq_len positions of a row."""
         cfg = self.cfg
         C, H, Hq, Hkv, Di = cfg.n_embd, cfg.expert_hidden, cfg.n_head, cfg.n_kv_head, cfg.index_dim
         D, bs, K, L = C // Hq, cfg.msa_block_size, cfg.msa_topk, cfg.n_layer
@@ -431,13 +425,11 @@ class GPT(nn.Module):
         return matmul + attn + index
 
     def decode_step(self, tok, pos, cache, out, uniform, temperature, top_k):
-        """
-        One new token per row, on fixed tensors that it updates in place, so that torch.compile sees one static
+        """One new token per row, on fixed tensors that it updates in place, so that torch.compile sees one static
         shape and a CUDA graph replays it: tok (B, 1) the last token, at position pos (1,) long on the device;
         cache the KVCaches (tok's keys are written into them); out (B, Tout) the sequences; uniform (B, V) draws
         in [0, 1) for sample_token (None when greedy). The next token goes into out[:, pos + 1] and tok, and pos
-        moves on by one. Nothing in it waits on the host.
-        """
+        moves on by one. Nothing in it waits on the host."""
         logits = self(tok, cache=cache, pos0=pos)[0][:, -1].float()          # (B, V)
         nxt = sample_token(logits, temperature, top_k, uniform)[:, None]     # (B, 1)
         out.index_copy_(1, pos + 1, nxt)
@@ -451,8 +443,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse",
                  compile="auto"):
-        """
-        idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens) tokens.
+        """idx (B, T0) prompt (patches (B, T0, patch_dim) if it holds an image) -> (B, T0 + max_new_tokens) tokens.
         The prompt is prefilled with the sparse forward, eagerly (any prompt length, nothing to recompile), filling
         one KVCache per layer (allocated for T0 + max_new_tokens tokens); then each new token (decode_step) attends
         through backend.sparse_decode, or, with decode='dense', MSA layers attend to the whole cache like the dense
@@ -462,8 +453,7 @@ class GPT(nn.Module):
         CUDA, not on a CPU), True (inductor), False, or a torch.compile backend's name ('aot_eager' for tests).
         If it fails, one line says why and the step runs eagerly.
         On CUDA the step is captured in a CUDA graph after one run, and the graph is replayed: the host only draws
-        the uniforms and launches the replay.
-        """
+        the uniforms and launches the replay."""
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         B, T0 = idx.shape

@@ -49,12 +49,10 @@ def block_scores(qi, ki, block_size, q_pos):
 
 
 def select_blocks(S, q_pos, block_size, topk):
-    """
-    Top-k with the local block forced. S (..., nb) block scores, q_pos broadcastable to S.shape[:-1].
+    """Top-k with the local block forced. S (..., nb) block scores, q_pos broadcastable to S.shape[:-1].
     Returns int32 (..., K): the chosen earlier blocks by descending score (ties: the lower block index
     first), then the local block q_pos // bs in the last valid slot, then -1 padding.
-    Every query gets min(K, q_pos // bs + 1) valid entries.
-    """
+    Every query gets min(K, q_pos // bs + 1) valid entries."""
     nb = S.shape[-1]
     local = (q_pos // block_size).unsqueeze(-1)                                # (..., 1) the local block l
     S = S.masked_fill(torch.arange(nb, device=S.device) >= local, float("-inf"))  # only earlier blocks compete
@@ -86,8 +84,7 @@ def fp8_quantize(x):
     fp8 index scores (DeepSeek's indexer runs in fp8: twice bf16's matrix rate on Hopper, half the key-cache bytes).
     Each vector's scale is the power of two that puts max|x| in [128, 256) (e4m3 reaches 448); a power of two
     scales exactly, so every implementation rounds every element alike."""
-    e = torch.frexp(x.float().abs().amax(-1))[1].clamp(-118, 128)             # max|x| = m * 2^e, m in [0.5, 1);
-                                                                               # clamped: 2^(e - 8) stays normal
+    e = torch.frexp(x.float().abs().amax(-1))[1].clamp(-118, 128)             # max|x| = m * 2^e, m in [0.5, 1)
     scale = ((e + 119) << 23).view(torch.float32)                              # 2^(e - 8), built from its bits
     return (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale    # |x8| <= 256 after rounding
 
@@ -131,11 +128,9 @@ def _attend(q, k, v, mask):
 
 
 def sparse_attention(q, k, v, block_idx, block_size):
-    """
-    q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx (B, Hkv, T, K).
+    """q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx (B, Hkv, T, K).
     Returns out (B, Hq, T, D) in q's dtype and the natural-log lse (B, Hq, T), float32 (float64 for float64 inputs).
-    A row with no visible key (only possible for a hand-made block_idx) gives out 0 and lse -inf.
-    """
+    A row with no visible key (only possible for a hand-made block_idx) gives out 0 and lse -inf."""
     B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size)
     q_pos = torch.arange(T, device=q.device)
     out, lse = _attend(q, k, v, support_mask(block_idx, block_size, q_pos, T))
@@ -146,14 +141,12 @@ def sparse_attention(q, k, v, block_idx, block_size):
 # the KL alignment loss: teach the index branch where the main branch looks
 
 def kl_loss(q, k, qi, ki, block_idx, block_size, lse=None):
-    """
-    mean over (b, g, t) of KL(p || r) on the support S(t, g) of the chosen blocks, where
+    """mean over (b, g, t) of KL(p || r) on the support S(t, g) of the chosen blocks, where
       p = the main branch's attention averaged over the G heads of group g (a target: no gradient),
       r = softmax of the index scores qi . ki / sqrt(Di) over the same support.
     Gradients reach qi and ki only: d kl / d s_ij = (r - p) / (B * Hkv * T).
     lse (B, Hq, T), optional: what sparse_attention returned for these q, k, block_idx. It is the
-    teacher's normaliser, so passing it saves recomputing it (the fast kernels gain most from this).
-    """
+    teacher's normaliser, so passing it saves recomputing it (the fast kernels gain most from this)."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size)
     mask = support_mask(block_idx, block_size, torch.arange(T, device=q.device), T)  # (B, Hkv, T, T)
     with torch.no_grad():
@@ -178,8 +171,7 @@ def sparse_attention_kl(q, k, v, qi, ki, block_idx, block_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# selections without an index branch, in select_blocks' layout: every visible block (the support of the dense
-# KL warm-up, kl_loss_dense), and the blind controls
+# selections without an index branch: every visible block (the dense KL warm-up's support), the blind controls
 
 def dense_block_idx(B, Hkv, T, block_size, device=None):
     """Every visible block for every query: block_idx (B, Hkv, T, nb) with the local block last."""
@@ -199,15 +191,13 @@ SELECT_RULES = ("indexer", "local", "random")  # the indexer's choice, and two b
 
 
 def select_fixed(q_pos, B, Hkv, block_size, topk, rule, generator=None):
-    """
-    A blind selection (no scores): the controls that show what the learned choice adds. q_pos (Tq,) long
+    """A blind selection (no scores): the controls that show what the learned choice adds. q_pos (Tq,) long
     -> block_idx int32 (B, Hkv, Tq, K) in select_blocks' layout (earlier blocks, the local block l = q_pos // bs
     in the last valid slot, -1 padding); while l + 1 <= K every visible block, as index_topk.
       'local':  the first block (a sink), the K - 2 blocks just before the local one and the local block (a
                 sliding window): the same K blocks per query as the other rules;
       'random': K - 1 distinct earlier blocks drawn uniformly, fresh for each (b, g, t), and the local block.
-    generator: a torch.Generator on q_pos' device for 'random' (None: torch's global RNG). No host sync.
-    """
+    generator: a torch.Generator on q_pos' device for 'random' (None: torch's global RNG). No host sync."""
     if rule not in SELECT_RULES[1:]:
         raise ValueError(f"rule must be 'local' or 'random', got {rule!r}")
     Tq = q_pos.shape[0]
@@ -244,12 +234,10 @@ def fixed_block_idx(B, Hkv, T, block_size, topk, rule, generator=None, device=No
 # decoding: one new token per sequence against caches
 
 def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
-    """
-    q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,):
+    """q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,):
     tokens in each row's cache, the new token's k, v and ki already written at cache_lens - 1.
     Returns out (B, Hq, D): the new token's row of sparse_attention, selected exactly as index_topk would.
-    An fp8 index-key cache: ki_cache, ki_scale (B, Tmax) = fp8_quantize(keys); it selects as index_topk(fp8=True).
-    """
+    An fp8 index-key cache: ki_cache, ki_scale (B, Tmax) = fp8_quantize(keys); it selects as index_topk(fp8=True)."""
     B, Hkv, Tmax = check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
     q_pos = (cache_lens.long() - 1).view(B, 1, 1)                 # (B, 1, 1) the new token's position
     if ki_scale is not None:                                      # fp8: score the e4m3-rounded qi and ki
