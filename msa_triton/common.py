@@ -82,7 +82,8 @@ def _op(name):
     def register(fn):
         qualname = f"nanomsa::{name}"
         from torch._library.custom_ops import OPDEFS                           # the registry of custom ops
-        return _Op(OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=()), fn)
+        op = OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=())
+        return _Op(op, fn)
     return register
 
 
