@@ -94,9 +94,7 @@ msa_dense_iters = 0           # the first steps run the MSA layers as dense atte
 balance_coeff = 0.01
 compile = True                # torch.compile the training step on CUDA (a CPU trains eagerly, with a message)
 compile_mode = "reduce-overhead"  # 'reduce-overhead': the compiled step replays as CUDA graphs (no host time between
-                              # its kernels); 'default': no graphs. Graphs need one micro-step an iteration in one process:
-                              # a replay writes over the last one's outputs, which accumulating gradients still add to
-                              # (DDP compiles without graphs too)
+                              # its kernels); 'default': no graphs. Graphs run in one process (DDP compiles without them)
 # evaluation and logging
 eval_interval = 250
 eval_iters = 20               # val batches per evaluation
@@ -215,14 +213,24 @@ graphs = False  # whether the compiled step replays as CUDA graphs
 if compile and "cuda" not in device:
     say("compile: skipped on the CPU (torch.compile is for the GPU; the CPU preset trains eagerly)")
 elif compile:
-    graphs = compile_mode == "reduce-overhead" and gradient_accumulation_steps == 1 and not ddp
+    graphs = compile_mode == "reduce-overhead" and not ddp
     if compile_mode == "reduce-overhead" and not graphs:
-        say("compile: mode 'default' (CUDA graphs need one micro-step an iteration in one process)")
+        say("compile: mode 'default' (CUDA graphs run in one process, not under DDP)")
     # training's forward and backward (evaluation and generation use raw_model); static shapes: the short-row
     # stages and the rows of seq_len compile once each, instead of one graph generalised over every length
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
+
+
+def fold_grads(sums, last):
+    """Under CUDA graphs each replay of the backward writes the gradients into the same buffers, which .grad holds: a
+    second micro-step would overwrite the first one's gradients before autograd adds to them. So each micro-step's
+    gradients are added into sums (parameter -> our own fp32 tensor) and .grad cleared; the last puts the sums back."""
+    for w in raw_model.parameters():
+        if w.grad is not None:
+            sums[w] = sums[w].add_(w.grad) if w in sums else w.grad.clone()
+        w.grad = sums.pop(w, None) if last else None
 
 
 def get_lr(it):
@@ -392,6 +400,7 @@ if "cuda" in device:
         f"MFU: unknown peak for {gpu} (set --peak_flops=<dense bf16 FLOP/s per GPU> to print it)")
 x, y, p = train_batch(iter_num, 0)
 t_last, tokens_since, flops_since = time.time(), 0, 0.0
+grad_sums = {}  # an iteration's gradients, summed micro-step by micro-step (fold_grads: graphs with accumulation)
 signal.signal(signal.SIGINT, on_sigint)
 while True:
     lr = get_lr(iter_num)
@@ -439,6 +448,8 @@ while True:
         x, y, p = train_batch(iter_num, micro + 1) if micro + 1 < gradient_accumulation_steps else \
             train_batch(iter_num + 1, 0)
         (loss / gradient_accumulation_steps).backward()
+        if graphs and gradient_accumulation_steps > 1:
+            fold_grads(grad_sums, last=micro == gradient_accumulation_steps - 1)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

@@ -205,23 +205,38 @@ def test_log_holds_eval_metrics(straight):
 
 def test_compile_setting_and_mfu_peak(tmp_path, capsys):
     """--compile=True compiles the model on a GPU (lazily: these 0 iterations compile nothing) and is skipped with
-    a message on a CPU; CUDA graphs ('reduce-overhead') only with one micro-step an iteration (TINY accumulates 2);
-    the MFU's peak is the GPU's (or --peak_flops), and on a CPU there is none."""
+    a message on a CPU; CUDA graphs ('reduce-overhead') in one process, gradient accumulation (TINY's 2 micro-steps)
+    included; the MFU's peak is the GPU's (or --peak_flops), and on a CPU there is none."""
     g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0", "--compile=True")
     out = capsys.readouterr().out
-    assert not g["graphs"]
+    assert g["graphs"] == torch.cuda.is_available()
     if torch.cuda.is_available():
         assert isinstance(g["model"], torch._dynamo.eval_frame.OptimizedModule) and "compile: skipped" not in out
-        assert "compile: mode 'default' (CUDA graphs need one micro-step an iteration in one process)" in out
+        assert "compile: mode" not in out
         g = script_globals(*TINY, f"--out_dir={tmp_path / 'a'}", "--max_iters=0", "--compile=True",
-                           "--gradient_accumulation_steps=1")
-        assert g["graphs"] and "compile: mode" not in capsys.readouterr().out
+                           "--compile_mode=default")
+        assert not g["graphs"] and "compile: mode" not in capsys.readouterr().out
         assert g["peak"] == gpu_peak_flops(torch.cuda.get_device_name()) and ("MFU against" in out) == bool(g["peak"])
         g = script_globals(*TINY, f"--out_dir={tmp_path / 'b'}", "--max_iters=0", "--peak_flops=1e14")
         assert g["peak"] == 1e14 and "MFU against 100.0 TFLOP/s" in capsys.readouterr().out
     else:
         assert "compile: skipped on the CPU" in out and g["model"] is g["raw_model"]
         assert g["peak"] is None and "MFU" not in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphs_accumulate_the_gradients_of_every_micro_step(tmp_path):
+    """Under CUDA graphs with TINY's 2 micro-steps an iteration, the optimizer gets the sum of both micro-steps'
+    gradients, as it does compiled without graphs: after one iteration AdamW's first moments (0.1 x that sum) agree.
+    (A replay that overwrote the first micro-step's gradients would leave twice the second's.)"""
+    moments = []
+    for mode in ("reduce-overhead", "default"):
+        train(f"--out_dir={tmp_path / mode}", "--max_iters=1", "--compile=True", f"--compile_mode={mode}")
+        state = checkpoint.load(str(tmp_path / mode / "ckpt.pt"))["optimizer"]["state"]
+        moments.append([state[i]["exp_avg"] for i in sorted(state)])
+    assert len(moments[0]) == len(moments[1]) > 0
+    for a, b in zip(*moments):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-8)
 
 
 def test_checkpoint_from_another_config(straight):
