@@ -9,6 +9,7 @@ A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of th
            (each profile splits the kernel time: msa_triton's kernels, dense attention's, the rest)
   ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
   decode   one compiled batch-1 decode step (sparse), profiled un-graphed
+  decode8  the same at batch 8
 Run from the repository root; $OUT (default /tmp) receives one prof_*.txt per profile; a summary prints last:
     python dev/profile_step.py train1k decode train8k
 """
@@ -99,18 +100,20 @@ if "train8k" in parts: train_rows(2, 8192, "t8k", [("dense", None, None), ("msa"
 if "split1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa", None, None)])
 if "ro1k" in parts: train_rows(16, 1024, "t1k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "ro8k" in parts: train_rows(2, 8192, "t8k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
-if "decode" in parts:
+for B in [b for b, part in ((1, "decode"), (8, "decode8")) if part in parts]:
     m = build("msa").eval().to(torch.bfloat16)
     T0, n_new = 512, 256
-    prompt = torch.randint(0, data.EOT, (1, T0), device=dev)
+    prompt = torch.randint(0, data.EOT, (B, T0), device=dev)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for decode in ("sparse",):
             cache = m.new_cache(T0 + n_new, decode)
             m(prompt, cache=cache)
             tok, pos = prompt[:, -1:].clone(), torch.tensor([T0], device=dev)
-            out = torch.zeros(1, T0 + n_new, dtype=torch.long, device=dev)
+            out = torch.zeros(B, T0 + n_new, dtype=torch.long, device=dev)
             step = compiled_step(m.decode_step, "inductor")                  # as generate() compiles it
-            cnt, kt, _ = kernels(lambda: step(tok, pos, cache, out, None, 0, None), f"decode_{decode}", n=4)
-            s = f"decode B=1 {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
+            tag = f"decode_{decode}" + ("" if B == 1 else f"_b{B}")
+            cnt, kt, _ = kernels(lambda: step(tok, pos, cache, out, None, 0, None), tag, n=4)
+            s = f"decode B={B} {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
             print(s); summary.append(s)
+    del m; torch._dynamo.reset(); torch.cuda.empty_cache()
 print("\n".join(["SUMMARY"] + summary))
