@@ -226,7 +226,7 @@ if ddp:
 def fold_grads(sums, last):
     """Under CUDA graphs each replay of the backward writes the gradients into the same buffers, which .grad holds: a
     second micro-step would overwrite the first one's gradients before autograd adds to them. So each micro-step's
-    gradients are added into sums (parameter -> our own fp32 tensor) and .grad cleared; the last puts the sums back."""
+    gradients are added into sums (parameter -> a tensor of our own) and .grad cleared; the last puts the sums back."""
     for w in raw_model.parameters():
         if w.grad is not None:
             sums[w] = sums[w].add_(w.grad) if w in sums else w.grad.clone()

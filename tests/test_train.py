@@ -228,7 +228,7 @@ def test_compile_setting_and_mfu_peak(tmp_path, capsys):
 def test_graphs_accumulate_the_gradients_of_every_micro_step(tmp_path):
     """Under CUDA graphs with TINY's 2 micro-steps an iteration, the optimizer gets the sum of both micro-steps'
     gradients, as it does compiled without graphs: after one iteration AdamW's first moments (0.1 x that sum) agree.
-    (A replay that overwrote the first micro-step's gradients would leave twice the second's.)"""
+    (Without train.py's fold_grads a replay overwrites the first micro-step's gradients before autograd adds to them.)"""
     moments = []
     for mode in ("reduce-overhead", "default"):
         train(f"--out_dir={tmp_path / mode}", "--max_iters=1", "--compile=True", f"--compile_mode={mode}")
