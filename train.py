@@ -233,6 +233,9 @@ def fold_grads(sums, last):
         w.grad = sums.pop(w, None) if last else None
 
 
+grad_sums = {}  # fold_grads' sums, empty between iterations
+
+
 def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
@@ -400,7 +403,6 @@ if "cuda" in device:
         f"MFU: unknown peak for {gpu} (set --peak_flops=<dense bf16 FLOP/s per GPU> to print it)")
 x, y, p = train_batch(iter_num, 0)
 t_last, tokens_since, flops_since = time.time(), 0, 0.0
-grad_sums = {}  # an iteration's gradients, summed micro-step by micro-step (fold_grads: graphs with accumulation)
 signal.signal(signal.SIGINT, on_sigint)
 while True:
     lr = get_lr(iter_num)
