@@ -1,11 +1,13 @@
 """
 A lab tool (dev/decode.md, "One-row products in Triton, and programmatic dependent launch"), not part of the model:
 the default GPU model's compiled, CUDA-graphed decode step timed in several forms in one process. Each variant sets
-msa_triton's PDL switch, row_linear's MAX_ROWS, COLS and WARPS, and inductor's triton.enable_pdl (None: left to
-decoding.compiled_step), compiles and captures its own step; then rounds of N replays run variant after variant
-(CUDA events; pos and the token reset each round, so every round decodes the same greedy tokens), and the median us
-a step is printed with how many leading tokens (all rows) equal the first variant's:
+msa_triton's PDL switch, row_linear's MAX_ROWS, COLS and WARPS, inductor's triton.enable_pdl (None: left to
+decoding.compiled_step) and the MoE layer's way (dev/moe_ab.py: 'rule' as committed, 'mix' or 'dot' forced),
+compiles and captures its own step; then rounds of N replays run variant after variant (CUDA events; pos and the
+token reset each round, so every round decodes the same greedy tokens), and the median us a step is printed with how
+many leading tokens (all rows) equal the first variant's:
     python dev/decode_ab.py            # BS=1,8 by default; VARS=base,final selects variants
+    VARS=final,final-mix,final-dot python dev/decode_ab.py   # the MoE layer's three ways in the whole step
 $OUT (default /tmp) receives decode_ab.txt.
 """
 import os
@@ -20,22 +22,25 @@ sys.path.insert(0, os.getcwd())
 import data
 import msa_triton.common as common
 import msa_triton.rows as rows
+import moe_ab                                                                  # dev/, beside this file
 from configurator import read_config_file
 from decoding import compiled_step, cuda_graphed, sample_token
 from model import GPT, GPTConfig
 
 VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, inductor's PDL (True, False, None),
-    #                row_linear's COLS and WARPS)
+    #                row_linear's COLS and WARPS[, the MoE's way: 'rule' when left out])
     "base": (False, 0, False, 16, 4), "rows": (False, 1, False, 16, 4), "pdl": (True, 0, False, 16, 4),
     "pdl+rows": (True, 1, False, 16, 4), "pdl+rows+inductor": (True, 1, True, 16, 4),
     "pdl+inductor": (True, 0, True, 16, 4), "cols16": (True, 1, None, 16, 4), "cols16-again": (True, 1, None, 16, 4),
     "final": (True, 1, None, 8, 4), "final-w2": (True, 1, None, 8, 2), "final-w2-global": (True, 1, True, 8, 2),
+    "final-mix": (True, 1, None, 8, 4, "mix"), "final-dot": (True, 1, None, 8, 4, "dot"),
 }
 T0, N, ROUNDS = 512, 200, 7
 
 
-def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps):
+def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule"):
     """The variant's step, captured: returns run(n) -> (us a step over n replays, the (B, n + 1) tokens)."""
+    moe_ab.use(moe_way)                                                        # read when the step is traced
     common.PDL, rows.MAX_ROWS, rows.COLS, rows.WARPS = pdl, max_rows, cols, warps
     inductor_config.triton.enable_pdl = bool(inductor_pdl)
     os.environ["NANOMSA_PDL"] = "0" if inductor_pdl is False else "1"        # what compiled_step reads
@@ -48,6 +53,7 @@ def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps):
     tok, pos = tok0.clone(), torch.full((1,), T0, dtype=torch.long, device="cuda")
     step = compiled_step(model.decode_step, "inductor")
     replay = cuda_graphed(lambda: step(tok, pos, cache, out, None, 0, None))[1]
+    moe_ab.use("rule")
 
     def run(n):
         pos.fill_(T0)
