@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe
 import msa_triton
 from msa_triton.common import _cdiv, _op, _pdl, _pdl_wait, _pow2
-from msa_triton.experts import MAX_STRIP, _route_kernel
+from msa_triton.experts import MAX_STRIP, _route
 
 UP_COLS = 16    # hidden units a program of the up kernel: (C, 16) strips of the gate and the up weights, 32 KB in bf16
 DOWN_COLS = 16  # output columns a program of the down kernel: an (H, 16) strip of w2, 32 KB in bf16
@@ -98,16 +98,12 @@ def _down_dot_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, N, C, H, EA, s_we, s_wh,
 @_op("expert_dot_candidate")
 def _dot_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     N, C = x.shape
-    E, EA, H = router.shape[0], w13.shape[0], w2.shape[1]
-    n_p, ea_p = _pow2(N, 16), _pow2(EA, 1)                                    # tl.dot wants 16 rows or more
-    weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
+    EA, H = w13.shape[0], w2.shape[1]
+    n_p = _pow2(N, 16)                                                         # tl.dot wants 16 rows or more
+    weight = _route(x, router, k, EA)                                          # (N, EA), expert_mix's routing
     h = torch.empty(EA, n_p, H, device=x.device, dtype=x.dtype)               # the rows of unchosen experts unwritten
     part = torch.empty(EA, N, C, device=x.device, dtype=torch.float32)
     pdl = _pdl(x)
-    _route_kernel[(N,)](
-        x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
-        s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
-        BLOCK_C=min(_pow2(C, 1), MAX_STRIP // ea_p), num_warps=4, **pdl)
     _up_dot_kernel[(EA, _cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, N=N, C=C, H=H, EA=EA, s_xn=x.stride(0),
         s_we=w13.stride(0), s_wc=w13.stride(1), N_P=n_p, BLOCK_C=min(_pow2(C, 16), MAX_STRIP // UP_COLS),
@@ -158,20 +154,11 @@ def use(way):
     moe.MoE.forward = _rule_forward if way == "rule" else forced_forward(WAYS[way])
 
 
-def reference(x, router, k, w13, w2):
-    """moe.MoE's few-token output in float64, its logits and gates rounded to x's dtype (tests/test_experts.py)."""
-    N, E = x.shape[0], router.shape[0]
-    logits = (x.double() @ router.double().t()).to(x.dtype).double()
-    top, idx = moe.top_k(logits, k)
-    gate = top.softmax(-1).to(x.dtype).double()
-    weight = torch.ones(N, w13.shape[0], dtype=torch.float64, device=x.device)
-    weight[:, :E] = torch.zeros(N, E, dtype=torch.float64, device=x.device).scatter(1, idx, gate)
-    return moe.moe_all_experts(x.double(), weight, w13.double(), w2.double())
-
-
 def check():
     """expert_dot and expert_mix against reference at small sizes (C, H not multiples of the tiles; k = 1; every
     expert chosen; N from 1 to past the 16 rows of one product), fp32."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_experts import reference                                         # moe.MoE's output in float64
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tol = 5e-3 if dev == "cuda" else 1e-4                                      # tl.dot takes fp32 as tf32 on a GPU
     for N, C, H, E, k, shared in [(1, 64, 48, 8, 2, True), (3, 40, 20, 4, 2, True), (8, 24, 70, 5, 1, False),
@@ -183,7 +170,7 @@ def check():
         w13 = torch.randn(Ep, C, 2 * H, generator=g, dtype=torch.float64) / C ** 0.5
         w2 = torch.randn(Ep, H, C, generator=g, dtype=torch.float64) / H ** 0.5
         x, router, w13, w2 = (t.to(dev, torch.float32) for t in (x, router, w13, w2))
-        want = reference(x, router, k, w13, w2)
+        want = reference(x, router, k, w13, w2)[0]
         for name, fn in WAYS.items():
             got = fn(x, router, k, w13, w2)
             err = ((got.double() - want).abs().max() / want.abs().max()).item()

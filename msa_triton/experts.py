@@ -134,19 +134,27 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
 # partial sums, which expert_mix adds up outside the op. Offsets inside a weight tensor are int64; those of x, h
 # and the partials (N * max(E' * H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
 
+def _route(x, router, k, EA):
+    """_route_kernel's launch: x (N, C), router (E, C) -> weight (N, EA) fp32, EA = E + the shared experts."""
+    N, C = x.shape
+    ea_p = _pow2(EA, 1)
+    weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
+    _route_kernel[(N,)](
+        x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=router.shape[0], EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
+        s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
+        BLOCK_C=min(_pow2(C, 1), MAX_STRIP // ea_p), num_warps=4, **_pdl(x))
+    return weight
+
+
 @_op("expert_mix")
 def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     N, C = x.shape
     E, EA, H = router.shape[0], w13.shape[0], w2.shape[1]
     ea_p = _pow2(EA, 1)
-    weight = torch.empty(N, EA, device=x.device, dtype=torch.float32)
+    weight = _route(x, router, k, EA)                                          # (N, EA)
     h = torch.empty(N, EA, H, device=x.device, dtype=torch.float32)          # rows of unchosen pairs stay unwritten
     part = torch.empty(N, DOWN_SPLIT, C, device=x.device, dtype=torch.float32)
     pdl = _pdl(x)
-    _route_kernel[(N,)](
-        x_ptr=x, r_ptr=router, wt_ptr=weight, C=C, E=E, EA=EA, s_xn=x.stride(0), s_xc=x.stride(1),
-        s_re=router.stride(0), s_rc=router.stride(1), K=k, EA_P=ea_p,
-        BLOCK_C=min(_pow2(C, 1), MAX_STRIP // ea_p), num_warps=4, **pdl)
     block_c = min(_pow2(C, 1), MAX_STRIP // UP_COLS)
     _up_kernel[(N * EA, _cdiv(H, UP_COLS))](
         x_ptr=x, wt_ptr=weight, w13_ptr=w13, h_ptr=h, C=C, H=H, E=EA, s_xn=x.stride(0), s_xc=x.stride(1),
