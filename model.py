@@ -368,7 +368,7 @@ class GPT(nn.Module):
             return decode_linear(self.backend, h, self.lm_head.weight, cache), None     # (B, T, V)
         # the loss straight from h and the head's weight: the Triton backend never builds the (B*T, V) logits
         h, y = h.reshape(B * T, -1), y.reshape(-1)                           # (N, C), (N,)
-        if not h.is_cuda:
+        if h.device.type == "cpu":
             # a CPU multiplies out only the rows with a target: the head's products are most of a small model's CPU
             # step, and image tokens (no target) are half the CPU preset's rows. A GPU keeps every row: selecting
             # them by a count that only the device knows would wait for it.
