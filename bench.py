@@ -707,11 +707,12 @@ def bench_model(args):
       F.grouped_mm alone.
     gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
       as trained), decode step eager or compiled (generate's compile=False / True), CUDA-graphed either way:
-      512-token prompt, 256 new tokens, batch 1 and 8, sparse and dense decode; a 32K-token prompt at batch 8. Each row: after one untimed identical
-      call (first_call_s: Triton and torch.compile compile, the graph captures), the prompt alone is timed, then
-      the whole call, the new tokens take the difference (ms per step, tokens/s). A compiled row checks its tokens
-      against the eager row's (same_tokens: how many leading new tokens agree in every row). Last, the GPU
-      operations of one un-graphed decode step (batch 1, torch.profiler), eager and compiled.
+      512-token prompt, 256 new tokens, batch 1 and 8, sparse and dense decode; a 32K-token prompt at batch 8, sparse
+      (bf16 and fp8 index keys: GPTConfig.index_fp8, sample.py's --index_fp8) and dense decode. Each row: after
+      one untimed identical call (first_call_s: Triton and torch.compile compile, the graph captures), the prompt
+      alone is timed, then the whole call, the new tokens take the difference (ms per step, tokens/s). A compiled
+      row checks its tokens against the eager row's (same_tokens: how many leading new tokens agree in every row).
+      Last, the GPU operations of one un-graphed decode step (batch 1, torch.profiler), eager and compiled.
     All three take a few minutes on an H200 (compiling the decode steps is most of gen's)."""
     import os
     from dataclasses import fields
@@ -729,9 +730,10 @@ def bench_model(args):
     B, T = conf["batch_size"], conf["seq_len"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def build(attention):
+    def build(attention, **over):
         kw = {f.name: conf[f.name] for f in fields(GPTConfig) if f.name in conf}
-        kw.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH, attention=attention)
+        kw.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH, attention=attention,
+                  **over)
         torch.manual_seed(0)
         return GPT(GPTConfig(**kw), backend="auto").to(dev)
 
@@ -840,8 +842,8 @@ def bench_model(args):
 
 
 def bench_generate(args, build, add, g):
-    """bench_model's gen part (see there). build(attention) -> a fresh model in float32, add(...) records a row,
-    g the generator of the random prompts."""
+    """bench_model's gen part (see there). build(attention, **config overrides) -> a fresh model in float32 (the same
+    weights every call), add(...) records a row, g the generator of the random prompts."""
     import data
     from decoding import compiled_step
     dev = "cuda"
@@ -888,10 +890,12 @@ def bench_generate(args, build, add, g):
                 run(m16, prompt[:Bg], "bf16 weights", decode, True, eager_out=eager)
         for Bg in (1, 8) if every else ():                                      # the weights as trained
             run(m32, prompt[:Bg], "fp32 weights", "sparse", True)
-        for decode in ("sparse", "dense"):                                      # long prompt: attention matters
-            eager = run(m16, long_prompt, "bf16 weights", decode, False)
-            run(m16, long_prompt, "bf16 weights", decode, True, eager_out=eager)
-        del long_prompt
+        m8 = build("msa", index_fp8=True).eval().to(torch.bfloat16)             # the same weights, fp8 index keys
+        for m, weights, decode in ((m16, "bf16 weights", "sparse"), (m8, "bf16 weights, fp8 index keys", "sparse"),
+                                   (m16, "bf16 weights", "dense")):            # long prompt: attention matters
+            eager = run(m, long_prompt, weights, decode, False)
+            run(m, long_prompt, weights, decode, True, eager_out=eager)
+        del long_prompt, m8
         torch.cuda.empty_cache()
         # GPU operations of one un-graphed decode step, batch 1 (gpu_ops: a warm-up call, then the profiled one)
         for decode in ("sparse", "dense") if every else ():
@@ -1017,7 +1021,7 @@ def main():
     p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
                    help="model: which parts run (gen: generation only)")
     p.add_argument("--gen_rows", default="all", choices=["all", "bars"],
-                   help="model gen: every row, or the bf16 sparse rows at B=1 and 8 and the 32K pair (the bars' rows)")
+                   help="model gen: every row, or the bf16-weight sparse rows at B=1 and 8 and the 32K rows (the bars' rows)")
     p.add_argument("--compile_modes", nargs="+", default=["default", "reduce-overhead"],
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="model train: the torch.compile modes timed after eager (reduce-overhead: CUDA graphs)")
