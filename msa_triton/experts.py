@@ -130,10 +130,6 @@ def _down_kernel(h_ptr, wt_ptr, w2_ptr, p_ptr, C, H, EA, s_we, s_wh, PER,
     tl.store(p_ptr + (n * SPLIT + sp) * C + c, out, mask=cm)
 
 
-# The three kernels as one custom op (torch.compile traces through it): it returns the (N, DOWN_SPLIT, C) fp32
-# partial sums, which expert_mix adds up outside the op. Offsets inside a weight tensor are int64; those of x, h
-# and the partials (N * max(E' * H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
-
 def _route(x, router, k, EA):
     """_route_kernel's launch: x (N, C), router (E, C) -> weight (N, EA) fp32, EA = E + the shared experts."""
     N, C = x.shape
@@ -145,6 +141,10 @@ def _route(x, router, k, EA):
         BLOCK_C=min(_pow2(C, 1), MAX_STRIP // ea_p), num_warps=4, **_pdl(x))
     return weight
 
+
+# The three kernels as one custom op (torch.compile traces through it): it returns the (N, DOWN_SPLIT, C) fp32
+# partial sums, which expert_mix adds up outside the op. Offsets inside a weight tensor are int64; those of x, h
+# and the partials (N * max(E' * H, DOWN_SPLIT * C) for the few tokens of a decode step) int32.
 
 @_op("expert_mix")
 def _mix_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
