@@ -2,7 +2,7 @@
 Assignment 6's experiment: how do K (blocks per query) and the block size bs change a small MSA model's
 loss, the recall of its indexer, and its training speed?
 
-  OMP_NUM_THREADS=1 python experiment.py   # the grid below, a small model, on a CPU: six runs of 2-7 minutes
+  OMP_NUM_THREADS=1 python experiment.py   # the grid below, a small model, on a CPU: six runs of 1-7 minutes
                                           # each on 2 cores (one thread is faster at this size)
   python experiment.py --quick             # a smoke test of the pipeline (a few steps per run): numbers mean nothing
 
