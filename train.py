@@ -53,7 +53,7 @@ repeat_iters = 0              # iterations of warm-up rows only, of short_len to
 short_iters = 0               # then iterations of the usual mixture in rows that double from short_len towards seq_len
                               # (short_len, 2 short_len, ... < seq_len, an equal share each); then rows of seq_len
 short_len = 256
-seed = 1337
+seed = 1337                   # the initial weights and the training batches (the evaluation sets stay: EVAL_SEED)
 # model (model.GPTConfig)
 n_layer = 6
 n_head = 8
@@ -163,6 +163,9 @@ if data_path or data_images:
     except ValueError as e:
         raise SystemExit(f"data error: {e}")
 TRAIN_STREAM = 0x7A1  # tags the training batches' seeds, apart from evaluate()'s and data.py's eval sets
+EVAL_SEED = 1337      # the evaluation sets' seed, the same whatever --seed is: runs of several seeds are scored on the
+                      # same held-out examples, so their differences are the models' (4 val batches of one seed
+                      # against another's can differ by more than the models do)
 
 # model -----------------------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
@@ -247,7 +250,7 @@ def get_lr(it):
 
 def caption_accuracy(n):
     """Greedy captions of n held-out images, all in one batch -> {attribute: fraction right, 'all': all four right}."""
-    evalset = data.caption_eval_set(n, seed=seed)
+    evalset = data.caption_eval_set(n, seed=EVAL_SEED)
     x, p = data.caption_prompt([img for img, _, _ in evalset], device)        # (n, 22), (n, 22, PATCH_DIM)
     with ctx:
         out = raw_model.generate(x, max_new_tokens=12, temperature=0, patches=p, compile=False)  # see long_range
@@ -262,7 +265,7 @@ def caption_accuracy(n):
 def long_range_accuracy(n):
     """Fraction of long-range questions answered exactly (greedy)."""
     ok = 0
-    for prompt, answer in data.long_range_eval_set(n, seq_len, seed=seed):
+    for prompt, answer in data.long_range_eval_set(n, seq_len, seed=EVAL_SEED):
         with ctx:
             # the eager decode step: the prompts' lengths vary, and each new length would compile the step again
             out = raw_model.generate(torch.tensor([prompt], device=device), len(answer), temperature=0, compile=False)
@@ -272,11 +275,12 @@ def long_range_accuracy(n):
 
 @torch.no_grad()
 def evaluate():
-    """Val losses on the same eval_iters batches every time (a private rng: the training stream is untouched),
-    per-layer KL, indexer recall (the dense teacher's attention mass inside the chosen blocks) and expert load,
-    caption accuracy, long-range accuracy and recall (MQAR) accuracy by distance with the needle recall."""
+    """Val losses on the same eval_iters batches every time and in every run (EVAL_SEED; a private rng: the training
+    stream is untouched), per-layer KL, indexer recall (the dense teacher's attention mass inside the chosen blocks)
+    and expert load, caption accuracy, long-range accuracy and recall (MQAR) accuracy by distance with the needle
+    recall."""
     model.eval()
-    r = np.random.default_rng([seed, rank, 1])
+    r = np.random.default_rng([EVAL_SEED, rank, 1])
     acc = {}
     for _ in range(eval_iters):
         x, y, p = data.get_batch("val", batch_size, seq_len, r, device, p_image)
@@ -294,11 +298,11 @@ def evaluate():
         res["long_range"] = long_range_accuracy(eval_long_range) if eval_long_range else None
         if eval_mqar:
             n = row_len(iter_num)  # in the short-row stages as many tokens in short rows: has the recall formed there?
-            res["mqar"] = recall_eval.mqar_eval(raw_model, eval_mqar * seq_len // n, n, seed=seed,
+            res["mqar"] = recall_eval.mqar_eval(raw_model, eval_mqar * seq_len // n, n, seed=EVAL_SEED,
                                                 batch_size=batch_size * seq_len // n)
         if eval_repeat and (repeat_iters or p_repeat):  # has the lookup by content formed?
             n = short_len if repeat_iters else seq_len
-            res["repeat"] = recall_eval.repeat_eval(raw_model, eval_repeat, n, seed=seed, batch_size=batch_size)
+            res["repeat"] = recall_eval.repeat_eval(raw_model, eval_repeat, n, seed=EVAL_SEED, batch_size=batch_size)
     model.train()
     return res
 

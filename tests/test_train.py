@@ -137,6 +137,47 @@ def test_mfu_counts_the_models_flops(tmp_path):
     assert g["fpt"] == {(n, kd, md): model.flops_per_token(n, kd, md) for n in (16, 32, 64) for kd, md in both}
 
 
+def same(a, b):
+    """a and b equal, element for element, through tuples, lists and dicts of tensors, arrays and plain values."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_evaluation_sets_do_not_depend_on_the_seed(tmp_path, monkeypatch):
+    """Runs of two seeds start from other weights but are scored on the same held-out examples (train.EVAL_SEED):
+    the val batches, the captions' images, the long-range questions and the recall rows."""
+    import data
+    seen = []
+
+    def recording(fn, name):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if name != "get_batch" or args[0] == "val":
+                seen[-1].append((name, out))
+            return out
+        return wrapped
+    names = ("get_batch", "caption_eval_set", "long_range_eval_set", "mqar_eval_set")
+    for name in names:
+        monkeypatch.setattr(data, name, recording(getattr(data, name), name))
+    weights = []
+    for s in (1, 2):
+        seen.append([])
+        g = script_globals(*TINY, f"--out_dir={tmp_path / str(s)}", "--max_iters=0", f"--seed={s}", "--p_mqar=0.5",
+                           "--eval_mqar=1")
+        weights.append(g["raw_model"].lm_head.weight.detach().clone())
+    assert not torch.equal(*weights)                                           # the seed still sets the weights
+    assert [n for n, _ in seen[0]] == [n for n, _ in seen[1]] and {n for n, _ in seen[0]} == set(names)
+    for (name, a), (_, b) in zip(*seen):
+        assert same(a, b), f"{name} differs between the seeds"
+
+
 def test_recall_config_is_really_sparse():
     """config/train_recall.py: rows of at least 8K tokens, each MSA query reading at most 1/16 of them, and short
     rows (the warm-up, the doublings) that divide the tokens of an iteration."""
