@@ -8,8 +8,8 @@ few tokens, three ways, at the default GPU model's size (C=512, H=1024, 8 expert
   dot: the candidate below, expert_dot: the same routing kernel, then each chosen expert read once for all the
        tokens, the tokens as the 16 rows of a tensor-core product, the gates applied before the down product.
 Eight layers of their own weights (226 MB in bf16, beyond L2) run as one chain x = x + moe(x), compiled as the
-decode step is (decoding.compiled_step's options) and captured in a CUDA graph; rounds of replays alternate the
-ways; the median us a layer is printed with each way's largest difference from 'rule' (relative to its largest
+decode step is (decoding.compiled_step's options) and captured in a CUDA graph; rounds of do_bench (bench.timed)
+alternate the ways; the median us a layer is printed with each way's largest difference from 'rule' (relative to its largest
 value; bf16, so ~1e-2 is rounding).
     python dev/moe_ab.py                  # on a GPU: N = 1, 2, 4, 8, 16 tokens (NS=1,8 to choose)
     python dev/moe_ab.py --check          # expert_dot and expert_mix against a float64 reference, fp32
@@ -179,9 +179,9 @@ def check():
     print("check passed")
 
 
-def time_ways(N, ways=("rule", "mix", "dot"), layers=8, rounds=7, reps=100):
+def time_ways(N, ways=("rule", "mix", "dot"), layers=8, rounds=5):
     """us a layer of each way for N tokens (see the docstring at the top), and its difference from the first."""
-    from bench import graphed
+    from bench import graphed, timed
     cfg = SimpleNamespace(n_expert=8, n_embd=512, expert_hidden=1024, expert_topk=2, shared_expert=True, n_layer=8)
     torch.manual_seed(0)
     mods = [moe.MoE(cfg, expert_mix=msa_triton.expert_mix).cuda().eval().to(torch.bfloat16) for _ in range(layers)]
@@ -208,13 +208,7 @@ def time_ways(N, ways=("rule", "mix", "dot"), layers=8, rounds=7, reps=100):
     times = {way: [] for way in ways}
     for _ in range(rounds):
         for way, replay in replays.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                replay()
-            end.record()
-            torch.cuda.synchronize()
-            times[way].append(start.elapsed_time(end) * 1e3 / reps / layers)
+            times[way].append(timed(replay, 100) * 1e3 / layers)                # do_bench's median, us a layer
     base = outs[ways[0]].float()
     return {way: (statistics.median(times[way]),
                   ((outs[way].float() - base).abs().max() / base.abs().max()).item()) for way in ways}
