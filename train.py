@@ -163,9 +163,8 @@ if data_path or data_images:
     except ValueError as e:
         raise SystemExit(f"data error: {e}")
 TRAIN_STREAM = 0x7A1  # tags the training batches' seeds, apart from evaluate()'s and data.py's eval sets
-EVAL_SEED = 1337      # the evaluation sets' seed, the same whatever --seed is: runs of several seeds are scored on the
-                      # same held-out examples, so their differences are the models' (4 val batches of one seed
-                      # against another's can differ by more than the models do)
+EVAL_SEED = 1337      # the evaluation sets' seed, whatever --seed is: runs of several seeds are scored on the same
+                      # held-out examples, so their differences are the models', not the examples'
 
 # model -----------------------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
@@ -275,10 +274,9 @@ def long_range_accuracy(n):
 
 @torch.no_grad()
 def evaluate():
-    """Val losses on the same eval_iters batches every time and in every run (EVAL_SEED; a private rng: the training
-    stream is untouched), per-layer KL, indexer recall (the dense teacher's attention mass inside the chosen blocks)
-    and expert load, caption accuracy, long-range accuracy and recall (MQAR) accuracy by distance with the needle
-    recall."""
+    """Val losses on the same eval_iters batches in every evaluation and run (a private rng from EVAL_SEED: the
+    training stream is untouched), per-layer KL, indexer recall (the dense teacher's attention mass inside the chosen
+    blocks) and expert load, caption accuracy, long-range accuracy and recall (MQAR) by distance, needle recall."""
     model.eval()
     r = np.random.default_rng([EVAL_SEED, rank, 1])
     acc = {}

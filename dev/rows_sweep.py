@@ -4,10 +4,11 @@ msa_triton.row_linear's tile (COLS output columns, WARPS warps a program) agains
 model's decode products, M rows each: a chain of 20 products (960 columns, then 512 of them back to 512) captured in
 a CUDA graph, us a product, and ten logits products (50,304 columns). Then, for 2 to 16 rows, a candidate that
 row_linear's CUDA-core kernel is not (its time grows with the rows: one reduction a row): row_dot below, the rows
-padded to 16 as one tensor-core product against a strip of DOT_COLS columns a program.
+padded to 16 as one tensor-core product against a strip of `cols` columns a program.
     python dev/rows_sweep.py             # on a GPU; ROWS=8,16 to choose the rows
     python dev/rows_sweep.py --check     # row_dot against a float64 product, fp32 (a CPU: Triton's interpreter)
 """
+import functools
 import itertools
 import os
 import sys
@@ -50,18 +51,16 @@ def _row_dot_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
     tl.store(y_ptr + m[:, None] * s_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
 
-DOT_COLS, DOT_WARPS = 16, 4
-
-
-def row_dot(x, w):
-    """F.linear(x, w) for x (M, K) and w (N, K) of one dtype, both with contiguous rows; M <= 64."""
+def row_dot(x, w, cols=16, warps=4):
+    """F.linear(x, w) for x (M, K) and w (N, K) of one dtype, both with contiguous rows; M <= 64. cols output columns
+    and warps warps a program."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    _row_dot_kernel[(_cdiv(N, DOT_COLS),)](
+    _row_dot_kernel[(_cdiv(N, cols),)](
         x_ptr=x, w_ptr=w, y_ptr=y, M=M, N=N, K=K, s_xm=x.stride(0), s_wn=w.stride(0), s_ym=y.stride(0),
-        M_P=_pow2(M, 16), BLOCK_N=DOT_COLS, BLOCK_K=min(_pow2(K, 16), rows.MAX_STRIP // DOT_COLS),
-        num_warps=DOT_WARPS, **_pdl(x))
+        M_P=_pow2(M, 16), BLOCK_N=cols, BLOCK_K=min(_pow2(K, 16), rows.MAX_STRIP // cols),
+        num_warps=warps, **_pdl(x))
     return y
 
 
@@ -96,7 +95,6 @@ def graphed_us(f):
 
 
 def main():
-    global DOT_COLS, DOT_WARPS
     if "--check" in sys.argv:
         check()
         return
@@ -118,11 +116,13 @@ def main():
             print(f"  COLS={cols:3d} WARPS={warps}: {t:.2f} us ({t / base:.2f}x), logits {t2:.2f} us", flush=True)
         if M < 2:
             continue
-        err = ((row_dot(x0, wa).float() - F.linear(x0, wa).float()).abs().max() / F.linear(x0, wa).float().abs().max())
-        for DOT_COLS, DOT_WARPS in itertools.product((16, 32), (2, 4)):
-            t = graphed_us(lambda: chain(row_dot, x0, wa, wb)) / 20
-            t2 = graphed_us(lambda: [row_dot(x0, wl) for _ in range(10)]) / 10
-            print(f"  row_dot COLS={DOT_COLS:3d} WARPS={DOT_WARPS}: {t:.2f} us ({t / base:.2f}x), logits {t2:.2f} us "
+        ref = F.linear(x0, wa).float()
+        err = (row_dot(x0, wa).float() - ref).abs().max() / ref.abs().max()
+        for cols, warps in itertools.product((16, 32), (2, 4)):
+            dot = functools.partial(row_dot, cols=cols, warps=warps)
+            t = graphed_us(lambda: chain(dot, x0, wa, wb)) / 20
+            t2 = graphed_us(lambda: [dot(x0, wl) for _ in range(10)]) / 10
+            print(f"  row_dot COLS={cols:3d} WARPS={warps}: {t:.2f} us ({t / base:.2f}x), logits {t2:.2f} us "
                   f"(vs cuBLAS: {err.item():.1e})", flush=True)
 
 
