@@ -369,7 +369,8 @@ class GPT(nn.Module):
         # the loss straight from h and the head's weight: the Triton backend never builds the (B*T, V) logits
         h, y = h.reshape(B * T, -1), y.reshape(-1)                           # (N, C), (N,)
         if h.device.type == "cpu":  # only the rows with a target: the head is most of a small CPU step, and image
-            h, y = h[y != -1], y[y != -1]  # tokens are half the CPU preset's rows (a GPU would wait for the count)
+            keep = y != -1          # tokens are half the CPU preset's rows (a GPU would wait for the count); one
+            h, y = h[keep], y[keep]  # mask, so that a compiled step sees one row count for both
         lm = self.backend.linear_cross_entropy(h, self.lm_head.weight, y)
         kl_layers = torch.stack(kls).float() if kls else lm.new_zeros(0)
         return None, dict(lm=lm, kl=kl_layers.sum(), kl_layers=kl_layers.detach(),
