@@ -63,7 +63,7 @@ def grads(x):
 def test_ops_registered_once():
     for name in ("index_topk", "sparse_attention_fwd", "sparse_attention_bwd", "kl_loss", "sparse_decode",
                  "linear_cross_entropy", "sparse_attention_tile_fwd", "sparse_attention_tile_bwd", "kl_loss_tile",
-                 "kl_loss_grads"):
+                 "kl_loss_grads", "expert_mix", "row_linear"):
         assert hasattr(torch.ops.nanomsa, name), name
     op = torch.ops.nanomsa.sparse_attention_fwd.default
     importlib.reload(attention)                                                # importing again registers nothing
@@ -80,6 +80,9 @@ def opcheck_cases():
     dcase = decode_case()
     h, w = (torch.randn(n, 8, dtype=torch.float64).float().to(DEVICE) for n in (13, 11))
     y = torch.tensor([1, 2, -1, 4, 0, 10, 3, 3, -1, 7, 8, 9, 5], device=DEVICE)
+    g = torch.Generator().manual_seed(5)                                      # 3 tokens, C = 32, E = 4 + 1, H = 16
+    x, router, w13, w2 = (torch.randn(*shape, generator=g).to(DEVICE)
+                          for shape in ((3, 32), (4, 32), (5, 32, 32), (5, 16, 32)))
     return {
         "index_topk": (torch.ops.nanomsa.index_topk, (qi, ki, bs, K, False)),
         "sparse_attention_fwd": (torch.ops.nanomsa.sparse_attention_fwd, (dq, dk, dv, bi, bs)),
@@ -98,6 +101,8 @@ def opcheck_cases():
         "sparse_decode": (torch.ops.nanomsa.sparse_decode, (*dcase, 8, K, None)),
         "linear_cross_entropy": (torch.ops.nanomsa.linear_cross_entropy,
                                  (h.requires_grad_(), w.requires_grad_(), y, True, True, torch.float32)),
+        "expert_mix": (torch.ops.nanomsa.expert_mix, (x, router, 2, w13, w2)),
+        "row_linear": (torch.ops.nanomsa.row_linear, (x[:1], w13[0].T.contiguous())),
     }
 
 
