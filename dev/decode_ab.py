@@ -28,22 +28,20 @@ from decoding import compiled_step, cuda_graphed, sample_token
 from model import GPT, GPTConfig
 
 VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, inductor's PDL (True, False, None),
-    #                row_linear's COLS and WARPS[, the MoE's way: 'rule' when left out[, row_linear's DOT_ROWS]])
+    #                row_linear's COLS and WARPS[, the MoE's way: 'rule' when left out])
     "base": (False, 0, False, 16, 4), "rows": (False, 1, False, 16, 4), "pdl": (True, 0, False, 16, 4),
     "pdl+rows": (True, 1, False, 16, 4), "pdl+rows+inductor": (True, 1, True, 16, 4),
     "pdl+inductor": (True, 0, True, 16, 4), "cols16": (True, 1, None, 16, 4), "cols16-again": (True, 1, None, 16, 4),
     "final": (True, 1, None, 8, 4), "final-w2": (True, 1, None, 8, 2), "final-w2-global": (True, 1, True, 8, 2),
     "final-mix": (True, 1, None, 8, 4, "mix"), "final-dot": (True, 1, None, 8, 4, "dot"),
-    "final-nodot": (True, 1, None, 8, 4, "rule", 1),
 }
 T0, N, ROUNDS = 512, 200, 7
 
 
-def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule", dot_rows=None):
+def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule"):
     """The variant's step, captured: returns run(n) -> (us a step over n replays, the (B, n + 1) tokens)."""
     moe_ab.use(moe_way)                                                        # read when the step is traced
-    dot_rows = (rows.DOT_ROWS if max_rows else 0) if dot_rows is None else dot_rows  # MAX_ROWS 0: no row_linear
-    common.PDL, rows.MAX_ROWS, rows.COLS, rows.WARPS, rows.DOT_ROWS = pdl, max_rows, cols, warps, dot_rows
+    common.PDL, rows.MAX_ROWS, rows.COLS, rows.WARPS = pdl, max_rows, cols, warps
     inductor_config.triton.enable_pdl = bool(inductor_pdl)
     os.environ["NANOMSA_PDL"] = "0" if inductor_pdl is False else "1"        # what compiled_step reads
     torch._dynamo.reset()

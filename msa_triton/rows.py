@@ -1,36 +1,28 @@
 """
 A decode step's dense products in Triton: row_linear(x, w) is F.linear(x, w) for the few rows of a decode step (one
-new token a sequence) against a weight w (N, K). Not MSA, but a step runs two such products a layer (q, k, v and the
-index branch stacked; the attention's output), and cuBLAS's kernel for a few rows waits ~3 us on its own latency
-where the 1 MB it reads takes ~0.2 us at the memory's speed.
+new token a sequence) against a weight w (N, K). Not MSA, but a batch-1 step runs two such products a layer (q, k,
+v and the index branch stacked; the attention's output), and cuBLAS's kernel for one row waits ~3 us on its own
+latency where the 1 MB it reads takes ~0.2 us at the memory's speed.
 
-Every program loads its strip of w (its output columns, all of K; pieces of MAX_STRIP elements when K is larger) in
-one go, so that all its bytes are in flight at once, and multiplies the rows by it in fp32, rounded to x's dtype
-once, as a product in that dtype returns it. Two kernels, by the number of rows M:
-  - up to MAX_ROWS (one row: a batch-1 step), COLS columns a program, each row a broadcast multiply-and-sum on the
-    CUDA cores (the tensor cores need 16 rows);
-  - up to DOT_ROWS (a batched step), DOT_COLS columns a program, the rows padded to 16 as one tensor-core product,
-    for weights of at most DOT_MAX_COLS columns: the logits' product (50,304 columns) runs faster in cuBLAS.
-Anything else goes to F.linear. Under programmatic dependent launch (common._pdl_wait) a program loads its strip
-before it waits for the kernel before it: no kernel of a decode step writes a weight, so the strip's bytes are in
-flight while that kernel ends.
+One program computes COLS output columns for all M rows: it loads its (COLS, K) strip of w in one go (pieces of
+MAX_STRIP elements when K is larger), so that all its bytes are in flight at once, and multiplies each row by it as a
+broadcast multiply-and-sum on the CUDA cores (the tensor cores need 16 rows), in fp32, rounded to x's dtype once,
+as a product in that dtype returns it. More than MAX_ROWS rows go to F.linear, whose tiles pay from there on.
+Under programmatic dependent launch (common._pdl_wait) a program loads its strip before it waits for the kernel
+before it: no kernel of a decode step writes a weight, so the strip's bytes are in flight while that kernel ends.
 """
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import _cdiv, _op, _pdl, _pdl_wait, _pow2, _prec
+from .common import _cdiv, _op, _pdl, _pdl_wait, _pow2
 
 # Tile sizes (tuned on Hopper at the default model's products, K = 512, N = 512 and 960; see dev/decode.md)
-COLS = 8              # output columns per program of the CUDA-core kernel
-WARPS = 4             # its warps per program
-MAX_ROWS = 1          # rows it computes; 2 to DOT_ROWS rows go to the tensor-core kernel
-DOT_COLS = 16         # output columns per program of the tensor-core kernel
-DOT_WARPS = 2         # its warps per program
-DOT_ROWS = 16         # rows it computes; more go to F.linear
-DOT_MAX_COLS = 8192   # columns of w it takes: ahead of cuBLAS at 512 and 960, behind at 50,304 (the logits)
-MAX_STRIP = 16384     # elements of w loaded at once; a larger K runs the strip in pieces of this size
+COLS = 8           # output columns per program
+WARPS = 4          # warps per program
+MAX_ROWS = 1       # rows a call computes here; more go to F.linear (at 2-4 rows cuBLAS wins the logits' product)
+MAX_STRIP = 16384  # elements of w loaded at once; a larger K runs the strip in pieces of this size
 
 
 @triton.jit
@@ -69,45 +61,15 @@ def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
              mask=(rows[:, None] < M) & nm[None, :])
 
 
-@triton.jit
-def _row_dot_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
-                    M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                    PDL: tl.constexpr):
-    """One program = BLOCK_N output columns n for the M rows (padded to M_P >= 16): y[m, n] = sum over k of
-    x[m, k] * w[n, k], as (M_P, BLOCK_K) @ (BLOCK_K, BLOCK_N) tensor-core products accumulated in fp32."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                   # (BLOCK_N,) output columns
-    nm = n < N
-    m = tl.arange(0, M_P)                                                      # (M_P,) rows, padded
-    mm = m < M
-    w_n = w_ptr + n[None, :].to(tl.int64) * s_wn
-    k = tl.arange(0, BLOCK_K)
-    w = tl.load(w_n + k[:, None] * s_wk, mask=(k < K)[:, None] & nm[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-    _pdl_wait(PDL)                                                             # the first piece loaded before it
-    acc = tl.zeros((M_P, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):                                            # one piece when K <= BLOCK_K
-        k = k0 + tl.arange(0, BLOCK_K)
-        km = k < K
-        if k0 > 0:
-            w = tl.load(w_n + k[:, None] * s_wk, mask=km[:, None] & nm[None, :], other=0.0)
-        x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :] * s_xk, mask=mm[:, None] & km[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
-    tl.store(y_ptr + m[:, None] * s_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
-
-
 @_op("row_linear")
 def _row_linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    strides = dict(s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1), s_ym=y.stride(0))
-    if M <= MAX_ROWS:                                                          # the CUDA-core kernel
-        _row_linear_kernel[(_cdiv(N, COLS),)](
-            x_ptr=x, w_ptr=w, y_ptr=y, N=N, K=K, **strides, M=M, M_P=_pow2(M, 1), BLOCK_N=COLS,
-            BLOCK_K=min(_pow2(K, 1), MAX_STRIP // COLS), num_warps=WARPS, **_pdl(x))
-    else:                                                                      # the tensor-core kernel
-        _row_dot_kernel[(_cdiv(N, DOT_COLS),)](
-            x_ptr=x, w_ptr=w, y_ptr=y, M=M, N=N, K=K, **strides, M_P=_pow2(M, 16), BLOCK_N=DOT_COLS,
-            BLOCK_K=min(_pow2(K, 16), MAX_STRIP // DOT_COLS), PREC=_prec(x), num_warps=DOT_WARPS, **_pdl(x))
+    _row_linear_kernel[(_cdiv(N, COLS),)](
+        x_ptr=x, w_ptr=w, y_ptr=y, N=N, K=K, s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
+        s_ym=y.stride(0), M=M, M_P=_pow2(M, 1), BLOCK_N=COLS,
+        BLOCK_K=min(_pow2(K, 1), MAX_STRIP // COLS), num_warps=WARPS, **_pdl(x))
     return y
 
 
@@ -118,16 +80,14 @@ def _(x, w):
 
 def row_linear(x, w):
     """F.linear(x, w) without a bias, for a decode step: x (..., K), w (N, K) of x's dtype -> (..., N). Up to
-    MAX_ROWS rows (the product of x's leading dimensions) in the CUDA-core kernel, up to DOT_ROWS in the tensor-core
-    one (w of at most DOT_MAX_COLS columns), anything else through F.linear. Products accumulate in fp32; no
-    gradient."""
+    MAX_ROWS rows (the product of x's leading dimensions) in the kernel above, more through F.linear. Products
+    accumulate in fp32; no gradient."""
     if x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"row_linear wants x (..., K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype != w.dtype or x.device != w.device:
         raise ValueError(f"x and w must share a dtype and a device, got {x.dtype} on {x.device}, "
                          f"{w.dtype} on {w.device}")
     rows = x.reshape(-1, x.shape[-1])
-    M = rows.shape[0]
-    if M == 0 or M > max(MAX_ROWS, DOT_ROWS) or (M > MAX_ROWS and w.shape[0] > DOT_MAX_COLS):
+    if rows.shape[0] > MAX_ROWS or rows.shape[0] == 0:
         return F.linear(x, w)
     return _row_linear_op(rows, w).view(*x.shape[:-1], w.shape[0])
