@@ -125,14 +125,18 @@ def cuda_graphed(fn):
     """fn() reads and writes fixed tensors, and may return one. Runs it once on a side stream (compiles the Triton
     kernels and a torch.compile'd function, creates library handles: nothing of that may happen during a capture),
     then captures it in a CUDA graph (capturing runs nothing). Returns (the first call's result, replay) where
-    replay() reruns fn on the current contents of its tensors and returns the (reused) output tensor."""
+    replay() reruns fn on the current contents of its tensors and returns the (reused) output tensor.
+    Both runs keep autocast's cache of cast weights off: a graph that read a cached cast would read freed memory
+    once the autocast region that cached it ends, and generate replays its graph in later regions too."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    no_cache = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                      enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+    with torch.cuda.stream(side), no_cache():
         first = fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), no_cache():
         static = fn()
 
     def replay():

@@ -20,6 +20,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -316,6 +317,7 @@ class GPT(nn.Module):
             elif name.endswith(".weight") and p.dim() == 2 and "norm" not in name:
                 nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.patch_proj.bias)
+        self.decoder = None  # generate's caches and compiled, graphed step, kept for its next call
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -457,38 +459,58 @@ class GPT(nn.Module):
         CUDA, not on a CPU), True (inductor), False, or a torch.compile backend's name ('aot_eager' for tests).
         If it fails, one line says why and the step runs eagerly.
         On CUDA the step is captured in a CUDA graph after one run, and the graph is replayed: the host only draws
-        the uniforms and launches the replay."""
+        the uniforms and launches the replay.
+        The caches, the step and its graph stay in self.decoder for the next call of the same batch, total length,
+        decode, sampling and compile settings, and the same weights (their addresses and dtypes): that call only
+        prefills and replays. Setting self.decoder = None frees them."""
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         B, T0 = idx.shape
-        cache = self.new_cache(T0 + max_new_tokens, decode)
-        out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)     # (B, T0 + max_new_tokens)
+        if max_new_tokens == 0:                                              # the prefill alone, in its own cache
+            self(idx, patches=patches, cache=self.new_cache(T0, decode))
+            return idx.clone()
+        backend = {"auto": "inductor" if idx.is_cuda else None, True: "inductor", False: None}.get(compile, compile)
+        kind = idx.device.type
+        key = (B, T0 + max_new_tokens, decode, temperature, top_k, backend, str(idx.device),
+               torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind),
+               tuple((p.data_ptr(), p.dtype) for p in self.parameters()))
+        st = self.decoder
+        if st is None or st.key != key:
+            self.decoder = None                                              # the old state's memory goes first
+            st = SimpleNamespace(key=key, cache=self.new_cache(T0 + max_new_tokens, decode), replay=None, uniform=None,
+                                 out=idx.new_zeros(B, T0 + max_new_tokens),  # (B, T0 + max_new_tokens)
+                                 tok=idx.new_zeros(B, 1), pos=idx.new_zeros(1))  # (B, 1) and (1,): the step's inputs
+            st.step = self.decode_step if backend is None else compiled_step(self.decode_step, backend)
+            self.decoder = st
+        else:                                                                # the weights may have trained since
+            for c, block in zip(st.cache, self.blocks):
+                if c.w is not None:
+                    c.w.copy_(block.attn.stacked_weight())
+        out, tok, pos, cache = st.out, st.tok, st.pos, st.cache
+        out[:, :T0] = idx
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
-        if max_new_tokens == 0:
-            return out
         # (B, V) uniforms: drawn outside the graph (the generator stays the caller's), read inside it
-        uniform = torch.empty_like(logits) if temperature > 0 else None
+        if temperature > 0 and st.uniform is None:
+            st.uniform = torch.empty_like(logits)
+        uniform = st.uniform
 
         def draw():
             if uniform is not None:
                 uniform.uniform_(generator=generator)
 
         draw()
-        tok = sample_token(logits, temperature, top_k, uniform)[:, None]     # (B, 1) the step's fixed inputs
+        tok.copy_(sample_token(logits, temperature, top_k, uniform)[:, None])
         out[:, T0] = tok[:, 0]
-        pos = torch.full((1,), T0, dtype=torch.long, device=idx.device)      # (1,) tok's position
-        backend = {"auto": "inductor" if idx.is_cuda else None, True: "inductor", False: None}.get(compile, compile)
-        step = self.decode_step if backend is None else compiled_step(self.decode_step, backend)
-        replay = None
+        pos.fill_(T0)                                                        # tok's position
         for _ in range(max_new_tokens - 1):
             draw()
             if not idx.is_cuda:
-                step(tok, pos, cache, out, uniform, temperature, top_k)
-            elif replay is None:                                                 # runs it once, then captures
-                replay = cuda_graphed(lambda: step(tok, pos, cache, out, uniform, temperature, top_k))[1]
+                st.step(tok, pos, cache, out, uniform, temperature, top_k)
+            elif st.replay is None:                                              # runs it once, then captures
+                st.replay = cuda_graphed(lambda: st.step(tok, pos, cache, out, uniform, temperature, top_k))[1]
             else:
-                replay()
-        return out
+                st.replay()
+        return out.clone()                                                   # out is written again by the next call
 
 
 # dense (not 2:4 sparse) bf16 tensor-core peak FLOP/s per GPU, by a word of torch.cuda.get_device_name() (so an

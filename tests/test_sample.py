@@ -294,6 +294,51 @@ def test_failed_compile_decodes_eagerly(fresh_dynamo, capsys):
     assert "no compiler here" in out[0]
 
 
+def generate_fresh(model, *args, **kw):
+    """model.generate from a state of its own (self.decoder dropped before and after the call)."""
+    model.decoder = None
+    try:
+        return model.generate(*args, **kw)
+    finally:
+        model.decoder = None
+
+
+@pytest.mark.parametrize("decode", ["sparse", "dense"])
+def test_generate_keeps_its_state_for_the_next_call(decode):
+    """A second call of the same shape reuses the first one's caches and step (self.decoder) and gives a fresh
+    state's tokens: another prompt; a shorter prompt of the same total length, whose cache still holds the first
+    call's keys past it; sampling; weights changed in place since (the stacked decode weights follow). The first
+    call's tokens are not overwritten. Another shape, setting or weight dtype builds a new state."""
+    model = tiny().eval()
+    x = batch()[0][:, :21].clamp(max=PATCH - 1)
+    y = batch(seed=2)[0][:, :21].clamp(max=PATCH - 1)
+    first = model.generate(x, 19, temperature=0, decode=decode)
+    kept = first.clone()
+    for before, (prompt, n), kw in [(x, (y, 19), dict(temperature=0)), (x, (y[:, :15], 25), dict(temperature=0)),
+                                    (y[:, :17], (x[:, :17], 23), dict(temperature=0.8, top_k=20))]:
+        seeded = lambda: dict(generator=torch.Generator().manual_seed(1)) if kw["temperature"] else {}
+        model.generate(before, prompt.shape[1] + n - before.shape[1], decode=decode, **kw, **seeded())
+        st = model.decoder
+        got = model.generate(prompt, n, decode=decode, **kw, **seeded())
+        assert model.decoder is st                                           # the same state, reused
+        assert torch.equal(got, generate_fresh(model, prompt, n, decode=decode, **kw, **seeded()))
+    assert torch.equal(first, kept)
+    model.generate(x, 19, temperature=0, decode=decode)
+    st = model.decoder
+    with torch.no_grad():
+        torch.manual_seed(5)
+        for block in model.blocks:                                           # new q, k, v and index weights
+            for w in (block.attn.wqkv.weight, block.attn.wi.weight) if block.attn.learned else (block.attn.wqkv.weight,):
+                w.normal_(std=0.3)
+    got = model.generate(y, 19, temperature=0, decode=decode)
+    assert model.decoder is st and torch.equal(got, generate_fresh(model, y, 19, temperature=0, decode=decode))
+    model.generate(y, 19, temperature=0, decode=decode)
+    model.double()
+    got = model.generate(y, 19, temperature=0, decode=decode)
+    assert model.decoder is not st and model.decoder.cache[0].k.dtype == torch.float64
+    assert model.generate(y, 0).shape == (2, 21) and model.decoder.key[1] == 40   # a prefill alone keeps the state
+
+
 @requires_cuda
 @pytest.mark.parametrize("attention,decode", [("msa", "sparse"), ("msa", "dense"), ("dense", "sparse")])
 def test_compiled_graphed_equals_eager_on_gpu(fresh_dynamo, attention, decode):
@@ -304,6 +349,28 @@ def test_compiled_graphed_equals_eager_on_gpu(fresh_dynamo, attention, decode):
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
         eager, compiled = generate_both(model, x, 25, compile=True, seed=7, decode=decode, **kw)
         assert torch.equal(compiled, eager), kw
+
+
+@requires_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_replayed_in_later_calls_on_gpu(fresh_dynamo, compile):
+    """On CUDA a second call of the same shape replays the first call's graph, each call in an autocast region of
+    its own (float32 weights, bf16 autocast: the graph holds no cast cached by an ended region), and gives a fresh
+    state's tokens, greedy and sampled."""
+    model = gpu_tiny()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1).cuda()
+    y = batch(seed=2)[0][:, :11].clamp(max=PATCH - 1).cuda()
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
+        seeded = lambda: dict(generator=torch.Generator(device="cuda").manual_seed(3)) if kw["temperature"] else {}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model.generate(x, 25, compile=compile, **kw, **seeded())
+        replay = model.decoder.replay
+        torch.cuda.empty_cache()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = model.generate(y, 25, compile=compile, **kw, **seeded())
+        assert model.decoder.replay is replay
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.equal(got, generate_fresh(model, y, 25, compile=compile, **kw, **seeded())), kw
 
 
 @requires_cuda
