@@ -10,6 +10,7 @@ A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of th
   ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
   decode   one compiled batch-1 decode step (sparse), profiled un-graphed
   decode8  the same at batch 8
+  decode8long  batch 8 after a 32K-token prompt, bf16 and fp8 index keys
 Run from the repository root; $OUT (default /tmp) receives one prof_*.txt per profile; a summary prints last:
     python dev/profile_step.py train1k decode train8k
 """
@@ -100,9 +101,11 @@ if "train8k" in parts: train_rows(2, 8192, "t8k", [("dense", None, None), ("msa"
 if "split1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa", None, None)])
 if "ro1k" in parts: train_rows(16, 1024, "t1k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "ro8k" in parts: train_rows(2, 8192, "t8k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
-for B in [b for b, part in ((1, "decode"), (8, "decode8")) if part in parts]:
-    m = build("msa").eval().to(torch.bfloat16)
-    T0, n_new = 512, 256
+decodes = [(1, 512, False, "decode"), (8, 512, False, "decode8"), (8, 32768, False, "decode8long"),
+           (8, 32768, True, "decode8long")]
+for B, T0, fp8 in [(b, t, f) for b, t, f, part in decodes if part in parts]:
+    m = build("msa", index_fp8=fp8).eval().to(torch.bfloat16)
+    n_new = 256
     prompt = torch.randint(0, data.EOT, (B, T0), device=dev)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for decode in ("sparse",):
@@ -111,9 +114,9 @@ for B in [b for b, part in ((1, "decode"), (8, "decode8")) if part in parts]:
             tok, pos = prompt[:, -1:].clone(), torch.tensor([T0], device=dev)
             out = torch.zeros(B, T0 + n_new, dtype=torch.long, device=dev)
             step = compiled_step(m.decode_step, "inductor")                  # as generate() compiles it
-            tag = f"decode_{decode}" + ("" if B == 1 else f"_b{B}")
+            tag = f"decode_{decode}" + ("" if B == 1 else f"_b{B}") + ("" if T0 == 512 else f"_t{T0}") + ("_fp8" if fp8 else "")
             cnt, kt, _ = kernels(lambda: step(tok, pos, cache, out, None, 0, None), tag, n=4)
-            s = f"decode B={B} {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
+            s = f"decode B={B} T0={T0}{' fp8 index' if fp8 else ''} {decode} compiled step: {cnt:.0f} kernels, {kt*1e3:.0f} us kernel time"
             print(s); summary.append(s)
     del m; torch._dynamo.reset(); torch.cuda.empty_cache()
 print("\n".join(["SUMMARY"] + summary))
