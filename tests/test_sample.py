@@ -333,8 +333,12 @@ def test_generate_keeps_its_state_for_the_next_call(decode):
     got = model.generate(y, 19, temperature=0, decode=decode)
     assert model.decoder is st and torch.equal(got, generate_fresh(model, y, 19, temperature=0, decode=decode))
     model.generate(y, 19, temperature=0, decode=decode)
+    st = model.decoder
+    model.generate(y, 19, temperature=0.5, decode=decode)                    # another setting: a new state
+    assert model.decoder is not st
+    st = model.decoder
     model.double()
-    got = model.generate(y, 19, temperature=0, decode=decode)
+    model.generate(y, 19, temperature=0.5, decode=decode)                    # other weights: a new state
     assert model.decoder is not st and model.decoder.cache[0].k.dtype == torch.float64
     assert model.generate(y, 0).shape == (2, 21) and model.decoder.key[1] == 40   # a prefill alone keeps the state
 
