@@ -126,7 +126,8 @@ def generate(x, n, **kw):
     """model.generate -> (tokens, seconds for the prompt, seconds for the n new tokens). The prompt is timed alone
     (generate with no new token is the prefill: it draws no random number), then the whole call; the new tokens
     take the difference. On CUDA after one identical call, timed apart: the first call compiles the decode step
-    and the Triton kernels and loads the libraries (seconds that are not tokens/s)."""
+    and the Triton kernels, loads the libraries and captures the step's CUDA graph (seconds that are not tokens/s),
+    and the timed call replays that graph (generate keeps it in model.decoder)."""
     kw["compile"] = "auto" if compile else False
     if device == "cuda":
         gen = torch.Generator(device=device).manual_seed(seed)
