@@ -28,7 +28,14 @@ class KVCache:
 
     def __init__(self, max_len, dense=False, w=None):
         self.max_len, self.dense, self.w = max_len, dense, w
-        self.k = self.v = self.ki = self.ks = None
+        self.k = self.v = self.ks = self._ki = None
+
+    @property
+    def ki(self):
+        """The index keys (B, Tmax, Di), or None. fp8 keys are held as their bytes (uint8) and seen as e4m3 here:
+        index_copy_ has no fp8 kernel, and a write through a dtype view of the cache becomes, in a step compiled
+        by torch 2.11, a copy of the whole cache every step, where a write into a tensor of its own stays in place."""
+        return self._ki.view(torch.float8_e4m3fn) if self.ks is not None else self._ki
 
     def write(self, pos, k, v, ki=None, ks=None):
         """pos (T,) long positions on the device; k, v (B, Hkv, T, D); ki (B, T, Di) or None; ks (B, T) or None."""
@@ -36,14 +43,13 @@ class KVCache:
             B, Hkv, _, D = k.shape
             self.k, self.v = k.new_zeros(B, Hkv, self.max_len, D), v.new_zeros(B, Hkv, self.max_len, D)
             if ki is not None:
-                self.ki = ki.new_zeros(B, self.max_len, ki.shape[-1])
+                held = torch.uint8 if ks is not None else ki.dtype                      # fp8 keys as bytes (ki)
+                self._ki = ki.new_zeros(B, self.max_len, ki.shape[-1], dtype=held)
                 self.ks = None if ks is None else ks.new_zeros(B, self.max_len)
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
-        if ki is not None and ki.element_size() == 1:  # fp8 keys, copied as bytes: index_copy_ has no fp8 kernel
-            self.ki.view(torch.uint8).index_copy_(1, pos, ki.view(torch.uint8))
-        elif ki is not None:
-            self.ki.index_copy_(1, pos, ki)
+        if ki is not None:
+            self._ki.index_copy_(1, pos, ki.view(torch.uint8) if ks is not None else ki)
         if ks is not None:
             self.ks.index_copy_(1, pos, ks)
 

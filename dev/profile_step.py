@@ -10,7 +10,7 @@ A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of th
   ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
   decode   one compiled batch-1 decode step (sparse), profiled un-graphed
   decode8  the same at batch 8
-  decode8long  batch 8 after a 32K-token prompt, bf16 and fp8 index keys
+  decode8long  batch 8 after a 32K-token prompt, bf16 and fp8 index keys (decode8fp8: the fp8 one only)
 Run from the repository root; $OUT (default /tmp) receives one prof_*.txt per profile; a summary prints last:
     python dev/profile_step.py train1k decode train8k
 """
@@ -102,7 +102,7 @@ if "split1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa
 if "ro1k" in parts: train_rows(16, 1024, "t1k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "ro8k" in parts: train_rows(2, 8192, "t8k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 decodes = [(1, 512, False, "decode"), (8, 512, False, "decode8"), (8, 32768, False, "decode8long"),
-           (8, 32768, True, "decode8long")]
+           (8, 32768, True, "decode8long"), (8, 32768, True, "decode8fp8")]
 for B, T0, fp8 in [(b, t, f) for b, t, f, part in decodes if part in parts]:
     m = build("msa", index_fp8=fp8).eval().to(torch.bfloat16)
     n_new = 256
