@@ -43,7 +43,7 @@ class KVCache:
             B, Hkv, _, D = k.shape
             self.k, self.v = k.new_zeros(B, Hkv, self.max_len, D), v.new_zeros(B, Hkv, self.max_len, D)
             if ki is not None:
-                held = torch.uint8 if ks is not None else ki.dtype                      # fp8 keys as bytes (ki)
+                held = torch.uint8 if ks is not None else ki.dtype                      # fp8 as bytes: see ki
                 self._ki = ki.new_zeros(B, self.max_len, ki.shape[-1], dtype=held)
                 self.ks = None if ks is None else ks.new_zeros(B, self.max_len)
         self.k.index_copy_(2, pos, k)

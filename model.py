@@ -458,11 +458,9 @@ class GPT(nn.Module):
         compile: decode_step through torch.compile (one static shape; the prefill stays eager): 'auto' (inductor on
         CUDA, not on a CPU), True (inductor), False, or a torch.compile backend's name ('aot_eager' for tests).
         If it fails, one line says why and the step runs eagerly.
-        On CUDA the step is captured in a CUDA graph after one run, and the graph is replayed: the host only draws
-        the uniforms and launches the replay.
-        The caches, the step and its graph stay in self.decoder for the next call of the same batch, total length,
-        decode, sampling and compile settings, and the same weights (their addresses and dtypes): that call only
-        prefills and replays. Setting self.decoder = None frees them."""
+        On CUDA the step is captured in a CUDA graph after one run and replayed: the host only draws the uniforms
+        and launches the replay. The caches, the step and its graph stay in self.decoder for the next call with the
+        same shapes, settings and weight tensors, which only prefills and replays; self.decoder = None frees them."""
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         B, T0 = idx.shape
@@ -477,22 +475,20 @@ class GPT(nn.Module):
         st = self.decoder
         if st is None or st.key != key:
             self.decoder = None                                              # the old state's memory goes first
-            st = SimpleNamespace(key=key, cache=self.new_cache(T0 + max_new_tokens, decode), replay=None, uniform=None,
-                                 out=idx.new_zeros(B, T0 + max_new_tokens),  # (B, T0 + max_new_tokens)
-                                 tok=idx.new_zeros(B, 1), pos=idx.new_zeros(1))  # (B, 1) and (1,): the step's inputs
-            st.step = self.decode_step if backend is None else compiled_step(self.decode_step, backend)
-            self.decoder = st
+            step = self.decode_step if backend is None else compiled_step(self.decode_step, backend)
+            # (B, V) uniforms: drawn outside the graph (the generator stays the caller's), read inside it
+            uniform = idx.new_empty(B, self.cfg.vocab_size, dtype=torch.float32) if temperature > 0 else None
+            self.decoder = st = SimpleNamespace(key=key, step=step, replay=None, uniform=uniform,
+                                                cache=self.new_cache(T0 + max_new_tokens, decode),
+                                                out=idx.new_zeros(B, T0 + max_new_tokens),  # (B, T0 + new)
+                                                tok=idx.new_zeros(B, 1), pos=idx.new_zeros(1))  # the step's inputs
         else:                                                                # the weights may have trained since
             for c, block in zip(st.cache, self.blocks):
                 if c.w is not None:
                     c.w.copy_(block.attn.stacked_weight())
-        out, tok, pos, cache = st.out, st.tok, st.pos, st.cache
+        out, tok, pos, cache, uniform = st.out, st.tok, st.pos, st.cache, st.uniform
         out[:, :T0] = idx
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
-        # (B, V) uniforms: drawn outside the graph (the generator stays the caller's), read inside it
-        if temperature > 0 and st.uniform is None:
-            st.uniform = torch.empty_like(logits)
-        uniform = st.uniform
 
         def draw():
             if uniform is not None:
