@@ -5,9 +5,12 @@ msa_triton's PDL switch, row_linear's MAX_ROWS, COLS and WARPS, inductor's trito
 decoding.compiled_step) and the MoE layer's way (dev/moe_ab.py: 'rule' as committed, 'mix' or 'dot' forced),
 compiles and captures its own step; then rounds of N replays run variant after variant (CUDA events; pos and the
 token reset each round, so every round decodes the same greedy tokens), and the median us a step is printed with how
-many leading tokens (all rows) equal the first variant's:
+many leading tokens (all rows) equal the first variant's. A variant name may end in @dense (dense decode) or @fp8
+(fp8 index keys: the same weights in a model with index_fp8), and T0 sets the prompt's length:
     python dev/decode_ab.py            # BS=1,8 by default; VARS=base,final selects variants
     VARS=final,final-mix,final-dot python dev/decode_ab.py   # the MoE layer's three ways in the whole step
+    for v in final final@fp8 final@dense; do T0=32768 BS=8 VARS=$v python dev/decode_ab.py; done   # 32K
+(At a 32K prompt, run one variant a process: interleaved there, they stopped on a device-side assert; decode.md.)
 $OUT (default /tmp) receives decode_ab.txt.
 """
 import os
@@ -35,10 +38,10 @@ VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, induc
     "final": (True, 1, None, 8, 4), "final-w2": (True, 1, None, 8, 2), "final-w2-global": (True, 1, True, 8, 2),
     "final-mix": (True, 1, None, 8, 4, "mix"), "final-dot": (True, 1, None, 8, 4, "dot"),
 }
-T0, N, ROUNDS = 512, 200, 7
+T0, N, ROUNDS = int(os.environ.get("T0", 512)), 200, 7
 
 
-def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule"):
+def build(model, prompt, decode, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule"):
     """The variant's step, captured: returns run(n) -> (us a step over n replays, the (B, n + 1) tokens)."""
     moe_ab.use(moe_way)                                                        # read when the step is traced
     common.PDL, rows.MAX_ROWS, rows.COLS, rows.WARPS = pdl, max_rows, cols, warps
@@ -46,7 +49,7 @@ def build(model, prompt, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule
     os.environ["NANOMSA_PDL"] = "0" if inductor_pdl is False else "1"        # what compiled_step reads
     torch._dynamo.reset()
     B = prompt.shape[0]
-    cache = model.new_cache(T0 + N + 1)
+    cache = model.new_cache(T0 + N + 1, decode)
     out = torch.cat([prompt, prompt.new_zeros(B, N + 1)], 1)
     tok0 = sample_token(model(prompt, cache=cache)[0][:, -1].float(), 0, None, None)[:, None]   # (B, 1)
     out[:, T0] = tok0[:, 0]
@@ -74,6 +77,8 @@ def main():
     kw.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH, attention="msa")
     torch.manual_seed(0)
     model = GPT(GPTConfig(**kw), backend="auto").cuda().eval().to(torch.bfloat16)
+    model8 = GPT(GPTConfig(**{**kw, "index_fp8": True}), backend="auto").cuda().eval().to(torch.bfloat16)
+    model8.load_state_dict(model.state_dict())                                # the same weights, fp8 index keys
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, data.EOT, (8, T0), device="cuda", generator=g)
     names = os.environ.get("VARS", ",".join(VARIANTS)).split(",")
@@ -83,7 +88,9 @@ def main():
             runs = {}
             for name in names:
                 t0 = time.time()
-                runs[name] = build(model, prompt[:B], *VARIANTS[name])
+                base, _, mode = name.partition("@")
+                runs[name] = build(model8 if mode == "fp8" else model, prompt[:B],
+                                   "dense" if mode == "dense" else "sparse", *VARIANTS[base])
                 runs[name](5)
                 print(f"B={B} {name} built in {time.time() - t0:.1f} s", flush=True)
             times, tokens = {name: [] for name in runs}, {}
