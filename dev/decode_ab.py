@@ -10,7 +10,8 @@ many leading tokens (all rows) equal the first variant's. A variant name may end
     python dev/decode_ab.py            # BS=1,8 by default; VARS=base,final selects variants
     VARS=final,final-mix,final-dot python dev/decode_ab.py   # the MoE layer's three ways in the whole step
     for v in final final@fp8 final@dense; do T0=32768 BS=8 VARS=$v python dev/decode_ab.py; done   # 32K
-(At a 32K prompt, run one variant a process: interleaved there, they stopped on a device-side assert; decode.md.)
+Run @fp8 and @dense variants one a process: interleaved with others, they stopped on a device-side assert (32K)
+or an illegal memory access (512) at the first round of replays; cause not isolated (decode.md).
 $OUT (default /tmp) receives decode_ab.txt.
 """
 import os

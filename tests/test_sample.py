@@ -1,6 +1,7 @@
 """sample.py on a checkpoint from a one-iteration tiny training, and its messages for bad input; the decode path
 of model.py that it runs (CPU tests, and on a GPU the CUDA-graphed step against the eager one): sampling on the
 device (sample_token), the compiled decode step against the eager one, no host sync inside a step."""
+import gc
 import numpy as np
 import pytest
 import torch
@@ -375,6 +376,25 @@ def test_graph_replayed_in_later_calls_on_gpu(fresh_dynamo, compile):
         assert model.decoder.replay is replay
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert torch.equal(got, generate_fresh(model, y, 25, compile=compile, **kw, **seeded())), kw
+
+
+@requires_cuda
+def test_kept_graph_survives_a_dynamo_reset(fresh_dynamo):
+    """torch._dynamo.reset() drops the compiled step's code; the kept graph replays kernels and memory of its own,
+    so a later call (replaying it) still gives a fresh state's tokens, also after the freed memory is reused."""
+    model = gpu_tiny()
+    x = batch()[0][:, :11].clamp(max=PATCH - 1).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = generate_fresh(model, x, 25, temperature=0)
+        model.generate(x, 25, temperature=0)
+        replay = model.decoder.replay
+        torch._dynamo.reset()
+        gc.collect()
+        junk = torch.full((1 << 26,), -7, dtype=torch.int32, device="cuda")      # 256 MB over what was freed
+        del junk
+        got = model.generate(x, 25, temperature=0)
+    assert model.decoder.replay is replay
+    assert torch.equal(got, want)
 
 
 @requires_cuda
