@@ -132,6 +132,8 @@ def cuda_graphed(fn):
     kernels and a torch.compile'd function, creates library handles: nothing of that may happen during a capture),
     then captures it in a CUDA graph (capturing runs nothing). Returns (the first call's result, replay) where
     replay() reruns fn on the current contents of its tensors and returns the (reused) output tensor.
+    The graph holds only the tensors' addresses, so replay keeps fn, and with it every tensor fn reads (a cache
+    made only for fn, a stacked weight held by that cache), alive for as long as replay lives.
     Both runs keep autocast's cache of cast weights off: a graph that read a cached cast would read freed memory
     once the autocast region that cached it ends, and generate replays its graph in later regions too."""
     side = torch.cuda.Stream()
@@ -148,4 +150,5 @@ def cuda_graphed(fn):
     def replay():
         graph.replay()
         return static
+    replay.fn = fn
     return first, replay

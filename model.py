@@ -486,7 +486,7 @@ class GPT(nn.Module):
             for c, block in zip(st.cache, self.blocks):
                 if c.w is not None:
                     c.w.copy_(block.attn.stacked_weight())
-        out, tok, pos, cache, uniform = st.out, st.tok, st.pos, st.cache, st.uniform
+        out, tok, pos, cache, uniform, step = st.out, st.tok, st.pos, st.cache, st.uniform, st.step
         out[:, :T0] = idx
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)
 
@@ -501,9 +501,9 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens - 1):
             draw()
             if not idx.is_cuda:
-                st.step(tok, pos, cache, out, uniform, temperature, top_k)
-            elif st.replay is None:                                              # runs it once, then captures
-                st.replay = cuda_graphed(lambda: st.step(tok, pos, cache, out, uniform, temperature, top_k))[1]
+                step(tok, pos, cache, out, uniform, temperature, top_k)
+            elif st.replay is None:  # runs it once, then captures; the graph keeps the tensors, st keeps the graph
+                st.replay = cuda_graphed(lambda: step(tok, pos, cache, out, uniform, temperature, top_k))[1]
             else:
                 st.replay()
         return out.clone()                                                   # out is written again by the next call

@@ -10,8 +10,9 @@ many leading tokens (all rows) equal the first variant's. A variant name may end
     python dev/decode_ab.py            # BS=1,8 by default; VARS=base,final selects variants
     VARS=final,final-mix,final-dot python dev/decode_ab.py   # the MoE layer's three ways in the whole step
     for v in final final@fp8 final@dense; do T0=32768 BS=8 VARS=$v python dev/decode_ab.py; done   # 32K
-Run @fp8 and @dense variants one a process: interleaved with others, they stopped on a device-side assert (32K)
-or an illegal memory access (512) at the first round of replays; cause not isolated (decode.md).
+Interleaved @fp8 and @dense variants once stopped on a device-side assert or an illegal memory access: each
+variant's cache was freed after its build while its graph still used it (decode.md). cuda_graphed now keeps it;
+the interleaved run has not been repeated on a GPU since, so one variant a process is the measured way.
 $OUT (default /tmp) receives decode_ab.txt.
 """
 import os

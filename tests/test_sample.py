@@ -379,6 +379,21 @@ def test_graph_replayed_in_later_calls_on_gpu(fresh_dynamo, compile):
 
 
 @requires_cuda
+def test_graph_keeps_what_it_reads_alive():
+    """A graph holds addresses only: replay keeps fn alive, and with it a tensor that only fn holds, which would
+    otherwise be freed after the capture and its memory handed to the next tensor of its size."""
+    def make():
+        w = torch.arange(1 << 20, device="cuda", dtype=torch.float32)       # held by fn alone
+        out = torch.empty_like(w)
+        return decoding.cuda_graphed(lambda: torch.mul(w, 2, out=out))[1]
+    replay = make()
+    gc.collect()
+    junk = torch.full((1 << 20,), -7.0, device="cuda")                      # w's size: its block, were it free
+    assert torch.equal(replay(), 2 * torch.arange(1 << 20, device="cuda", dtype=torch.float32))
+    del junk
+
+
+@requires_cuda
 def test_kept_graph_survives_a_dynamo_reset(fresh_dynamo):
     """torch._dynamo.reset() drops the compiled step's code; the kept graph replays kernels and memory of its own,
     so a later call (replaying it) still gives a fresh state's tokens, also after the freed memory is reused."""
