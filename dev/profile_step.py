@@ -8,6 +8,7 @@ A lab tool (dev/model.md, "Where the compiled step's time goes"), not part of th
   split1k  train1k's dense and MSA rows in the default mode only (profiled)
            (each profile splits the kernel time: msa_triton's kernels, dense attention's, the rest)
   ro1k, ro8k   dense and MSA under "reduce-overhead" at those shapes (timed only)
+  roBxT    the same for B rows of T tokens (ro8x1024 ro32x1024: one micro-batch of accumulation's against the whole)
   decode   one compiled batch-1 decode step (sparse), profiled un-graphed
   decode8  the same at batch 8
   decode8long  batch 8 after a 32K-token prompt, bf16 and fp8 index keys (decode8fp8: the fp8 one only)
@@ -16,6 +17,7 @@ Run from the repository root; $OUT (default /tmp) receives one prof_*.txt per pr
 """
 import collections
 import os
+import re
 import sys
 import time
 from dataclasses import fields
@@ -101,6 +103,8 @@ if "train8k" in parts: train_rows(2, 8192, "t8k", [("dense", None, None), ("msa"
 if "split1k" in parts: train_rows(16, 1024, "t1k", [("dense", None, None), ("msa", None, None)])
 if "ro1k" in parts: train_rows(16, 1024, "t1k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 if "ro8k" in parts: train_rows(2, 8192, "t8k", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
+for B, T in [tuple(int(v) for v in p[2:].split("x")) for p in parts if re.fullmatch(r"ro\d+x\d+", p)]:
+    train_rows(B, T, f"b{B}t{T}", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 decodes = [(1, 512, False, "decode"), (8, 512, False, "decode8"), (8, 32768, False, "decode8long"),
            (8, 32768, True, "decode8long"), (8, 32768, True, "decode8fp8")]
 for B, T0, fp8 in [(b, t, f) for b, t, f, part in decodes if part in parts]:
