@@ -79,11 +79,13 @@ def main():
     kw.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH, attention="msa")
     torch.manual_seed(0)
     model = GPT(GPTConfig(**kw), backend="auto").cuda().eval().to(torch.bfloat16)
-    model8 = GPT(GPTConfig(**{**kw, "index_fp8": True}), backend="auto").cuda().eval().to(torch.bfloat16)
-    model8.load_state_dict(model.state_dict())                                # the same weights, fp8 index keys
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, data.EOT, (8, T0), device="cuda", generator=g)
     names = os.environ.get("VARS", ",".join(VARIANTS)).split(",")
+    model8 = None
+    if any(name.endswith("@fp8") for name in names):                         # the same weights, fp8 index keys
+        model8 = GPT(GPTConfig(**{**kw, "index_fp8": True}), backend="auto").cuda().eval().to(torch.bfloat16)
+        model8.load_state_dict(model.state_dict())
     lines = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for B in [int(b) for b in os.environ.get("BS", "1,8").split(",")]:

@@ -107,7 +107,7 @@ for B, T in [tuple(int(v) for v in p[2:].split("x")) for p in parts if re.fullma
     train_rows(B, T, f"b{B}t{T}", [("dense", "reduce-overhead", None), ("msa", "reduce-overhead", None)])
 decodes = [(1, 512, False, "decode"), (8, 512, False, "decode8"), (8, 32768, False, "decode8long"),
            (8, 32768, True, "decode8long"), (8, 32768, True, "decode8fp8")]
-for B, T0, fp8 in [(b, t, f) for b, t, f, part in decodes if part in parts]:
+for B, T0, fp8 in dict.fromkeys((b, t, f) for b, t, f, part in decodes if part in parts):   # each step once
     m = build("msa", index_fp8=fp8).eval().to(torch.bfloat16)
     n_new = 256
     prompt = torch.randint(0, data.EOT, (B, T0), device=dev)

@@ -218,7 +218,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od,
 # ---------------------------------------------------------------------------------------------
 # launch choices (benchmarks override these functions to sweep)
 
-def _score_config(B, nb, fp8):
+def _score_config(fp8):
     """(BLOCKS, num_warps) of the scoring pass: BLOCKS (bs x Di) tiles of index keys per program. One tile a
     program reads fastest at both batch 1 and 8 on Hopper (dev/score_sweep.py); an fp8 tile (half the bytes) is
     read fastest by one warp, a bf16 tile by four."""
@@ -249,7 +249,7 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
     nb = _cdiv(Tmax, block_size)
     S = torch.empty(B, Hkv, nb, device=qi.device, dtype=torch.float32)                 # (B, Hkv, nb)
     fp8 = ki_scale is not None
-    blocks, warps = _score_config(B, nb, fp8)
+    blocks, warps = _score_config(fp8)
     _score_kernel[(_cdiv(nb, blocks), B)](
         qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
         **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,

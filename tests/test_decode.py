@@ -213,7 +213,7 @@ def test_split_and_multi_item_programs(monkeypatch, block_n, items):
 
 def test_several_blocks_per_scoring_program(monkeypatch):
     # the scoring pass with 3 blocks per program (the last program partly past the cache)
-    monkeypatch.setattr(dec, "_score_config", lambda B, nb, fp8: (3, 4))
+    monkeypatch.setattr(dec, "_score_config", lambda fp8: (3, 4))
     q, qi, k, v, ki, cache_lens, qs, qis = make_case(2, 4, 2, 45, 16, 16, [45, 22], seed=6)
     want_idx, _ = prefill_rows(qs, k, v, qis, ki, cache_lens, 4, 4)
     assert torch.equal(select(q, qi, k, v, ki, cache_lens, 4, 4).cpu(), want_idx.cpu())
