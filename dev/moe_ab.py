@@ -1,8 +1,11 @@
 """
 A lab tool (dev/decode.md, "Where the batch-8 step goes"), not part of the model: a decode step's MoE layer for a
-few tokens, three ways, at the default GPU model's size (C=512, H=1024, 8 experts, top-2, a shared one):
-  rule: moe.MoE as committed: at 2-64 tokens the router's product, the routing, then every expert on every token
-       in two batched products (moe.moe_all_experts); at one token expert_mix;
+few tokens, four ways, at the default GPU model's size (C=512, H=1024, 8 experts, top-2, a shared one):
+  rule: moe.MoE as committed: at 2-64 tokens one product of the router's and every expert's first weights stacked
+       (MoE.stacked_weight, held as a decode state holds it), the routing, then one product over every expert's
+       gated hidden units (moe.moe_all_experts); at one token expert_mix;
+  bmm: the few-token path before the stacking: the router's product, the routing, every expert on every token in
+       two batched products, then the gated sum over experts;
   mix: msa_triton.expert_mix, the batch-1 path (a routing kernel, then CUDA-core products of each chosen
        (token, expert) pair), forced at every N;
   dot: the candidate below, expert_dot: the same routing kernel, then each chosen expert read once for all the
@@ -23,6 +26,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 if __name__ == "__main__" and "--check" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")                             # before triton is imported
@@ -134,13 +138,29 @@ WAYS = {"mix": msa_triton.expert_mix, "dot": expert_dot}
 _rule_forward = moe.MoE.forward
 
 
+def bmm_forward(self, x, stats=True, w1=None):
+    """MoE.forward's few-token path as it was before the experts were stacked (no gradient, no statistics); anything
+    else (a prefill, training) as MoE.forward does it."""
+    if stats or torch.is_grad_enabled() or x.shape[0] * x.shape[1] > moe.MOE_FEW_TOKENS:
+        return _rule_forward(self, x, stats, w1)
+    B, T, C = x.shape
+    xf = x.reshape(B * T, C)
+    top_logit, idx = moe.top_k(self.router(xf).float(), self.k)
+    chosen = idx.unsqueeze(-1) == torch.arange(self.E, device=x.device)                  # (N, k, E)
+    weight = F.pad((chosen * top_logit.softmax(-1).unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)
+    xe = xf.unsqueeze(0).expand(self.w13.shape[0], -1, -1)                                # (E', N, C)
+    y = torch.bmm(moe.swiglu_act(torch.bmm(xe, self.w13)), self.w2)                      # (E', N, C)
+    out = (y * weight.to(moe.compute_dtype(xf)).t().unsqueeze(-1).to(y.dtype)).sum(0)
+    return out.to(x.dtype).view(B, T, C), None, None
+
+
 def forced_forward(fn):
     """MoE.forward that sends every call of a few tokens (at most moe.MOE_FEW_TOKENS) without gradient or statistics
     on a GPU to fn (expert_mix's contract), as MoE.forward's rule sends one token's to expert_mix; anything else (a
     prefill, training) as MoE.forward does it."""
-    def forward(self, x, stats=True):
+    def forward(self, x, stats=True, w1=None):
         if stats or torch.is_grad_enabled() or not x.is_cuda or x.shape[0] * x.shape[1] > moe.MOE_FEW_TOKENS:
-            return _rule_forward(self, x, stats)
+            return _rule_forward(self, x, stats, w1)
         B, T, C = x.shape
         xf = x.reshape(B * T, C)
         dt = moe.compute_dtype(xf)
@@ -150,8 +170,9 @@ def forced_forward(fn):
 
 
 def use(way):
-    """Make moe.MoE run `way` ('rule': as committed; 'mix', 'dot': forced) from the next trace on."""
-    moe.MoE.forward = _rule_forward if way == "rule" else forced_forward(WAYS[way])
+    """Make moe.MoE run `way` ('rule': as committed; 'bmm': the form before; 'mix', 'dot': forced) from the next trace
+    on."""
+    moe.MoE.forward = _rule_forward if way == "rule" else bmm_forward if way == "bmm" else forced_forward(WAYS[way])
 
 
 def check():
@@ -179,7 +200,7 @@ def check():
     print("check passed")
 
 
-def time_ways(N, ways=("rule", "mix", "dot"), layers=8, rounds=5):
+def time_ways(N, ways=("rule", "bmm", "mix", "dot"), layers=8, rounds=5):
     """us a layer of each way for N tokens (see the docstring at the top), and its difference from the first."""
     from bench import graphed, timed
     cfg = SimpleNamespace(n_expert=8, n_embd=512, expert_hidden=1024, expert_topk=2, shared_expert=True, n_layer=8)
@@ -189,9 +210,11 @@ def time_ways(N, ways=("rule", "mix", "dot"), layers=8, rounds=5):
         m.router.weight.data.normal_(0, 0.5)
     x0 = torch.randn(N, 1, 512, device="cuda", dtype=torch.bfloat16)
 
+    w1s = [m.stacked_weight() for m in mods]                                   # as a decode state holds them
+
     def chain(x):
-        for m in mods:
-            x = x + m(x, stats=False)[0]
+        for m, w1 in zip(mods, w1s):
+            x = x + m(x, stats=False, w1=w1)[0]
         return x
 
     replays, outs = {}, {}
