@@ -185,14 +185,13 @@ class MoE(nn.Module):
         B, T, C = x.shape
         xf = x.reshape(B * T, C)                                     # (N, C)
         E = self.E
-        # a decode step reads expert weights: with a backend's expert_mix it routes and reads only the chosen experts
-        # (no gradient; one token's k + shared ones are fewer than all), in one op where the routing below takes five
-        fewer = B * T * (self.k + self.n_shared) < E + self.n_shared
-        if self.expert_mix is not None and fewer and not stats and xf.is_cuda and not torch.is_grad_enabled():
+        few = B * T <= MOE_FEW_TOKENS
+        # a decode step's few tokens on a GPU (no gradient, no statistics): the backend's expert_mix routes and runs
+        # the experts in two or three launches of its own, where the products and the routing below take seven
+        if self.expert_mix is not None and few and not stats and xf.is_cuda and not torch.is_grad_enabled():
             dt = compute_dtype(xf)
             out = self.expert_mix(xf.to(dt), self.router.weight.to(dt), self.k, self.w13, self.w2)
             return out.to(x.dtype).view(B, T, C), None, None
-        few = B * T <= MOE_FEW_TOKENS
         if few:  # one product: the router's logits and every expert's gate and up projections (moe_all_experts)
             a = xf @ (self.stacked_weight() if w1 is None else w1)  # (N, E + E' * 2H)
             logits = a[:, :E].float()                                # (N, E)

@@ -10,7 +10,7 @@ them all.
   index.py           index_topk (which blocks each query reads) and kl_loss on the KV-outer path
   decode.py          sparse_decode (one new token against the caches)
   cross_entropy.py   linear_cross_entropy (the language-model loss, chunked)
-  experts.py         expert_mix (a decode step's MoE layer: routing, then only the chosen experts' weights read)
+  experts.py         expert_mix (a decode step's MoE layer: routing, then the chosen experts' products, or all)
   rows.py            row_linear (a decode step's dense products: a few rows times a weight matrix)
   common.py          constants, Triton helpers, the naming convention of every kernel, the checking mode
 Each public function checks its arguments' shapes and calls custom ops (torch.ops.nanomsa.*, registered on

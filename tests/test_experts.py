@@ -58,10 +58,11 @@ def test_no_shared_expert():
     check(3, 32, 24, 4, 2, shared=False)
 
 
-def test_routing_ties_go_to_the_lower_expert():
+@pytest.mark.parametrize("N", [2, 3])                                         # the chosen experts' path, all experts'
+def test_routing_ties_go_to_the_lower_expert(N):
     """Two experts with equal logits: the lower index is chosen (moe.top_k's order); with k = 1 only it is read, and
     the output is that expert's alone (gate 1) plus the shared one."""
-    x, router, w13, w2 = inputs(2, 32, 16, 4, seed=1)
+    x, router, w13, w2 = inputs(N, 32, 16, 4, seed=1)
     router[2] = router[1] = router.abs().sum(0)                               # experts 1 and 2 tie, above 0 and 3
     x = x.abs()
     got = msa_triton.expert_mix(x, router, 1, w13, w2)
@@ -70,9 +71,10 @@ def test_routing_ties_go_to_the_lower_expert():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_views_of_stacked_weights():
+@pytest.mark.parametrize("N", [1, 2])                                         # the chosen experts' path, all experts'
+def test_views_of_stacked_weights(N):
     """The MoE layer passes its (E + 1, ...) parameters whole; slices and a non-contiguous x and router work too."""
-    x, router, w13, w2 = inputs(2, 32, 16, 4)
+    x, router, w13, w2 = inputs(N, 32, 16, 4)
     xt = torch.cat([x, x], 1)[:, ::2]                                          # (N, C), stride 2 along C
     rt = torch.cat([router, router], 1)[:, ::2]
     assert not xt.is_contiguous() and not rt.is_contiguous()
@@ -82,11 +84,35 @@ def test_views_of_stacked_weights():
 
 
 def test_strips_in_pieces(monkeypatch):
-    """A strip larger than MAX_STRIP elements runs in pieces (here C and the hidden slices in several, and the
-    router's C)."""
+    """The chosen experts' path: a strip larger than MAX_STRIP elements runs in pieces (here C and the hidden slices
+    in several, and the router's C)."""
     from msa_triton import experts
     monkeypatch.setattr(experts, "MAX_STRIP", 256)                            # 16 features, 4 hidden units a piece
-    check(2, 40, 72, 4, 2)
+    check(1, 40, 72, 4, 2)
+
+
+def test_all_experts_in_pieces(monkeypatch):
+    """The all-experts path with small tiles: C in three pieces of 16 (the last partial), hidden units and output
+    columns in tiles of 16 (H and C not multiples), slices of the stacked hidden units in two pieces (the last
+    partial), more tokens than one tile of 16 rows."""
+    from msa_triton import experts
+    for name in ("ALL_UP_COLS", "ALL_UP_C", "ALL_DOWN_COLS", "ALL_DOWN_K"):
+        monkeypatch.setattr(experts, name, 16)
+    check(3, 40, 72, 4, 2)
+    check(17, 40, 24, 5, 3)
+
+
+@pytest.mark.parametrize("N", [1, 3])                                         # the chosen experts' path, all experts'
+def test_weights_of_another_dtype(N):
+    """Weights in float32 with x in float16 (a model's float32 parameters under autocast): the products take the
+    weights rounded to x's dtype, as autocast rounds them."""
+    x, router, w13, w2 = inputs(N, 32, 16, 4)
+    x, router = x.half(), router.half()
+    got = msa_triton.expert_mix(x, router, 2, w13, w2)
+    want, _ = reference(x, router, 2, w13.half(), w2.half())
+    assert got.dtype == torch.float16
+    err = ((got.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 5e-3, f"relative error {err:.2e}"
 
 
 def test_bad_shapes():
@@ -104,7 +130,7 @@ def test_bad_shapes():
 
 
 @requires_cuda
-@pytest.mark.parametrize("N", [1, 4])
+@pytest.mark.parametrize("N", [1, 4, 8])
 def test_bf16_on_gpu(N):
     """The default model's expert shapes (C=512, H=1024, 8 experts + a shared one, top-2) with bf16 weights."""
     check(N, 512, 1024, 8, 2, dtype=torch.bfloat16)
@@ -112,19 +138,20 @@ def test_bf16_on_gpu(N):
 
 @requires_cuda
 def test_moe_layer_picks_it_for_decoding():
-    """MoE.forward takes the backend's expert_mix for one token without a gradient or statistics on CUDA (the same
-    output as its own routing and moe_all_experts, to rounding), and its own path with a gradient, with statistics,
-    or once the tokens' (token, expert) pairs are as many as the experts (here 2 tokens x (2 + 1) >= 4 + 1)."""
+    """MoE.forward takes the backend's expert_mix for a few tokens (up to moe.MOE_FEW_TOKENS) without a gradient or
+    statistics on CUDA: one token (its chosen experts' path) and two (every expert's), the same output as its own
+    routing and moe_all_experts, to rounding; and its own path with a gradient, with statistics, or for more tokens."""
     from model import GPTConfig
     cfg = GPTConfig(n_embd=64, expert_hidden=32, n_expert=4, expert_topk=2, shared_expert=True, n_layer=2)
     calls = []
     layer = moe.MoE(cfg, lambda *a: calls.append(len(a[0])) or msa_triton.expert_mix(*a)).to(DEVICE)
-    x = torch.randn(1, 1, 64, device=DEVICE)
+    x, x2 = torch.randn(1, 1, 64, device=DEVICE), torch.randn(1, 2, 64, device=DEVICE)
     with torch.no_grad():
-        fast = layer(x, stats=False)[0]
-        layer(torch.randn(1, 2, 64, device=DEVICE), stats=False)
+        fast, fast2 = layer(x, stats=False)[0], layer(x2, stats=False)[0]
+        layer(torch.randn(1, moe.MOE_FEW_TOKENS + 1, 64, device=DEVICE), stats=False)
         with_stats = layer(x)[0]
-    slow = layer(x, stats=False)[0]                                            # with a gradient
-    assert calls == [1]
+    slow, slow2 = layer(x, stats=False)[0], layer(x2, stats=False)[0]           # with a gradient
+    assert calls == [1, 2]
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast2, slow2.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(with_stats, slow.detach())

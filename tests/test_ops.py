@@ -63,7 +63,7 @@ def grads(x):
 def test_ops_registered_once():
     for name in ("index_topk", "sparse_attention_fwd", "sparse_attention_bwd", "kl_loss", "sparse_decode",
                  "linear_cross_entropy", "sparse_attention_tile_fwd", "sparse_attention_tile_bwd", "kl_loss_tile",
-                 "kl_loss_grads", "expert_mix", "row_linear"):
+                 "kl_loss_grads", "expert_mix", "expert_all", "row_linear"):
         assert hasattr(torch.ops.nanomsa, name), name
     op = torch.ops.nanomsa.sparse_attention_fwd.default
     importlib.reload(attention)                                                # importing again registers nothing
@@ -102,6 +102,7 @@ def opcheck_cases():
         "linear_cross_entropy": (torch.ops.nanomsa.linear_cross_entropy,
                                  (h.requires_grad_(), w.requires_grad_(), y, True, True, torch.float32)),
         "expert_mix": (torch.ops.nanomsa.expert_mix, (x, router, 2, w13, w2)),
+        "expert_all": (torch.ops.nanomsa.expert_all, (x, router, 2, w13, w2)),
         "row_linear": (torch.ops.nanomsa.row_linear, (x[:1], w13[0].T.contiguous())),
     }
 
@@ -165,7 +166,7 @@ def test_sparse_attention_kl(path):
 
 def eager_calls(q, k, v, qi, ki, bs, K, dout):
     """Every eager call the model makes, with the gradients of the differentiable ones: the MSA step (both functions
-    and sparse_attention_kl), sparse_decode, linear_cross_entropy, row_linear and expert_mix."""
+    and sparse_attention_kl), sparse_decode, linear_cross_entropy, row_linear and expert_mix (both of its paths)."""
     D = q.shape[3]
     res = step_grads(msa_step, q, k, v, qi, ki, bs, K, dout) + step_grads(msa_step_apart, q, k, v, qi, ki, bs, K, dout)
     res.append(msa_triton.sparse_decode(*decode_case(), 8, K))
@@ -175,7 +176,8 @@ def eager_calls(q, k, v, qi, ki, bs, K, dout):
     g = torch.Generator().manual_seed(5)                                      # 3 tokens, C = 32, E = 4, H = 16
     x, router, w13, w2 = (torch.randn(*shape, generator=g).to(DEVICE)
                           for shape in ((3, 32), (4, 32), (4, 32, 32), (4, 16, 32)))
-    res += [msa_triton.row_linear(x, w13[0].T), msa_triton.expert_mix(x, router, 2, w13, w2)]
+    res += [msa_triton.row_linear(x, w13[0].T), msa_triton.expert_mix(x, router, 2, w13, w2),  # all the experts
+            msa_triton.expert_mix(x[:1], router, 2, w13, w2)]                                 # the chosen ones
     return res
 
 
@@ -188,7 +190,7 @@ def test_eager_calls_skip_the_dispatcher(path, monkeypatch):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ops = {op for mod in (attention, common, tile, index, decode, cross_entropy, experts, rows)
            for op in vars(mod).values() if isinstance(op, common._Op)}
-    assert len(ops) == 12                                 # every op of the package; a new one needs a call above
+    assert len(ops) == 13                                 # every op of the package; a new one needs a call above
     monkeypatch.setattr(common._Op, "__call__", lambda self, *args: self.op(*args))
     want = eager_calls(q, k, v, qi, ki, bs, K, dout)                           # through the custom ops
     monkeypatch.undo()
