@@ -22,7 +22,8 @@ class KVCache:
     dense: an MSA layer decodes like a dense one, over the whole cache (GPT.generate(decode='dense')).
     w: the layer's q, k, v and index projections stacked into one weight (Attention.stacked_weight), which a decode
     step multiplies once instead of twice; None: the layer's own weights, one product each. moe_w: the layer's MoE
-    router and expert weights stacked (MoE.stacked_weight) for its few-token product, or None: made when needed.
+    router and expert weights stacked (MoE.stacked_weight) for its few-token product, or None: made when needed (a
+    backend's expert_mix reads the parameters themselves).
     Every write is an index_copy_ at positions held in a device tensor, into tensors of fixed shape: nothing waits
     on the host, so a CUDA graph can capture a decode step and replay it with a new position.
     """
