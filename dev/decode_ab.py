@@ -36,7 +36,8 @@ VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, induc
     "pdl+inductor": (True, 0, True, 16, 4), "cols16": (True, 1, None, 16, 4), "cols16-again": (True, 1, None, 16, 4),
     "final": (True, 1, None, 8, 4), "final-w2": (True, 1, None, 8, 2), "final-w2-global": (True, 1, True, 8, 2),
     "final-mix": (True, 1, None, 8, 4, "mix"), "final-dot": (True, 1, None, 8, 4, "dot"),
-    "final-bmm": (True, 1, None, 8, 4, "bmm"), "final-tune": (True, 1, None, 8, 4, "rule", True),
+    "final-bmm": (True, 1, None, 8, 4, "bmm"), "final-stack": (True, 1, None, 8, 4, "stack"),
+    "final-tune": (True, 1, None, 8, 4, "rule", True),
 }
 T0, N, ROUNDS = int(os.environ.get("T0", 512)), 200, 7
 

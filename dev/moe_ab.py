@@ -36,6 +36,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe
 import msa_triton
+import msa_triton.experts as experts
 from msa_triton.common import _cdiv, _op, _pdl, _pdl_wait, _pow2
 from msa_triton.experts import MAX_STRIP, _route
 
@@ -136,6 +137,8 @@ def expert_dot(x, router, k, w13, w2):
 
 WAYS = {"mix": msa_triton.expert_mix, "dot": expert_dot}
 _rule_forward = moe.MoE.forward
+_TILES = (experts.ALL_UP_COLS, experts.ALL_UP_C, experts.ALL_SPLIT, experts.ALL_DOWN_COLS, experts.ALL_DOWN_K,
+          experts.ALL_WARPS)
 
 
 def bmm_forward(self, x, stats=True, w1=None):
@@ -151,6 +154,20 @@ def bmm_forward(self, x, stats=True, w1=None):
     xe = xf.unsqueeze(0).expand(self.w13.shape[0], -1, -1)                                # (E', N, C)
     y = torch.bmm(moe.swiglu_act(torch.bmm(xe, self.w13)), self.w2)                      # (E', N, C)
     out = (y * weight.to(moe.compute_dtype(xf)).t().unsqueeze(-1).to(y.dtype)).sum(0)
+    return out.to(x.dtype).view(B, T, C), None, None
+
+
+def stack_forward(self, x, stats=True, w1=None):
+    """MoE.forward's few-token path without a backend's kernels: moe.moe_all_experts on the stacked weights."""
+    if stats or torch.is_grad_enabled() or x.shape[0] * x.shape[1] > moe.MOE_FEW_TOKENS:
+        return _rule_forward(self, x, stats, w1)
+    B, T, C = x.shape
+    xf = x.reshape(B * T, C)
+    a = xf @ (self.stacked_weight() if w1 is None else w1)                               # (N, E + E' * 2H)
+    top_logit, idx = moe.top_k(a[:, :self.E].float(), self.k)
+    chosen = idx.unsqueeze(-1) == torch.arange(self.E, device=x.device)                  # (N, k, E)
+    weight = F.pad((chosen * top_logit.softmax(-1).unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)
+    out = moe.moe_all_experts(a[:, self.E:], weight.to(a.dtype), self.w2.reshape(-1, C))
     return out.to(x.dtype).view(B, T, C), None, None
 
 
@@ -172,7 +189,13 @@ def forced_forward(fn):
 def use(way):
     """Make moe.MoE run `way` ('rule': as committed; 'bmm': the form before; 'mix', 'dot': forced) from the next trace
     on."""
-    moe.MoE.forward = _rule_forward if way == "rule" else bmm_forward if way == "bmm" else forced_forward(WAYS[way])
+    # 't:a/b/c/d/e/f': the rule with the all-experts kernels' tiles ALL_UP_COLS/UP_C/SPLIT/DOWN_COLS/DOWN_K/WARPS
+    tiles = tuple(int(v) for v in way[2:].split("/")) if way.startswith("t:") else _TILES
+    (experts.ALL_UP_COLS, experts.ALL_UP_C, experts.ALL_SPLIT, experts.ALL_DOWN_COLS, experts.ALL_DOWN_K,
+     experts.ALL_WARPS) = tiles
+    way = "rule" if way.startswith("t:") else way
+    moe.MoE.forward = {"rule": _rule_forward, "bmm": bmm_forward, "stack": stack_forward}.get(way) \
+        or forced_forward(WAYS[way])
 
 
 def check():
@@ -200,7 +223,7 @@ def check():
     print("check passed")
 
 
-def time_ways(N, ways=("rule", "bmm", "mix", "dot"), layers=8, rounds=5):
+def time_ways(N, ways=("rule", "stack", "bmm", "dot"), layers=8, rounds=5):
     """us a layer of each way for N tokens (see the docstring at the top), and its difference from the first."""
     from bench import graphed, timed
     cfg = SimpleNamespace(n_expert=8, n_embd=512, expert_hidden=1024, expert_topk=2, shared_expert=True, n_layer=8)
@@ -244,7 +267,7 @@ def main():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         lines = []
         for N in [int(n) for n in os.environ.get("NS", "1,2,4,8,16").split(",")]:
-            res = time_ways(N)
+            res = time_ways(N, *[os.environ["WAYS"].split(",")] if "WAYS" in os.environ else [])
             lines.append(f"N={N:2d} " + "  ".join(f"{w} {t:6.2f} us ({d:.1e})" for w, (t, d) in res.items()))
             print(lines[-1], flush=True)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "moe_ab.txt"), "w") as f:
