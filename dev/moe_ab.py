@@ -1,24 +1,29 @@
 """
-A lab tool (dev/decode.md, "Where the batch-8 step goes"), not part of the model: a decode step's MoE layer for a
-few tokens, four ways, at the default GPU model's size (C=512, H=1024, 8 experts, top-2, a shared one):
-  rule: moe.MoE as committed: at 2-64 tokens one product of the router's and every expert's first weights stacked
-       (MoE.stacked_weight, held as a decode state holds it), the routing, then one product over every expert's
-       gated hidden units (moe.moe_all_experts); at one token expert_mix;
-  bmm: the few-token path before the stacking: the router's product, the routing, every expert on every token in
-       two batched products, then the gated sum over experts;
-  mix: msa_triton.expert_mix, the batch-1 path (a routing kernel, then CUDA-core products of each chosen
-       (token, expert) pair), forced at every N;
-  dot: the candidate below, expert_dot: the same routing kernel, then each chosen expert read once for all the
-       tokens, the tokens as the 16 rows of a tensor-core product, the gates applied before the down product.
+A lab tool (dev/decode.md, "Where the batch-8 step goes" and "A few tokens' experts"), not part of the model: a
+decode step's MoE layer for a few tokens, several ways, at the default GPU model's size (C=512, H=1024, 8 experts,
+top-2, a shared one):
+  rule: moe.MoE as committed: msa_triton.expert_mix at every few-token count (its chosen experts' path while the
+       tokens' (token, expert) pairs are fewer than the experts, its all-experts path from there on);
+  t:a/b/c/d/e/f: the rule with the all-experts path's tiles set (experts.ALL_UP_COLS, ALL_UP_C, ALL_SPLIT,
+       ALL_DOWN_COLS, ALL_DOWN_K, ALL_WARPS);
+  stack: the torch few-token path (no backend kernels): one product of the router's and every expert's first
+       weights stacked (MoE.stacked_weight, held as a decode state holds it), the routing, then one product over
+       every expert's gated hidden units (moe.moe_all_experts);
+  bmm: the torch path before the stacking: the router's product, the routing, every expert on every token in two
+       batched products, then the gated sum over experts;
+  mix: msa_triton.expert_mix forced on every few-token call (what the rule now does too);
+  dot: the candidate below, expert_dot: expert_mix's routing kernel, then each chosen expert read once for all the
+       tokens, the tokens as the 16 rows of a tensor-core product in 16-column strips, the gates applied before the
+       down product (slower than the all-experts path, whose strips are 64 columns wide).
 Eight layers of their own weights (226 MB in bf16, beyond L2) run as one chain x = x + moe(x), compiled as the
 decode step is (decoding.compiled_step's options) and captured in a CUDA graph; rounds of do_bench (bench.timed)
-alternate the ways; the median us a layer is printed with each way's largest difference from 'rule' (relative to its largest
-value; bf16, so ~1e-2 is rounding).
-    python dev/moe_ab.py                  # on a GPU: N = 1, 2, 4, 8, 16 tokens (NS=1,8 to choose)
+alternate the ways; the median us a layer is printed with each way's largest difference from the first way
+(relative to its largest value; bf16, so ~1e-2 is rounding).
+    python dev/moe_ab.py                  # on a GPU: N = 1, 2, 4, 8, 16 tokens (NS=1,8 to choose; WAYS=rule,stack)
     python dev/moe_ab.py --check          # expert_dot and expert_mix against a float64 reference, fp32
                                           # (runs on a CPU, in Triton's interpreter, at small sizes)
-$OUT (default /tmp) receives moe_ab.txt. dev/decode_ab.py's variants final-mix and final-dot put the same ways
-into the whole decode step.
+$OUT (default /tmp) receives moe_ab.txt. dev/decode_ab.py's variants final-stack, final-bmm, final-mix and
+final-dot put the same ways into the whole decode step.
 """
 import os
 import statistics
@@ -187,8 +192,8 @@ def forced_forward(fn):
 
 
 def use(way):
-    """Make moe.MoE run `way` ('rule': as committed; 'bmm': the form before; 'mix', 'dot': forced) from the next trace
-    on."""
+    """Make moe.MoE run `way` ('rule', 't:...', 'stack', 'bmm', 'mix', 'dot': the docstring at the top) from the
+    next trace on."""
     # 't:a/b/c/d/e/f': the rule with the all-experts kernels' tiles ALL_UP_COLS/UP_C/SPLIT/DOWN_COLS/DOWN_K/WARPS
     tiles = tuple(int(v) for v in way[2:].split("/")) if way.startswith("t:") else _TILES
     (experts.ALL_UP_COLS, experts.ALL_UP_C, experts.ALL_SPLIT, experts.ALL_DOWN_COLS, experts.ALL_DOWN_K,
