@@ -8,11 +8,12 @@ An expert's gate and up projections sit side by side in one (C, 2H) matrix (one 
 shared expert, if any, is stored after the routed ones: w13 (E + S, C, 2H), w2 (E + S, H, C), S = 1 with a
 shared expert, else 0.
 A training step routes with moe_dispatch: the (token, expert) assignments sorted by expert, every expert's
-product over its own rows at once (grouped_mm), all on the device. A decode step's few tokens take
-moe_all_experts: every expert, the shared one included, on every token, in two plain matrix products over the
-experts' weights stacked side by side (the router's columns ride in the first): fewer kernels; or, when the
-tokens' chosen experts are fewer than all of them (one token: its k and the shared one), a backend's expert_mix
-(msa_triton's on a GPU): the routing and the same sum in one op, reading only the chosen experts' weights.
+product over its own rows at once (grouped_mm), all on the device. A decode step's few tokens take a backend's
+expert_mix (msa_triton's on a GPU): the routing and the same sum in two or three launches of its own, reading only
+the chosen experts' weights while the tokens' (token, expert) pairs are fewer than the experts (one token: its k
+and the shared one), else every expert's once for all the tokens. Without one (a CPU): moe_all_experts, every
+expert, the shared one included, on every token in two plain matrix products over the experts' weights stacked
+side by side (the router's columns ride in the first): fewer kernels than moe_dispatch.
 """
 import math
 
@@ -146,7 +147,7 @@ def moe_all_experts(a, weight, w2):
     return h.reshape(N, -1) @ w2                                             # (N, C)
 
 
-MOE_FEW_TOKENS = 64  # MoE.forward uses moe_all_experts up to this many tokens (decoding), moe_dispatch above
+MOE_FEW_TOKENS = 64  # MoE.forward runs expert_mix or moe_all_experts up to this many tokens, moe_dispatch above
 
 
 class MoE(nn.Module):
