@@ -48,8 +48,9 @@ def check(N, C, H, E, k, shared=True, dtype=torch.float32, seed=0):
 
 
 # (N, C, H, E, k): one token (batch-1 decoding), several; C and H not multiples of the kernels' blocks; k = 1;
-# every expert chosen (k = E)
-@pytest.mark.parametrize("N,C,H,E,k", [(1, 64, 48, 8, 2), (3, 40, 20, 4, 2), (2, 24, 70, 5, 1), (2, 16, 16, 3, 3)])
+# every expert chosen (k = E); the chosen experts' path (pairs fewer than experts) and the all-experts path
+@pytest.mark.parametrize("N,C,H,E,k", [(1, 64, 48, 8, 2), (3, 40, 20, 4, 2), (2, 24, 70, 5, 1), (2, 16, 16, 3, 3),
+                                        (4, 24, 70, 5, 1)])
 def test_equals_moe_routing_and_all_experts(N, C, H, E, k):
     check(N, C, H, E, k)
 
