@@ -103,6 +103,11 @@ def test_all_experts_in_pieces(monkeypatch):
     check(17, 40, 24, 5, 3)
 
 
+def test_all_experts_at_the_most_tokens():
+    """As many tokens as MoE.forward sends to expert_mix (moe.MOE_FEW_TOKENS): 64 rows of one product."""
+    check(moe.MOE_FEW_TOKENS, 32, 16, 4, 2)
+
+
 @pytest.mark.parametrize("N", [1, 3])                                         # the chosen experts' path, all experts'
 def test_weights_of_another_dtype(N):
     """Weights in float32 with x in float16 (a model's float32 parameters under autocast): the products take the
