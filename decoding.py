@@ -21,15 +21,13 @@ class KVCache:
     the dtype written (bf16 under autocast); positions not yet written hold zeros that attention masks out.
     dense: an MSA layer decodes like a dense one, over the whole cache (GPT.generate(decode='dense')).
     w: the layer's q, k, v and index projections stacked into one weight (Attention.stacked_weight), which a decode
-    step multiplies once instead of twice; None: the layer's own weights, one product each. moe_w: the layer's MoE
-    router and expert weights stacked (MoE.stacked_weight) for its few-token product, or None: made when needed (a
-    backend's expert_mix reads the parameters themselves).
+    step multiplies once instead of twice; None: the layer's own weights, one product each.
     Every write is an index_copy_ at positions held in a device tensor, into tensors of fixed shape: nothing waits
     on the host, so a CUDA graph can capture a decode step and replay it with a new position.
     """
 
-    def __init__(self, max_len, dense=False, w=None, moe_w=None):
-        self.max_len, self.dense, self.w, self.moe_w = max_len, dense, w, moe_w
+    def __init__(self, max_len, dense=False, w=None):
+        self.max_len, self.dense, self.w = max_len, dense, w
         self.k = self.v = self.ks = self._ki = None
 
     @property

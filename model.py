@@ -292,7 +292,7 @@ class Block(nn.Module):
         unless stats). cache, kl_support, dense: Attention.forward's; rot: rope_tables(pos) when the caller has them."""
         a, kl = self.attn(self.norm1(x), pos, cache, kl_support, rot, dense)
         x = x + a
-        m, balance, load = self.moe(self.norm2(x), stats, None if cache is None else cache.moe_w)
+        m, balance, load = self.moe(self.norm2(x), stats)
         return x + m, kl, balance, load
 
 
@@ -443,11 +443,8 @@ class GPT(nn.Module):
         pos.add_(1)
 
     def new_cache(self, max_len, decode="sparse"):
-        """One KVCache per layer for max_len tokens (decode: generate's), each with its layer's stacked weights (the
-        MoE's only when it runs its own few-token products: a backend's expert_mix reads the parameters)."""
-        return [KVCache(max_len, dense=decode == "dense", w=block.attn.stacked_weight(),
-                        moe_w=block.moe.stacked_weight() if block.moe.expert_mix is None else None)
-                for block in self.blocks]
+        """One KVCache per layer for max_len tokens (decode: generate's), each with its layer's stacked weight."""
+        return [KVCache(max_len, dense=decode == "dense", w=block.attn.stacked_weight()) for block in self.blocks]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, patches=None, generator=None, decode="sparse",
@@ -489,8 +486,6 @@ class GPT(nn.Module):
             for c, block in zip(st.cache, self.blocks):
                 if c.w is not None:
                     c.w.copy_(block.attn.stacked_weight())
-                if c.moe_w is not None:
-                    c.moe_w.copy_(block.moe.stacked_weight())
         out, tok, pos, cache, uniform, step = st.out, st.tok, st.pos, st.cache, st.uniform, st.step
         out[:, :T0] = idx
         logits = self(idx, patches=patches, cache=cache)[0][:, -1].float()   # prefill: (B, V)

@@ -12,8 +12,7 @@ product over its own rows at once (grouped_mm), all on the device. A decode step
 expert_mix (msa_triton's on a GPU): the routing and the same sum in two or three launches of its own, reading only
 the chosen experts' weights while the tokens' (token, expert) pairs are fewer than the experts (one token: its k
 and the shared one), else every expert's once for all the tokens. Without one (a CPU): moe_all_experts, every
-expert, the shared one included, on every token in two plain matrix products over the experts' weights stacked
-side by side (the router's columns ride in the first): fewer kernels than moe_dispatch.
+expert, the shared one included, on every token in one batched product: fewer kernels than moe_dispatch.
 """
 import math
 
@@ -128,23 +127,19 @@ def moe_dispatch(x, idx, gate, w13, w2):
     return (gate.unsqueeze(-1) * y).sum(1).to(x.dtype)                         # (N, C): a token's k rows summed
 
 
-def moe_all_experts(a, weight, w2):
+def moe_all_experts(x, weight, w13, w2):
     """
     out[n] = sum over e of weight[n, e] * expert_e(x[n]), for a few tokens (a decode step): every expert runs on every
-    token. a (N, E' * 2H): every expert's gate and up projections of each token side by side, x times w13 with its
-    experts side by side, w13.transpose(0, 1).reshape(C, E' * 2H); weight (N, E'): the gates of each token's chosen
-    experts, 0 for the others, 1 for a shared expert; w2 (E' * H, C): every expert's down rows one after another,
-    w2.reshape(E' * H, C) -> (N, C), in a's dtype.
-    The gates scale the hidden units, so one product over all E' * H of them also sums the experts: no batched
-    product, no sum over experts of its own. For a few tokens the products are bound by reading the weights (about
-    N FLOPs per byte in bf16, far below a GPU's ridge) and moe_dispatch reads nearly every expert anyway once
-    N * k >= E, so the E / k times more FLOPs are almost free, and this takes a handful of kernels where
-    moe_dispatch's routing (sort, gathers, group ends, scatter back) takes several times as many: what a decode
-    step of small kernels costs.
+    token in one batched matrix product. x (N, C); weight (N, E'): the gates of each token's chosen experts, 0 for
+    the others, 1 for a shared expert; w13 (E', C, 2H), w2 (E', H, C) -> (N, C).
+    For a few tokens the expert products are bound by reading the weights (about N FLOPs per byte in bf16, far
+    below a GPU's ridge) and moe_dispatch reads nearly every expert anyway once N * k >= E, so the E / k times more
+    FLOPs are almost free, and this takes a handful of kernels where moe_dispatch's routing (sort, gathers, group
+    ends, scatter back) takes several times as many: what a decode step of small kernels costs.
     """
-    N, Ep = weight.shape
-    h = swiglu_act(a.view(N, Ep, -1)) * weight.unsqueeze(-1).to(a.dtype)    # (N, E', H) each expert's gated units
-    return h.reshape(N, -1) @ w2                                             # (N, C)
+    xe = x.unsqueeze(0).expand(w13.shape[0], -1, -1)                         # (E', N, C)
+    y = torch.bmm(swiglu_act(torch.bmm(xe, w13)), w2)                        # (E', N, C), in autocast's dtype
+    return (y * weight.t().unsqueeze(-1).to(y.dtype)).sum(0).to(x.dtype)    # (N, C)
 
 
 MOE_FEW_TOKENS = 64  # MoE.forward runs expert_mix or moe_all_experts up to this many tokens, moe_dispatch above
@@ -164,40 +159,27 @@ class MoE(nn.Module):
     def __init__(self, cfg, expert_mix=None):
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.expert_hidden
-        self.expert_mix = expert_mix  # a backend's decode-step MoE (routing, chosen experts only), or None
+        self.expert_mix = expert_mix  # a backend's decode-step MoE (routing and the experts' products), or None
         self.k, self.E, self.n_shared = cfg.expert_topk, E, int(cfg.shared_expert)  # n_shared: 0 or 1
         self.router = nn.Linear(C, E, bias=False)
         # the routed experts, then the shared one (if any): gate and up projections side by side, and the down one
         self.w13 = nn.Parameter(torch.randn(E + self.n_shared, C, 2 * H) * 0.02)
         self.w2 = nn.Parameter(torch.randn(E + self.n_shared, H, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def stacked_weight(self):
-        """The router's and every expert's first weights as one (C, E + E' * 2H) matrix: the router's E columns, then
-        every expert's gate and up columns (moe_all_experts' layout), so that a few tokens' first product computes
-        the logits and all the experts' projections at once. A copy: a decode state holds one (KVCache.moe_w), taken
-        when generate starts, from the weights as they are then."""
-        C = self.w13.shape[1]
-        return torch.cat([self.router.weight.t(), self.w13.transpose(0, 1).reshape(C, -1)], 1)
-
-    def forward(self, x, stats=True, w1=None):
+    def forward(self, x, stats=True):
         """x (B, T, C) -> out (B, T, C), balance loss (scalar), load (E,) fraction of assignments per expert.
-        stats=False: balance and load are None (a forward without targets has no use for them).
-        w1: stacked_weight() when the caller holds it (a decode step's KVCache), else made here when needed."""
+        stats=False: balance and load are None (a forward without targets has no use for them)."""
         B, T, C = x.shape
         xf = x.reshape(B * T, C)                                     # (N, C)
         E = self.E
         few = B * T <= MOE_FEW_TOKENS
         # a decode step's few tokens on a GPU (no gradient, no statistics): the backend's expert_mix routes and runs
-        # the experts in two or three launches of its own, where the products and the routing below take seven
+        # the experts in two or three launches of its own, where the products and the routing below take several more
         if self.expert_mix is not None and few and not stats and xf.is_cuda and not torch.is_grad_enabled():
             dt = compute_dtype(xf)
             out = self.expert_mix(xf.to(dt), self.router.weight.to(dt), self.k, self.w13, self.w2)
             return out.to(x.dtype).view(B, T, C), None, None
-        if few:  # one product: the router's logits and every expert's gate and up projections (moe_all_experts)
-            a = xf @ (self.stacked_weight() if w1 is None else w1)  # (N, E + E' * 2H)
-            logits = a[:, :E].float()                                # (N, E)
-        else:
-            logits = self.router(xf).float()                         # (N, E)
+        logits = self.router(xf).float()                             # (N, E)
         top_logit, idx = top_k(logits, self.k)                       # (N, k)
         gate = top_logit.softmax(-1)                                 # (N, k) weights of the chosen experts
         chosen = idx.unsqueeze(-1) == torch.arange(E, device=idx.device)  # (N, k, E) one-hot
@@ -205,7 +187,7 @@ class MoE(nn.Module):
             weight = F.pad((chosen * gate.unsqueeze(-1)).sum(1), (0, self.n_shared), value=1.0)  # (N, E')
             # the gates in the products' dtype, as moe_all_experts applies them; so rounded, a compiled step's gates
             # (summed in another order) equal the eager step's, and greedy decoding picks the same tokens
-            out = moe_all_experts(a[:, E:], weight.to(a.dtype), self.w2.reshape(-1, C)).to(x.dtype)
+            out = moe_all_experts(xf, weight.to(compute_dtype(xf)), self.w13, self.w2)
         else:
             out = moe_dispatch(xf, idx, gate, self.w13[:E], self.w2[:E])
             if self.n_shared:

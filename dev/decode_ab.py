@@ -2,13 +2,13 @@
 A lab tool (dev/decode.md, "One-row products in Triton, and programmatic dependent launch"), not part of the model:
 the default GPU model's compiled, CUDA-graphed decode step timed in several forms in one process. Each variant sets
 msa_triton's PDL switch, row_linear's MAX_ROWS, COLS and WARPS, inductor's triton.enable_pdl (None: left to
-decoding.compiled_step) and the MoE layer's way (dev/moe_ab.py: 'rule' as committed, 'bmm' the form before it,
-'mix' or 'dot' forced), compiles and captures its own step; then rounds of N replays run variant after variant (CUDA
+decoding.compiled_step) and the MoE layer's way (dev/moe_ab.py: 'rule' as committed, 'torch' without the backend's
+kernels), compiles and captures its own step; then rounds of N replays run variant after variant (CUDA
 events; pos and the token reset each round, so every round decodes the same greedy tokens), and the median us a step
 is printed with how many leading tokens (all rows) equal the first variant's. A variant name may end in @dense
 (dense decode) or @fp8 (fp8 index keys: the same weights in a model with index_fp8), and T0 sets the prompt's length:
     python dev/decode_ab.py            # BS=1,8 by default; VARS=base,final selects variants
-    VARS=final,final-bmm python dev/decode_ab.py              # the MoE layer's stacked products against the batched
+    VARS=final,final-torch python dev/decode_ab.py            # the MoE layer: expert_mix against torch's products
     T0=32768 BS=8 VARS=final,final@fp8,final@dense python dev/decode_ab.py   # the 32K bar's arms
 $OUT (default /tmp) receives decode_ab.txt.
 """
@@ -30,24 +30,21 @@ from decoding import compiled_step, cuda_graphed, sample_token
 from model import GPT, GPTConfig
 
 VARIANTS = {  # name: (PDL in msa_triton's kernels, row_linear's MAX_ROWS, inductor's PDL (True, False, None),
-    #                row_linear's COLS and WARPS[, the MoE's way: 'rule' when left out[, inductor's max_autotune_gemm]])
+    #                row_linear's COLS and WARPS[, the MoE's way (dev/moe_ab.py): 'rule' when left out])
     "base": (False, 0, False, 16, 4), "rows": (False, 1, False, 16, 4), "pdl": (True, 0, False, 16, 4),
     "pdl+rows": (True, 1, False, 16, 4), "pdl+rows+inductor": (True, 1, True, 16, 4),
     "pdl+inductor": (True, 0, True, 16, 4), "cols16": (True, 1, None, 16, 4), "cols16-again": (True, 1, None, 16, 4),
     "final": (True, 1, None, 8, 4), "final-w2": (True, 1, None, 8, 2), "final-w2-global": (True, 1, True, 8, 2),
-    "final-mix": (True, 1, None, 8, 4, "mix"), "final-dot": (True, 1, None, 8, 4, "dot"),
-    "final-bmm": (True, 1, None, 8, 4, "bmm"), "final-stack": (True, 1, None, 8, 4, "stack"),
-    "final-tune": (True, 1, None, 8, 4, "rule", True),
+    "final-torch": (True, 1, None, 8, 4, "torch"),
 }
 T0, N, ROUNDS = int(os.environ.get("T0", 512)), 200, 7
 
 
-def build(model, prompt, decode, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule", tune=False):
+def build(model, prompt, decode, pdl, max_rows, inductor_pdl, cols, warps, moe_way="rule"):
     """The variant's step, captured: returns run(n) -> (us a step over n replays, the (B, n + 1) tokens)."""
     moe_ab.use(moe_way)                                                        # read when the step is traced
     common.PDL, rows.MAX_ROWS, rows.COLS, rows.WARPS = pdl, max_rows, cols, warps
     inductor_config.triton.enable_pdl = bool(inductor_pdl)
-    inductor_config.max_autotune_gemm = tune                                  # inductor's GEMM templates, tuned
     os.environ["NANOMSA_PDL"] = "0" if inductor_pdl is False else "1"        # what compiled_step reads
     torch._dynamo.reset()
     B = prompt.shape[0]

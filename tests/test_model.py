@@ -75,10 +75,8 @@ def per_token(x, idx, gate, w13, w2):
 
 
 def all_experts(x, idx, gate, w13, w2):
-    """moe_all_experts with moe_dispatch's arguments: the experts' weights side by side, the gates as (N, E) weights,
-    0 where not chosen."""
-    weight = torch.zeros(idx.shape[0], w13.shape[0], dtype=gate.dtype).scatter(1, idx, gate)
-    return moe_all_experts(x @ w13.transpose(0, 1).reshape(x.shape[1], -1), weight, w2.reshape(-1, w2.shape[-1]))
+    """moe_all_experts with moe_dispatch's arguments: the gates as (N, E) weights, 0 where not chosen."""
+    return moe_all_experts(x, torch.zeros(idx.shape[0], w13.shape[0], dtype=gate.dtype).scatter(1, idx, gate), w13, w2)
 
 
 # float64 and float32 rows of 6 (24 bytes) run grouped_mm's batched fallback; float32 rows of 12 and 20 (48 and
