@@ -82,6 +82,14 @@ def argmax(x, pieces=64):
     return piece[:, 0] * x.shape[-1] + where.gather(1, piece)[:, 0]
 
 
+# inductor's options for a decode step. combo_kernels: independent small kernels (a layer's norms, its routing, its
+# cache writes) run as one launch, which a step of ~100 one-token kernels pays for in launches, not in bytes.
+# emulate_precision_casts: a fused kernel rounds each intermediate to the dtype the eager step rounds it to, where it
+# would otherwise keep float32 (the MoE's float32 partial sums, rounded to bf16 before the residual's add), so the
+# compiled step decodes the eager step's greedy tokens.
+STEP_OPTIONS = dict(combo_kernels=True, emulate_precision_casts=True)
+
+
 def compiled_step(fn, backend):
     """
     torch.compile(fn) for the decode step: fullgraph (a graph break would put host work back into the step) and
@@ -92,9 +100,7 @@ def compiled_step(fn, backend):
     Compiling happens at the first call; if it fails, one line says why and fn itself runs from then on (tok and
     pos are restored first; the cache and out rows it may have written are written again, with the same values).
     """
-    # inductor's combo kernels: independent small kernels (a layer's norms, its routing, its cache writes) run as one
-    # launch, which a step of ~100 one-token kernels pays for in launches, not in bytes
-    options = dict(combo_kernels=True) if backend == "inductor" else None
+    options = STEP_OPTIONS if backend == "inductor" else None
     compiled, chosen = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, options=options), None
 
     def call(tok, pos, *args):

@@ -282,6 +282,23 @@ def test_compiled_step_with_inductor(fresh_dynamo):
     assert torch.equal(compiled, eager)
 
 
+def test_step_options_round_as_the_eager_step(fresh_dynamo):
+    """decoding.STEP_OPTIONS: where the eager step rounds an intermediate to bf16 (the MoE's fp32 partial sums, cast
+    before the residual's add and the next norm), the compiled step's fused kernel rounds it too, so both give the
+    same bits. (Without emulate_precision_casts, inductor keeps the sum in fp32 and the two differ.)"""
+    def tail(part, x, w):
+        out = part[0]
+        for s in range(1, part.shape[0]):
+            out = out + part[s]
+        y = x + out.to(x.dtype)
+        return torch.nn.functional.rms_norm(y.float(), (y.shape[-1],), w).to(x.dtype), y
+    g = torch.Generator().manual_seed(0)
+    args = torch.randn(16, 8, 512, generator=g), torch.randn(8, 512, generator=g).bfloat16(), torch.ones(512)
+    compiled = torch.compile(tail, fullgraph=True, dynamic=False, options=decoding.STEP_OPTIONS)(*args)
+    for a, b in zip(compiled, tail(*args)):
+        assert torch.equal(a, b)
+
+
 def test_failed_compile_decodes_eagerly(fresh_dynamo, capsys):
     """A backend that fails: one line says so, and the eager step gives the tokens."""
     def broken(gm, example_inputs):
