@@ -4,8 +4,8 @@ decode step's MoE layer for a few tokens, several ways, at the default GPU model
 top-2, a shared one):
   rule: moe.MoE as committed: msa_triton.expert_mix at every few-token count (its chosen experts' path while the
        tokens' (token, expert) pairs are fewer than the experts, its all-experts path from there on);
-  t:a/b/c/d/e/f: the rule with the all-experts path's tiles set (experts.ALL_UP_COLS, ALL_UP_C, ALL_SPLIT,
-       ALL_DOWN_COLS, ALL_DOWN_K, ALL_WARPS);
+  t:NAME=v/NAME=v...: the rule with some of the all-experts path's tiles set (experts.ALL_NAME, e.g.
+       t:UP_COLS=32/UP_STAGES=2; dev/expert_sweep.py times the two kernels alone over many);
   torch: MoE.forward without a backend's kernels (as on a CPU): the router's product, the routing, every expert
        on every token in two batched products, the gated sum (moe.moe_all_experts).
 Eight layers of their own weights (226 MB in bf16, beyond L2) run as one chain x = x + moe(x), compiled as the
@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe
 import msa_triton
+from decoding import STEP_OPTIONS
 import msa_triton.experts as experts
 
 _rule_forward = moe.MoE.forward
-_TILES = (experts.ALL_UP_COLS, experts.ALL_UP_C, experts.ALL_SPLIT, experts.ALL_DOWN_COLS, experts.ALL_DOWN_K,
-          experts.ALL_WARPS)
+_TILES = {name: getattr(experts, name) for name in dir(experts) if name.startswith("ALL_")}
 
 
 def torch_forward(self, x, stats=True):
@@ -43,10 +43,14 @@ def torch_forward(self, x, stats=True):
 
 
 def use(way):
-    """Make moe.MoE run `way` ('rule', 't:a/b/c/d/e/f', 'torch': the docstring at the top) from the next trace on."""
-    tiles = tuple(int(v) for v in way[2:].split("/")) if way.startswith("t:") else _TILES
-    (experts.ALL_UP_COLS, experts.ALL_UP_C, experts.ALL_SPLIT, experts.ALL_DOWN_COLS, experts.ALL_DOWN_K,
-     experts.ALL_WARPS) = tiles
+    """Make moe.MoE run `way` ('rule', 't:NAME=v/...', 'torch': the docstring at the top) from the next trace on."""
+    for name, value in _TILES.items():
+        setattr(experts, name, value)
+    if way.startswith("t:"):
+        for item in way[2:].split("/"):
+            name, value = item.split("=")
+            assert "ALL_" + name in _TILES, f"no tile experts.ALL_{name}"
+            setattr(experts, "ALL_" + name, int(value))
     moe.MoE.forward = torch_forward if way == "torch" else _rule_forward
 
 
@@ -69,7 +73,7 @@ def time_ways(N, ways=("rule", "torch"), layers=8, rounds=5):
     for way in ways:
         use(way)
         torch._dynamo.reset()
-        f = torch.compile(chain, fullgraph=True, dynamic=False, options=dict(combo_kernels=True))
+        f = torch.compile(chain, fullgraph=True, dynamic=False, options=STEP_OPTIONS)
         out = torch.empty_like(x0)
         replays[way] = graphed(lambda: out.copy_(f(x0)))
         replays[way]()

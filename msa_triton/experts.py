@@ -40,12 +40,17 @@ DOWN_SPLIT = 4     # slices of the hidden units, one program each: (H / 4, 16) s
 DOWN_WARPS = 4     # warps of a down program
 MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
 # the all-experts path (as many (token, expert) pairs as experts, or more: every expert is read anyway)
+ALL_UP_ROWS = 16   # the tokens are the rows of the tensor-core products, padded to at least this many
 ALL_UP_COLS = 64   # hidden units per up program: (C, 64) strips of an expert's gate and up weights, 128-byte rows
 ALL_UP_C = 128     # input features per step of the up program's loop (in 2-byte dtypes; half as many in fp32)
-ALL_SPLIT = 16     # slices of the E' * H stacked hidden units in the down product: its partial sums, added outside
+ALL_UP_WARPS = 4
+ALL_UP_STAGES = 3  # steps of the up loop whose loads are in flight at once (Triton's software pipeline)
+ALL_DOWN_ROWS = 16
+ALL_SPLIT = 32     # slices of the E' * H stacked hidden units in the down product: its partial sums, added outside
 ALL_DOWN_COLS = 64  # output columns per down program: (slice, 64) strips of w2, 128-byte rows
 ALL_DOWN_K = 64    # hidden units per step of the down program's loop
-ALL_WARPS = 4
+ALL_DOWN_WARPS = 4
+ALL_DOWN_STAGES = 4
 
 
 @triton.jit
@@ -259,23 +264,36 @@ def _(x, router, k, w13, w2):
     return x.new_empty(x.shape[0], DOWN_SPLIT, x.shape[1], dtype=torch.float32)
 
 
-@_op("expert_all")
-def _all_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _up_all(x, router, k, w13):
+    """_up_all_kernel's launch: x (N, C), router (E, C), w13 (E', C, 2H) -> h (N, E', H) in x's dtype, gated."""
     N, C = x.shape
-    E, EA, H = router.shape[0], w13.shape[0], w2.shape[1]
-    n_p, pdl, prec = _pow2(N, 16), _pdl(x), _prec(x)
+    E, EA, H = router.shape[0], w13.shape[0], w13.shape[2] // 2
     h = torch.empty(N, EA, H, device=x.device, dtype=x.dtype)
-    part = torch.empty(ALL_SPLIT, N, C, device=x.device, dtype=torch.float32)
     _up_all_kernel[(EA, _cdiv(H, ALL_UP_COLS))](
         x_ptr=x, r_ptr=router, w13_ptr=w13, h_ptr=h, N=N, C=C, H=H, E=E, EA=EA, s_xn=x.stride(0),
-        s_re=router.stride(0), s_rc=router.stride(1), s_we=w13.stride(0), s_wc=w13.stride(1), K=k, N_P=n_p,
-        E_P=_pow2(E, 16), BLOCK_C=min(_pow2(C, 16), _pow2(ALL_UP_C * 2 // x.element_size())), BLOCK_J=ALL_UP_COLS,
-        PREC=prec, num_warps=ALL_WARPS, **pdl)
+        s_re=router.stride(0), s_rc=router.stride(1), s_we=w13.stride(0), s_wc=w13.stride(1), K=k,
+        N_P=_pow2(N, ALL_UP_ROWS), E_P=_pow2(E, 16), BLOCK_C=min(_pow2(C, 16), _pow2(ALL_UP_C * 2 // x.element_size())),
+        BLOCK_J=ALL_UP_COLS, PREC=_prec(x), num_warps=ALL_UP_WARPS, num_stages=ALL_UP_STAGES, **_pdl(x))
+    return h
+
+
+def _down_all(h, w2):
+    """_down_all_kernel's launch: h (N, E', H), w2 (E', H, C) contiguous -> part (ALL_SPLIT, N, C) fp32, whose sum
+    over the first dimension is h (N, E' * H) times w2 seen as one (E' * H, C) matrix."""
+    N, EA, H = h.shape
+    C = w2.shape[2]
+    part = torch.empty(ALL_SPLIT, N, C, device=h.device, dtype=torch.float32)
     ks = _cdiv(EA * H, ALL_SPLIT)                                              # stacked hidden units a slice
     _down_all_kernel[(ALL_SPLIT, _cdiv(C, ALL_DOWN_COLS))](
-        h_ptr=h, w2_ptr=w2, p_ptr=part, N=N, C=C, KT=EA * H, KS=ks, s_wk=w2.stride(1), N_P=n_p,
-        BLOCK_K=min(_pow2(ks, 16), ALL_DOWN_K), BLOCK_C=ALL_DOWN_COLS, PREC=prec, num_warps=ALL_WARPS, **pdl)
+        h_ptr=h, w2_ptr=w2, p_ptr=part, N=N, C=C, KT=EA * H, KS=ks, s_wk=w2.stride(1),
+        N_P=_pow2(N, ALL_DOWN_ROWS), BLOCK_K=min(_pow2(ks, 16), ALL_DOWN_K), BLOCK_C=ALL_DOWN_COLS, PREC=_prec(h),
+        num_warps=ALL_DOWN_WARPS, num_stages=ALL_DOWN_STAGES, **_pdl(h))
     return part
+
+
+@_op("expert_all")
+def _all_op(x: torch.Tensor, router: torch.Tensor, k: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return _down_all(_up_all(x, router, k, w13), w2)                          # (ALL_SPLIT, N, C)
 
 
 @_all_op.register_fake
