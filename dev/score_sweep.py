@@ -92,25 +92,22 @@ def sweep(B, Tmax, fp8):
         return [dec._block_scores(qi, c, lens, bs, s)[..., :nb_valid] for qi, (c, s) in zip(qis, caches)]
     ref = scores()
     lines = []
+
+    def measure(setting, scores):
+        same = all(torch.equal(g, r) for g, r in zip(scores(), ref))
+        ms = timed(graph_of(scores), rep_ms=200)
+        lines.append(f"B={B} Tmax={Tmax} {'fp8 ' if fp8 else 'bf16'} {setting}: {ms / LAYERS * 1e3:6.2f} us a layer, "
+                     f"{bytes_read / ms / 1e9:5.2f} TB/s, scores {'equal' if same else 'DIFFER'}")
+        print(lines[-1], flush=True)
+
     for blocks, warps in itertools.product((1, 2), (1, 4)):
         dec._score_config = lambda fp8: (blocks, warps)
-        same = all(torch.equal(g, r) for g, r in zip(scores(), ref))
-        ms = timed(graph_of(scores), rep_ms=200)
-        lines.append(f"B={B} Tmax={Tmax} {'fp8 ' if fp8 else 'bf16'} blocks={blocks} warps={warps}: "
-                     f"{ms / LAYERS * 1e3:6.2f} us a layer, {bytes_read / ms / 1e9:5.2f} TB/s, "
-                     f"scores {'equal' if same else 'DIFFER'}")
-        print(lines[-1], flush=True)
+        measure(f"blocks={blocks} warps={warps}", scores)
     dec._score_config = committed
     for per_sm, warps, stages in itertools.product((1, 2, 4, 8), (1, 4), (2, 3, 4, 6)):
-        def scores():
-            return [loop_scores(qi, c, lens, bs, s, per_sm, warps, stages)[..., :nb_valid]
-                    for qi, (c, s) in zip(qis, caches)]
-        same = all(torch.equal(g, r) for g, r in zip(scores(), ref))
-        ms = timed(graph_of(scores), rep_ms=200)
-        lines.append(f"B={B} Tmax={Tmax} {'fp8 ' if fp8 else 'bf16'} loop {per_sm}/SM warps={warps} stages={stages}: "
-                     f"{ms / LAYERS * 1e3:6.2f} us a layer, {bytes_read / ms / 1e9:5.2f} TB/s, "
-                     f"scores {'equal' if same else 'DIFFER'}")
-        print(lines[-1], flush=True)
+        measure(f"loop {per_sm}/SM warps={warps} stages={stages}",
+                lambda: [loop_scores(qi, c, lens, bs, s, per_sm, warps, stages)[..., :nb_valid]
+                         for qi, (c, s) in zip(qis, caches)])
     return lines
 
 
