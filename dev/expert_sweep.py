@@ -3,13 +3,12 @@ A lab tool (dev/decode.md, "The all-experts kernels alone"), not part of the mod
 (msa_triton/experts.py) kernel by kernel over its tiles, at the default GPU model's experts (C=512, H=1024, 8 routed
 + 1 shared, top-2) and N tokens. Eight layers of their own weights (226 MB in bf16, beyond L2) run back to back in
 one CUDA graph, as in a decode step; each line is us a layer and the weights' bytes read per second:
-  up:   _up_all alone (w13, 18.9 MB a layer) over ALL_UP_ROWS x ALL_UP_COLS x ALL_UP_C x ALL_UP_WARPS x
-        ALL_UP_STAGES;
-  down: _down_all alone (w2, 9.4 MB a layer) over ALL_DOWN_ROWS x ALL_SPLIT x ALL_DOWN_COLS x ALL_DOWN_K x
-        ALL_DOWN_WARPS x ALL_DOWN_STAGES;
+  up:   _up_all alone (w13, 18.9 MB a layer) over ALL_UP_COLS x ALL_UP_C x ALL_UP_WARPS x ALL_UP_STAGES;
+  down: _down_all alone (w2, 9.4 MB a layer) over ALL_SPLIT x ALL_DOWN_COLS x ALL_DOWN_K x ALL_DOWN_WARPS x
+        ALL_DOWN_STAGES;
   op:   both kernels (expert_all, the partial sums left unsummed), the committed tiles and the best of each sweep.
 Every setting's result is checked against moe.moe_all_experts in fp32 (relative error under 2e-2).
-    python dev/expert_sweep.py            # on a GPU; N=8 by default (N=4,16 to choose)
+    python dev/expert_sweep.py            # on a GPU; 8 tokens by default (NS=4,16 to choose)
 $OUT (default /tmp) receives expert_sweep.txt.
 """
 import itertools
@@ -24,10 +23,10 @@ import msa_triton.experts as ex
 from bench import graph_of, timed
 
 C, H, E, EA, TOPK, LAYERS = 512, 1024, 8, 9, 2, 8
-UP = ("ALL_UP_ROWS", "ALL_UP_COLS", "ALL_UP_C", "ALL_UP_WARPS", "ALL_UP_STAGES")
-DOWN = ("ALL_DOWN_ROWS", "ALL_SPLIT", "ALL_DOWN_COLS", "ALL_DOWN_K", "ALL_DOWN_WARPS", "ALL_DOWN_STAGES")
-UP_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4, 8), (2, 3)))
-DOWN_GRID = list(itertools.product((16, 64), (16, 32), (64, 128), (64, 128), (4,), (3, 4)))
+UP = ("ALL_UP_COLS", "ALL_UP_C", "ALL_UP_WARPS", "ALL_UP_STAGES")
+DOWN = ("ALL_SPLIT", "ALL_DOWN_COLS", "ALL_DOWN_K", "ALL_DOWN_WARPS", "ALL_DOWN_STAGES")
+UP_GRID = list(itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4)))
+DOWN_GRID = list(itertools.product((16, 32), (64, 128), (64, 128), (4, 8), (3, 4)))
 
 
 def setting(names, values):

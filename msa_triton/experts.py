@@ -40,12 +40,10 @@ DOWN_SPLIT = 4     # slices of the hidden units, one program each: (H / 4, 16) s
 DOWN_WARPS = 4     # warps of a down program
 MAX_STRIP = 16384  # elements of a strip loaded at once; a larger C or H runs the strip in pieces of this size
 # the all-experts path (as many (token, expert) pairs as experts, or more: every expert is read anyway)
-ALL_UP_ROWS = 16   # the tokens are the rows of the tensor-core products, padded to at least this many
 ALL_UP_COLS = 64   # hidden units per up program: (C, 64) strips of an expert's gate and up weights, 128-byte rows
 ALL_UP_C = 128     # input features per step of the up program's loop (in 2-byte dtypes; half as many in fp32)
 ALL_UP_WARPS = 4
 ALL_UP_STAGES = 3  # steps of the up loop whose loads are in flight at once (Triton's software pipeline)
-ALL_DOWN_ROWS = 16
 ALL_SPLIT = 32     # slices of the E' * H stacked hidden units in the down product: its partial sums, added outside
 ALL_DOWN_COLS = 64  # output columns per down program: (slice, 64) strips of w2, 128-byte rows
 ALL_DOWN_K = 64    # hidden units per step of the down program's loop
@@ -272,7 +270,7 @@ def _up_all(x, router, k, w13):
     _up_all_kernel[(EA, _cdiv(H, ALL_UP_COLS))](
         x_ptr=x, r_ptr=router, w13_ptr=w13, h_ptr=h, N=N, C=C, H=H, E=E, EA=EA, s_xn=x.stride(0),
         s_re=router.stride(0), s_rc=router.stride(1), s_we=w13.stride(0), s_wc=w13.stride(1), K=k,
-        N_P=_pow2(N, ALL_UP_ROWS), E_P=_pow2(E, 16), BLOCK_C=min(_pow2(C, 16), _pow2(ALL_UP_C * 2 // x.element_size())),
+        N_P=_pow2(N, 16), E_P=_pow2(E, 16), BLOCK_C=min(_pow2(C, 16), _pow2(ALL_UP_C * 2 // x.element_size())),
         BLOCK_J=ALL_UP_COLS, PREC=_prec(x), num_warps=ALL_UP_WARPS, num_stages=ALL_UP_STAGES, **_pdl(x))
     return h
 
@@ -286,7 +284,7 @@ def _down_all(h, w2):
     ks = _cdiv(EA * H, ALL_SPLIT)                                              # stacked hidden units a slice
     _down_all_kernel[(ALL_SPLIT, _cdiv(C, ALL_DOWN_COLS))](
         h_ptr=h, w2_ptr=w2, p_ptr=part, N=N, C=C, KT=EA * H, KS=ks, s_wk=w2.stride(1),
-        N_P=_pow2(N, ALL_DOWN_ROWS), BLOCK_K=min(_pow2(ks, 16), ALL_DOWN_K), BLOCK_C=ALL_DOWN_COLS, PREC=_prec(h),
+        N_P=_pow2(N, 16), BLOCK_K=min(_pow2(ks, 16), ALL_DOWN_K), BLOCK_C=ALL_DOWN_COLS, PREC=_prec(h),
         num_warps=ALL_DOWN_WARPS, num_stages=ALL_DOWN_STAGES, **_pdl(h))
     return part
 
@@ -325,7 +323,7 @@ def expert_mix(x, router, k, w13, w2):
     if N * (k + w13.shape[0] - router.shape[0]) < w13.shape[0]:   # fewer (token, expert) pairs than experts
         part = _mix_op(x, router, k, w13, w2).transpose(0, 1)                 # (DOWN_SPLIT, N, C)
     else:
-        part = _all_op(x.contiguous(), router, k, w13, w2 if w2.is_contiguous() else w2.contiguous())  # (S, N, C)
+        part = _all_op(x.contiguous(), router, k, w13, w2.contiguous())                           # (S, N, C)
     out = part[0]
     for s in range(1, part.shape[0]):  # one by one, in order: the eager op adds them as a compiled step does
         out = out + part[s]
