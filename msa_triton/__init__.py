@@ -57,7 +57,7 @@ def _tile_path(q, k, block_idx, block_size):
 
 def sparse_attention(q, k, v, block_idx, block_size):
     """msa_ref.sparse_attention: q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1
-    padding -> out (B, Hq, T, D) in q's dtype, lse fp32 (B, Hq, T). Differentiable in q, k, v through out;
+    padding -> out (B, Hq, T, D) in q's dtype, lse fp32 (B, Hq, T). Differentiable in q, k, v through out and lse;
     deterministic backward; no host sync."""
     if _tile_path(q, k, block_idx, block_size):
         return tile.sparse_attention_tile(q, k, v, block_idx, block_size)

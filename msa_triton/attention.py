@@ -18,6 +18,7 @@ attention_forward_query_outer is the simple baseline (one program per token and 
 its K blocks, like the public vLLM / NSA kernels); bench.py measures both.
 """
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -324,9 +325,10 @@ def _forward(q, k, v, block_idx, block_size):
     return out, lse, lists
 
 
-def _backward(q, k, v, out, lse, dout, lists, block_size):
+def _backward(q, k, v, out, lse, dout, lists, block_size, dlse=None):
     """KV-outer backward over the forward's work lists (flat, as _forward returns them): dK, dV summed per block (its
-    segments in a fixed order), dQ from per-slot partials. Returns dq, dk, dv."""
+    segments in a fixed order), dQ from per-slot partials. dlse (B, Hq, T): lse's gradient, if lse was used (d lse /
+    d s_ij = p_ij, so it enters every score's gradient p * (dp - delta) as delta - dlse). Returns dq, dk, dv."""
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], lists[0].shape[2]                                     # slots: (BH, Tc, K)
     G = Hq // Hkv
@@ -336,6 +338,8 @@ def _backward(q, k, v, out, lse, dout, lists, block_size):
     _delta_kernel[(B * Hq, _cdiv(T, 64))](
         o_ptr=out, do_ptr=dout, delta_ptr=delta, T=T, Hq=Hq, **_strides("o", out), **_strides("do", dout),
         D=D, ROWS=64, D_P=c["D_P"])
+    if dlse is not None:
+        delta -= dlse                                                          # (B, Hq, T)
     dq = _token_major(B, Hq, T, D, device=q.device, dtype=q.dtype)
     bounds = _chunk_bounds(B, Hkv, T, K, G * D, block_size)
     fresh = len(bounds) == 1                       # one chunk: first segments store, so no zeros are needed
@@ -401,12 +405,13 @@ def _(q, k, v, block_idx, block_size):
 
 @_op("sparse_attention_bwd")
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-            lists: list[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, out, lse, dout, lists, block_size)
+            dlse: Optional[torch.Tensor], lists: list[torch.Tensor],
+            block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, out, lse, dout, lists, block_size, dlse)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, lists, block_size):
+def _(q, k, v, out, lse, dout, dlse, lists, block_size):
     return tuple(_token_major(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
@@ -420,9 +425,9 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_grad(ctx, dout, dlse, dlists):
     q, k, v, out, lse, *lists = ctx.saved_tensors
-    if dout is None:                                                           # only lse was used: no gradient
+    if dout is None:                                                           # only lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, lists, ctx.block_size)
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, lists, ctx.block_size)
     return dq, dk, dv, None, None
 
 
@@ -434,7 +439,7 @@ def sparse_attention(q, k, v, block_idx, block_size, with_lists=False):
     q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int (B, Hkv, T, K) with -1 padding, any order.
     Returns out (B, Hq, T, D) in q's dtype and the natural-log lse fp32 (B, Hq, T), as msa_ref does, and with
     with_lists the work lists it built (for index.kl_loss on the same block_idx).
-    Differentiable in q, k, v through out (lse is returned without gradient). Deterministic backward.
+    Differentiable in q, k, v through out and lse. Deterministic backward.
     No host sync: block_idx's values are checked only in the checking mode (common.checks); outside it,
     ids outside [0, nb) are ignored.
     """

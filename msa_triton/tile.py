@@ -17,6 +17,7 @@ kl_loss_tile runs the same way on tiles of BLOCK_Q tokens (one row per token; th
 use_tile holds the rule that picks this path or the KV-outer one; FORCE overrides it for measurement.
 """
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -148,14 +149,15 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, bi_ptr, o_ptr, lse_ptr, rd_ptr,
 
 
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi_ptr, dq_ptr, delta_ptr,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dlse_ptr, bi_ptr, dq_ptr, delta_ptr,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                    s_ob, s_oh, s_ot, s_od, s_dob, s_doh, s_dot, s_dod, s_ib, s_ih, s_it, s_ik,
                    T, K, Hkv, BS, D, scale, scale2,
                    G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.constexpr, K_P: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr):
-    """Grid (NT, B * Hkv): one query tile. Writes delta (B, Hq, T) = rowsum(out * dout) for the dK, dV kernel
-    and dq (B, Hq, T, D) contiguous, summed over the tile's blocks."""
+                   BLOCK_N: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr, DLSE: tl.constexpr):
+    """Grid (NT, B * Hkv): one query tile. Writes delta (B, Hq, T) = rowsum(out * dout) - dlse (DLSE: lse's gradient,
+    contiguous (B, Hq, T), since d lse / d s_ij = p_ij) for the dK, dV kernel and dq (B, Hq, T, D) contiguous, summed
+    over the tile's blocks."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -170,6 +172,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi_ptr, dq_ptr, 
     o = _load_rows(o_ptr, b, hh, t, rv, s_ob, s_oh, s_ot, s_od, d, dmask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                    # (ROWS,)
     orow = ((b * Hkv + g) * G + h).to(tl.int64) * T + t
+    if DLSE:
+        delta -= tl.load(dlse_ptr + orow, mask=rv, other=0.0)
     tl.store(delta_ptr + orow, delta, mask=rv)
     lse2 = tl.load(lse_ptr + orow, mask=rv, other=0.0) * LOG2E_K
     sel = _load_sel(bi_ptr, b, g, t, rv, K, s_ib, s_ih, s_it, s_ik, K_P)
@@ -295,8 +299,9 @@ def _forward(q, k, v, block_idx, block_size, rows, with_out=True):
     return out, lse, reads
 
 
-def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
-    """Returns dq, dk, dv in the inputs' dtypes. reads and rows: what the forward used."""
+def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows, dlse=None):
+    """Returns dq, dk, dv in the inputs' dtypes. reads and rows: what the forward used; dlse (B, Hq, T): lse's
+    gradient, if lse was used."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     meta, NT, NB = _meta(q, block_idx, block_size, Hkv, rows)
@@ -308,9 +313,11 @@ def _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
     common = dict(T=T, K=block_idx.shape[3], Hkv=Hkv, BS=block_size, D=D, scale=1.0 / math.sqrt(D),
                   scale2=LOG2E / math.sqrt(D), **meta)
     _bwd_dq_kernel[(NT, B * Hkv)](
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, do_ptr=dout, lse_ptr=lse, bi_ptr=block_idx, dq_ptr=dq, delta_ptr=delta,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, do_ptr=dout, lse_ptr=lse,
+        dlse_ptr=delta if dlse is None else dlse.contiguous(), bi_ptr=block_idx, dq_ptr=dq, delta_ptr=delta,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out), **_strides("do", dout),
-        **_strides("i", block_idx, "bhtk"), BLOCK_N=block_n, num_warps=_warps(D, block_n), num_stages=1, **common)
+        **_strides("i", block_idx, "bhtk"), BLOCK_N=block_n, num_warps=_warps(D, block_n), num_stages=1,
+        DLSE=dlse is not None, **common)
     sub_n = min(block_n, 64)                                                   # dK, dV accumulate in registers
     nsub = _cdiv(block_size, sub_n)
     _bwd_dkv_kernel[(NB * nsub, B * Hkv)](
@@ -342,13 +349,13 @@ def _(q, k, v, block_idx, block_size, rows):
 
 @_op("sparse_attention_tile_bwd")
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-            block_idx: torch.Tensor, reads: torch.Tensor, block_size: int,
+            dlse: Optional[torch.Tensor], block_idx: torch.Tensor, reads: torch.Tensor, block_size: int,
             rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows)
+    return _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows, dlse)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, block_idx, reads, block_size, rows):
+def _(q, k, v, out, lse, dout, dlse, block_idx, reads, block_size, rows):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -362,9 +369,9 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_grad(ctx, dout, dlse, dreads):
     q, k, v, out, lse, block_idx, reads = ctx.saved_tensors
-    if dout is None:                                                           # only lse was used: no gradient
+    if dout is None:                                                           # only lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, block_idx, reads, ctx.block_size, ctx.rows)
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, block_idx, reads, ctx.block_size, ctx.rows)
     return dq, dk, dv, None, None, None
 
 
@@ -375,7 +382,7 @@ def sparse_attention_tile(q, k, v, block_idx, block_size):
     """
     msa_ref.sparse_attention on the query-tile path: q (B, Hq, T, D), k and v (B, Hkv, T, D), block_idx int
     (B, Hkv, T, K) with -1 padding, any order, repeats allowed. Returns out (B, Hq, T, D) in q's dtype and the
-    natural-log lse fp32 (B, Hq, T). Differentiable in q, k, v through out. Deterministic backward.
+    natural-log lse fp32 (B, Hq, T). Differentiable in q, k, v through out and lse. Deterministic backward.
     Launches: forward 1, backward 2.
     """
     _check(q, k, v, block_idx, block_size)

@@ -113,6 +113,71 @@ def test_empty_rows_and_repeats(path):
     assert bool((got[1][0, :, 5:7] == float("-inf")).all())
 
 
+PATHS = {"kv": attention.sparse_attention, "tile": tile.sparse_attention_tile}
+
+
+@pytest.mark.parametrize("path", ["kv", "tile"])
+def test_one_token_attends_to_itself(path):
+    """T = 1 with the token's own block chosen (the random selections of CPU_SHAPES[0] pad it away: an empty row):
+    out = v for every head of the group, lse = q . k / sqrt(D), and the softmax over one key passes no gradient to
+    q or k: dq = dk = 0, dv = the group's dout summed, as msa_ref gives them."""
+    B, Hq, Hkv, T, D, bs = 2, 4, 2, 1, 16, 16
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, seed=6)
+    block_idx = torch.tensor([0, -1], dtype=torch.int32, device=DEVICE).expand(B, Hkv, T, 2)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got, ref = run_both(q, k, v, block_idx, bs, dout, attend=PATHS[path])
+    for name, a, b in zip(("out", "lse", "dv"), got[:2] + got[4:], ref[:2] + ref[4:]):
+        assert_close(a, b, torch.float32, name)
+    out, lse, dq, dk, dv = got
+    torch.testing.assert_close(out, v.repeat_interleave(2, dim=1))
+    torch.testing.assert_close(lse, (q * k.repeat_interleave(2, dim=1)).sum(-1) / D ** 0.5)
+    torch.testing.assert_close(dv, dout.view(B, Hkv, 2, T, D).sum(2))
+    for grad in (dq, dk, *ref[2:4]):                                           # p (dp - delta) = dp - dp: rounding only
+        assert grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("path", ["kv", "tile"])
+@pytest.mark.parametrize("shape, sel", [((1, 2, 1, 1, 16, 16, 2), "dense"),      # T = 1, one key
+                                        ((2, 4, 2, 37, 16, 8, 3), "random"),    # B = 2, T % bs, -1 padding
+                                        ((1, 2, 2, 40, 24, 12, 1), "random"),   # G = 1, K = 1
+                                        ((1, 4, 2, 45, 16, 8, 3), "sink")])      # block 0 chosen by every token
+def test_lse_gradient(monkeypatch, path, shape, sel):
+    """lse is differentiable, as msa_ref's is: d lse / d s_ij = p_ij. Gradients of out . dout + lse . dlse, and of
+    lse . dlse alone (no gradient reaches out), against msa_ref in float64; through sparse_attention_kl's lse too."""
+    B, Hq, Hkv, T, D, bs, K = shape
+    q, k, v, qi, ki = rand_inputs(B, Hq, Hkv, T, D, 8, seed=8)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=8, pad=0.2 if sel == "random" else 0.0)
+    if sel == "sink":
+        block_idx[..., 0] = 0
+    g = torch.Generator().manual_seed(9)
+    dout = torch.randn(q.shape, generator=g).to(DEVICE)
+    dlse = torch.randn(q.shape[:3], generator=g).to(DEVICE)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rout, rlse = msa_ref.sparse_attention(*ref_in, block_idx, bs)
+    empty = rlse == float("-inf")                                              # rows without a key: no lse gradient
+    dlse = dlse.masked_fill(empty, 0.0)
+    for with_out in (True, False):
+        qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, lse = PATHS[path](*qkv, block_idx, bs)
+        loss = (lse.masked_fill(empty, 0.0) * dlse).sum() + ((out * dout).sum() if with_out else 0.0)
+        rloss = (rlse.masked_fill(empty, 0.0) * dlse.double()).sum() + ((rout * dout.double()).sum() if with_out else 0.0)
+        got = torch.autograd.grad(loss, qkv, allow_unused=True)
+        ref = torch.autograd.grad(rloss, ref_in, retain_graph=True, allow_unused=True)   # lse alone: no dv
+        for name, a, b, x in zip(("dq", "dk", "dv"), got, ref, ref_in):
+            a, b = (torch.zeros_like(x) if y is None else y for y in (a, b))
+            if b.any():
+                assert_close(a, b, torch.float32, f"{name} (with out: {with_out})")
+            else:
+                assert a.abs().max() < 1e-5, name
+    qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    monkeypatch.setattr(tile, "FORCE", path)
+    out, lse, _ = msa_triton.sparse_attention_kl(*qkv, qi, ki, block_idx, bs)
+    got = torch.autograd.grad((lse.masked_fill(empty, 0.0) * dlse).sum() + (out * dout).sum(), qkv)
+    ref = torch.autograd.grad((rlse.masked_fill(empty, 0.0) * dlse.double()).sum() + (rout * dout.double()).sum(), ref_in)
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        assert_close(a, b, torch.float32, f"{name} (sparse_attention_kl)")
+
+
 def test_non_contiguous_and_chunked(monkeypatch):
     """Strided views of q, k, v, dout, and a partial-buffer bound small enough to force several chunks of T."""
     monkeypatch.setattr(common, "PARTIAL_ELEMS", 4096)
