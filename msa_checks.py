@@ -84,15 +84,28 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
 def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, values=True):
     """sparse_decode's checks (both modules). Returns (B, Hkv, Tmax). values=False leaves out cache_lens' values
     (check_cache_lens, a host sync)."""
-    for name, t, want in (("q", q, "[B, Hq, D]"), ("qi", qi, "[B, Hkv, Di]"), ("k_cache", k_cache, "[B, Hkv, Tmax, D]")):
+    named = (("q", q, "[B, Hq, D]"), ("qi", qi, "[B, Hkv, Di]"), ("k_cache", k_cache, "[B, Hkv, Tmax, D]"),
+             ("v_cache", v_cache, "[B, Hkv, Tmax, D]"), ("ki_cache", ki_cache, "[B, Tmax, Di]"))
+    for name, t, want in named:
         if not (isinstance(t, torch.Tensor) and t.dim() == want.count(",") + 1):
-            raise ValueError(f"{name} must be {want}, got {getattr(t, 'shape', t)}")
-    Tmax = k_cache.shape[2]
+            raise ValueError(f"{name} must be {want}, got {tuple(t.shape) if isinstance(t, torch.Tensor) else t}")
+    if len({t.device for _, t, _ in named}) > 1:
+        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n}: {t.device}' for n, t, _ in named)}")
+    check_sizes(block_size=block_size, topk=topk)
+    B, Hkv, Tmax, D = k_cache.shape
+    Di = qi.shape[2]
     if Tmax < 1:
         raise ValueError(f"the caches must hold Tmax >= 1 tokens, got {Tmax}")
-    # the caches are checked as a prefill of Tmax tokens, with the new token's q and qi broadcast over it
-    B, Hkv, _ = check_inputs(q=q.unsqueeze(2).expand(-1, -1, Tmax, -1), k=k_cache, v=v_cache,
-                             qi=qi.unsqueeze(2).expand(-1, -1, Tmax, -1), ki=ki_cache, block_size=block_size, topk=topk)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if not (q.shape[0] == B and q.shape[2] == D):
+        raise ValueError(f"q must be [B={B}, Hq, D={D}] like the caches, got {tuple(q.shape)}")
+    if q.shape[1] % Hkv != 0:
+        raise ValueError(f"Hq must be a multiple of Hkv={Hkv}, got q with Hq={q.shape[1]}")
+    if qi.shape[:2] != (B, Hkv):
+        raise ValueError(f"qi must be [B={B}, Hkv={Hkv}, Di], got {tuple(qi.shape)}")
+    if ki_cache.shape != (B, Tmax, Di):
+        raise ValueError(f"ki_cache must be [B={B}, Tmax={Tmax}, Di={Di}], got {tuple(ki_cache.shape)}")
     if not (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype):
         raise ValueError(f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
     if ki_cache.dtype != (qi.dtype if ki_scale is None else torch.float8_e4m3fn):

@@ -116,21 +116,26 @@ def test_non_contiguous_caches():
 def test_bad_input_raises():
     q, qi, k, v, ki, cache_lens, _, _ = make_case(2, 4, 2, 12, 16, 16, [12, 5])
     ok = dict(q=q, qi=qi, k_cache=k, v_cache=v, ki_cache=ki, cache_lens=cache_lens, block_size=4, topk=2)
-    bad = [
-        dict(q=q[:, :3]),                                    # Hq not a multiple of Hkv
-        dict(qi=qi[:1]),                                     # batch mismatch
-        dict(v_cache=v[:, :, :5]),                           # v not shaped like k
-        dict(ki_cache=ki[:, :, :8]),                         # Di mismatch
-        dict(cache_lens=torch.tensor([13, 5], device=DEVICE)),  # beyond Tmax
-        dict(cache_lens=torch.tensor([0, 5], device=DEVICE)),   # empty cache
-        dict(cache_lens=cache_lens.float()),                 # not integers
-        dict(cache_lens=cache_lens[:1]),                     # wrong length
-        dict(k_cache=k.double(), v_cache=v.double()),        # cache dtype differs from q
-        dict(block_size=0), dict(topk=0),
+    bad = [                                                  # (change, the start of the one line it gets)
+        (dict(q=q[:, :3]), "Hq must be a multiple of Hkv=2, got q with Hq=3"),
+        (dict(q=q[:, :, :8]), r"q must be \[B=2, Hq, D=16\] like the caches, got \(2, 4, 8\)"),
+        (dict(qi=qi[:1]), r"qi must be \[B=2, Hkv=2, Di\], got \(1, 2, 16\)"),
+        (dict(qi=qi[0]), r"qi must be \[B, Hkv, Di\], got \(2, 16\)"),
+        (dict(v_cache=v[:, :, :5]), r"v_cache must have k_cache's shape \(2, 2, 12, 16\), got \(2, 2, 5, 16\)"),
+        (dict(ki_cache=ki[:, :, :8]), r"ki_cache must be \[B=2, Tmax=12, Di=16\], got \(2, 12, 8\)"),
+        (dict(cache_lens=torch.tensor([13, 5], device=DEVICE)), r"cache_lens must lie in \[1, Tmax=12\], got \[13, 5\]"),
+        (dict(cache_lens=torch.tensor([0, 5], device=DEVICE)), r"cache_lens must lie in \[1, Tmax=12\], got \[0, 5\]"),
+        (dict(cache_lens=cache_lens.float()), r"cache_lens must be int \[B=2\], got torch.float32"),
+        (dict(cache_lens=cache_lens[:1]), r"cache_lens must be int \[B=2\], got torch.int64 \(1,\)"),
+        (dict(k_cache=k.double(), v_cache=v.double()), "k_cache and v_cache must have q's dtype torch.float32"),
+        (dict(block_size=0), "block_size must be an int >= 1, got 0"),
+        (dict(topk=0), "topk must be an int >= 1, got 0"),
     ]
-    for change in bad:
-        with pytest.raises(ValueError):
+    for change, message in bad:
+        with pytest.raises(ValueError, match="^" + message):
             dec.sparse_decode(**{**ok, **change})
+        with pytest.raises(ValueError, match="^" + message):                 # the same line from the reference
+            msa_ref.sparse_decode(**{**ok, **change})
 
 
 @requires_cuda
