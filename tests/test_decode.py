@@ -70,6 +70,18 @@ def test_matches_prefill_row_and_reference(B, Hq, Hkv, Tmax, D, Di, bs, K, lens)
     assert rel_err(out, msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)) < 1e-5
 
 
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["ragged", "G=1", "K=1"])
+def test_fp16_caches(case):
+    """fp16 caches: products of fp16 operands accumulated in fp32, as on a GPU (the interpreter computes fp16 tl.dot
+    right, unlike bf16). The selection is msa_ref's on the same fp16 numbers; the output within fp16's rounding."""
+    B, Hq, Hkv, Tmax, D, Di, bs, K, lens = CASES[case]
+    q, qi, k, v, ki, cache_lens, qs, qis = make_case(B, Hq, Hkv, Tmax, D, Di, lens, dtype=torch.float16, seed=5)
+    want_idx, want_out = prefill_rows(qs, k, v, qis, ki, cache_lens, bs, K)
+    assert torch.equal(select(q, qi, k, v, ki, cache_lens, bs, K).cpu(), want_idx.cpu())
+    out = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    assert out.dtype == torch.float16 and rel_err(out, want_out) < 2e-3
+
+
 def test_ties_go_to_the_lower_block():
     # qi = 0 makes every block score exactly 0: the earlier blocks must come out in index order,
     # then the local block, then padding (msa_ref.select_blocks' stable sort)

@@ -210,6 +210,46 @@ def test_non_contiguous_inputs():
                                msa_ref.kl_loss(c[0], c[1], qi.contiguous(), ki.contiguous(), idx, bs))
 
 
+def hand_made_idx(B, Hkv, T, bs, K, seed):
+    """A block_idx as a caller may build one, which msa_ref takes as it comes: slots in any order, -1 holes
+    anywhere, future blocks, a block listed twice (every other row, K >= 3) and block 0, a sink, in every row
+    (so that no row is empty). int32 (B, Hkv, T, K)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, math.ceil(T / bs), (B, Hkv, T, K), generator=g)
+    if K >= 3:
+        idx[:, :, ::2, -1] = idx[:, :, ::2, -2]
+    idx[..., 0] = 0
+    return idx.to(torch.int32)
+
+
+@pytest.mark.parametrize("G, K", [(1, 3), (2, 4), (2, 1), (1, 1)])
+def test_hand_made_selections(G, K):
+    """sparse_attention and kl_loss on hand_made_idx against the support rebuilt by loops: a repeated block counts
+    once, a future block adds nothing, a -1 nothing."""
+    B, Hkv, T, D, Di, bs = 2, 2, 11, 8, 4, 3
+    q, k, v, qi, ki = rand_inputs(B, Hkv * G, Hkv, T, D, Di, dtype=f64, seed=40 + 4 * G + K)
+    idx = hand_made_idx(B, Hkv, T, bs, K, seed=G + K)
+    mask = support_from_idx(idx, bs)
+    want_out, want_lse = masked_gqa(q, k, v, mask)
+    out, lse = msa_ref.sparse_attention(q, k, v, idx, bs)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    torch.testing.assert_close(msa_ref.kl_loss(q, k, qi, ki, idx, bs), kl_reference(q, k, qi, ki, mask)[0])
+
+
+@pytest.mark.parametrize("T, G, K, sink", [(1, 2, 2, False),     # one token
+                                           (7, 1, 1, False),     # G = 1, K = 1: the local block only
+                                           (7, 2, 3, True)])     # block 0 in every row, with holes and repeats
+def test_gradcheck_at_the_edges(T, G, K, sink):
+    """Gradients of sparse_attention (through out and lse) and of kl_loss against finite differences."""
+    B, Hkv, D, Di, bs = 2, 2, 3, 3, 2
+    q, k, v, qi, ki = rand_inputs(B, Hkv * G, Hkv, T, D, Di, dtype=f64, seed=50 + T + G)
+    idx = hand_made_idx(B, Hkv, T, bs, K, seed=T) if sink else msa_ref.index_topk(qi, ki, bs, K)
+    q, k, v, qi, ki = (x.requires_grad_() for x in (q, k, v, qi, ki))
+    assert torch.autograd.gradcheck(lambda q, k, v: msa_ref.sparse_attention(q, k, v, idx, bs), (q, k, v))
+    assert torch.autograd.gradcheck(lambda qi, ki: msa_ref.kl_loss(q, k, qi, ki, idx, bs), (qi, ki))
+
+
 # ---------------------------------------------------------------------------------------------
 # index_topk
 
@@ -379,12 +419,14 @@ def test_index_topk_fp8_selection_of_the_rounded_scores():
 # ---------------------------------------------------------------------------------------------
 # decoding
 
-def test_sparse_decode_equals_prefill_row():
+@pytest.mark.parametrize("Hq, Hkv, K", [(4, 2, 2), (2, 2, 2), (4, 2, 1)])
+def test_sparse_decode_equals_prefill_row(Hq, Hkv, K):
     """A ragged batch: row b's new token sits at cache_lens[b] - 1; the cache past it holds random
     numbers that must be ignored. The decoded output must be that row of sparse_attention with
-    index_topk's selection (K = 2 of up to 5 blocks, so a different selection gives another output)."""
-    B, Hq, Hkv, Tmax, D, Di, bs, K = 4, 4, 2, 19, 8, 4, 4, 2
-    q, k, v, qi, ki = rand_inputs(B, Hq, Hkv, Tmax, D, Di, dtype=f64, seed=31)
+    index_topk's selection (K = 2 of up to 5 blocks, so a different selection gives another output; G = 1; K = 1,
+    the local block only)."""
+    B, Tmax, D, Di, bs = 4, 19, 8, 4, 4
+    q, k, v, qi, ki = rand_inputs(B, Hq, Hkv, Tmax, D, Di, dtype=f64, seed=31 + Hq + K)
     lens = torch.tensor([1, 8, 14, 19])
     out_full, _ = msa_ref.sparse_attention(q, k, v, msa_ref.index_topk(qi, ki, bs, K), bs)
     dense_full, _ = dense_gqa(q, k, v)

@@ -285,10 +285,16 @@ def test_gradient_segments_by_chunk_size(short, long):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if GPU else []))
-def test_query_outer_baseline(dtype):
-    B, Hq, Hkv, T, D, bs, K = (2, 6, 2, 300, 64, 64, 4) if GPU else (2, 4, 2, 37, 16, 8, 3)
+@pytest.mark.parametrize("shape, sink", [((2, 4, 2, 37, 16, 8, 3), False),    # B = 2, T % bs, -1 padding
+                                         ((1, 2, 2, 40, 24, 12, 8), False),   # G = 1, dense (K * bs >= T)
+                                         ((1, 3, 1, 29, 32, 16, 1), False),   # K = 1
+                                         ((1, 4, 2, 45, 16, 8, 3), True)])    # block 0 chosen by every token
+def test_query_outer_baseline(dtype, shape, sink):
+    B, Hq, Hkv, T, D, bs, K = (2, 6, 2, 300, 64, 64, 4) if GPU and shape[0] == 2 else shape
     q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=dtype, seed=8)
     block_idx = random_block_idx(B, Hkv, T, bs, K, seed=8, pad=0.2)
+    if sink:
+        block_idx[..., 0] = 0
     out, lse = msa_triton.attention_forward_query_outer(q, k, v, block_idx, bs)
     rout, rlse = msa_ref.sparse_attention(q.double(), k.double(), v.double(), block_idx, bs)
     assert_close(out, rout, dtype, "out")

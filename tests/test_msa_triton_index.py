@@ -45,6 +45,13 @@ def test_index_topk_matches_ref(B, Hkv, T, Di, bs, K):
     assert torch.equal(got.cpu(), msa_ref.index_topk(qi.cpu(), ki.cpu(), bs, K))
 
 
+def test_index_topk_fp16():
+    """fp16 keys: products of fp16 numbers are exact in the fp32 accumulator, so the selection is msa_ref's on the
+    same numbers (only the order of the sums differs, far below any gap between blocks of random keys)."""
+    qi, ki = index_inputs(2, 2, 45, 16, dtype=torch.float16, seed=4)
+    assert torch.equal(mti.index_topk(qi, ki, 4, 3).cpu(), msa_ref.index_topk(qi.cpu(), ki.cpu(), 4, 3))
+
+
 def test_index_topk_ties_and_views():
     """Blocks 1, 2 and 4 hold the same keys, so every query scores them equally: the lower block must
     come first, as in msa_ref. Inputs are non-contiguous views."""
@@ -156,13 +163,31 @@ def kl_both(q, k, qi, ki, idx, bs):
     (1, 2, 1, 40, 16, 16, 5, 16, "topk"),     # K larger than the visible blocks, bs not a power of two
     (1, 2, 1, 50, 16, 16, 40, 2, "topk"),     # bs larger than the kernel's key chunk
     (1, 4, 2, 30, 16, 16, 4, 4, "random"),    # hand-made: repeated blocks, -1 holes, future blocks
+    (2, 4, 2, 1, 16, 16, 4, 3, "topk"),       # T = 1: one key, p = r = 1, a loss and gradients of 0
+    (2, 2, 2, 19, 16, 16, 8, 1, "topk"),      # K = 1 (the local block only), G = 1, B > 1
 ])
 def test_kl_loss_matches_ref(B, Hq, Hkv, T, D, Di, bs, K, sel):
     q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, block_idx=sel)
     (l1, dqi1, dki1), (l0, dqi0, dki0) = kl_both(q, k, qi, ki, idx, bs)
     assert torch.allclose(l1.cpu(), l0.cpu(), rtol=1e-5, atol=1e-6)
     for a, b in ((dqi1, dqi0), (dki1, dki0)):
-        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+        assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1e-3))
+
+
+def test_kl_loss_fp16():
+    """fp16 inputs against msa_ref in float64: the loss and both gradients within fp16's rounding (5e-3)."""
+    B, Hq, Hkv, T, D, Di, bs, K = 2, 4, 2, 37, 16, 16, 8, 3
+    q, k, qi, ki, idx = kl_case(B, Hq, Hkv, T, D, Di, bs, K, dtype=torch.float16, seed=6)
+    qg, kg = (x.detach().clone().requires_grad_() for x in (qi, ki))
+    loss = mti.kl_loss(q, k, qg, kg, idx, bs)
+    got = (loss, *torch.autograd.grad(loss, [qg, kg]))
+    qr, kr = (x.detach().double().requires_grad_() for x in (qi, ki))
+    ref = msa_ref.kl_loss(q.double(), k.double(), qr, kr, idx, bs)
+    want = (ref, *torch.autograd.grad(ref, [qr, kr]))
+    assert got[1].dtype == got[2].dtype == torch.float16
+    for name, a, b in zip(("loss", "dqi", "dki"), got, want):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 5e-3, (name, err)
 
 
 def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):
