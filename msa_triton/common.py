@@ -48,6 +48,26 @@ HIST_BINS = 512                           # the list builder counts up to this m
 SMALL_CHUNK = 1 << 20                     # gradient passes take short segments up to this many entries (_seg_len)
 
 
+def _tag_compile_caches():
+    """torch.compile's caches (inductor's, AOTAutograd's, on disk across runs) key a graph by the custom ops it
+    calls, not by their backward or fake implementations (pytorch/pytorch#144344, #160472): after an edit of this
+    package a warm cache would replay the old backward. A hash of the package's source, added to the tag every
+    torch.compile cache key includes, makes any edit a cache miss (a user's own tag is kept)."""
+    import hashlib
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(f.read())
+    tag = f"nanomsa-{digest.hexdigest()[:16]}"
+    config = torch.compiler.config
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag} {tag}".strip()
+
+
+_tag_compile_caches()
+
+
 # ---------------------------------------------------------------------------------------------
 # the checking mode: the input checks that read the device's data (block_idx's range, cache_lens' range)
 # cost a host sync, so they run only in this mode: on for CPU tensors (the interpreter) and off on CUDA by
