@@ -5,7 +5,8 @@ A script defines its settings as plain module globals, then calls  configure(glo
   - an argument without '--' is a config file: lines `name = <python literal>` and comments, read with ast
     (no file we read runs code: a call, an import or any other statement is refused with its line);
   - --key=value overrides one setting; the value is read as a python literal (3, 3e-4, True, 'msa'),
-    and anything that is not a literal is kept as a string (--out_dir=out-shapes).
+    and anything that is not a literal is kept as a string (--out_dir=out-shapes). Files apply first, in their
+    order, then the overrides, wherever they stand on the command line.
 An unknown key, in a file or on the command line, or a value of the wrong type, stops the script with
 a message that says what was expected. -h / --help lists the settings and their defaults.
 """
@@ -23,7 +24,7 @@ def _set(settings, key, value, where):
         _fail(f"unknown key {key!r} in {where}" + (f" (did you mean {', '.join(near)}?)" if near else "")
               + f"; known keys: {', '.join(sorted(settings))}")
     old = settings[key]
-    if old is not None and value is not None:
+    if old is not None:  # a setting whose default is None takes any value; the others keep their type
         if isinstance(old, float) and type(value) is int:
             value = float(value)  # --learning_rate=1 means 1.0
         if type(value) is not type(old):
@@ -66,20 +67,19 @@ def configure(script_globals, argv):
         print((script_globals.get("__doc__") or "").strip() + "\n\nsettings (--key=value):")
         print("\n".join(f"  {k} = {v!r}" for k, v in settings.items()))
         raise SystemExit(0)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                _fail(f"expected --key=value, got {arg!r}")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-            _set(settings, key, value, "the command line")
-        else:
-            if not os.path.isfile(arg):
-                _fail(f"config file {arg!r} not found (arguments are config files or --key=value)")
-            for key, value in read_config_file(arg).items():
-                _set(settings, key, value, arg)
+    for arg in [a for a in argv if not a.startswith("--")]:  # the files first, in order: an override always wins
+        if not os.path.isfile(arg):
+            _fail(f"config file {arg!r} not found (arguments are config files or --key=value)")
+        for key, value in read_config_file(arg).items():
+            _set(settings, key, value, arg)
+    for arg in [a for a in argv if a.startswith("--")]:
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            _fail(f"expected --key=value, got {arg!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        _set(settings, key, value, "the command line")
     script_globals.update(settings)
     return settings

@@ -86,7 +86,12 @@ class GPTConfig:
     img_patch_id: int = 50259   # the token whose embedding is replaced by a projected patch (data.IMG_PATCH)
 
     def check(self):
+        """A config the model cannot be built from raises ValueError, one line saying what was expected."""
         c = self
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "index_dim", "msa_block_size", "msa_topk",
+                     "n_expert", "expert_hidden", "patch_dim"):                # sizes first: the checks below divide
+            if not (isinstance(getattr(c, name), int) and getattr(c, name) >= 1):
+                raise ValueError(f"bad model config: {name} must be an int >= 1, got {getattr(c, name)!r}")
         for ok, msg in [(c.n_embd % c.n_head == 0, f"n_embd={c.n_embd} must be a multiple of n_head={c.n_head}"),
                         (c.n_head % c.n_kv_head == 0, f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head}"),
                         ((c.n_embd // c.n_head) % 2 == 0 and c.index_dim % 2 == 0, "head dim and index_dim must be even (RoPE)"),
@@ -94,8 +99,7 @@ class GPTConfig:
                         (c.msa_select in msa_ref.SELECT_RULES,
                          f"msa_select must be one of {', '.join(map(repr, msa_ref.SELECT_RULES))}, got {c.msa_select!r}"),
                         (0 <= c.n_dense_layers <= c.n_layer, f"n_dense_layers must be in [0, n_layer={c.n_layer}], got {c.n_dense_layers}"),
-                        (2 <= c.expert_topk <= c.n_expert, f"expert_topk must be in [2, n_expert={c.n_expert}], got {c.expert_topk}"),
-                        (c.msa_block_size >= 1 and c.msa_topk >= 1, "msa_block_size and msa_topk must be >= 1")]:
+                        (2 <= c.expert_topk <= c.n_expert, f"expert_topk must be in [2, n_expert={c.n_expert}], got {c.expert_topk}")]:
             if not ok:
                 raise ValueError(f"bad model config: {msg}")
 
@@ -352,6 +356,9 @@ class GPT(nn.Module):
         B, T = x.shape
         if y is not None and y.shape != x.shape:
             raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+        if cache is not None and T > 1 and not (isinstance(pos0, int) and pos0 == 0):  # the prefill attends within x
+            raise ValueError(f"a cached call of T > 1 tokens is a prefill and starts at pos0 = 0, got T={T}, "
+                             f"pos0={pos0}; continue a cache one token a call")
         h = self.embed(x, patches, decoding=cache is not None and T == 1)   # (B, T, C)
         pos = pos0 + torch.arange(T, device=x.device)                        # (T,); pos0 an int or a (1,) device tensor
         rot = rope_tables(pos, self.cfg)                                     # once for every layer
@@ -463,6 +470,9 @@ class GPT(nn.Module):
         same shapes, settings and weight tensors, which only prefills and replays; self.decoder = None frees them."""
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
+        if not (idx.dim() == 2 and idx.shape[1] >= 1 and max_new_tokens >= 0):
+            raise ValueError(f"expected a prompt idx (B, T0 >= 1) and max_new_tokens >= 0, got idx of shape "
+                             f"{tuple(idx.shape)} and max_new_tokens={max_new_tokens}")
         B, T0 = idx.shape
         if max_new_tokens == 0:                                              # the prefill alone, in its own cache
             self(idx, patches=patches, cache=self.new_cache(T0, decode))

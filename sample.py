@@ -46,7 +46,7 @@ start = "\n"            # or "FILE:path.txt"
 num_samples = 2
 max_new_tokens = 200
 temperature = 0.8       # 0: greedy
-top_k = 200
+top_k = 200             # sample among the top_k most likely tokens; 0: among all
 seed = 1337
 image = ""              # '' for text; a .png path, or 'generated' for a random shape, to caption it
 backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
@@ -69,7 +69,7 @@ torch.manual_seed(seed)
 for ok, what, got in [(num_samples >= 1, "--num_samples must be >= 1", num_samples),
                       (max_new_tokens >= 1, "--max_new_tokens must be >= 1", max_new_tokens),
                       (temperature >= 0, "--temperature must be >= 0 (0 is greedy)", temperature),
-                      (top_k is None or top_k >= 1, "--top_k must be >= 1 (or None: no cut)", top_k),
+                      (top_k >= 0, "--top_k must be >= 0 (0: no cut)", top_k),
                       (msa_topk >= 0, "--msa_topk must be >= 0 (0: the checkpoint's)", msa_topk),
                       (decode in ("sparse", "dense"), "--decode must be 'sparse' or 'dense'", decode),
                       (demo in ("", "recall"), "--demo must be '' (sampling) or 'recall'", demo),
@@ -178,7 +178,7 @@ else:
     x = torch.tensor([prompt] * num_samples, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with ctx:
-        out, t_prompt, t_new = generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
+        out, t_prompt, t_new = generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, generator=gen,
                                         decode=decode)
     for row in out.tolist():
         print(data.decode(row))

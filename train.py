@@ -162,6 +162,10 @@ if data_path or data_images:
         data.prepare(data_path or None, data_images or None)
     except ValueError as e:
         raise SystemExit(f"data error: {e}")
+RUN_KEYS = ("seed", "seq_len", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr", "warmup_iters",
+            "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "kl_coeff", "kl_warmup_iters",
+            "msa_dense_iters", "balance_coeff", "data_path", "data_images", "p_image", "p_mqar", "mqar_distance",
+            "mqar_text_loss", "p_repeat", "repeat_iters", "short_iters", "short_len")  # what a resume must keep
 TRAIN_STREAM = 0x7A1  # tags the training batches' seeds, apart from evaluate()'s and data.py's eval sets
 EVAL_SEED = 1337      # the evaluation sets' seed, whatever --seed is: runs of several seeds are scored on the same
                       # held-out examples, so their differences are the models', not the examples'
@@ -181,6 +185,9 @@ if init_from == "resume":
     defaults = {f.name: f.default for f in fields(GPTConfig)}                 # for keys older checkpoints lack
     diff = {k: (ckpt["model_args"].get(k, defaults[k]), v) for k, v in model_args.items()
             if ckpt["model_args"].get(k, defaults[k]) != v}
+    # besides the model, an exact resume needs the same batches (their seeds, sizes and mixture) and schedule;
+    # max_iters may grow, and evaluation, logging and speed settings may change
+    diff.update({k: (ckpt["config"][k], config[k]) for k in RUN_KEYS if ckpt["config"].get(k, config[k]) != config[k]})
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"the checkpoint {ckpt_path} comes from another config ({what}); "

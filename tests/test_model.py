@@ -542,10 +542,27 @@ def test_generate_greedy_equals_reforward():
     sampled = model.generate(x, 5, temperature=1.0, top_k=3, generator=g)
     assert isinstance(sampled, torch.Tensor) and sampled.shape == (2, 16) and torch.equal(sampled[:, :11], x)
     assert torch.equal(model.generate(x, 0), x)            # no new token: the prompt back
+    for prompt, n in ((x, -1), (x[:, :0], 3), (x[0], 3)):  # one line, not a shape error from deep inside
+        with pytest.raises(ValueError, match="expected a prompt idx .B, T0 >= 1. and max_new_tokens >= 0"):
+            model.generate(prompt, n)
+
+
+def test_cached_call_of_several_tokens_is_a_prefill():
+    """A cached call of T > 1 tokens attends within its tokens only: from pos0 > 0 it would leave the cache out."""
+    model = tiny().eval()
+    x = batch()[0].clamp(max=PATCH - 1)                                      # text tokens only
+    cache = model.new_cache(40, "sparse")
+    with torch.no_grad():
+        model(x[:, :8], cache=cache)
+        with pytest.raises(ValueError, match="a cached call of T > 1 tokens is a prefill and starts at pos0 = 0"):
+            model(x[:, 8:12], cache=cache, pos0=8)
 
 
 def test_bad_config():
     for kw, msg in [(dict(n_kv_head=3), "multiple of n_kv_head"), (dict(attention="sparse"), "attention must be"),
-                    (dict(expert_topk=5), "expert_topk"), (dict(n_dense_layers=4), "n_dense_layers")]:
+                    (dict(expert_topk=5), "expert_topk"), (dict(n_dense_layers=4), "n_dense_layers"),
+                    (dict(n_head=0), "n_head must be an int >= 1, got 0"),       # before any check divides by it
+                    (dict(index_dim=-2), "index_dim must be an int >= 1, got -2"),
+                    (dict(expert_hidden=0), "expert_hidden must be an int >= 1, got 0")]:
         with pytest.raises(ValueError, match=msg):
             tiny(**kw)

@@ -280,9 +280,15 @@ def test_graphs_accumulate_the_gradients_of_every_micro_step(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-8)
 
 
-def test_checkpoint_from_another_config(straight):
-    with pytest.raises(SystemExit, match="comes from another config .n_embd: checkpoint 32 vs config 48"):
-        run_script("train.py", *TINY, f"--out_dir={straight}", "--max_iters=6", "--init_from=resume", "--n_embd=48")
+@pytest.mark.parametrize("change, what", [("--n_embd=48", "n_embd: checkpoint 32 vs config 48"),
+                                          ("--learning_rate=0.5", "learning_rate: checkpoint 0.003 vs config 0.5"),
+                                          ("--seed=2", "seed: checkpoint 1337 vs config 2"),
+                                          ("--p_mqar=0.5", "p_mqar: checkpoint 0.0 vs config 0.5")])
+def test_checkpoint_from_another_config(straight, change, what):
+    """A resume continues the run exactly, so the model and what sets the batches and the schedule must be the
+    checkpoint's (max_iters may grow: the other resume tests)."""
+    with pytest.raises(SystemExit, match=f"comes from another config .{what}"):
+        run_script("train.py", *TINY, f"--out_dir={straight}", "--max_iters=6", "--init_from=resume", change)
 
 
 def test_checkpoint_older_than_a_config_key_resumes(straight, tmp_path, capsys):
@@ -305,7 +311,7 @@ def test_bad_input_gives_a_clear_message(args, msg):
 
 @pytest.mark.parametrize("args,msg", [
     (["--n_head=3"], "config error: bad model config: n_embd=32 must be a multiple of n_head=3"),
-    (["--msa_topk=0"], "config error: bad model config: msa_block_size and msa_topk must be >= 1"),
+    (["--msa_topk=0"], "config error: bad model config: msa_topk must be an int >= 1, got 0"),
     (["--batch_size=0"], "config error: batch_size must be >= 1, got 0"),
     (["--msa_select=window"], "config error: bad model config: msa_select must be one of 'indexer', 'local', 'random', "
                               "got 'window'"),
@@ -382,7 +388,10 @@ def test_configurator(tmp_path):
     settings = dict(seq_len=64, lr=1e-3, name="a", flag=True, top_k=None)
     assert configure(settings, [str(cfg), "--lr=1", "--flag=False", "--top_k=5", "--name=out-shapes"]) == \
         dict(seq_len=128, lr=1.0, name="out-shapes", flag=False, top_k=5)
+    assert configure(dict(settings), ["--seq_len=5", str(cfg)])["seq_len"] == 5     # the override wins, wherever it is
+    assert configure(dict(settings, top_k=None), ["--top_k=None"])["top_k"] is None  # None where the default is None
     for argv, msg in [(["--seq_len=abc"], "seq_len expects a int"), (["--lr"], "expected --key=value"),
+                      (["--seq_len=None"], "seq_len expects a int .*, got None"),
                       (["missing.py"], "config file 'missing.py' not found"), (["--sequence=3"], "unknown key 'sequence'")]:
         with pytest.raises(SystemExit, match=msg):
             configure(dict(settings), argv)
