@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import check_block_idx, check_inputs
-from .common import (LOG2E, LOG2E_K, LN2_K, _cdiv, _checking, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
-                     _fixup_kernel, _kernel_limits, _op, _pow2, _prec, _seg_len, _segment, _segments, _slot_tile,
+from msa_checks import check_block_idx
+from .common import (LOG2E, LOG2E_K, LN2_K, _cdiv, _check_attention, _checking, _chunk_bounds, _chunks, _combine_kernel,
+                     _combine_unroll, _fixup_kernel, _op, _pow2, _prec, _seg_len, _segment, _segments, _slot_tile,
                      _slots, _softmax_finish, _softmax_rescale, _split_segments, _strides, _token_major)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
@@ -172,8 +172,8 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, Hq, s_ob, s_oh, s_ot, s_od, s_dob
     d = tl.arange(0, D_P)
     tv = t < T
     msk = tv[:, None] & (d[None, :] < D)
-    orow = b.to(tl.int64) * s_ob + h * s_oh + t.to(tl.int64) * s_ot                # (ROWS,) row starts
-    dorow = b.to(tl.int64) * s_dob + h * s_doh + t.to(tl.int64) * s_dot
+    orow = b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t.to(tl.int64) * s_ot  # (ROWS,) row starts
+    dorow = b.to(tl.int64) * s_dob + h.to(tl.int64) * s_doh + t.to(tl.int64) * s_dot
     o = tl.load(o_ptr + orow[:, None] + d[None, :] * s_od, mask=msk, other=0.0)
     do = tl.load(do_ptr + dorow[:, None] + d[None, :] * s_dod, mask=msk, other=0.0)
     tl.store(delta_ptr + bh.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=tv)
@@ -244,7 +244,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
             if FRESH:
                 further = tl.load(xcnt_ptr + bh * NBC + kb)
             if further == 0:                                                   # the whole sum: finished rows
-                oo = b.to(tl.int64) * s_ob + g * s_oh + n.to(tl.int64)[:, None] * s_ot + d[None, :]
+                oo = b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + n.to(tl.int64)[:, None] * s_ot + d[None, :]
                 tl.store(dko_ptr + oo, dk.to(dko_ptr.dtype.element_ty), mask=kvm)
                 tl.store(dvo_ptr + oo, dv.to(dvo_ptr.dtype.element_ty), mask=kvm)
             else:
@@ -262,13 +262,6 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
 
 # ---------------------------------------------------------------------------------------------
 # launchers
-
-def _check(q, k, v, block_idx, block_size, values=True):
-    """msa_ref's checks plus what these kernels need. Returns (B, Hkv, T). values=False: not block_idx's values."""
-    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=values)
-    _kernel_limits(q, k, v, Hkv, block_size)
-    return B, Hkv, T
-
 
 def _consts(q, block_size):
     """Compile-time constants shared by every kernel of one call."""
@@ -443,14 +436,16 @@ def sparse_attention(q, k, v, block_idx, block_size, with_lists=False):
     No host sync: block_idx's values are checked only in the checking mode (common.checks); outside it,
     ids outside [0, nb) are ignored.
     """
-    _check(q, k, v, block_idx, block_size, values=False)
+    _check_attention(q, k, v, block_idx, block_size)
     out, lse, lists = _fwd_op(q, k, v, block_idx, block_size)
     return (out, lse, lists) if with_lists else (out, lse)
 
 
 def attention_forward_query_outer(q, k, v, block_idx, block_size):
     """The query-outer baseline forward (no autograd): same inputs and outputs as sparse_attention."""
-    B, Hkv, T = _check(q, k, v, block_idx, block_size)
+    B, Hkv, T = _check_attention(q, k, v, block_idx, block_size)
+    if _checking(block_idx):                                                   # a host sync: the checking mode only
+        check_block_idx(block_idx, math.ceil(T / block_size))
     Hq, D, K = q.shape[1], q.shape[3], block_idx.shape[3]
     G = Hq // Hkv
     slots = _slots(block_idx, 0, T, math.ceil(T / block_size))

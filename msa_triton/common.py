@@ -50,9 +50,9 @@ SMALL_CHUNK = 1 << 20                     # gradient passes take short segments 
 
 def _tag_compile_caches():
     """torch.compile's caches (inductor's, AOTAutograd's, on disk across runs) key a graph by the custom ops it
-    calls, not by their backward or fake implementations (pytorch/pytorch#144344, #160472): after an edit of this
-    package a warm cache would replay the old backward. A hash of the package's source, added to the tag every
-    torch.compile cache key includes, makes any edit a cache miss (a user's own tag is kept)."""
+    calls, not by their backward or fake implementations (a known limit of torch's caches, dev/kernels.md): after an
+    edit of this package a warm cache would replay the old backward. A hash of the package's source, added to the
+    tag that every torch.compile cache key includes, makes any edit a cache miss (a user's own tag is kept)."""
     import hashlib
     folder = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
@@ -192,6 +192,14 @@ def _kernel_limits(q, k, v, Hkv, block_size):
         raise ValueError(f"tensors must be on CUDA (or set TRITON_INTERPRET=1 before importing triton), got {q.device}")
 
 
+def _check_attention(q, k, v, block_idx, block_size):
+    """What both attention paths check: msa_ref's checks of the shapes (no host sync; block_idx's values only in the
+    checking mode, by the op) and the kernels' limits. Returns (B, Hkv, T)."""
+    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=False)
+    _kernel_limits(q, k, v, Hkv, block_size)
+    return B, Hkv, T
+
+
 def _pow2(n, lo=16):
     """Smallest power of two >= max(n, lo): tl.arange needs powers of two, tl.dot needs >= 16. (Plain Python, as
     is _cdiv: triton.next_power_of_2 and triton.cdiv are constexpr functions that cost microseconds of host time a
@@ -309,7 +317,7 @@ def _slot_rows(bi_ptr, slots_ptr, s_ib, s_ih, s_it, s_ik, t0, Tc, K, Hkv, NBC, T
     s = tl.arange(0, K_P)
     tm = tt < Tc
     m = tm[:, None] & (s[None, :] < K)                                         # (TT, K_P) real slots
-    row = bi_ptr + (bh // Hkv).to(tl.int64) * s_ib + (bh % Hkv) * s_ih + (t0 + tt).to(tl.int64) * s_it
+    row = bi_ptr + (bh // Hkv).to(tl.int64) * s_ib + (bh % Hkv).to(tl.int64) * s_ih + (t0 + tt).to(tl.int64) * s_it
     v = tl.load(row[:, None] + s[None, :] * s_ik, mask=m, other=-1).to(tl.int64)   # any int dtype, exactly
     place = tl.zeros((TT, K_P), dtype=tl.int32)                                # where v goes in its sorted row
     rep = tl.zeros((TT, K_P), dtype=tl.int32)                                  # equal ids in earlier columns
@@ -694,7 +702,7 @@ def _fixup_kernel(x_ptr, xp_ptr, xbase_ptr, xcnt_ptr, cnt_ptr, o_ptr, s_ob, s_oh
                 tl.store(x_ptr + xo, acc, mask=m)
     if OUT:
         b = (j // HO).to(tl.int64)
-        oo = b * s_ob + (j % HO) * s_oh + n.to(tl.int64)[:, None] * s_ot + d[None, :]
+        oo = b * s_ob + (j % HO).to(tl.int64) * s_oh + n.to(tl.int64)[:, None] * s_ot + d[None, :]
         tl.store(o_ptr + oo, total.to(o_ptr.dtype.element_ty), mask=m)
 
 
@@ -769,14 +777,17 @@ def _kl_custom_op(name, launch):
     return kl_op
 
 
-def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, limits=None, lists=()):
-    """What both kl_loss paths do around their op: shape checks (no host sync), then limits(Hkv) (a path's own
-    checks, or None), lse's check, whether gradients are wanted; q and k enter detached (the teacher is a target), k
-    in q's dtype and ki in qi's (autograd casts ki's gradient back). lists: the attention's work lists, if the caller
-    has them. Returns the loss in qi's dtype promoted to fp32."""
+def _kl_call(kl_op, q, k, qi, ki, block_idx, block_size, lse, lists=()):
+    """What both kl_loss paths do around their op: shape checks (no host sync), the kernels' limits (the same on both
+    paths, so that a call's path never decides whether it raises), lse's check, whether gradients are wanted; q and k
+    enter detached (the teacher is a target), k in q's dtype and ki in qi's (autograd casts ki's gradient back).
+    lists: the attention's work lists, if the caller has them. Returns the loss in qi's dtype promoted to fp32."""
     B, Hkv, T = check_inputs(q=q, k=k, qi=qi, ki=ki, block_idx=block_idx, block_size=block_size, values=False)
-    if limits is not None:
-        limits(Hkv)
+    _kernel_limits(q, q, q, Hkv, block_size)                                   # k may differ: it is cast
+    if qi.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
+    if qi.shape[3] > 128:
+        raise ValueError(f"index dim Di must be <= 128, got {qi.shape[3]}")
     if lse is not None:
         if not (isinstance(lse, torch.Tensor) and lse.shape == (B, q.shape[1], T) and lse.dtype == torch.float32):
             raise ValueError(f"lse must be a float32 tensor [B={B}, Hq={q.shape[1]}, T={T}] from sparse_attention, got "

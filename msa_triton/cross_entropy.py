@@ -86,7 +86,7 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_grad(ctx, dloss, _dn, _dh, _dw):
     n, dh, dw = ctx.saved_tensors
-    scale = dloss / n                                                          # d mean / d (sum of row losses)
+    scale = dloss / n.clamp_min(1)          # d mean / d (sum of row losses); no scored token: zero gradients
     return ((dh * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
             (dw * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None, None, None, None)
 

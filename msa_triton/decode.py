@@ -45,7 +45,7 @@ from .common import (INT64_MIN, LOG2E, _cdiv, _checking, _fp8_rows, _key_block, 
 @triton.jit
 def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr,
                   s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch,
-                  Tmax, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
+                  Tmax, sqrt_di, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
                   PREC: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     _pdl_wait(PDL)
@@ -69,13 +69,15 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr,
         seen = (t < BS) & (tok < local * BS)                                             # (BS_P,)
         ki = tl.load(ki_ptr + b * s_kib + tok[:, None] * s_kit + d[None, :] * s_kid,
                      mask=seen[:, None] & (d[None, :] < DI), other=0.0)
-        # scores without the 1/sqrt(Di) scale (nor fp8 qi's): a positive factor does not change which blocks win
+        # scores without fp8 qi's scale (a power of two: it changes no order, no tie); the max divided by sqrt(Di)
+        # as index_topk divides it, so that two maxima that round to one score tie here as they do there
         if FP8:                                              # times each key's scale, a power of two
             s = tl.dot(qi, tl.trans(ki)) * tl.load(ks_ptr + b * s_ksb + tok, mask=seen, other=0.0)[None, :]
         else:
             s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                           # (HKV_P, BS_P) fp32
         s = tl.where(t[None, :] < BS, s, float("-inf"))
-        tl.store(sc_ptr + b * s_scb + h * s_sch + blk, tl.max(s, axis=1), mask=(h < HKV) & (h * 0 + blk < local))
+        tl.store(sc_ptr + b * s_scb + h * s_sch + blk, tl.max(s, axis=1) / sqrt_di,
+                 mask=(h < HKV) & (h * 0 + blk < local))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +157,8 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, sc_ptr, idx_ptr, o_ptr, lse_pt
     x = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
                 mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)                     # (G_P, D_P)
-    k_base = k_ptr + b * s_kb + h * s_kh
-    v_base = v_ptr + b * s_vb + h * s_vh
+    k_base = k_ptr + b * s_kb + h.to(tl.int64) * s_kh
+    v_base = v_ptr + b * s_vb + h.to(tl.int64) * s_vh
     m = tl.full([G_P], float("-inf"), tl.float32)            # running max, log2 units
     l = tl.zeros([G_P], tl.float32)                          # running sum of exp2
     acc = tl.zeros([G_P, D_P], tl.float32)
@@ -254,7 +256,7 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
         qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
         **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
         s_scb=S.stride(0), s_sch=S.stride(1),
-        Tmax=Tmax, HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16),
+        Tmax=Tmax, sqrt_di=math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16),
         BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps, **_pdl(qi))
     return S
 
@@ -293,6 +295,8 @@ def _merge(o_part, lse_part, like):
 
 def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
     """The three launches: out (B, Hq, D) and the selection block_idx (B, Hkv, K) int32 (for tests)."""
+    cache_lens = cache_lens.contiguous()                                  # the kernels read them as (B,), (B, Tmax)
+    ki_scale = None if ki_scale is None else ki_scale.contiguous()
     S = _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale)                   # (B, Hkv, nb)
     o_part, lse_part, block_idx = _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk)
     return _merge(o_part, lse_part, q), block_idx

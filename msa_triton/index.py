@@ -46,11 +46,11 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
     """One program = BLOCK_Q consecutive queries of one (batch, group): writes their rows of out (B, Hkv, T, K)."""
     bh = tl.program_id(0)                    # axis 0 varies fastest: the first wave takes the
     qt = tl.num_programs(1) - 1 - tl.program_id(1)  # last (longest) query tiles of every (b, g)
-    b = bh // Hkv
-    g = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)             # int64: offsets past 2^31 elements (b * s_qib, g * s_qih)
+    g = (bh % Hkv).to(tl.int64)
     rows = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)                                # (BLOCK_Q,) query positions
     dcol = tl.arange(0, DI_P)                                                  # Di padded to a power of 2
-    qi = tl.load(qi_ptr + b * s_qib + g * s_qih + rows[:, None] * s_qit + dcol[None, :] * s_qid,
+    qi = tl.load(qi_ptr + b * s_qib + g * s_qih + rows.to(tl.int64)[:, None] * s_qit + dcol[None, :] * s_qid,
                  mask=(rows[:, None] < T) & (dcol[None, :] < DI), other=0.0)   # (BLOCK_Q, Di)
     if FP8:   # a positive factor per query (its scale, dropped) ranks nothing differently
         qi = _fp8_rows(qi.to(tl.float32))
@@ -167,7 +167,7 @@ def _kl_block(k_ptr, ki_ptr, b, g, kb, c, T, s_kb, s_kh, s_kt, s_kd, s_kib, s_ki
     jn = c * BLOCK_N + tl.arange(0, BLOCK_N)
     j = kb * BS + jn
     kmask = (jn < BS) & (j < T)
-    k = tl.load(k_ptr + b * s_kb + g * s_kh + j[:, None] * s_kt + d[None, :] * s_kd,
+    k = tl.load(k_ptr + b * s_kb + g.to(tl.int64) * s_kh + j.to(tl.int64)[:, None] * s_kt + d[None, :] * s_kd,
                 mask=kmask[:, None] & (d[None, :] < D), other=0.0)
     ki = tl.load(ki_ptr + b * s_kib + j[:, None] * s_kit + di[None, :] * s_kid,
                  mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
@@ -183,7 +183,7 @@ def _kl_tile(ent_ptr, e0, hi, K, t0, qi_ptr, b, g, s_qib, s_qih, s_qit, s_qid, d
     ent = tl.load(ent_ptr + e, mask=ev, other=0)                               # ent = tloc * K + slot
     tloc = ent // K
     t = (t0 + tloc).to(tl.int64)
-    qi = tl.load(qi_ptr + b * s_qib + g * s_qih + t[:, None] * s_qit + di[None, :] * s_qid,
+    qi = tl.load(qi_ptr + b * s_qib + g.to(tl.int64) * s_qih + t[:, None] * s_qit + di[None, :] * s_qid,
                  mask=ev[:, None] & (di[None, :] < DI), other=0.0)
     return tloc, ent % K, t, ev, qi
 
@@ -222,7 +222,7 @@ def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_p
             tl.store(lup_ptr + po, _row_lse2(u), mask=ev)
             if TEACHER:
                 for h in range(G):
-                    q = tl.load(q_ptr + b * s_qb + (g * G + h) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
+                    q = tl.load(q_ptr + b * s_qb + (g * G + h).to(tl.int64) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                                 mask=ev[:, None] & (d[None, :] < D), other=0.0)  # (BLOCK_Q, D) head h
                     s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale_d2, float("-inf"))
                     tl.store(lqp_ptr + po * G + h, _row_lse2(s), mask=ev)
@@ -266,7 +266,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
             log_r = tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2 - lu[:, None]
             p = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
             for h in tl.range(0, G, num_stages=2):                              # head h + 1's q loads during h
-                q = tl.load(q_ptr + b * s_qb + (g * G + h) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
+                q = tl.load(q_ptr + b * s_qb + (g * G + h).to(tl.int64) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
                 if TEACHER:                                                    # merged from pass 1's partials
                     lse_h = tl.where(ev, _row_lse2(tl.load(lq_ptr + part * G + h, mask=pm, other=float("-inf"))), 0.0)

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msa_checks import check_block_idx, check_inputs
-from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _cdiv, _checking, _kernel_limits, _kl_call, _kl_custom_op, _op, _pow2,
-                     _prec, _softmax_finish, _softmax_rescale, _strides, _token_major)
+from msa_checks import check_block_idx
+from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _cdiv, _check_attention, _checking, _kl_call, _kl_custom_op, _op,
+                     _pow2, _prec, _softmax_finish, _softmax_rescale, _strides, _token_major)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
 ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
@@ -48,7 +48,8 @@ def use_tile(B, Hkv, T, K, block_size, G, D):
       tokens; at 4K the two are level with K = 4 and the KV-outer path is ahead with K = 8, at 16K far ahead.
       A CUDA graph captured by hand (torch.cuda.graph) keeps the eager choice, so that its warm-up call has
       compiled the kernels the capture replays.
-    B, Hkv and D scale both paths alike and do not enter the rule."""
+    B and Hkv scale both paths alike and do not enter the rule; shapes past the tile kernels' limits (G > 64,
+    D > 128, bs > 128) take the KV-outer path, whose checks then say what is supported."""
     if FORCE is not None:
         return FORCE == "tile"
     if G > 64 or D > 128 or block_size > 128:
@@ -81,8 +82,9 @@ def _load_rows(x_ptr, b, hh, t, rv, s_xb, s_xh, s_xt, s_xd, d, dmask):
 def _load_sel(bi_ptr, b, g, t, rv, K, s_ib, s_ih, s_it, s_ik, K_P: tl.constexpr):
     """The chosen blocks of each row's token: block_idx[b, g, t, :] -> (R, K_P) int32, -1 where padded."""
     kk = tl.arange(0, K_P)
-    return tl.load(bi_ptr + b * s_ib + g * s_ih + t.to(tl.int64)[:, None] * s_it + kk[None, :] * s_ik,
-                   mask=rv[:, None] & (kk[None, :] < K), other=-1).to(tl.int32)
+    sel = tl.load(bi_ptr + b * s_ib + g.to(tl.int64) * s_ih + t.to(tl.int64)[:, None] * s_it + kk[None, :] * s_ik,
+                  mask=rv[:, None] & (kk[None, :] < K), other=-1)
+    return tl.where((sel < -1) | (sel > 0x7FFFFFFF), -1, sel).to(tl.int32)  # int64 ids past int32: none, not wrapped
 
 
 @triton.jit
@@ -251,13 +253,6 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bi_ptr, rd_
 # ---------------------------------------------------------------------------------------------
 # attention launchers
 
-def _check(q, k, v, block_idx, block_size):
-    """msa_ref's checks (shapes only: no host sync) plus what the kernels support. Returns (B, Hkv, T)."""
-    B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=False)
-    _kernel_limits(q, k, v, Hkv, block_size)
-    return B, Hkv, T
-
-
 def reads_shape(B, Hkv, T, G, block_size, rows):
     """The shape (B * Hkv, nb, NT) of the forward's int8 table "query tile i reads key block kb", which the backward
     takes (a custom op's fake implementation needs it): NT tiles of rows // G_P tokens (rows: see _meta)."""
@@ -385,7 +380,7 @@ def sparse_attention_tile(q, k, v, block_idx, block_size):
     natural-log lse fp32 (B, Hq, T). Differentiable in q, k, v through out and lse. Deterministic backward.
     Launches: forward 1, backward 2.
     """
-    _check(q, k, v, block_idx, block_size)
+    _check_attention(q, k, v, block_idx, block_size)
     out, lse, _ = _fwd_op(q, k, v, block_idx, block_size, ROWS)
     return out, lse
 
@@ -504,7 +499,7 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, bi_ptr, lse_ptr, lu_ptr, loss_
                 dqi += tl.dot(ds.to(ki.dtype), ki, input_precision=PREC)
     tl.store(loss_ptr + bh * tl.num_programs(0) + tile, tl.sum(loss, 0) * loss_scale)
     if GRAD:
-        tl.store(dqi_ptr + (b * s_gb + g * s_gh + t.to(tl.int64) * s_gt)[:, None] + di[None, :],
+        tl.store(dqi_ptr + (b * s_gb + g.to(tl.int64) * s_gh + t.to(tl.int64) * s_gt)[:, None] + di[None, :],
                  (dqi * grad_scale).to(dqi_ptr.dtype.element_ty),
                  mask=rv[:, None] & dimask[None, :])
 
@@ -610,11 +605,5 @@ def kl_loss_tile(q, k, qi, ki, block_idx, block_size, lse=None):
     Differentiable in qi and ki only. lse: optional fp32 (B, Hq, T), what sparse_attention returned for these q, k,
     block_idx (the teacher's normaliser; without it one more launch recomputes it).
     Launches: forward 3 with lse, 4 without (+1 for the gradients when qi or ki requires grad: they are computed
-    here, with the loss); backward 1-2 per gradient (scale by the incoming gradient, cast)."""
-    def limits(Hkv):                                                           # after _kl_call's shape checks
-        _kernel_limits(q, q, q, Hkv, block_size)                              # k may differ: it is cast
-        if qi.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"qi must be float16, bfloat16 or float32, got {qi.dtype}")
-        if qi.shape[3] > 128:
-            raise ValueError(f"index dim Di must be <= 128, got {qi.shape[3]}")
-    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse, limits)
+    here, with the loss); backward 1 for both gradients (scaled by the incoming gradient)."""
+    return _kl_call(_kl_op, q, k, qi, ki, block_idx, block_size, lse)

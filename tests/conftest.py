@@ -12,6 +12,7 @@ Helpers for several test files (the tests directory is on sys.path, so `from con
   DEVICE         "cuda" when a GPU is present, else "cpu"
   requires_cuda  skip marker for tests that only mean something on a GPU
   rand_inputs    random q, k, v, qi, ki in the layout of the API (DESIGN.md section 3)
+  past_int32     a copy of a tensor whose elements sit past int32's range of offsets
 """
 import os
 
@@ -34,6 +35,22 @@ def rand_inputs(B, Hq, Hkv, T, D, Di, dtype=torch.float32, device=DEVICE, seed=0
     g = torch.Generator().manual_seed(seed)
     shapes = [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, Hkv, T, Di), (B, T, Di)]
     return tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes)
+
+
+def past_int32(x, dim):
+    """A copy of x (on the CPU) whose index along dim steps 2^30 elements, inside a storage of 2^32 + 2^20 elements
+    (8 GB of fp16, allocated lazily: only the pages written cost memory), from an offset of 2^31: every element's
+    offset is past int32's range, where a kernel that computes offsets in int32 wraps. None when the machine will
+    not lend the address space."""
+    try:
+        store = torch.empty((1 << 32) + (1 << 20), dtype=x.dtype)
+    except RuntimeError:
+        return None
+    strides = list(x.contiguous().stride())
+    strides[dim] = 1 << 30
+    view = store.as_strided(x.shape, strides, storage_offset=1 << 31)
+    view.copy_(x)
+    return view
 
 
 def poison_allocator(numel, dtype=torch.float32, device=DEVICE, n=8):

@@ -45,6 +45,16 @@ def test_equals_reference(N, C, V, chunk, monkeypatch):
     torch.testing.assert_close(dw, rdw, rtol=1e-4, atol=1e-6)
 
 
+def test_no_scored_row():
+    """Every target -1: the mean over no row is NaN, as msa_ref's, and the gradients are zero, as msa_ref's (no
+    0 * inf NaN to poison the weights of a step whose micro-batch had nothing to score)."""
+    h, w, y = inputs(5, 8, 40)
+    (loss, dh, dw), (rloss, rdh, rdw) = both(h, w, torch.full_like(y, -1))
+    assert loss.isnan() and rloss.isnan()
+    for a, b in ((dh, rdh), (dw, rdw)):
+        assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b))
+
+
 def test_ignored_rows_and_bad_targets():
     h, w, y = inputs(6, 8, 40, ignore=0.0)
     y[2] = -1

@@ -123,6 +123,29 @@ def test_non_contiguous_caches():
     assert not (k_t.is_contiguous() or ki_big.is_contiguous() or q_s.is_contiguous())
     want = msa_ref.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
     assert rel_err(dec.sparse_decode(q_s, qi, k_t, v_t, ki_big, cache_lens, bs, K), want) < 1e-5
+    lens_view = torch.stack([cache_lens, torch.full_like(cache_lens, 3)], dim=1)[:, 0]   # (B,), stride 2
+    assert lens_view.stride() == (2,)
+    assert rel_err(dec.sparse_decode(q, qi, k, v, ki, lens_view, bs, K), want) < 1e-5
+
+
+def test_scores_that_round_together_tie():
+    """Two block maxima one float apart that are equal once divided by sqrt(Di), as msa_ref and index_topk divide
+    the scores: a tie, so the lower block wins in sparse_decode too (ranking undivided scores picks the other)."""
+    Di, bs, Tmax = 32, 16, 48
+    x = torch.arange(1.0, 5.0, 1e-4)
+    x_next = torch.nextafter(x, torch.tensor(float("inf")))
+    lo, hi = [v[(x / Di ** 0.5) == (x_next / Di ** 0.5)][0].item() for v in (x, x_next)]
+    assert lo < hi
+    qi = torch.zeros(1, 1, Di, device=DEVICE)
+    qi[..., 0] = 1
+    ki = torch.zeros(1, Tmax, Di, device=DEVICE)
+    ki[:, :16, 0], ki[:, 16:32, 0], ki[:, 32:, 0] = lo, hi, -100.0             # blocks 0 and 1 tie, 2 is local
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((1, 1, 16), (1, 1, Tmax, 16), (1, 1, Tmax, 16)))
+    lens = torch.tensor([Tmax], device=DEVICE)
+    assert select(q, qi, k, v, ki, lens, bs, 2).tolist() == [[[0, 2]]]
+    assert msa_ref.index_topk(qi[:, :, None].expand(1, 1, Tmax, Di), ki, bs, 2)[0, 0, -1].tolist() == [0, 2]
+    assert rel_err(dec.sparse_decode(q, qi, k, v, ki, lens, bs, 2), msa_ref.sparse_decode(q, qi, k, v, ki, lens, bs, 2)) < 1e-5
 
 
 def test_bad_input_raises():

@@ -9,7 +9,7 @@ import torch
 import msa_ref
 import msa_triton
 from msa_triton import attention, common, index, tile
-from conftest import DEVICE, poison_allocator, rand_inputs, requires_cuda
+from conftest import DEVICE, past_int32, poison_allocator, rand_inputs, requires_cuda
 
 GPU = DEVICE == "cuda"
 
@@ -187,6 +187,41 @@ def test_lse_gradient(monkeypatch, path, shape, sel):
     ref = torch.autograd.grad((rlse.masked_fill(empty, 0.0) * dlse.double()).sum() + (rout * dout.double()).sum(), ref_in)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert_close(a, b, torch.float32, f"{name} (sparse_attention_kl)")
+
+
+@pytest.mark.parametrize("path", ["kv", "tile"])
+def test_ids_outside_the_blocks_are_ignored(path):
+    """Outside the checking mode a block id outside [-1, nb) selects nothing, on both paths: int64 ids past int32's
+    range included (not wrapped to a real block: 2^32 is not block 0)."""
+    B, Hq, Hkv, T, D, bs, K = 1, 2, 1, 24, 16, 8, 3
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, seed=11)
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=11, shuffle=False).long()
+    bad = block_idx.clone()
+    bad[..., 0] = torch.tensor([1 << 32, 3, -7], device=DEVICE).repeat(T)[:T]   # none of them a block here
+    before = msa_triton.checks(False)
+    try:
+        out, lse = PATHS[path](q, k, v, bad, bs)
+    finally:
+        msa_triton.checks(before)
+    want = msa_ref.sparse_attention(q.double(), k.double(), v.double(), block_idx.masked_fill(bad != block_idx, -1), bs)
+    assert_close(out, want[0], torch.float32, "out")
+    assert_close(lse, want[1], torch.float32, "lse")
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's int32 arithmetic on a lazily allocated CPU storage")
+def test_offsets_past_int32():
+    """dout with a head stride of 2^30 elements (its third head 2^31 past the base): the backward's row offsets in
+    int64, so the gradients are those of a contiguous copy."""
+    B, Hq, Hkv, T, D, bs, K = 1, 3, 1, 16, 16, 4, 2
+    q, k, v, _, _ = rand_inputs(B, Hq, Hkv, T, D, 8, dtype=torch.float16, seed=4)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).half()
+    dout_far = past_int32(dout, 1)
+    if dout_far is None:
+        pytest.skip("no 8 GB of address space for the lazily allocated storage")
+    block_idx = random_block_idx(B, Hkv, T, bs, K, seed=4)
+    got, ref = run_both(q, k, v, block_idx, bs, dout_far)
+    for name, a, b in zip(("dq", "dk", "dv"), got[2:], ref[2:]):
+        assert_close(a, b, torch.float16, name)
 
 
 def test_non_contiguous_and_chunked(monkeypatch):

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():                # before triton is imported; co
 import msa_ref
 from msa_triton import common
 from msa_triton import index as mti
-from conftest import poison_allocator, rand_inputs, requires_cuda
+from conftest import DEVICE, past_int32, poison_allocator, rand_inputs, requires_cuda
 
 
 def index_inputs(B, Hkv, T, Di, dtype=torch.float32, seed=0):
@@ -50,6 +50,21 @@ def test_index_topk_fp16():
     same numbers (only the order of the sums differs, far below any gap between blocks of random keys)."""
     qi, ki = index_inputs(2, 2, 45, 16, dtype=torch.float16, seed=4)
     assert torch.equal(mti.index_topk(qi, ki, 4, 3).cpu(), msa_ref.index_topk(qi.cpu(), ki.cpu(), 4, 3))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's int32 arithmetic on a lazily allocated CPU storage")
+def test_offsets_past_int32():
+    """Inputs whose elements sit 2^31 elements or more from their base pointer (a batch or head stride of 2^30, as
+    a large prefill gives): offsets computed in int64, so the selection and the KL are msa_ref's, as on copies."""
+    B, Hq, Hkv, T, D, Di, bs, K = 3, 3, 1, 16, 16, 16, 4, 3
+    q, k, _, qi, ki = rand_inputs(B, Hq, Hkv, T, D, Di, dtype=torch.float16, seed=7)
+    qi_far, q_far = past_int32(qi, 0), past_int32(q, 1)                      # batch 2 / head 2 at 2^31 + 2^31
+    if qi_far is None:
+        pytest.skip("no 8 GB of address space for the lazily allocated storage")
+    want = msa_ref.index_topk(qi, ki, bs, K)
+    assert torch.equal(mti.index_topk(qi_far, ki, bs, K), want)
+    want_kl = msa_ref.kl_loss(q, k, qi, ki, want, bs)
+    assert abs(mti.kl_loss(q_far, k, qi, ki, want, bs).item() - want_kl.item()) < 5e-3 * want_kl.item()
 
 
 def test_index_topk_ties_and_views():
@@ -188,6 +203,19 @@ def test_kl_loss_fp16():
     for name, a, b in zip(("loss", "dqi", "dki"), got, want):
         err = ((a.double() - b).norm() / b.norm()).item()
         assert err < 5e-3, (name, err)
+
+
+def test_kl_loss_limits_as_the_tile_path():
+    """What the kernels do not support raises the same line on this path as on the query-tile one, so a call's
+    path (by T, or under torch.compile) never decides whether it raises."""
+    from msa_triton import tile
+    q, k, qi, ki, idx = kl_case(1, 2, 1, 20, 16, 16, 4, 2)
+    for args, msg in (((q.double(), k.double(), qi, ki, idx, 4), "q, k, v must share one dtype of float16"),
+                      ((q, k, qi.double(), ki.double(), idx, 4), "qi must be float16, bfloat16 or float32"),
+                      ((q, k, qi, ki, idx[..., :1] * 0, 256), "block_size must be <= 128")):
+        for fn in (mti.kl_loss, tile.kl_loss_tile):
+            with pytest.raises(ValueError, match=msg):
+                fn(*args)
 
 
 def test_kl_loss_teacher_lse_and_token_chunks(monkeypatch):

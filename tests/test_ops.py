@@ -73,18 +73,22 @@ def test_ops_registered_once():
 def test_compile_caches_keyed_by_the_source(monkeypatch, tmp_path):
     """torch.compile's cache key carries a hash of the package's source (common._tag_compile_caches), so a warm cache
     never replays an edited op's old backward; importing again adds nothing, and a user's own tag stays."""
-    tag = torch.compiler.config.cache_key_tag
+    config = torch.compiler.config                                            # (a config module: set, not patched)
+    tag = config.cache_key_tag
     assert len([t for t in tag.split() if t.startswith("nanomsa-")]) == 1
-    common._tag_compile_caches()
-    assert torch.compiler.config.cache_key_tag == tag
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    common._tag_compile_caches()
-    assert torch.compiler.config.cache_key_tag == f"mine {tag.split()[-1]}"
-    copy = tmp_path / "common.py"                                             # an edit of one file: another tag
-    copy.write_text(open(common.__file__).read() + "\n# an edit\n")
-    monkeypatch.setattr(common, "__file__", str(copy))
-    common._tag_compile_caches()
-    assert torch.compiler.config.cache_key_tag.split()[-1] != tag.split()[-1]
+    try:
+        common._tag_compile_caches()
+        assert config.cache_key_tag == tag
+        config.cache_key_tag = "mine"
+        common._tag_compile_caches()
+        assert config.cache_key_tag == f"mine {tag.split()[-1]}"
+        copy = tmp_path / "common.py"                                         # an edit of one file: another tag
+        copy.write_text(open(common.__file__).read() + "\n# an edit\n")
+        monkeypatch.setattr(common, "__file__", str(copy))
+        common._tag_compile_caches()
+        assert config.cache_key_tag.split()[-1] != tag.split()[-1]
+    finally:
+        config.cache_key_tag = tag
 
 
 def opcheck_cases():
