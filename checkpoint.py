@@ -8,6 +8,7 @@ expected (the scripts print it and exit).
       rewrites a checkpoint that holds other objects (numpy values, say) as a safe one. It unpickles OLD.pt
       with the unsafe loader, which runs whatever the file asks: use it only on a file you trust.
 """
+import json
 import os
 import re
 import sys
@@ -118,6 +119,41 @@ def load_weights(model, ckpt, path):
         raise CheckpointError(f"{path}: its weights do not fit this model ({what}); expected a checkpoint written by "
                               f"this version of train.py with the same model settings")
     model.load_state_dict(theirs)
+
+
+def read_log(path):
+    """A run's log.jsonl -> (its records, dicts in order; whether its last line was dropped). A last line that is not
+    JSON is a record cut short by a crash in the middle of an append, and is dropped; a bad line anywhere else raises
+    ValueError naming the file and the line."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return records, True
+            raise ValueError(f"{path} line {i + 1}: expected a JSON record of train.py, got {line.strip()[:60]!r}")
+    return records, False
+
+
+def load_model(path, device="cpu", backend="auto", **overrides):
+    """A checkpoint of train.py -> (GPT with its weights, in eval mode on device; the checkpoint dict). overrides
+    replace entries of its model_args (sample.py's --msa_topk, ...). Every failure is one ValueError line: a missing
+    or damaged file or weights of another layout (CheckpointError), a config the model refuses (GPTConfig.check,
+    model.get_backend), or model_args that this model.py does not know (a checkpoint of another version)."""
+    from model import GPT, GPTConfig                                           # model.py needs nothing from here
+    ckpt = load(path, device)
+    try:
+        model = GPT(GPTConfig(**dict(ckpt["model_args"], **overrides)), backend=backend)
+    except TypeError as e:
+        raise CheckpointError(f"{path} does not fit this model.py (written by another version?): "
+                              f"{' '.join(str(e).split())[:300]}") from None
+    except ValueError as e:
+        raise ValueError(f"config error: {e}") from None
+    load_weights(model, ckpt, path)
+    return model.eval().to(device), ckpt
 
 
 def _is_text(head):

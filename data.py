@@ -203,6 +203,17 @@ def _shakespeare():
     return plays
 
 
+def _read_text(path):
+    """A UTF-8 text file's contents; anything else is a ValueError naming the file (not characters silently
+    replaced: a corpus in another encoding would train on U+FFFD)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: expected UTF-8 text, got byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                         f"(convert it, e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _files(path, exts):
     if not os.path.exists(path):
         raise ValueError(f"data path {path!r} does not exist")
@@ -252,7 +263,7 @@ def prepare(data_path=None, image_dir=None):
         if pkg:  # keep a copy of the BPE files next to the data (see _tokenizer_dir)
             shutil.copytree(os.path.join(pkg, "data"), os.path.join(DATA_DIR, "tokenizer"), dirs_exist_ok=True)
         if texts:
-            docs = [d for d in (open(f, encoding="utf-8", errors="replace").read() for f in texts) if d.strip()]
+            docs = [d for d in (_read_text(f) for f in texts) if d.strip()]
             if not docs:
                 raise ValueError(f"{data_path!r} holds only empty files")
             ids = np.concatenate([t + [EOT] for t in get_tokenizer().encode_ordinary_batch(docs)])
@@ -267,7 +278,7 @@ def prepare(data_path=None, image_dir=None):
         if pics:
             n_val = len(pics) // 10
             imgs = np.stack([load_image(f) for f in pics])
-            caps = [open(os.path.splitext(f)[0] + ".txt", encoding="utf-8").read().strip() for f in pics]
+            caps = [_read_text(os.path.splitext(f)[0] + ".txt").strip() for f in pics]
             images, captions = {"train": imgs[:-n_val], "val": imgs[-n_val:]}, {"train": caps[:-n_val],
                                                                                 "val": caps[-n_val:]}
         _write(out, tokens, names, images, captions)
@@ -412,8 +423,8 @@ def repeat_row(n, rng):
     training text's distinct tokens (no order to learn), and whose second half is stretches of 8-32 tokens copied
     from random places of the first half. Only a lookup by content predicts a copied token: find the earlier
     place of the token before it and take the token that followed it there, the step a recall question needs
-    (mqar_row). A small model learns it from these rows in a few hundred steps; from recall rows alone it can sit
-    for thousands before the lookup appears (dev/retrieval.md). Returns
+    (mqar_row). A small model learns it from these rows quickly; from recall rows alone the lookup can take many
+    times longer to appear (dev/retrieval.md). Returns
       row (n,) int64,
       target (n,) bool: the copied tokens after each stretch's first (the first follows a random token).
     """

@@ -33,8 +33,8 @@ class KVCache:
     @property
     def ki(self):
         """The index keys (B, Tmax, Di), or None. fp8 keys are held as their bytes (uint8) and seen as e4m3 here:
-        index_copy_ has no fp8 kernel, and a write through a dtype view of the cache becomes, in a step compiled
-        by torch 2.11, a copy of the whole cache every step, where a write into a tensor of its own stays in place."""
+        index_copy_ has no fp8 kernel, and a write through a dtype view of the cache becomes, in a compiled step, a
+        copy of the whole cache every step, where a write into a tensor of its own stays in place."""
         return self._ki.view(torch.float8_e4m3fn) if self.ks is not None else self._ki
 
     def write(self, pos, k, v, ki=None, ks=None):
@@ -74,7 +74,7 @@ def sample_token(logits, temperature, top_k, uniform):
 def argmax(x, pieces=64):
     """x (B, V) float -> (B,) long: x.argmax(-1) (the first index of each row's largest value), in two passes: the
     largest of each of `pieces` pieces of a row, then the largest of those. A compiled step runs a row's argmax as
-    one program looping over the whole row (~10 us at V = 50K); the pieces run side by side."""
+    one program looping over the whole row, slow at V = 50K; the pieces run side by side."""
     B, V = x.shape
     x = F.pad(x, (0, -V % pieces), value=float("-inf")).view(B, pieces, -1)  # (B, pieces, L), padding never chosen
     best, where = x.max(-1)                                                   # (B, pieces) each piece's first largest
@@ -125,8 +125,8 @@ def compiled_step(fn, backend):
 def _pdl_config(backend, tok):
     """The inductor setting under which a decode step of tok (B, 1) compiles: programmatic dependent launch in
     inductor's kernels, as in msa_triton's (msa_triton/common.py; NANOMSA_PDL=0 turns both off), so that each
-    kernel starts while the one before finishes; at batch 1 only, on a GPU of compute capability 9 or newer. At
-    batch 8 the step is slower with it (measured, dev/decode.md)."""
+    kernel starts while the one before finishes; at batch 1 only, on a GPU of compute capability 9 or newer: at
+    batch 8 it makes the step slower (dev/decode.md)."""
     cfg = torch._inductor.config.triton
     on = backend == "inductor" and os.environ.get("NANOMSA_PDL", "1").strip() != "0" and hasattr(cfg, "enable_pdl") \
         and tok.is_cuda and tok.shape[0] == 1 and torch.cuda.get_device_capability(tok.device)[0] >= 9

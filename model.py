@@ -416,7 +416,7 @@ class GPT(nn.Module):
             blocks while t // bs < K), i.e. min(K * bs, t + 1) up to the local block's partial fill; MSA layers
             attending densely (msa_dense) count as dense, with the dense KL;
           MSA index branch (msa_select 'indexer' only), no gradient through the selection: scores qi.ki over all
-            t + 1 visible tokens and the block max, 2 * Hkv * Di * (t + 1);
+            t + 1 visible tokens and the block max, 2 * Hkv * Di * (t + 1) (none under msa_dense: nothing is chosen);
           MSA KL over the support n_t (the chosen blocks, or every visible token during the dense warm-up, kl_dense):
             teacher q.k without gradient 2 * Hq * D * n_t, student qi.ki forward + backward 6 * Hkv * Di * n_t.
         Averaged over the seq_len positions of a row."""
@@ -434,7 +434,7 @@ class GPT(nn.Module):
         n_idx = n_msa if cfg.msa_select == "indexer" else 0                  # a blind rule runs no index branch
         matmul = 6 * (L * (attn_params + moe_params) + cfg.vocab_size * C) + 4 * n_idx * (C * Hkv * Di + C * Di)
         attn = 12 * Hq * D * ((L - n_msa) * n_dense_keys + n_msa * n_msa_keys)
-        index = n_idx * (2 * Hkv * Di * n_dense_keys + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
+        index = n_idx * (2 * Hkv * Di * n_dense_keys * (not msa_dense) + (2 * Hq * D + 6 * Hkv * Di) * n_kl_keys)
         return matmul + attn + index
 
     def decode_step(self, tok, pos, cache, out, uniform, temperature, top_k):

@@ -37,7 +37,7 @@ def top_k(logits, k):
     logits (N, E) -> (values, indices), each (N, k), largest first, as logits.topk(k) gives them (ties: the lower
     index first). A logit's rank is how many logits beat it (a larger one, or an equal one at a lower index); the
     pick of rank r is the expert whose rank is r. Comparisons and sums over E only, which torch.compile fuses into
-    a few small generated kernels, where torch.topk is two library kernels of a sort (~4 us each in a decode step).
+    a few small generated kernels, where torch.topk is two library kernels of a sort.
     """
     E = logits.shape[-1]
     cols = torch.arange(E, device=logits.device)                             # (E,)

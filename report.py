@@ -26,7 +26,6 @@ Retrieval (recall_eval.py), each recomputed from the runs' checkpoints on held-o
 
 Settings use the configurator of train.py (--key=value); the positional words are the mode and the run folders.
 """
-import json
 import os
 import sys
 
@@ -42,7 +41,7 @@ from recall_eval import msa_layer_inputs
 # -----------------------------------------------------------------------------------------------
 out_dir = "out-long"     # heatmap: the run whose checkpoint is read
 png = ""                 # the picture to write ('' = report_<mode>.png in the current folder)
-seed = 0                 # heatmap, recall: which val sequence (a get_batch row from default_rng([HEATMAP_STREAM, seed]));
+seed = 0                 # heatmap, recall: which val sequence (a get_batch row from default_rng([_HEATMAP_STREAM, seed]));
                          # mqar, needle, niah: the seed of the held-out rows (data.mqar_eval_set, data.niah_eval_set)
 n_queries = 2048         # recall: positions of that sequence, spread evenly
 mqar_questions = 4096    # mqar: held-out questions per arm, in rows of the run's seq_len (one per 32 tokens)
@@ -52,7 +51,7 @@ niah_scales = None       # niah: the lengths in multiples of the run's seq_len (
 max_tokens = 65536       # mqar, niah: tokens per forward (rows of one length batched up to this, one row at least)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------------------------
-HEATMAP_STREAM = 0x4EA7
+_HEATMAP_STREAM = 0x4EA7
 
 
 def read_log(run_dir):
@@ -60,7 +59,7 @@ def read_log(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: expected the out_dir of a train.py run")
-    recs = [json.loads(line) for line in open(path)]
+    recs, _ = checkpoint.read_log(path)                                         # a ValueError names a bad line
     return [r for r in recs if "iter" in r], [r for r in recs if "eval" in r]
 
 
@@ -71,6 +70,9 @@ def summary(runs):
              "caption all four | long-range |", "|---" * 9 + "|"]
     for name, run_dir in runs.items():
         train, evals = read_log(run_dir)
+        if not (train and evals):
+            raise ValueError(f"{run_dir}/log.jsonl holds no {'evaluation' if train else 'training record'} yet: "
+                             f"expected a run that reached its first evaluation")
         last = evals[-1]
         steady = train[1:] or train
         recall = " ".join(f"{v:.3f}" for v in last.get("recall_layers", [])) or "-"
@@ -112,17 +114,11 @@ def plot_curves(msa_dir, dense_dir, path):
 def load_model(run_dir):
     """The checkpoint of a train.py run -> (GPT in eval mode on `device`, its config dict plus iter_num: the
     iteration its weights are from, which is later than the last evaluation when the run was interrupted)."""
-    from model import GPT, GPTConfig
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: expected the out_dir of a train.py run")
-    ckpt = checkpoint.load(path, device)  # a CheckpointError is a ValueError: main() prints its one line
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    checkpoint.load_weights(model, ckpt, path)
-    return model.to(device).eval(), dict(ckpt["config"], iter_num=ckpt["iter_num"])
-
-
-_autocast = recall_eval.autocast  # bf16 on CUDA, as train.py runs the model
+    model, ckpt = checkpoint.load_model(path, device)  # a ValueError: main() prints its one line
+    return model, dict(ckpt["config"], iter_num=ckpt["iter_num"])
 
 
 @torch.no_grad()
@@ -174,11 +170,11 @@ def recall_vs_best(model, x, patches, n_queries, chunk=256):
 
 def msa_model_and_row(run_dir):
     """The run's model, which must have an MSA layer, its config, and the val row the heatmap and the recall table
-    read: (model, cfg, x (1, T), patches (1, T, PATCH_DIM)), the row drawn from default_rng([HEATMAP_STREAM, seed])."""
+    read: (model, cfg, x (1, T), patches (1, T, PATCH_DIM)), the row drawn from default_rng([_HEATMAP_STREAM, seed])."""
     model, cfg = load_model(run_dir)
     if not any(b.attn.sparse for b in model.blocks):
         raise ValueError(f"the model in {run_dir} has no MSA layer (attention={cfg['attention']!r})")
-    rng = np.random.default_rng([HEATMAP_STREAM, seed])
+    rng = np.random.default_rng([_HEATMAP_STREAM, seed])
     x, _, patches = data.get_batch("val", 1, cfg["seq_len"], rng, device, cfg["p_image"])
     return model, cfg, x, patches
 
@@ -194,7 +190,7 @@ def recall_table(run_dir, n):
     return "\n".join(lines)
 
 
-HEATMAP_PIXELS = 256  # at most this many cells per side of a panel (a 4-inch panel shows about 360 pixels)
+_HEATMAP_PIXELS = 256  # at most this many cells per side of a panel (a 4-inch panel shows about 360 pixels)
 
 
 def max_pool(m, f):
@@ -214,7 +210,7 @@ def plot_heatmap(run_dir, path):
     maps = selection_maps(model, x, patches)
     layers, Hkv = sorted(maps), model.cfg.n_kv_head
     nb = maps[layers[0]].shape[-1]
-    f = -(-nb // HEATMAP_PIXELS)                     # blocks per pixel side: a 128K row has 1024 blocks of 128
+    f = -(-nb // _HEATMAP_PIXELS)                     # blocks per pixel side: a 128K row has 1024 blocks of 128
     fig, ax = plt.subplots(len(layers), Hkv, figsize=(4 * Hkv, 4 * len(layers)), squeeze=False)
     for r, i in enumerate(layers):
         for g in range(Hkv):
@@ -222,7 +218,8 @@ def plot_heatmap(run_dir, path):
                                  interpolation="nearest", extent=(0, nb, nb, 0))
             ax[r, g].set(title=f"layer {i}, group {g}", xlabel="key block", ylabel="query block")
     fig.colorbar(im, ax=ax, shrink=0.6, label="fraction of the query block's tokens selecting it (sqrt scale)")
-    fig.suptitle(f"blocks selected by the trained indexer\none val sequence of {x.shape[1]} tokens, "
+    rule = "the trained indexer" if model.cfg.msa_select == "indexer" else f"the blind rule '{model.cfg.msa_select}'"
+    fig.suptitle(f"blocks selected by {rule}\none val sequence of {x.shape[1]} tokens, "
                  f"bs={model.cfg.msa_block_size}, K={model.cfg.msa_topk}" + (f"; a cell = max over {f} x {f} blocks" if f > 1 else ""))
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -439,8 +436,9 @@ def main(argv):
     mode = words[0] if words else None
     try:
         if mode == "curves" and len(words) == 3:
+            table = summary({"msa": words[1], "dense": words[2]})             # checks both logs before drawing
             plot_curves(words[1], words[2], png or "report_curves.png")
-            print(summary({"msa": words[1], "dense": words[2]}))
+            print(table)
         elif mode == "heatmap" and len(words) == 1:
             plot_heatmap(out_dir, png or "report_heatmap.png")
         elif mode == "recall" and len(words) == 1:

@@ -38,7 +38,6 @@ import checkpoint
 import data
 import recall_eval
 from configurator import configure
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -53,7 +52,8 @@ backend = "auto"        # 'auto', 'ref' or 'triton' (see model.get_backend)
 decode = "sparse"       # 'sparse' (MSA layers read their selected blocks) or 'dense' (the whole cache)
 msa_topk = 0            # > 0: blocks per query instead of the checkpoint's (>= the context's blocks: MSA == dense)
 msa_select = ""         # '' (the checkpoint's), 'indexer', or a blind rule 'local' / 'random' (model.GPTConfig)
-index_fp8 = False       # True: index scores and the index-key cache in fp8 (half the bytes a long decode step reads)
+index_fp8 = False       # True: index scores and the index-key cache in fp8 (half the bytes a long decode step reads);
+                        # False keeps the checkpoint's choice
 demo = ""               # 'recall': the retrieval demo (above) instead of sampling
 demo_len = 0            # recall demo: tokens in the row (0: the checkpoint's training seq_len)
 question = -1           # recall demo: which question of the row (-1: the one farthest from its fact)
@@ -87,23 +87,12 @@ if not image and start.startswith("FILE:"):
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if not os.path.isfile(ckpt_path):
     raise SystemExit(f"no checkpoint at {ckpt_path}: run `python train.py` first (or pass --out_dir=...)")
+overrides = dict(**({"msa_topk": msa_topk} if msa_topk > 0 else {}), **({"index_fp8": True} if index_fp8 else {}),
+                 **({"msa_select": msa_select} if msa_select else {}))
 try:
-    ckpt = checkpoint.load(ckpt_path, device)
-except checkpoint.CheckpointError as e:
+    model, ckpt = checkpoint.load_model(ckpt_path, device, backend, **overrides)
+except ValueError as e:  # a damaged file, weights or settings this model.py cannot take: one line
     raise SystemExit(str(e))
-model_args = dict(ckpt["model_args"], **({"msa_topk": msa_topk} if msa_topk > 0 else {}),
-                  **({"index_fp8": True} if index_fp8 else {}), **({"msa_select": msa_select} if msa_select else {}))
-try:
-    model = GPT(GPTConfig(**model_args), backend=backend)
-    checkpoint.load_weights(model, ckpt, ckpt_path)
-except checkpoint.CheckpointError as e:  # weights of another layout or size (a ValueError: caught first)
-    raise SystemExit(str(e))
-except ValueError as e:  # GPTConfig.check or model.get_backend
-    raise SystemExit(f"config error: {e}")
-except (TypeError, RuntimeError) as e:  # model_args this model.py does not know
-    raise SystemExit(f"{ckpt_path} does not fit this model.py (written by another version?): "
-                     f"{' '.join(str(e).split())[:300]}")
-model.eval().to(device)
 if device == "cuda" and bf16_weights:
     model.to(torch.bfloat16)  # matrix products run in bf16 under autocast anyway; the residual stream now too
 print(f"loaded {ckpt_path} (iteration {ckpt['iter_num']}), backend {model.backend.__name__}, {decode} decode, "

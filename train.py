@@ -15,7 +15,7 @@ The data position is a function of (seed, iteration, micro-step): micro-batch m 
 gradient_accumulation_steps micro-steps of all GPUs together) is drawn from default_rng([TRAIN_STREAM, seed, i, m]).
 So 1 GPU with gradient_accumulation_steps=2 and 2 GPUs with 1 each train on the same batches, and a resumed run
 needs only iter_num to continue exactly: bitwise on a CPU, and on a GPU with --deterministic=True (by default the
-GPU's fastest kernels are not deterministic, and two runs of the same seed agree to 5-7 digits).
+GPU's fastest kernels are not deterministic, and two runs of the same seed agree closely, not bitwise).
 """
 import json
 import math
@@ -127,7 +127,8 @@ if not 0 <= p_mqar <= 1:
     raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
 if not (0 <= p_repeat and p_mqar + p_repeat <= 1):
     raise SystemExit(f"config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got {p_repeat} and {p_mqar}")
-RAMP = [short_len << k for k in range(32) if short_len << k < seq_len]  # the short rows' lengths, doubling
+RAMP = [short_len << k for k in range(32) if 0 < short_len << k < seq_len] if repeat_iters + short_iters else []
+# (RAMP: the short rows' lengths, doubling from short_len)
 if repeat_iters < 0 or short_iters < 0 or (repeat_iters + short_iters and not (
         16 <= short_len <= seq_len and all(batch_size * seq_len % n == 0 for n in RAMP))):
     raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [16, seq_len] whose "
@@ -157,11 +158,18 @@ if deterministic:  # before the first matrix product: cuBLAS reads its workspace
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
-if data_path or data_images:
-    try:
-        data.prepare(data_path or None, data_images or None)
-    except ValueError as e:
-        raise SystemExit(f"data error: {e}")
+try:  # the data, and one row of every kind and length this run draws: a setting no row fits stops here
+    data.prepare(data_path or None, data_images or None)
+    for _n in {seq_len, *RAMP}:
+        for _mqar, _repeat in [(0.0, 0.0)] + [(1.0, 0.0)] * (p_mqar > 0) + [(0.0, 1.0)] * (p_repeat > 0):
+            data.get_batch("train", 1, _n, np.random.default_rng(0), "cpu", p_image, _mqar, mqar_distance,
+                           mqar_text_loss, _repeat)
+    if repeat_iters:
+        data.get_batch("train", 1, short_len, np.random.default_rng(0), "cpu", p_image, 0.0, p_repeat=1.0)
+    if eval_long_range:
+        data.long_range_eval_set(1, seq_len)
+except ValueError as e:
+    raise SystemExit(f"data error: {e}")
 RUN_KEYS = ("seed", "seq_len", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr", "warmup_iters",
             "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "kl_coeff", "kl_warmup_iters",
             "msa_dense_iters", "balance_coeff", "data_path", "data_images", "p_image", "p_mqar", "mqar_distance",
@@ -319,18 +327,24 @@ def log(record):
 
 
 def trim_log(last_iter):
-    """Drop the log records past iteration last_iter (a run that went on after its last checkpoint), so a resumed
-    run logs each iteration and evaluation once. Rewritten atomically, like the checkpoint."""
+    """Drop the log records past iteration last_iter (a run that went on after its last checkpoint), and a last line
+    cut short by a crash, so a resumed run logs each iteration and evaluation once. Rewritten atomically."""
     path = os.path.join(out_dir, "log.jsonl")
     if not master or not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    try:
+        records, cut = checkpoint.read_log(path)
+    except ValueError as e:
+        raise SystemExit(f"--init_from=resume: {e}")
     step = lambda rec: rec["iter"] if "iter" in rec else rec.get("eval", 0)  # a training record or an eval's
-    keep = [line for line in lines if step(json.loads(line)) <= last_iter]
-    if len(keep) < len(lines):
+    keep = [rec for rec in records if step(rec) <= last_iter]
+    if cut:
+        say(f"{path}: its last line was cut short (a crash while it was written): dropped")
+    if cut or len(keep) < len(records):
         with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
+            f.writelines(json.dumps(rec) + "\n" for rec in keep)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
 

@@ -48,9 +48,9 @@ ASSIGNMENTS = {
     4: dict(title="the inner loop of a Triton kernel", files=["DESIGN.md", "msa_ref.py"],
             extract={"query_forward.py": {
                 "msa_triton/common.py": ["LOG2E", "LN2", "LN2_K", "LIST_TILE", "LIST_PROGRAMS", "_pow2", "_cdiv", "_prec",
-                                         "_strides", "_kernel_limits", "_softmax_rescale", "_softmax_finish", "_slot_rows",
-                                         "_slots_kernel", "_list_tiles", "_slots"],
-                "msa_triton/attention.py": ["_fwd_query_kernel", "attention_forward_query_outer", "_check", "_consts"]}},
+                                         "_strides", "_kernel_limits", "_check_attention", "_softmax_rescale",
+                                         "_softmax_finish", "_slot_rows", "_slots_kernel", "_list_tiles", "_slots"],
+                "msa_triton/attention.py": ["_fwd_query_kernel", "attention_forward_query_outer", "_consts"]}},
             loops={"query_forward.py": ["_fwd_query_kernel"]}),
     5: dict(title="the MoE router and its load balancing", files=["moe.py", "model.py"],
             blank={"moe.py": ["moe_dispatch", "MoE.forward"]}),

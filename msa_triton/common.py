@@ -41,7 +41,7 @@ LN2 = 0.6931471805599453                  # ln(2) = 1 / LOG2E: log2 units -> nat
 LOG2E_K = tl.constexpr(LOG2E)             # the same numbers inside kernels (a @triton.jit function
 LN2_K = tl.constexpr(LN2)                 # reads only globals that are tl.constexpr)
 INT64_MIN = tl.constexpr(-(2 ** 63))      # below every sortable key (_sortable_key)
-PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's partial buffer, in elements (_chunks)
+PARTIAL_ELEMS = 1 << 31                   # bound on a chunk's forward partials, in elements (_chunk_bounds)
 LIST_TILE = 4096                          # most (token, slot) entries per program of the list builder (_csr)
 LIST_PROGRAMS = 1024                      # its tiles shrink while its grid would have fewer programs (_list_tiles)
 HIST_BINS = 512                           # the list builder counts up to this many keys a tile by histogram
@@ -193,8 +193,7 @@ def _kernel_limits(q, k, v, Hkv, block_size):
 
 
 def _check_attention(q, k, v, block_idx, block_size):
-    """What both attention paths check: msa_ref's checks of the shapes (no host sync; block_idx's values only in the
-    checking mode, by the op) and the kernels' limits. Returns (B, Hkv, T)."""
+    """Both attention paths' checks: msa_ref's of the shapes (no host sync) and the kernels' limits -> (B, Hkv, T)."""
     B, Hkv, T = check_inputs(q=q, k=k, v=v, block_idx=block_idx, block_size=block_size, values=False)
     _kernel_limits(q, k, v, Hkv, block_size)
     return B, Hkv, T
@@ -573,8 +572,10 @@ def _segments(start, cnt, n_entries, seg):
 
 def _chunk_bounds(B, Hkv, T, K, per_slot, block_size):
     """Chunks of tokens whose partial buffer of per_slot elements per (batch*group, token, slot) stays under
-    PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D): a list of (t0, t1, nbc), nbc = the
-    blocks a token of the chunk may see. From the shapes alone, so a fake (meta) implementation gets them too."""
+    PARTIAL_ELEMS (the forward's (B*Hkv, Tc, K, G, D): per_slot = G*D; the backward keeps the forward's chunks, and
+    so its work lists, and its dq partials are NSUB times that: twice at bs = 128 with D <= 64; offsets into them
+    are int64): a list of (t0, t1, nbc), nbc = the blocks a token of the chunk may see. From the shapes alone, so a
+    fake (meta) implementation gets them too."""
     Tc = min(T, max(1, PARTIAL_ELEMS // (B * Hkv * K * per_slot)))
     return [(t0, min(T, t0 + Tc), math.ceil(min(T, t0 + Tc) / block_size)) for t0 in range(0, T, Tc)]
 

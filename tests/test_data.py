@@ -307,6 +307,10 @@ def test_prepare_errors(tmp_path, monkeypatch):
     (tmp_path / "blank" / "a.txt").write_text("  \n")
     with pytest.raises(ValueError, match="only empty files"):
         data.prepare(str(tmp_path / "blank"))
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "a.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))   # not UTF-8: named, not replaced
+    with pytest.raises(ValueError, match=r"a.txt: expected UTF-8 text, got byte 0xe9 at offset 3"):
+        data.prepare(str(tmp_path / "latin1"))
     (tmp_path / "pics").mkdir()
     data.save_image(tmp_path / "pics" / "a.png", np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="need at least 10"):

@@ -367,7 +367,9 @@ def test_msa_dense_phase_attends_densely():
         lo["kl"].backward()
         assert all(p.grad is None for n, p in msa.named_parameters() if ".wi." not in n)
     T, msa, everything = 40, tiny(), tiny(msa_topk=10)            # 10 blocks of 4: every block read
-    assert msa.flops_per_token(T, msa_dense=True) == everything.flops_per_token(T) > msa.flops_per_token(T, True)
+    scoring = 2 * (2 * 2 * 8 * (T + 1) / 2)                       # 2 MSA layers x 2 Hkv Di (t + 1), t averaged
+    assert msa.flops_per_token(T, msa_dense=True) == pytest.approx(everything.flops_per_token(T) - scoring, rel=1e-12)
+    assert everything.flops_per_token(T) > msa.flops_per_token(T, True)      # (msa_dense chooses nothing: no scores)
     assert tiny(msa_select="local").flops_per_token(T, msa_dense=True) == pytest.approx(dense.flops_per_token(T),
                                                                                        rel=1e-12)
 

@@ -1,4 +1,6 @@
 """report.py on tiny CPU runs: the curves of two arms, and a selection heatmap that equals the forward's selection."""
+import json
+import os
 import subprocess
 import sys
 
@@ -6,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
+import recall_eval
 import report
 from test_checkpoint import evil_checkpoint, fails
 from test_train import ROOT, train
@@ -42,7 +46,7 @@ def test_heatmap_is_the_forward_selection(runs, monkeypatch):
     seen = []
     original = model.backend.index_topk
     monkeypatch.setattr(model.backend, "index_topk", lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1])
-    with torch.no_grad(), report._autocast(x):                          # as selection_maps runs it (bf16 on a GPU)
+    with torch.no_grad(), recall_eval.autocast(x):                          # as selection_maps runs it (bf16 on a GPU)
         model(x, patches=patches)
     n_forward = len(seen)
     maps = report.selection_maps(model, x, patches)
@@ -81,6 +85,24 @@ def test_bad_input_gives_a_clear_message(runs, args, msg):
         report.main([a.replace("DENSE", runs["dense"]) for a in args])
 
 
+def test_logs_and_checkpoints_of_other_runs_give_one_line(runs, tmp_path):
+    """A log with no evaluation yet, a log with a damaged line inside, a checkpoint whose model_args this model.py
+    does not know: one line each."""
+    (tmp_path / "log.jsonl").write_text(json.dumps(dict(iter=1, lm=3.0, tok_s=1.0)) + "\n")
+    png = f"--png={tmp_path / 'curves.png'}"
+    with pytest.raises(SystemExit, match="log.jsonl holds no evaluation yet"):
+        report.main(["curves", str(tmp_path), runs["dense"], png])
+    (tmp_path / "log.jsonl").write_text('{"iter": 1}\nnot json\n{"iter": 2}\n')
+    with pytest.raises(SystemExit, match="log.jsonl line 2: expected a JSON record of train.py"):
+        report.main(["curves", str(tmp_path), runs["dense"], png])
+    assert not (tmp_path / "curves.png").exists()                             # nothing drawn from a bad log
+    ckpt = checkpoint.load(os.path.join(runs["dense"], "ckpt.pt"))
+    ckpt["model_args"]["n_wings"] = 2
+    checkpoint.save(str(tmp_path / "ckpt.pt"), ckpt)
+    with pytest.raises(SystemExit, match="does not fit this model.py .written by another version"):
+        report.main(["recall", f"--out_dir={tmp_path}"])
+
+
 def test_max_pool_keeps_one_block_stripes():
     m = np.zeros((10, 10))
     m[:, 7] = 0.5                                                  # a one-block column stripe
@@ -100,7 +122,7 @@ def test_recall_vs_best(runs):
     x, y, patches = data.get_batch("val", 1, T, np.random.default_rng(7), report.device, cfg["p_image"])
     tol = 1e-5 if report.device == "cpu" else 1e-2                       # a GPU computes the report under bf16 autocast
     (got, best), = report.recall_vs_best(model, x, patches, n_queries=T, chunk=5).values()
-    with torch.no_grad(), report._autocast(x):
+    with torch.no_grad(), recall_eval.autocast(x):
         logged = model.indexer_recall(x, patches)                           # (n_msa,), what train.py logs
         (h, pos), = report.msa_layer_inputs(model, x, patches).values()
         q, k, _ = model.blocks[1].attn.qkv(h, pos)                          # (1, Hq, T, D), (1, Hkv, T, D)

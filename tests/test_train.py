@@ -66,10 +66,11 @@ def test_blind_selection_trains(tmp_path):
 def test_resume_continues_exactly(straight, tmp_path):
     out = str(tmp_path)
     train(f"--out_dir={out}", "--max_iters=2")
-    with open(os.path.join(out, "log.jsonl"), "a") as f:  # as if the run had gone on past its last checkpoint
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # as if the run had gone on past its last checkpoint,
         f.write(json.dumps(dict(iter=3, lm=-1.0)) + "\n" + json.dumps(dict(eval=4, lm=-1.0)) + "\n")
+        f.write('{"iter": 4, "lm": 3.')                  # and crashed in the middle of an append
     r = train(f"--out_dir={out}", "--max_iters=4", "--init_from=resume")
-    assert "resumed from" in r.stdout and "iteration 2" in r.stdout
+    assert "resumed from" in r.stdout and "iteration 2" in r.stdout and "its last line was cut short" in r.stdout
     drop_speed = lambda recs: [{k: v for k, v in rec.items() if k not in ("tok_s", "mfu")} for rec in recs]
     want, got = drop_speed(records(straight)), drop_speed(records(out))
     steps = [rec for rec in want if rec.get("iter", 0) > 2 or rec.get("eval", 0) > 2]
@@ -133,7 +134,7 @@ def test_mfu_counts_the_models_flops(tmp_path):
     both = [(kd, md) for kd in (False, True) for md in (False, True)]
     assert g["fpt"] == {(64, kd, md): model.flops_per_token(64, kd, md) for kd, md in both}
     assert g["fpt"][64, True, True] > g["fpt"][64, True, False] > g["fpt"][64, False, False] > 0
-    g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0", "--short_len=16")  # and each short row length
+    g = script_globals(*TINY, f"--out_dir={tmp_path}", "--max_iters=0", "--short_len=16", "--short_iters=2")  # short rows
     assert g["fpt"] == {(n, kd, md): model.flops_per_token(n, kd, md) for n in (16, 32, 64) for kd, md in both}
 
 
