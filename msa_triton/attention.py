@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx
-from .common import (LOG2E, LOG2E_K, LN2_K, _cdiv, _check_attention, _checking, _chunk_bounds, _chunks, _combine_kernel,
-                     _combine_unroll, _fixup_kernel, _op, _pow2, _prec, _seg_len, _segment, _segments, _slot_tile,
-                     _slots, _softmax_finish, _softmax_rescale, _split_segments, _strides, _token_major)
+from .common import (LN2_K, LOG2E, LOG2E_K, _cdiv, _check_attention, _checking, _chunk_bounds, _chunks,
+                     _combine_kernel, _combine_unroll, _fixup_kernel, _keys, _load_rows, _op, _pow2, _prec, _seg_len,
+                     _segment, _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale, _split_segments,
+                     _strides, _token_major)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
@@ -53,13 +54,6 @@ def _tile_rows(ent_ptr, i, hi, G: tl.constexpr, G_P: tl.constexpr, ROWS: tl.cons
 
 
 @triton.jit
-def _gather(x_ptr, b, g, G, h, t, rv, s_xb, s_xh, s_xt, s_xd, d, dmask):
-    """Rows (head g * G + h, token t) of x (B, H, T, D) -> (ROWS, D_P), zeros where not rv."""
-    return tl.load(x_ptr + b * s_xb + (g * G + h).to(tl.int64)[:, None] * s_xh + t[:, None].to(tl.int64) * s_xt
-                   + d[None, :] * s_xd, mask=rv[:, None] & dmask[None, :], other=0.0)
-
-
-@triton.jit
 def _kv_block(k_ptr, v_ptr, b, g, kb, jn, T, BS, D, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
               D_P: tl.constexpr):
     """Keys kb * BS + jn of group g, the tile every KV-outer program holds while it walks its entries.
@@ -70,8 +64,8 @@ def _kv_block(k_ptr, v_ptr, b, g, kb, jn, T, BS, D, s_kb, s_kh, s_kt, s_kd, s_vb
     d = tl.arange(0, D_P)
     dmask = d < D
     kvm = kmask[:, None] & dmask[None, :]
-    k = tl.load(k_ptr + b * s_kb + g.to(tl.int64) * s_kh + n.to(tl.int64)[:, None] * s_kt + d[None, :] * s_kd, mask=kvm, other=0.0)
-    v = tl.load(v_ptr + b * s_vb + g.to(tl.int64) * s_vh + n.to(tl.int64)[:, None] * s_vt + d[None, :] * s_vd, mask=kvm, other=0.0)
+    k = _keys(k_ptr, b, g, n, kmask, s_kb, s_kh, s_kt, s_kd, d, dmask)                # (BLOCK_N, D_P)
+    v = _keys(v_ptr, b, g, n, kmask, s_vb, s_vh, s_vt, s_vd, d, dmask)
     return n, kmask, d, dmask, kvm, k, v
 
 
@@ -94,10 +88,10 @@ def _fwd_kv_kernel(q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, ent_ptr, seg_lo_ptr, seg
         # the index load nor the gather it feeds stalls the tile being computed
         ent, h, rv = _tile_rows(ent_b, lo, hi, G, G_P, ROWS)
         ent_n, h, rv_n = _tile_rows(ent_b, lo + STEP, hi, G, G_P, ROWS)
-        q = _gather(q_ptr, b, g, G, h, t0 + ent // K, rv, s_qb, s_qh, s_qt, s_qd, d, dmask)  # (ROWS, D_P)
+        q = _load_rows(q_ptr, b, g * G + h, t0 + ent // K, rv, s_qb, s_qh, s_qt, s_qd, d, dmask)  # (ROWS, D_P)
         for i in range(lo, hi, STEP):
             ent_nn, h, rv_nn = _tile_rows(ent_b, i + 2 * STEP, hi, G, G_P, ROWS)
-            q_n = _gather(q_ptr, b, g, G, h, t0 + ent_n // K, rv_n, s_qb, s_qh, s_qt, s_qd, d, dmask)
+            q_n = _load_rows(q_ptr, b, g * G + h, t0 + ent_n // K, rv_n, s_qb, s_qh, s_qt, s_qd, d, dmask)
             tloc = ent // K
             slot = ent % K
             t = t0 + tloc
@@ -209,16 +203,16 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dk_
         ent, h, rv = _tile_rows(ent_b, lo, hi, G, G_P, ROWS)
         ent_n, h, rv_n = _tile_rows(ent_b, lo + STEP, hi, G, G_P, ROWS)
         t = t0 + ent // K
-        q = _gather(q_ptr, b, g, G, h, t, rv, s_qb, s_qh, s_qt, s_qd, d, dmask)  # (ROWS, D_P)
-        do = _gather(do_ptr, b, g, G, h, t, rv, s_dob, s_doh, s_dot, s_dod, d, dmask)
+        q = _load_rows(q_ptr, b, g * G + h, t, rv, s_qb, s_qh, s_qt, s_qd, d, dmask)  # (ROWS, D_P)
+        do = _load_rows(do_ptr, b, g * G + h, t, rv, s_dob, s_doh, s_dot, s_dod, d, dmask)
         row = ((b * Hkv + g) * G + h) * T + t                                  # (ROWS,) rows of (B, Hq, T)
         lse2 = tl.load(lse_ptr + row, mask=rv, other=0.0) * LOG2E_K
         delta = tl.load(delta_ptr + row, mask=rv, other=0.0)
         for i in range(lo, hi, STEP):
             ent_nn, h, rv_nn = _tile_rows(ent_b, i + 2 * STEP, hi, G, G_P, ROWS)
             t_n = t0 + ent_n // K
-            q_n = _gather(q_ptr, b, g, G, h, t_n, rv_n, s_qb, s_qh, s_qt, s_qd, d, dmask)
-            do_n = _gather(do_ptr, b, g, G, h, t_n, rv_n, s_dob, s_doh, s_dot, s_dod, d, dmask)
+            q_n = _load_rows(q_ptr, b, g * G + h, t_n, rv_n, s_qb, s_qh, s_qt, s_qd, d, dmask)
+            do_n = _load_rows(do_ptr, b, g * G + h, t_n, rv_n, s_dob, s_doh, s_dot, s_dod, d, dmask)
             row_n = ((b * Hkv + g) * G + h) * T + t_n
             lse2_n = tl.load(lse_ptr + row_n, mask=rv_n, other=0.0) * LOG2E_K
             delta_n = tl.load(delta_ptr + row_n, mask=rv_n, other=0.0)

@@ -237,6 +237,27 @@ def _token_major(B, H, T, D, **kw):
 # small Triton helpers
 
 @triton.jit
+def _load_rows(x_ptr, b, hh, t, rv, s_xb, s_xh, s_xt, s_xd, d, dmask):
+    """Rows (head hh, token t) of x (B, H, T, D) -> (R, D_P), zeros where not rv."""
+    return tl.load(x_ptr + b * s_xb + hh.to(tl.int64)[:, None] * s_xh + t.to(tl.int64)[:, None] * s_xt
+                   + d[None, :] * s_xd, mask=rv[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _keys(x_ptr, b, g, n, kmask, s_xb, s_xh, s_xt, s_xd, d, dmask):
+    """Keys n (BLOCK_N,) of group g of x (B, Hkv, T, D) -> (BLOCK_N, D_P), zeros where masked."""
+    return tl.load(x_ptr + b * s_xb + g.to(tl.int64) * s_xh + n.to(tl.int64)[:, None] * s_xt + d[None, :] * s_xd,
+                   mask=kmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _ikeys(ki_ptr, b, n, kmask, s_kib, s_kit, s_kid, di, dimask):
+    """Index keys n (BLOCK_N,) of batch b of ki (B, T, Di) -> (BLOCK_N, DI_P), zeros where masked."""
+    return tl.load(ki_ptr + b * s_kib + n.to(tl.int64)[:, None] * s_kit + di[None, :] * s_kid,
+                   mask=kmask[:, None] & dimask[None, :], other=0.0)
+
+
+@triton.jit
 def _sortable_key(score, blk):
     """One int64 key per (score, block) whose integer order is "higher score first, ties to the lower
     block", the order of msa_ref.select_blocks: the high word is the fp32 score's bits made monotone as a

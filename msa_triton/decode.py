@@ -255,9 +255,9 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
     _score_kernel[(_cdiv(nb, blocks), B)](
         qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
         **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
-        s_scb=S.stride(0), s_sch=S.stride(1),
-        Tmax=Tmax, sqrt_di=math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size, HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16),
-        BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi), FP8=fp8, num_warps=warps, **_pdl(qi))
+        s_scb=S.stride(0), s_sch=S.stride(1), Tmax=Tmax, sqrt_di=math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size,
+        HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16), BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi),
+        FP8=fp8, num_warps=warps, **_pdl(qi))
     return S
 
 

@@ -30,8 +30,8 @@ import triton.language as tl
 from msa_checks import check_inputs
 from msa_ref import fp8_quantize
 from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _cdiv, _chunk_bounds, _chunks, _combine_kernel, _combine_unroll,
-                     _fixup_kernel, _fp8_rows, _key_block, _kl_call, _kl_custom_op, _op, _pow2, _prec, _seg_len,
-                     _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
+                     _fixup_kernel, _fp8_rows, _ikeys, _key_block, _keys, _kl_call, _kl_custom_op, _op, _pow2, _prec,
+                     _seg_len, _segment, _segments, _slot_tile, _sortable_key, _split_segments, _strides, _token_major)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,10 +167,8 @@ def _kl_block(k_ptr, ki_ptr, b, g, kb, c, T, s_kb, s_kh, s_kt, s_kd, s_kib, s_ki
     jn = c * BLOCK_N + tl.arange(0, BLOCK_N)
     j = kb * BS + jn
     kmask = (jn < BS) & (j < T)
-    k = tl.load(k_ptr + b * s_kb + g.to(tl.int64) * s_kh + j.to(tl.int64)[:, None] * s_kt + d[None, :] * s_kd,
-                mask=kmask[:, None] & (d[None, :] < D), other=0.0)
-    ki = tl.load(ki_ptr + b * s_kib + j[:, None] * s_kit + di[None, :] * s_kid,
-                 mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+    k = _keys(k_ptr, b, g, j, kmask, s_kb, s_kh, s_kt, s_kd, d, d < D)                 # (BLOCK_N, D_P)
+    ki = _ikeys(ki_ptr, b, j, kmask, s_kib, s_kit, s_kid, di, di < DI)              # (BLOCK_N, DI_P)
     return j, kmask, k, ki
 
 
@@ -222,7 +220,8 @@ def _kl_stats_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_p
             tl.store(lup_ptr + po, _row_lse2(u), mask=ev)
             if TEACHER:
                 for h in range(G):
-                    q = tl.load(q_ptr + b * s_qb + (g * G + h).to(tl.int64) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
+                    hq = (g * G + h).to(tl.int64)                                       # head h of the group
+                    q = tl.load(q_ptr + b * s_qb + hq * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                                 mask=ev[:, None] & (d[None, :] < D), other=0.0)  # (BLOCK_Q, D) head h
                     s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale_d2, float("-inf"))
                     tl.store(lqp_ptr + po * G + h, _row_lse2(s), mask=ev)
@@ -266,7 +265,8 @@ def _kl_loss_kernel(q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, seg_lo_ptr, seg_hi_pt
             log_r = tl.dot(qi, tl.trans(ki), input_precision=PREC) * scale_i2 - lu[:, None]
             p = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
             for h in tl.range(0, G, num_stages=2):                              # head h + 1's q loads during h
-                q = tl.load(q_ptr + b * s_qb + (g * G + h).to(tl.int64) * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
+                hq = (g * G + h).to(tl.int64)                                           # head h of the group
+                q = tl.load(q_ptr + b * s_qb + hq * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
                             mask=ev[:, None] & (d[None, :] < D), other=0.0)
                 if TEACHER:                                                    # merged from pass 1's partials
                     lse_h = tl.where(ev, _row_lse2(tl.load(lq_ptr + part * G + h, mask=pm, other=float("-inf"))), 0.0)

@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx
-from .common import (LOG2E, LN2, LOG2E_K, LN2_K, _cdiv, _check_attention, _checking, _kl_call, _kl_custom_op, _op,
-                     _pow2, _prec, _softmax_finish, _softmax_rescale, _strides, _token_major)
+from .common import (LN2, LN2_K, LOG2E, LOG2E_K, _cdiv, _check_attention, _checking, _ikeys, _keys, _kl_call,
+                     _kl_custom_op, _load_rows, _op, _pow2, _prec, _softmax_finish, _softmax_rescale, _strides,
+                     _token_major)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
 ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
@@ -72,13 +73,6 @@ def _rows(tile, T, G, G_P: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(x_ptr, b, hh, t, rv, s_xb, s_xh, s_xt, s_xd, d, dmask):
-    """Rows (head hh, token t) of x (B, H, T, D) -> (R, D_P), zeros where not rv."""
-    return tl.load(x_ptr + b * s_xb + hh.to(tl.int64)[:, None] * s_xh + t.to(tl.int64)[:, None] * s_xt
-                   + d[None, :] * s_xd, mask=rv[:, None] & dmask[None, :], other=0.0)
-
-
-@triton.jit
 def _load_sel(bi_ptr, b, g, t, rv, K, s_ib, s_ih, s_it, s_ik, K_P: tl.constexpr):
     """The chosen blocks of each row's token: block_idx[b, g, t, :] -> (R, K_P) int32, -1 where padded."""
     kk = tl.arange(0, K_P)
@@ -91,13 +85,6 @@ def _load_sel(bi_ptr, b, g, t, rv, K, s_ib, s_ih, s_it, s_ik, K_P: tl.constexpr)
 def _chose(sel, kb):
     """sel (R, K_P) chosen blocks -> (R,) int32: 1 where the row chose block kb (a repeat counts once)."""
     return tl.max(tl.where(sel == kb, 1, 0), axis=1)
-
-
-@triton.jit
-def _keys(x_ptr, b, g, n, kmask, s_xb, s_xh, s_xt, s_xd, d, dmask):
-    """Keys n (BLOCK_N,) of group g of x (B, Hkv, T, D) -> (BLOCK_N, D_P), zeros where masked."""
-    return tl.load(x_ptr + b * s_xb + g.to(tl.int64) * s_xh + n.to(tl.int64)[:, None] * s_xt + d[None, :] * s_xd,
-                   mask=kmask[:, None] & dmask[None, :], other=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,13 +374,6 @@ def sparse_attention_tile(q, k, v, block_idx, block_size):
 
 # ---------------------------------------------------------------------------------------------
 # kl_loss kernels: tiles of BLOCK_Q tokens, one row per token; the teacher's G heads in a loop
-
-@triton.jit
-def _ikeys(ki_ptr, b, n, kmask, s_kib, s_kit, s_kid, di, dimask):
-    """Index keys n (BLOCK_N,) of batch b of ki (B, T, Di) -> (BLOCK_N, DI_P), zeros where masked."""
-    return tl.load(ki_ptr + b * s_kib + n.to(tl.int64)[:, None] * s_kit + di[None, :] * s_kid,
-                   mask=kmask[:, None] & dimask[None, :], other=0.0)
-
 
 @triton.jit
 def _student(qi, ki, lu, vis, scale_i2, PREC: tl.constexpr):
