@@ -21,7 +21,7 @@ On CUDA the decode step is compiled (torch.compile) and each step is one CUDA-gr
 token sampled inside the graph (model.GPT.generate), and the weights are cast to bf16 for decoding. Prints the
 first call's seconds (compiling) apart, then tokens/s for the prompt and for the generation.
 
---demo=recall: a row of held-out text with facts "\n Bob fox\n" inserted and asked again later (data.mqar_eval_set,
+--demo=recall: a row of held-out text with facts "\\n Bob fox\\n" inserted and asked again later (data.mqar_eval_set,
 the recall task of train.py's p_mqar); the prompt ends at one question's key. Prints the model's answer (the greedy
 next token) against the truth and, per MSA layer and KV group, the blocks read for the answer token and whether
 the fact's block is among them (recall_eval.explain).
