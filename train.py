@@ -127,8 +127,8 @@ if not 0 <= p_mqar <= 1:
     raise SystemExit(f"config error: p_mqar must be in [0, 1], got {p_mqar}")
 if not (0 <= p_repeat and p_mqar + p_repeat <= 1):
     raise SystemExit(f"config error: p_repeat must be >= 0 and p_mqar + p_repeat <= 1, got {p_repeat} and {p_mqar}")
+# the short rows' lengths: short_len doubling below seq_len (none without the short-row stages)
 RAMP = [short_len << k for k in range(32) if 0 < short_len << k < seq_len] if repeat_iters + short_iters else []
-# (RAMP: the short rows' lengths, doubling from short_len)
 if repeat_iters < 0 or short_iters < 0 or (repeat_iters + short_iters and not (
         16 <= short_len <= seq_len and all(batch_size * seq_len % n == 0 for n in RAMP))):
     raise SystemExit(f"config error: expected repeat_iters, short_iters >= 0 and short_len in [16, seq_len] whose "
