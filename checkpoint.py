@@ -2,7 +2,8 @@
 Checkpoints are data, not code. save() writes one atomically; load() reads it with torch.load(weights_only=True),
 which rebuilds only tensors, dicts, lists, tuples, strings, numbers, bools and None: nothing in the file runs.
 A file that is not such a checkpoint is refused with a CheckpointError, one line naming the file and what was
-expected (the scripts print it and exit).
+expected (the scripts print it and exit). read_log() and trim_log() read and rewrite (atomically too) a run's
+log.jsonl, dropping a last line that a crash cut short; load_model() builds the model a checkpoint holds.
 
   python checkpoint.py convert OLD.pt NEW.pt
       rewrites a checkpoint that holds other objects (numpy values, say) as a safe one. It unpickles OLD.pt
@@ -44,13 +45,12 @@ def _check_plain(obj, where):
         raise CheckpointError(f"cannot save {where}: a {type(obj).__name__}; checkpoints hold only {SAFE}")
 
 
-def save(path, state):
-    """Write state (a dict of tensors and plain values) to path atomically: into path + '.tmp' in the same folder,
-    flushed to disk, then renamed over path. A crash or Ctrl-C leaves either the old file or the new one whole."""
-    _check_plain(state, "state")
+def _replace(path, write, mode="wb"):
+    """Write path atomically: write(f) into path + '.tmp' in the same folder, flushed to disk, then renamed over
+    path. A crash or Ctrl-C leaves either the old file or the new one whole."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -60,6 +60,12 @@ def save(path, state):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def save(path, state):
+    """Write state (a dict of tensors and plain values) to path atomically (_replace)."""
+    _check_plain(state, "state")
+    _replace(path, lambda f: torch.save(state, f))
 
 
 def _refuse(path, what):
@@ -136,6 +142,18 @@ def read_log(path):
                 return records, True
             raise ValueError(f"{path} line {i + 1}: expected a JSON record of train.py, got {line.strip()[:60]!r}")
     return records, False
+
+
+def trim_log(path, last_iter):
+    """Drop from a run's log.jsonl the records past iteration last_iter (a run that went on after its last
+    checkpoint) and a last line cut short by a crash, so that a resumed run logs each iteration and evaluation once;
+    rewritten atomically. Returns whether such a line was dropped."""
+    records, cut = read_log(path)
+    step = lambda rec: rec["iter"] if "iter" in rec else rec.get("eval", 0)  # a training record or an eval's
+    keep = [rec for rec in records if step(rec) <= last_iter]
+    if cut or len(keep) < len(records):
+        _replace(path, lambda f: f.writelines(json.dumps(rec) + "\n" for rec in keep), "w")
+    return cut
 
 
 def load_model(path, device="cpu", backend="auto", **overrides):

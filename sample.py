@@ -87,8 +87,7 @@ if not image and start.startswith("FILE:"):
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if not os.path.isfile(ckpt_path):
     raise SystemExit(f"no checkpoint at {ckpt_path}: run `python train.py` first (or pass --out_dir=...)")
-overrides = dict(**({"msa_topk": msa_topk} if msa_topk > 0 else {}), **({"index_fp8": True} if index_fp8 else {}),
-                 **({"msa_select": msa_select} if msa_select else {}))
+overrides = {k: v for k, v in (("msa_topk", msa_topk), ("index_fp8", index_fp8), ("msa_select", msa_select)) if v}
 try:
     model, ckpt = checkpoint.load_model(ckpt_path, device, backend, **overrides)
 except ValueError as e:  # a damaged file, weights or settings this model.py cannot take: one line

@@ -181,7 +181,7 @@ EVAL_SEED = 1337      # the evaluation sets' seed, whatever --seed is: runs of s
 # model -----------------------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
 model_args.update(vocab_size=data.VOCAB_SIZE, patch_dim=data.PATCH_DIM, img_patch_id=data.IMG_PATCH)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
 iter_num = 0
 if init_from == "resume":
     if not os.path.isfile(ckpt_path):
@@ -322,30 +322,8 @@ def evaluate():
 
 def log(record):
     if master:
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def trim_log(last_iter):
-    """Drop the log records past iteration last_iter (a run that went on after its last checkpoint), and a last line
-    cut short by a crash, so a resumed run logs each iteration and evaluation once. Rewritten atomically."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if not master or not os.path.isfile(path):
-        return
-    try:
-        records, cut = checkpoint.read_log(path)
-    except ValueError as e:
-        raise SystemExit(f"--init_from=resume: {e}")
-    step = lambda rec: rec["iter"] if "iter" in rec else rec.get("eval", 0)  # a training record or an eval's
-    keep = [rec for rec in records if step(rec) <= last_iter]
-    if cut:
-        say(f"{path}: its last line was cut short (a crash while it was written): dropped")
-    if cut or len(keep) < len(records):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(rec) + "\n" for rec in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
 
 
 def row_len(it):
@@ -408,8 +386,12 @@ def stop_requested():
 # training loop ---------------------------------------------------------------------------------
 if master:
     os.makedirs(out_dir, exist_ok=True)
-if init_from == "resume":
-    trim_log(iter_num)
+if init_from == "resume" and master and os.path.isfile(log_path):  # records past the checkpoint go
+    try:
+        if checkpoint.trim_log(log_path, iter_num):
+            say(f"{log_path}: its last line was cut short (a crash while it was written): dropped")
+    except ValueError as e:
+        raise SystemExit(f"--init_from=resume: {e}")
 start_iter, t_start = iter_num, time.time()
 fpt = {(T, kd, md): raw_model.flops_per_token(T, kd, md) for T in {seq_len, *RAMP} for kd in (False, True)
        for md in (False, True)}
