@@ -719,7 +719,7 @@ def bench_model(args):
 
     import data  # imported here: only this family needs the model, its data constants and its config
     from configurator import read_config_file
-    from model import GPT, GPTConfig, gpu_peak_flops
+    from model import GPT, GPTConfig, autocast, gpu_peak_flops
     from moe import moe_dispatch
     rows, dev = [], "cuda"
     gpu = torch.cuda.get_device_name()
@@ -728,7 +728,7 @@ def bench_model(args):
         print(f"MFU: unknown peak for {gpu}")
     conf = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_gpu.py"))
     B, T = conf["batch_size"], conf["seq_len"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    bf16 = autocast("cuda")
 
     def build(attention, **over):
         kw = {f.name: conf[f.name] for f in fields(GPTConfig) if f.name in conf}
@@ -744,7 +744,7 @@ def bench_model(args):
 
     def train_step(m):
         m.zero_grad(set_to_none=True)
-        with autocast:
+        with bf16:
             _, losses = m(x, y, patches)
             loss = losses["lm"] + losses["kl"] + 0.01 * losses["balance"]
         loss.backward()
@@ -846,6 +846,7 @@ def bench_generate(args, build, add, g):
     weights every call), add(...) records a row, g the generator of the random prompts."""
     import data
     from decoding import compiled_step
+    from model import autocast
     dev = "cuda"
     T0, n_new, T_long = 512, 256, 32768
     prompt = torch.randint(0, data.EOT, (8, T0), device=dev, generator=g)
@@ -883,7 +884,7 @@ def bench_generate(args, build, add, g):
         return out
 
     every = args.gen_rows == "all"
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast("cuda"):
         for Bg in (1, 8):
             for decode in ("sparse", "dense") if every else ("sparse",):
                 eager = run(m16, prompt[:Bg], "bf16 weights", decode, False)

@@ -16,6 +16,7 @@ train.py stays simple.
 GPT also measures itself for train.py: indexer_recall (how much of the dense attention the chosen blocks hold)
 and flops_per_token (for the MFU). generate() decodes with one KVCache per layer (decoding.py).
 """
+import contextlib
 import math
 import os
 import re
@@ -125,6 +126,14 @@ def rope(x, table):
     cos, sin = table                                                                            # (T, d)
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)  # float32 tables: float32 products
+
+
+def autocast(device):
+    """The precision the scripts run the model in: bf16 autocast on CUDA (fp32 weights, bf16 products), none
+    elsewhere. device: a torch.device or its name ('cuda', 'cuda:1', 'cpu')."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def decode_linear(backend, x, w, cache):

@@ -22,15 +22,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+from model import autocast
 
 N_BINS = 8                                      # distance bins over [0, n)
 NIAH_DEPTHS = tuple(i / 10 for i in range(10))  # where the fact sits: 0, 0.1, ..., 0.9 of the row
 NIAH_SCALES = (0.25, 0.5, 1, 2, 4)              # the grid's lengths, in multiples of the training seq_len
-
-
-def autocast(x):
-    """bf16 autocast on CUDA (as train.py and sample.py run the model), none on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
 
 
 @torch.no_grad()
@@ -50,7 +46,7 @@ def run_model(model, x, at=None, patches=None):
     hooks.append(model.norm_f.register_forward_hook(
         lambda mod, args, h: h.gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))))  # (B, P, C)
     try:
-        with autocast(x):
+        with autocast(x.device):
             logits = model(x, patches=patches)[0]                            # (B, P, V)
     finally:
         for h in hooks:
@@ -71,7 +67,7 @@ def selection_at(model, inputs, at):
     out = {}
     for i, (h, pos) in inputs.items():
         attn = model.blocks[i].attn
-        with autocast(h):
+        with autocast(h.device):
             q, k, v = attn.qkv(h, pos)
             qi, ki = attn.index_branch(h, pos) if attn.learned else (None, None)
             block_idx = attn._sparse(q, k, v, qi, ki)[1].long()              # (B, Hkv, T, K)
@@ -88,7 +84,7 @@ def teacher_block_mass(model, inputs, at, chunk=256):
     time: (Hq, chunk, T) scores."""
     out, bs = {}, model.cfg.msa_block_size
     for i, (h, pos) in inputs.items():
-        with autocast(h):
+        with autocast(h.device):
             q, k, _ = model.blocks[i].attn.qkv(h, pos)                       # (B, Hq, T, D), (B, Hkv, T, D)
         B, Hkv, T, D = k.shape
         nb = -(-T // bs)

@@ -29,7 +29,6 @@ the fact's block is among them (recall_eval.explain).
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ import checkpoint
 import data
 import recall_eval
 from configurator import configure
+from model import autocast
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -62,7 +62,7 @@ bf16_weights = True     # CUDA: the weights in bf16 (half the bytes a decode ste
 # -----------------------------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+ctx = autocast(device)
 torch.manual_seed(seed)
 
 # the settings first, so a wrong one stops the script before the checkpoint is read

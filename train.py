@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import fields
 
 import numpy as np
@@ -35,7 +34,7 @@ import checkpoint
 import data
 import recall_eval
 from configurator import configure
-from model import GPT, GPTConfig, gpu_peak_flops
+from model import GPT, GPTConfig, autocast, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------
 # settings (the defaults here are overridden by config/train_gpu.py or config/train_cpu.py)
@@ -157,7 +156,7 @@ if deterministic:  # before the first matrix product: cuBLAS reads its workspace
     torch.use_deterministic_algorithms(True)  # also makes torch.compile generate no atomic adds and skip autotuning
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
+ctx = autocast(device)
 try:  # the data, and one row of every kind and length this run draws: a setting no row fits stops here
     data.prepare(data_path or None, data_images or None)
     for _n in {seq_len, *RAMP}:

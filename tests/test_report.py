@@ -10,8 +10,8 @@ import torch
 
 import checkpoint
 import data
-import recall_eval
 import report
+from model import autocast
 from test_checkpoint import evil_checkpoint, fails
 from test_train import ROOT, train
 
@@ -46,7 +46,7 @@ def test_heatmap_is_the_forward_selection(runs, monkeypatch):
     seen = []
     original = model.backend.index_topk
     monkeypatch.setattr(model.backend, "index_topk", lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1])
-    with torch.no_grad(), recall_eval.autocast(x):                          # as selection_maps runs it (bf16 on a GPU)
+    with torch.no_grad(), autocast(x.device):                          # as selection_maps runs it (bf16 on a GPU)
         model(x, patches=patches)
     n_forward = len(seen)
     maps = report.selection_maps(model, x, patches)
@@ -122,7 +122,7 @@ def test_recall_vs_best(runs):
     x, y, patches = data.get_batch("val", 1, T, np.random.default_rng(7), report.device, cfg["p_image"])
     tol = 1e-5 if report.device == "cpu" else 1e-2                       # a GPU computes the report under bf16 autocast
     (got, best), = report.recall_vs_best(model, x, patches, n_queries=T, chunk=5).values()
-    with torch.no_grad(), recall_eval.autocast(x):
+    with torch.no_grad(), autocast(x.device):
         logged = model.indexer_recall(x, patches)                           # (n_msa,), what train.py logs
         (h, pos), = report.msa_layer_inputs(model, x, patches).values()
         q, k, _ = model.blocks[1].attn.qkv(h, pos)                          # (1, Hq, T, D), (1, Hkv, T, D)
