@@ -209,11 +209,17 @@ class Attention(nn.Module):
         qi, ki = self.index_branch(x, pos, rot, pi) if self.learned else (None, None)  # (B, Hkv, T, Di), (B, T, Di)
         kl = None
         if cache is not None:
-            # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token
-            kic, ksc = msa_ref.fp8_quantize(ki) if self.learned and cfg.index_fp8 else (ki, None)
-            cache.write(pos, k, v, kic, ksc)
+            # the index keys as cached: as they are, or (fp8) e4m3 + a power-of-two scale per token. A decode step
+            # of an fp8 index leaves its new key to sparse_decode (new_ki), which quantizes and writes it in its
+            # scoring launch: in a compiled step the quantization is a row reduction, a launch of its own a layer
+            fp8 = self.learned and cfg.index_fp8
+            new_ki = fp8 and T == 1 and self.sparse and not cache.dense and cache.ki is not None
+            if new_ki:
+                cache.write(pos, k, v)
+            else:
+                cache.write(pos, k, v, *(msa_ref.fp8_quantize(ki) if fp8 else (ki, None)))
         if cache is not None and T == 1:
-            y = self._decode(q, qi, pos, cache)
+            y = self._decode(q, qi, pos, cache, ki[:, 0] if new_ki else None)
         elif self.sparse and not dense:  # the KL on the chosen blocks comes with the attention (one call shares work)
             y, _, _, kl = self._sparse(q, k, v, qi, ki, with_kl=kl_support == "sparse" and self.learned)
         else:
@@ -249,9 +255,10 @@ class Attention(nn.Module):
         block_idx = msa_ref.dense_block_idx(B, Hkv, T, bs, q.device)
         return self.backend.kl_loss(q.detach(), k.detach(), qi, ki, block_idx, bs)
 
-    def _decode(self, q, qi, pos, cache):
-        """One new token: q (B, Hq, 1, D), qi (B, Hkv, 1, Di) at pos (1,), its keys already in the cache.
-        -> (B, Hq, 1, D). Everything stays on the device and in fixed shapes (a CUDA graph replays it)."""
+    def _decode(self, q, qi, pos, cache, ki_new=None):
+        """One new token: q (B, Hq, 1, D), qi (B, Hkv, 1, Di) at pos (1,), its keys already in the cache but for
+        ki_new (B, Di), its index key, which sparse_decode writes. -> (B, Hq, 1, D). Everything stays on the device
+        and in fixed shapes (a CUDA graph replays it)."""
         cfg, B = self.cfg, q.shape[0]
         n = pos + 1                                                                   # (1,) tokens cached
         if self.sparse and not cache.dense and not self.learned:
@@ -265,7 +272,7 @@ class Attention(nn.Module):
         if self.sparse and not cache.dense:
             lens = n.to(torch.int32).repeat(B)                                        # (B,) every row at the same length
             y = self.backend.sparse_decode(q[:, :, 0], qi[:, :, 0], cache.k, cache.v, cache.ki, lens,
-                                           cfg.msa_block_size, cfg.msa_topk, ki_scale=cache.ks)
+                                           cfg.msa_block_size, cfg.msa_topk, ki_scale=cache.ks, ki_new=ki_new)
             return y.unsqueeze(2)                                                     # (B, Hq, 1, D)
         # dense layers, and MSA layers under decode='dense': attention over the whole preallocated cache with its
         # unwritten tail masked (it reads Tmax tokens, not n: fixed shapes). The Hq heads stay heads (enable_gqa):

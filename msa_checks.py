@@ -81,7 +81,8 @@ def check_inputs(q=None, k=None, v=None, qi=None, ki=None, block_idx=None, block
     return B, Hkv, T
 
 
-def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, values=True):
+def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, values=True,
+                        ki_new=None):
     """sparse_decode's checks (both modules). Returns (B, Hkv, Tmax). values=False leaves out cache_lens' values
     (check_cache_lens, a host sync)."""
     named = (("q", q, "[B, Hq, D]"), ("qi", qi, "[B, Hkv, Di]"), ("k_cache", k_cache, "[B, Hkv, Tmax, D]"),
@@ -121,6 +122,13 @@ def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_siz
                          f"{tuple(getattr(cache_lens, 'shape', ()))}")
     if cache_lens.device != q.device:
         raise ValueError(f"cache_lens must be on q's device {q.device}, got {cache_lens.device}")
+    if ki_new is not None and not (isinstance(ki_new, torch.Tensor) and ki_new.shape == (B, Di)
+                                   and ki_new.dtype == qi.dtype and ki_new.device == q.device):
+        raise ValueError(f"ki_new must be [B={B}, Di={Di}] in qi's dtype {qi.dtype} on {q.device}, got "
+                         f"{getattr(ki_new, 'dtype', type(ki_new))} {tuple(getattr(ki_new, 'shape', ()))}")
+    if ki_new is not None and ki_scale is not None and ki_scale.stride(-1) != 1:  # it is written in place
+        raise ValueError(f"ki_scale must have a contiguous last dim to take ki_new's scale, got strides "
+                         f"{ki_scale.stride()}")
     if values:
         check_cache_lens(cache_lens, Tmax)
     return B, Hkv, Tmax

@@ -233,13 +233,22 @@ def fixed_block_idx(B, Hkv, T, block_size, topk, rule, generator=None, device=No
 # ---------------------------------------------------------------------------------------------
 # decoding: one new token per sequence against caches
 
-def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
+def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, ki_new=None):
     """q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,):
     tokens in each row's cache, the new token's k, v and ki already written at cache_lens - 1.
     Returns out (B, Hq, D): the new token's row of sparse_attention, selected exactly as index_topk would.
-    An fp8 index-key cache: ki_cache, ki_scale (B, Tmax) = fp8_quantize(keys); it selects as index_topk(fp8=True)."""
-    B, Hkv, Tmax = check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+    An fp8 index-key cache: ki_cache, ki_scale (B, Tmax) = fp8_quantize(keys); it selects as index_topk(fp8=True).
+    ki_new (B, Di): the new token's index key, written into the caches at cache_lens - 1 here (quantized for fp8)."""
+    B, Hkv, Tmax = check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale,
+                                       ki_new=ki_new)
     q_pos = (cache_lens.long() - 1).view(B, 1, 1)                 # (B, 1, 1) the new token's position
+    if ki_new is not None:
+        rows, at = torch.arange(B, device=q.device), q_pos.view(B)
+        if ki_scale is None:
+            ki_cache[rows, at] = ki_new
+        else:                                                     # fp8, written as its bytes (no e4m3 index_put)
+            x8, scale = fp8_quantize(ki_new)
+            ki_cache.view(torch.uint8)[rows, at], ki_scale[rows, at] = x8.view(torch.uint8), scale
     if ki_scale is not None:                                      # fp8: score the e4m3-rounded qi and ki
         qi, ki_cache = fp8_dequantize(*fp8_quantize(qi)), fp8_dequantize(ki_cache, ki_scale)
     S = block_scores(qi.unsqueeze(2), ki_cache, block_size, q_pos)             # (B, Hkv, 1, nb)

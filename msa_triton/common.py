@@ -95,14 +95,14 @@ def _checking(x):
     return _CHECKS is not False
 
 
-def _op(name):
+def _op(name, mutates=()):
     """Register the decorated function as the custom op nanomsa::name (torch.library.custom_op; it allocates its
-    outputs and mutates no input), once per process: importing a module again reuses the op registered first.
-    Returns an _Op, which a caller calls with positional arguments."""
+    outputs and writes into no input but those named in `mutates`), once per process: importing a module again
+    reuses the op registered first. Returns an _Op, which a caller calls with positional arguments."""
     def register(fn):
         qualname = f"nanomsa::{name}"
         from torch._library.custom_ops import OPDEFS                           # the registry of custom ops
-        op = OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=())
+        op = OPDEFS[qualname] if qualname in OPDEFS else torch.library.custom_op(qualname, fn, mutates_args=mutates)
         return _Op(op, fn)
     return register
 
@@ -276,13 +276,27 @@ def _key_block(key):
 
 
 @triton.jit
+def _fp8_exponent(x):
+    """x (R, C) float32 -> (R,) int32: the biased float32 exponent f = e + 126 of each row's max|x| = m * 2^e (m in
+    [0.5, 1)), read from its bits and clamped as msa_ref.fp8_quantize clamps e to [-118, 128]; a row of zeros gets
+    e = 0, as frexp(0) gives."""
+    amax = tl.max(tl.abs(x), axis=1)
+    f = tl.where(amax == 0, 126, (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF)
+    return tl.minimum(tl.maximum(f, 8), 254)                                   # e in [-118, 128]
+
+
+@triton.jit
 def _fp8_rows(x):
-    """x (R, C) float32 -> float8e4nv (R, C): each row times the power of two 2^(8 - e), max|row| = m * 2^e with
-    m in [0.5, 1), then rounded: msa_ref.fp8_quantize's e4m3 values (its scale left off). The power of two
-    is built from the bits of max|row| (biased exponent f = e + 126), clamped as fp8_quantize clamps e."""
-    f = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    f = tl.minimum(tl.maximum(f, 8), 254)                                      # e in [-118, 128]
+    """x (R, C) float32 -> float8e4nv (R, C): each row times the power of two 2^(8 - e), then rounded:
+    msa_ref.fp8_quantize's e4m3 values (its scale, _fp8_scale, left off)."""
+    f = _fp8_exponent(x)
     return (x * ((261 - f) << 23).to(tl.float32, bitcast=True)[:, None]).to(tl.float8e4nv)
+
+
+@triton.jit
+def _fp8_scale(x):
+    """x (R, C) float32 -> (R,) float32: msa_ref.fp8_quantize's scale of each row, 2^(e - 8)."""
+    return ((_fp8_exponent(x) - 7) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

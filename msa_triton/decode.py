@@ -12,6 +12,8 @@ launches, none of which waits on the host, so the whole step can be captured in 
                      of the bytes of a step, so it is a plain streaming pass, one block per program.
                      An fp8 cache (e4m3 keys and a power-of-two scale per token, msa_ref.fp8_quantize)
                      halves those bytes; qi is rounded in the kernel the same way (msa_ref's fp8 selection).
+                     Given ki_new, one program of each row first writes the new token's key into the cache
+                     (quantized, for fp8): a decode step then needs no launch of its own for that.
   2. _attend_kernel  split-K ("flash-decoding"): one program per (row, group, piece of the selection).
                      Each program first runs the top-k of its (row, group) from S (_select_blocks: the
                      K-1 best earlier blocks, ties -> lower index, then the local block, then -1, the
@@ -35,19 +37,19 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_cache_lens, check_decode_inputs
-from .common import (INT64_MIN, LOG2E, _cdiv, _checking, _fp8_rows, _key_block, _op, _pdl, _pdl_wait, _pow2, _prec,
-                     _softmax_finish, _softmax_rescale, _sortable_key, _strides)
+from .common import (INT64_MIN, LOG2E, _cdiv, _checking, _fp8_rows, _fp8_scale, _key_block, _op, _pdl, _pdl_wait, _pow2,
+                     _prec, _softmax_finish, _softmax_rescale, _sortable_key, _strides)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. index scores, max-pooled per block
 
 @triton.jit
-def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr,
-                  s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch,
+def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr, kn_ptr,
+                  s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch, s_knb,
                   Tmax, sqrt_di, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
-                  PREC: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+                  PREC: tl.constexpr, FP8: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
     _pdl_wait(PDL)
     first = tl.program_id(0) * BLOCKS                        # BLOCKS consecutive blocks of BS cached tokens
     b = tl.program_id(1).to(tl.int64)
@@ -59,6 +61,16 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr,
     h = tl.arange(0, HKV_P)
     d = tl.arange(0, DI_P)
     t = tl.arange(0, BS_P)
+    if WRITE:                # the new token's index key, into the cache at n - 1 (the local block: no program reads it)
+        if tl.program_id(0) == 0:
+            kn = tl.load(kn_ptr + b * s_knb + d[None, :], mask=d[None, :] < DI, other=0.0).to(tl.float32)  # (1, DI_P)
+            at = ki_ptr + b * s_kib + (n - 1) * s_kit + d[None, :] * s_kid
+            if FP8:          # e4m3 and a power-of-two scale, msa_ref.fp8_quantize's
+                tl.store(at, _fp8_rows(kn), mask=d[None, :] < DI)
+                one = tl.arange(0, 1)
+                tl.store(ks_ptr + b * s_ksb + (n - 1) + one, _fp8_scale(kn))
+            else:
+                tl.store(at, kn.to(ki_ptr.dtype.element_ty), mask=d[None, :] < DI)
     qi = tl.load(qi_ptr + b * s_qib + h[:, None] * s_qih + d[None, :] * s_qid,
                  mask=(h[:, None] < HKV) & (d[None, :] < DI), other=0.0)                 # (HKV_P, DI_P)
     if FP8:                                                  # e4m3 keys (half the bytes): round qi the same way
@@ -243,21 +255,24 @@ def _attend_config(B, Hkv, K, block_size):
     return bn, items, 4, 3 if items >= 4 else 2
 
 
-def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None):
+def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None, ki_new=None):
     """Step 1. qi (B, Hkv, Di), ki_cache (B, Tmax, Di), cache_lens (B,) -> S (B, Hkv, nb) float32,
-    written for the blocks before each row's local block only. fp8 keys: ki_scale (B, Tmax)."""
+    written for the blocks before each row's local block only. fp8 keys: ki_scale (B, Tmax). ki_new (B, Di): first
+    written into the caches at cache_lens - 1 (quantized for fp8 keys)."""
     B, Hkv, Di = qi.shape
     Tmax = ki_cache.shape[1]
     nb = _cdiv(Tmax, block_size)
     S = torch.empty(B, Hkv, nb, device=qi.device, dtype=torch.float32)                 # (B, Hkv, nb)
     fp8 = ki_scale is not None
     blocks, warps = _score_config(fp8)
+    write = ki_new is not None
     _score_kernel[(_cdiv(nb, blocks), B)](
         qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
-        **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), s_ksb=ki_scale.stride(0) if fp8 else 0,
-        s_scb=S.stride(0), s_sch=S.stride(1), Tmax=Tmax, sqrt_di=math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size,
+        kn_ptr=ki_new if write else S, **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"),
+        s_ksb=ki_scale.stride(0) if fp8 else 0, s_scb=S.stride(0), s_sch=S.stride(1),
+        s_knb=ki_new.stride(0) if write else 0, Tmax=Tmax, sqrt_di=math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size,
         HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16), BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi),
-        FP8=fp8, num_warps=warps, **_pdl(qi))
+        FP8=fp8, WRITE=write, num_warps=warps, **_pdl(qi))
     return S
 
 
@@ -293,29 +308,39 @@ def _merge(o_part, lse_part, like):
     return out
 
 
-def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
+def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, ki_new=None):
     """The three launches: out (B, Hq, D) and the selection block_idx (B, Hkv, K) int32 (for tests)."""
     cache_lens = cache_lens.contiguous()                                  # the kernels read them as (B,), (B, Tmax)
-    ki_scale = None if ki_scale is None else ki_scale.contiguous()
-    S = _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale)                   # (B, Hkv, nb)
+    if ki_scale is not None and ki_new is None:                           # (written in place: checked contiguous)
+        ki_scale = ki_scale.contiguous()
+    S = _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale, ki_new)           # (B, Hkv, nb)
     o_part, lse_part, block_idx = _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk)
     return _merge(o_part, lse_part, q), block_idx
 
 
-def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None):
+def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, ki_new=None):
     """
     q (B, Hq, D), qi (B, Hkv, Di), caches k/v (B, Hkv, Tmax, D) and ki (B, Tmax, Di), cache_lens int (B,)
     on q's device: tokens in each row's cache, the new token's k, v and ki already written at
     cache_lens - 1. Returns out (B, Hq, D) in q's dtype: msa_ref.sparse_decode, computed in Triton.
     An fp8 index-key cache (ki_cache float8_e4m3fn, ki_scale float32 (B, Tmax): msa_ref.fp8_quantize of the
     keys; GPU only) halves the bytes of the scoring pass; the selection is then msa_ref.index_topk(fp8=True)'s.
+    ki_new (B, Di) in qi's dtype: the new token's index key, not yet in ki_cache; the scoring launch writes it at
+    cache_lens - 1 (quantized as fp8_quantize does, for an fp8 cache). A decode step of an fp8 index passes it: its
+    quantization is a row reduction, a launch of its own in a compiled step otherwise.
     No host sync, so capturable in a CUDA graph: the lengths are checked only in the checking mode
     (common.checks), and clamped to [1, Tmax] by the kernels.
     """
-    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale, values=False)
+    check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale, values=False,
+                        ki_new=ki_new)
     if ki_scale is not None and not q.is_cuda:
         raise ValueError(f"an fp8 index-key cache needs CUDA tensors, got {q.device}")
-    return _decode_op(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+    if ki_new is None:
+        return _decode_op(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)
+    # an fp8 cache is written as its bytes: under torch.compile, a write through the e4m3 view of a uint8 cache
+    # (KVCache holds them so) would copy the whole cache, where the bytes are written in place
+    held = ki_cache.view(torch.uint8) if ki_scale is not None else ki_cache
+    return _decode_write_op(q, qi, k_cache, v_cache, held, cache_lens, block_size, topk, ki_scale, ki_new)
 
 
 @_op("sparse_decode")
@@ -328,4 +353,20 @@ def _decode_op(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 @_decode_op.register_fake
 def _(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale):
+    return torch.empty_like(q)
+
+
+@_op("sparse_decode_write", mutates=("ki_cache", "ki_scale"))
+def _decode_write_op(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     ki_cache: torch.Tensor, cache_lens: torch.Tensor, block_size: int, topk: int,
+                     ki_scale: Optional[torch.Tensor], ki_new: torch.Tensor) -> torch.Tensor:
+    # sparse_decode with ki_new, written into ki_cache (an fp8 cache's bytes, uint8) and ki_scale
+    if _checking(cache_lens):
+        check_cache_lens(cache_lens, k_cache.shape[2])
+    keys = ki_cache.view(torch.float8_e4m3fn) if ki_scale is not None else ki_cache
+    return _decode(q, qi, k_cache, v_cache, keys, cache_lens, block_size, topk, ki_scale, ki_new)[0]  # (B, Hq, D)
+
+
+@_decode_write_op.register_fake
+def _(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale, ki_new):
     return torch.empty_like(q)

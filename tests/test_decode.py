@@ -219,6 +219,70 @@ def test_fp8_index_cache_needs_a_gpu():
         dec.sparse_decode(q, qi, k, v, ki8, cache_lens, 4, 2, ki_scale=ks)
 
 
+def written_elsewhere(ki, cache_lens, seed=5):
+    """A copy of the cache ki (B, Tmax, Di) with each row's entry at cache_lens - 1 replaced by garbage, and the new
+    keys (B, Di) that were there: what sparse_decode(..., ki_new=) gets, and what it must write back."""
+    rows, at = torch.arange(ki.shape[0], device=ki.device), cache_lens.long() - 1
+    stale = ki.clone()
+    stale[rows, at] = torch.randn(stale[rows, at].shape, generator=torch.Generator().manual_seed(seed)).to(ki)
+    return stale, ki[rows, at].clone()
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tmax,D,Di,bs,K,lens", CASES[:2])
+def test_new_index_key_written_by_the_call(B, Hq, Hkv, Tmax, D, Di, bs, K, lens):
+    # ki_new: the scoring launch writes the new token's index key at cache_lens - 1, then decodes as if it had
+    # been there (it is never scored: it sits in the local block); msa_ref.sparse_decode does the same
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(B, Hq, Hkv, Tmax, D, Di, lens)
+    want = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    for decode in (dec.sparse_decode, msa_ref.sparse_decode):
+        stale, new = written_elsewhere(ki, cache_lens)
+        out = decode(q, qi, k, v, stale, cache_lens, bs, K, ki_new=new)
+        assert torch.equal(stale, ki), decode.__module__
+        assert rel_err(out, want) < 1e-6
+    with pytest.raises(ValueError, match=r"ki_new must be \[B=%d, Di=%d\]" % (B, Di)):
+        dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K, ki_new=new[:, :-1])
+
+
+def test_reference_writes_an_fp8_key_as_fp8_quantize():
+    # msa_ref's fp8 write (the CPU's decode step of an fp8 index): the e4m3 bytes and the scale of fp8_quantize,
+    # an all-zero key included (scale 2^-8, as frexp(0) gives e = 0)
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(3, 4, 2, 12, 16, 16, [12, 5, 1])
+    ki[1, 4] = 0
+    ki8, ks = msa_ref.fp8_quantize(ki)
+    stale8, new = written_elsewhere(ki, cache_lens)
+    stale8, stale_s = msa_ref.fp8_quantize(stale8)
+    out = msa_ref.sparse_decode(q, qi, k, v, stale8, cache_lens, 4, 2, ki_scale=stale_s, ki_new=new)
+    assert torch.equal(stale8.view(torch.uint8), ki8.view(torch.uint8)) and torch.equal(stale_s, ks)
+    assert ks[1, 4] == 2.0 ** -8
+    assert torch.equal(out, msa_ref.sparse_decode(q, qi, k, v, ki8, cache_lens, 4, 2, ki_scale=ks))
+
+
+@requires_cuda
+@pytest.mark.parametrize("Tmax,bs,lens", [(4096, 64, [4096, 1000, 129, 1]), (37, 4, [37, 13, 2])])
+def test_fp8_new_index_key_written_by_the_call(Tmax, bs, lens):
+    # on the GPU, an fp8 cache: the scoring launch quantizes ki_new exactly as fp8_quantize (the bytes, the scale;
+    # an all-zero key too), into the cache's bytes as KVCache holds them, also inside a CUDA graph
+    B, K = len(lens), 4
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(B, 8, 2, Tmax, 64, 64, lens, dtype=torch.bfloat16, seed=3)
+    ki[0, lens[0] - 1] = 0
+    ki8, ks = msa_ref.fp8_quantize(ki)
+    want = dec.sparse_decode(q, qi, k, v, ki8, cache_lens, bs, K, ki_scale=ks)
+    stale, new = written_elsewhere(ki, cache_lens)
+    held, stale_s = msa_ref.fp8_quantize(stale)
+    held = held.view(torch.uint8)                            # the bytes, seen as e4m3 (KVCache's form)
+    out = dec.sparse_decode(q, qi, k, v, held.view(torch.float8_e4m3fn), cache_lens, bs, K, ki_scale=stale_s,
+                            ki_new=new)
+    assert torch.equal(held, ki8.view(torch.uint8)) and torch.equal(stale_s, ks)
+    assert torch.equal(out, want)
+    held.zero_(), stale_s.zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dec.sparse_decode(q, qi, k, v, held.view(torch.float8_e4m3fn), cache_lens, bs, K, ki_scale=stale_s, ki_new=new)
+    g.replay()
+    rows, at = torch.arange(B, device=DEVICE), cache_lens.long() - 1
+    assert torch.equal(held[rows, at], ki8.view(torch.uint8)[rows, at]) and torch.equal(stale_s[rows, at], ks[rows, at])
+
+
 @requires_cuda
 def test_cuda_graph_replay_follows_new_lengths():
     # captured once, replayed after the lengths and the query change in place: no host sync inside

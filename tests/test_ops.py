@@ -38,6 +38,11 @@ def decode_case(B=2, Hq=4, Hkv=2, Tmax=21, D=16, Di=16, lens=(21, 9), dtype=torc
     return q[:, :, 0], qi[:, :, 0], k, v, ki, torch.tensor(lens, device=device, dtype=torch.int32)
 
 
+def new_key(B=2, Di=16):
+    """ki_new (B, Di) for sparse_decode: the new token's index key, which the call writes into the cache."""
+    return torch.randn(B, Di, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+
+
 @pytest.fixture(params=["kv", "tile"])
 def path(request):
     """Both paths of sparse_attention and kl_loss (tile.FORCE overrides the shape rule)."""
@@ -63,7 +68,7 @@ def grads(x):
 def test_ops_registered_once():
     for name in ("index_topk", "sparse_attention_fwd", "sparse_attention_bwd", "kl_loss", "sparse_decode",
                  "linear_cross_entropy", "sparse_attention_tile_fwd", "sparse_attention_tile_bwd", "kl_loss_tile",
-                 "kl_loss_grads", "expert_mix", "expert_all", "row_linear"):
+                 "kl_loss_grads", "expert_mix", "expert_all", "row_linear", "sparse_decode_write"):
         assert hasattr(torch.ops.nanomsa, name), name
     op = torch.ops.nanomsa.sparse_attention_fwd.default
     importlib.reload(attention)                                                # importing again registers nothing
@@ -125,6 +130,7 @@ def opcheck_cases():
         "kl_loss_tile": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, None, True, [])),
         "kl_loss_tile_lse": (torch.ops.nanomsa.kl_loss_tile, (q, k, dqi, dki, bi, bs, tlse, True, [])),
         "sparse_decode": (torch.ops.nanomsa.sparse_decode, (*dcase, 8, K, None)),
+        "sparse_decode_write": (torch.ops.nanomsa.sparse_decode_write, (*decode_case(), 8, K, None, new_key())),
         "linear_cross_entropy": (torch.ops.nanomsa.linear_cross_entropy,
                                  (h.requires_grad_(), w.requires_grad_(), y, True, True, torch.float32)),
         "expert_mix": (torch.ops.nanomsa.expert_mix, (x, router, 2, w13, w2)),
@@ -192,10 +198,13 @@ def test_sparse_attention_kl(path):
 
 def eager_calls(q, k, v, qi, ki, bs, K, dout):
     """Every eager call the model makes, with the gradients of the differentiable ones: the MSA step (both functions
-    and sparse_attention_kl), sparse_decode, linear_cross_entropy, row_linear and expert_mix (both of its paths)."""
+    and sparse_attention_kl), sparse_decode (and with ki_new), linear_cross_entropy, row_linear and expert_mix (both of
+    its paths)."""
     D = q.shape[3]
     res = step_grads(msa_step, q, k, v, qi, ki, bs, K, dout) + step_grads(msa_step_apart, q, k, v, qi, ki, bs, K, dout)
     res.append(msa_triton.sparse_decode(*decode_case(), 8, K))
+    dcase = decode_case()
+    res += [msa_triton.sparse_decode(*dcase, 8, K, ki_new=new_key()), dcase[4]]            # and the cache it wrote
     h, w = grads((q.reshape(-1, D)[:30], k.reshape(-1, D)[:7]))
     ce = msa_triton.linear_cross_entropy(h, w, torch.arange(30, device=DEVICE) % 8 - 1)
     res += [ce.detach(), *torch.autograd.grad(ce, (h, w))]
@@ -216,7 +225,7 @@ def test_eager_calls_skip_the_dispatcher(path, monkeypatch):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ops = {op for mod in (attention, common, tile, index, decode, cross_entropy, experts, rows)
            for op in vars(mod).values() if isinstance(op, common._Op)}
-    assert len(ops) == 13                                 # every op of the package; a new one needs a call above
+    assert len(ops) == 14                                 # every op of the package; a new one needs a call above
     monkeypatch.setattr(common._Op, "__call__", lambda self, *args: self.op(*args))
     want = eager_calls(q, k, v, qi, ki, bs, K, dout)                           # through the custom ops
     monkeypatch.undo()
@@ -264,6 +273,8 @@ def test_compile_each_function_without_graph_break(path):
         "kl_loss": (lambda q, k, qi, ki, bi: msa_triton.kl_loss(q, k, qi, ki, bi, bs), (q, k, qi, ki, bi)),
         "sparse_attention_kl": (lambda *a: msa_triton.sparse_attention_kl(*a, bs), (q, k, v, qi, ki, bi)),
         "sparse_decode": (lambda *a: msa_triton.sparse_decode(*a, 8, K), decode_case()),
+        "sparse_decode_write": (lambda *a: msa_triton.sparse_decode(*a[:-1], 8, K, ki_new=a[-1]),
+                                (*decode_case(), new_key())),
         "linear_cross_entropy": (lambda h, w, y: msa_triton.linear_cross_entropy(h, w, y),
                                  (q.reshape(-1, D)[:30], k.reshape(-1, D)[:7], torch.arange(30, device=DEVICE) % 8 - 1)),
     }
@@ -453,6 +464,8 @@ def test_no_host_sync(gpu_checks_default, path):
         xi = grads((qi, ki))
         torch.autograd.grad(msa_triton.kl_loss(q, k, *xi, msa_triton.index_topk(qi, ki, bs, K), bs), xi)  # no lse
         msa_triton.sparse_decode(*dcase, bs, K)
+        ki8, ks = msa_ref.fp8_quantize(dcase[4])                              # an fp8 cache, the new key written
+        msa_triton.sparse_decode(*dcase[:4], ki8, dcase[5], bs, K, ki_scale=ks, ki_new=dcase[4][:, 0])
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = msa_triton.linear_cross_entropy(h, w, y)
         torch.autograd.grad(loss, (h, w))
