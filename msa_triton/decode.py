@@ -47,7 +47,7 @@ from .common import (INT64_MIN, LOG2E, _cdiv, _checking, _fp8_rows, _fp8_scale, 
 @triton.jit
 def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr, kn_ptr,
                   s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch, s_knb,
-                  Tmax, sqrt_di, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
+                  Tmax, scale_i, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
                   PREC: tl.constexpr, FP8: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
     _pdl_wait(PDL)
@@ -81,14 +81,14 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr, kn_ptr,
         seen = (t < BS) & (tok < local * BS)                                             # (BS_P,)
         ki = tl.load(ki_ptr + b * s_kib + tok[:, None] * s_kit + d[None, :] * s_kid,
                      mask=seen[:, None] & (d[None, :] < DI), other=0.0)
-        # scores without fp8 qi's scale (a power of two: it changes no order, no tie); the max divided by sqrt(Di)
-        # as index_topk divides it, so that two maxima that round to one score tie here as they do there
+        # scores without fp8 qi's scale (a power of two: it changes no order, no tie); the max times 1 / sqrt(Di)
+        # as index_topk scales it, so that two maxima that round to one score tie here as they do there
         if FP8:                                              # times each key's scale, a power of two
             s = tl.dot(qi, tl.trans(ki)) * tl.load(ks_ptr + b * s_ksb + tok, mask=seen, other=0.0)[None, :]
         else:
             s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                           # (HKV_P, BS_P) fp32
         s = tl.where(t[None, :] < BS, s, float("-inf"))
-        tl.store(sc_ptr + b * s_scb + h * s_sch + blk, tl.max(s, axis=1) / sqrt_di,
+        tl.store(sc_ptr + b * s_scb + h * s_sch + blk, tl.max(s, axis=1) * scale_i,
                  mask=(h < HKV) & (h * 0 + blk < local))
 
 
@@ -270,7 +270,7 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None, ki_new=No
         qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
         kn_ptr=ki_new if write else S, **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"),
         s_ksb=ki_scale.stride(0) if fp8 else 0, s_scb=S.stride(0), s_sch=S.stride(1),
-        s_knb=ki_new.stride(0) if write else 0, Tmax=Tmax, sqrt_di=math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size,
+        s_knb=ki_new.stride(0) if write else 0, Tmax=Tmax, scale_i=1 / math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size,
         HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16), BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi),
         FP8=fp8, WRITE=write, num_warps=warps, **_pdl(qi))
     return S

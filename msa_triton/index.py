@@ -38,7 +38,7 @@ from .common import (INT64_MIN, LN2, LOG2E, LOG2E_K, _cdiv, _chunk_bounds, _chun
 # index_topk
 
 @triton.jit
-def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
+def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, scale_i,
                        s_qib, s_qih, s_qit, s_qid, s_kib, s_kit, s_kid, s_ob, s_oh, s_ot, s_ok,
                        BS: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
@@ -76,8 +76,8 @@ def _index_topk_kernel(qi_ptr, ki_ptr, ks_ptr, out_ptr, T, Hkv, sqrt_di,
             if BS % BLOCK_N != 0:
                 s = tl.where(kmask[None, :], s, float("-inf"))
             m = tl.maximum(m, tl.max(s, axis=1))
-        # the scale goes on after the max (x -> x / c is monotone), divided as msa_ref divides
-        key = _sortable_key(m / sqrt_di, blk)                                  # (BLOCK_Q,) ties -> lower block
+        # the scale goes on after the max (x -> x c is monotone), one rounded product as in msa_ref.block_scores
+        key = _sortable_key(m * scale_i, blk)                                  # (BLOCK_Q,) ties -> lower block
         key = tl.where(blk < local, key, INT64_MIN)                            # only earlier blocks compete
         hit = (top == thr[:, None]) & (key > thr)[:, None]                     # replace the row minimum
         top = tl.where(hit, key[:, None], top)
@@ -119,7 +119,7 @@ def _index_topk_op(qi: torch.Tensor, ki: torch.Tensor, block_size: int, topk: in
     block_n = min(_pow2(block_size), 128 if on_gpu else 32)
     grid = (B * Hkv, _cdiv(T, block_q))
     _index_topk_kernel[grid](
-        qi_ptr=qi, ki_ptr=ki, ks_ptr=ks, out_ptr=out, T=T, Hkv=Hkv, sqrt_di=math.sqrt(Di),
+        qi_ptr=qi, ki_ptr=ki, ks_ptr=ks, out_ptr=out, T=T, Hkv=Hkv, scale_i=1 / math.sqrt(Di),
         **_strides("qi", qi), **_strides("ki", ki, "btd"), **_strides("o", out, "bhtk"),
         BS=block_size, K=topk, K_P=_pow2(topk, 2), DI=Di, DI_P=_pow2(Di), BLOCK_Q=block_q, BLOCK_N=block_n,
         NCHUNK=_cdiv(block_size, block_n), PREC=_prec(qi, ki), FP8=fp8,

@@ -4,6 +4,7 @@ index_topk gives the new token's position, and its output must equal that positi
 sparse_attention (and msa_ref.sparse_decode). On CI this runs in the Triton interpreter (fp32, tiny
 shapes); on a GPU the compiled kernels also run in bf16 at the M3 head shape and inside a CUDA graph.
 """
+import math
 import os
 
 import pytest
@@ -129,12 +130,13 @@ def test_non_contiguous_caches():
 
 
 def test_scores_that_round_together_tie():
-    """Two block maxima one float apart that are equal once divided by sqrt(Di), as msa_ref and index_topk divide
-    the scores: a tie, so the lower block wins in sparse_decode too (ranking undivided scores picks the other)."""
+    """Two block maxima one float apart that are equal once scaled by 1 / sqrt(Di), as msa_ref and index_topk scale
+    the scores: a tie, so the lower block wins in sparse_decode too (ranking unscaled scores picks the other)."""
     Di, bs, Tmax = 32, 16, 48
     x = torch.arange(1.0, 5.0, 1e-4)
     x_next = torch.nextafter(x, torch.tensor(float("inf")))
-    lo, hi = [v[(x / Di ** 0.5) == (x_next / Di ** 0.5)][0].item() for v in (x, x_next)]
+    c = 1 / math.sqrt(Di)
+    lo, hi = [v[(x * c) == (x_next * c)][0].item() for v in (x, x_next)]
     assert lo < hi
     qi = torch.zeros(1, 1, Di, device=DEVICE)
     qi[..., 0] = 1

@@ -46,8 +46,9 @@ def assert_close(got, ref, dtype, what):
     """Relative Frobenius error over the whole tensor: fp32 ~1e-6, bf16 / fp16 operands ~3e-3 (two roundings per
     product). Then row by row (the last dim; lse: each entry), so that a few wrong rows cannot hide in a large
     tensor's norm: a row's error relative to its own norm, or to a tenth of the rows' RMS norm where it is smaller
-    (lse entries: relative to |lse| + 1). A wrong row is off by ~1; a block counted twice moves lse by up to log 2."""
-    tol, row_tol = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 3e-2), torch.bfloat16: (1.5e-2, 1e-1)}[dtype]
+    (lse entries: relative to |lse| + 1). A wrong row is off by ~1; a block counted twice moves lse by up to log 2.
+    bf16's row bound is loose: its 8-bit mantissa leaves a gradient row near the floor up to ~0.2 off (dq on a GPU)."""
+    tol, row_tol = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 3e-2), torch.bfloat16: (1.5e-2, 3e-1)}[dtype]
     got, ref = got.double(), ref.double()
     fin = ref.isfinite()
     assert torch.equal(got.isfinite(), fin), f"{what}: -inf pattern differs"
