@@ -42,8 +42,7 @@ def block_scores(qi, ki, block_size, q_pos):
     Tk = ki.shape[1]
     nb = math.ceil(Tk / block_size)
     dt = torch.promote_types(qi.dtype, torch.float32)
-    # times 1 / sqrt(Di): one rounded product in every implementation (a division may not be: torch on CUDA
-    # multiplies by the reciprocal, Triton's `/` is approximate), so two scores that tie here tie in the kernels
+    # times 1 / sqrt(Di), one product rounded alike everywhere (GPU divisions are not), so ties agree with the kernels
     s = qi.to(dt) @ ki.to(dt).unsqueeze(1).transpose(-1, -2) * (1 / math.sqrt(Di))  # (B, Hkv, Tq, Tk)
     s = s.masked_fill(~_visible(q_pos, Tk), float("-inf"))                    # no peeking at the future
     s = F.pad(s, (0, nb * block_size - Tk), value=float("-inf"))              # (B, Hkv, Tq, nb*bs)
