@@ -309,7 +309,10 @@ def _merge(o_part, lse_part, like):
 
 
 def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale=None, ki_new=None):
-    """The three launches: out (B, Hq, D) and the selection block_idx (B, Hkv, K) int32 (for tests)."""
+    """The three launches: out (B, Hq, D) and the selection block_idx (B, Hkv, K) int32 (for tests). cache_lens'
+    values are checked in the checking mode only (a host sync)."""
+    if _checking(cache_lens):
+        check_cache_lens(cache_lens, k_cache.shape[2])
     cache_lens = cache_lens.contiguous()                                  # the kernels read them as (B,), (B, Tmax)
     if ki_scale is not None and ki_new is None:                           # (written in place: checked contiguous)
         ki_scale = ki_scale.contiguous()
@@ -346,8 +349,6 @@ def sparse_decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, top
 @_op("sparse_decode")
 def _decode_op(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ki_cache: torch.Tensor,
                cache_lens: torch.Tensor, block_size: int, topk: int, ki_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    if _checking(cache_lens):
-        check_cache_lens(cache_lens, k_cache.shape[2])
     return _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_scale)[0]  # (B, Hq, D)
 
 
@@ -361,8 +362,6 @@ def _decode_write_op(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor, v
                      ki_cache: torch.Tensor, cache_lens: torch.Tensor, block_size: int, topk: int,
                      ki_scale: Optional[torch.Tensor], ki_new: torch.Tensor) -> torch.Tensor:
     # sparse_decode with ki_new, written into ki_cache (an fp8 cache's bytes, uint8) and ki_scale
-    if _checking(cache_lens):
-        check_cache_lens(cache_lens, k_cache.shape[2])
     keys = ki_cache.view(torch.float8_e4m3fn) if ki_scale is not None else ki_cache
     return _decode(q, qi, k_cache, v_cache, keys, cache_lens, block_size, topk, ki_scale, ki_new)[0]  # (B, Hq, D)
 
