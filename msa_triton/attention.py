@@ -25,10 +25,10 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx
-from .common import (LN2_K, LOG2E, LOG2E_K, _cdiv, _check_attention, _checking, _chunk_bounds, _chunks,
-                     _combine_kernel, _combine_unroll, _fixup_kernel, _keys, _load_rows, _op, _pow2, _prec, _seg_len,
-                     _segment, _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale, _split_segments,
-                     _strides, _token_major)
+from .common import (LN2_K, LOG2E, LOG2E_K, _attention_autograd, _cdiv, _check_attention, _checking, _chunk_bounds,
+                     _chunks, _combine_kernel, _combine_unroll, _fixup_kernel, _keys, _load_rows, _op, _pow2, _prec,
+                     _seg_len, _segment, _segments, _slot_tile, _slots, _softmax_finish, _softmax_rescale,
+                     _split_segments, _strides, _token_major)
 
 # Entries per program: a block chosen by many tokens (block 0, a sink) is split over programs, so that no
 # program walks all of T while the rest of the launch waits. The backward's segments are longer because
@@ -402,23 +402,7 @@ def _(q, k, v, out, lse, dout, dlse, lists, block_size):
     return tuple(_token_major(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
-def _fwd_setup(ctx, inputs, output):
-    q, k, v, _, block_size = inputs
-    ctx.set_materialize_grads(False)                                           # the unused outputs' gradients stay None
-    out, lse, lists = output
-    ctx.save_for_backward(q, k, v, out, lse, *lists)
-    ctx.block_size = block_size
-
-
-def _fwd_grad(ctx, dout, dlse, dlists):
-    q, k, v, out, lse, *lists = ctx.saved_tensors
-    if dout is None:                                                           # only lse was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, lists, ctx.block_size)
-    return dq, dk, dv, None, None
-
-
-_fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
+_attention_autograd(_fwd_op, _bwd_op, lambda block_idx, lists: lists)
 
 
 def sparse_attention(q, k, v, block_idx, block_size, with_lists=False):

@@ -144,6 +144,28 @@ class _Op:
         return self.eager(*args)
 
 
+def _attention_autograd(fwd_op, bwd_op, saved):
+    """Make bwd_op the backward of fwd_op, as both attention paths need. fwd_op(q, k, v, block_idx, *consts) returns
+    (out, lse, aux); saved(block_idx, aux) lists the tensors the backward needs besides q, k, v, out and lse (the
+    KV-outer path's work lists, the tile path's block_idx and reads table); bwd_op(q, k, v, out, lse, dout, dlse,
+    that list, *consts) returns dq, dk, dv. Either of out and lse may be used alone."""
+    def setup(ctx, inputs, output):
+        q, k, v, block_idx, *consts = inputs
+        out, lse, aux = output
+        ctx.set_materialize_grads(False)                                       # the unused outputs' gradients stay None
+        ctx.save_for_backward(q, k, v, out, lse, *saved(block_idx, aux))
+        ctx.consts = consts
+
+    def backward(ctx, dout, dlse, _daux):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        if dout is None:                                                       # only lse was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(q, k, v, out, lse, dout, dlse, tensors, *ctx.consts)
+        return (dq, dk, dv, None) + (None,) * len(ctx.consts)
+
+    fwd_op.register_autograd(backward, setup_context=setup)
+
+
 # ---------------------------------------------------------------------------------------------
 # programmatic dependent launch (PDL, compute capability 9 and newer): a kernel launched with it starts while the
 # kernel before it in the stream is still running, and waits (gdc_wait) before it reads anything that kernel wrote.

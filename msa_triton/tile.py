@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from msa_checks import check_block_idx
-from .common import (LN2, LN2_K, LOG2E, LOG2E_K, _cdiv, _check_attention, _checking, _ikeys, _keys, _kl_call,
-                     _kl_custom_op, _load_rows, _op, _pow2, _prec, _softmax_finish, _softmax_rescale, _strides,
-                     _token_major)
+from .common import (LN2, LN2_K, LOG2E, LOG2E_K, _attention_autograd, _cdiv, _check_attention, _checking, _ikeys,
+                     _keys, _kl_call, _kl_custom_op, _load_rows, _op, _pow2, _prec, _softmax_finish, _softmax_rescale,
+                     _strides, _token_major)
 
 FORCE = None          # None: use_tile decides; 'tile' or 'kv': that path for every call (measurement)
 ROWS = 64             # rows (tokens x G_P heads) of an attention tile: TT = ROWS // G_P tokens (>= 16: tl.dot)
@@ -331,33 +331,18 @@ def _(q, k, v, block_idx, block_size, rows):
 
 @_op("sparse_attention_tile_bwd")
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-            dlse: Optional[torch.Tensor], block_idx: torch.Tensor, reads: torch.Tensor, block_size: int,
+            dlse: Optional[torch.Tensor], saved: list[torch.Tensor], block_size: int,
             rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    block_idx, reads = saved
     return _backward(q, k, v, out, lse, dout, block_idx, reads, block_size, rows, dlse)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, block_idx, reads, block_size, rows):
+def _(q, k, v, out, lse, dout, dlse, saved, block_size, rows):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fwd_setup(ctx, inputs, output):
-    q, k, v, block_idx, block_size, rows = inputs
-    ctx.set_materialize_grads(False)                                           # the unused outputs' gradients stay None
-    out, lse, reads = output
-    ctx.save_for_backward(q, k, v, out, lse, block_idx, reads)
-    ctx.block_size, ctx.rows = block_size, rows
-
-
-def _fwd_grad(ctx, dout, dlse, dreads):
-    q, k, v, out, lse, block_idx, reads = ctx.saved_tensors
-    if dout is None:                                                           # only lse was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, block_idx, reads, ctx.block_size, ctx.rows)
-    return dq, dk, dv, None, None, None
-
-
-_fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
+_attention_autograd(_fwd_op, _bwd_op, lambda block_idx, reads: [block_idx, reads])
 
 
 def sparse_attention_tile(q, k, v, block_idx, block_size):
