@@ -700,8 +700,8 @@ def bench_small(args):
 
 def bench_model(args):
     """Three parts (--model_parts):
-    train: training forward + backward of one micro-batch of config/train_gpu.py (32 x 1024 random tokens, bf16
-      autocast, median of 10 steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of
+    train: training forward + backward of one micro-batch of config/train_gpu.py (32 x 1024 random tokens, or
+      --train_batch rows of 1024; bf16 autocast, median of 10 steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of
       --compile_modes (compile time apart): tokens/s and MFU against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
     moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its two
       F.grouped_mm alone.
@@ -727,7 +727,7 @@ def bench_model(args):
     if peak is None:
         print(f"MFU: unknown peak for {gpu}")
     conf = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_gpu.py"))
-    B, T = conf["batch_size"], conf["seq_len"]
+    B, T = args.train_batch or conf["batch_size"], conf["seq_len"]                 # train's micro-batch
     bf16 = autocast("cuda")
 
     def build(attention, **over):
@@ -1021,6 +1021,7 @@ def main():
     p.add_argument("--no-ref", action="store_true", help="skip timing msa_ref")
     p.add_argument("--model_parts", nargs="+", default=["train", "moe", "gen"], choices=["train", "moe", "gen"],
                    help="model: which parts run (gen: generation only)")
+    p.add_argument("--train_batch", type=int, help="model train: rows of the micro-batch (default: the config's 32)")
     p.add_argument("--gen_rows", default="all", choices=["all", "bars"],
                    help="model gen: every row, or the bf16-weight sparse rows at B=1 and 8 and the 32K rows (the bars' rows)")
     p.add_argument("--compile_modes", nargs="+", default=["default", "reduce-overhead"],
@@ -1030,6 +1031,8 @@ def main():
                    help="small: every MSA call on this path (tile.FORCE; default: the rule, tile.use_tile)")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
+    if args.train_batch is not None and args.train_batch < 1:
+        p.error(f"--train_batch must be >= 1, got {args.train_batch}")
     if not torch.cuda.is_available() and args.what != ["launches"]:
         raise SystemExit("bench.py needs a CUDA GPU (but --what launches, which also runs on a CPU: TRITON_INTERPRET=1)")
     t0 = time.time()
