@@ -701,8 +701,9 @@ def bench_small(args):
 def bench_model(args):
     """Three parts (--model_parts):
     train: training forward + backward of one micro-batch of config/train_gpu.py (32 x 1024 random tokens, or
-      --train_batch rows of 1024; bf16 autocast, median of 10 steps after 3) for the dense and the MSA arm, eager and torch.compile'd in each of
-      --compile_modes (compile time apart): tokens/s and MFU against the GPU's peak (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
+      --train_batch rows of 1024; bf16 autocast, median of 10 steps after 3) for the dense and the MSA arm, eager
+      and torch.compile'd in each of --compile_modes (compile time apart): tokens/s and MFU against the GPU's peak
+      (model.gpu_peak_flops, FLOPs from GPT.flops_per_token).
     moe: the MoE layer alone (16K tokens, C=512, H=1024, E=8, top-2) forward + backward, moe_dispatch vs its two
       F.grouped_mm alone.
     gen: GPT.generate of the MSA arm, greedy, bf16 weights under bf16 autocast (and one pair with the fp32 weights
