@@ -126,9 +126,6 @@ def check_decode_inputs(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_siz
                                    and ki_new.dtype == qi.dtype and ki_new.device == q.device):
         raise ValueError(f"ki_new must be [B={B}, Di={Di}] in qi's dtype {qi.dtype} on {q.device}, got "
                          f"{getattr(ki_new, 'dtype', type(ki_new))} {tuple(getattr(ki_new, 'shape', ()))}")
-    if ki_new is not None and ki_scale is not None and ki_scale.stride(-1) != 1:  # it is written in place
-        raise ValueError(f"ki_scale must have a contiguous last dim to take ki_new's scale, got strides "
-                         f"{ki_scale.stride()}")
     if values:
         check_cache_lens(cache_lens, Tmax)
     return B, Hkv, Tmax

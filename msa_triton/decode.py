@@ -46,7 +46,7 @@ from .common import (INT64_MIN, LOG2E, _cdiv, _checking, _fp8_rows, _fp8_scale, 
 
 @triton.jit
 def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr, kn_ptr,
-                  s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_scb, s_sch, s_knb,
+                  s_qib, s_qih, s_qid, s_kib, s_kit, s_kid, s_ksb, s_kst, s_scb, s_sch, s_knb, s_knd,
                   Tmax, scale_i, HKV: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
                   HKV_P: tl.constexpr, DI_P: tl.constexpr, BS_P: tl.constexpr, BLOCKS: tl.constexpr,
                   PREC: tl.constexpr, FP8: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
@@ -63,12 +63,13 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr, kn_ptr,
     t = tl.arange(0, BS_P)
     if WRITE:                # the new token's index key, into the cache at n - 1 (the local block: no program reads it)
         if tl.program_id(0) == 0:
-            kn = tl.load(kn_ptr + b * s_knb + d[None, :], mask=d[None, :] < DI, other=0.0).to(tl.float32)  # (1, DI_P)
+            kn = tl.load(kn_ptr + b * s_knb + d[None, :] * s_knd, mask=d[None, :] < DI,
+                         other=0.0).to(tl.float32)                                                # (1, DI_P)
             at = ki_ptr + b * s_kib + (n - 1) * s_kit + d[None, :] * s_kid
             if FP8:          # e4m3 and a power-of-two scale, msa_ref.fp8_quantize's
                 tl.store(at, _fp8_rows(kn), mask=d[None, :] < DI)
                 one = tl.arange(0, 1)
-                tl.store(ks_ptr + b * s_ksb + (n - 1) + one, _fp8_scale(kn))
+                tl.store(ks_ptr + b * s_ksb + (n - 1) * s_kst + one, _fp8_scale(kn))
             else:
                 tl.store(at, kn.to(ki_ptr.dtype.element_ty), mask=d[None, :] < DI)
     qi = tl.load(qi_ptr + b * s_qib + h[:, None] * s_qih + d[None, :] * s_qid,
@@ -84,7 +85,7 @@ def _score_kernel(qi_ptr, ki_ptr, ks_ptr, lens_ptr, sc_ptr, kn_ptr,
         # scores without fp8 qi's scale (a power of two: it changes no order, no tie); the max times 1 / sqrt(Di)
         # as index_topk scales it, so that two maxima that round to one score tie here as they do there
         if FP8:                                              # times each key's scale, a power of two
-            s = tl.dot(qi, tl.trans(ki)) * tl.load(ks_ptr + b * s_ksb + tok, mask=seen, other=0.0)[None, :]
+            s = tl.dot(qi, tl.trans(ki)) * tl.load(ks_ptr + b * s_ksb + tok * s_kst, mask=seen, other=0.0)[None, :]
         else:
             s = tl.dot(qi, tl.trans(ki), input_precision=PREC)                           # (HKV_P, BS_P) fp32
         s = tl.where(t[None, :] < BS, s, float("-inf"))
@@ -266,11 +267,13 @@ def _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale=None, ki_new=No
     fp8 = ki_scale is not None
     blocks, warps = _score_config(fp8)
     write = ki_new is not None
+    ks = ki_scale if fp8 else S[:, 0]                     # (B, Tmax), any strides; else a stand-in never read
+    kn = ki_new if write else S[:, 0]                       # (B, Di), likewise
     _score_kernel[(_cdiv(nb, blocks), B)](
-        qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ki_scale if fp8 else S, lens_ptr=cache_lens, sc_ptr=S,
-        kn_ptr=ki_new if write else S, **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"),
-        s_ksb=ki_scale.stride(0) if fp8 else 0, s_scb=S.stride(0), s_sch=S.stride(1),
-        s_knb=ki_new.stride(0) if write else 0, Tmax=Tmax, scale_i=1 / math.sqrt(Di), HKV=Hkv, DI=Di, BS=block_size,
+        qi_ptr=qi, ki_ptr=ki_cache, ks_ptr=ks, lens_ptr=cache_lens, sc_ptr=S, kn_ptr=kn,
+        **_strides("qi", qi, "bhd"), **_strides("ki", ki_cache, "btd"), **_strides("ks", ks, "bt"),
+        s_scb=S.stride(0), s_sch=S.stride(1), **_strides("kn", kn, "bd"), Tmax=Tmax, scale_i=1 / math.sqrt(Di),
+        HKV=Hkv, DI=Di, BS=block_size,
         HKV_P=_pow2(Hkv), DI_P=_pow2(Di, 32 if fp8 else 16), BS_P=_pow2(block_size), BLOCKS=blocks, PREC=_prec(qi),
         FP8=fp8, WRITE=write, num_warps=warps, **_pdl(qi))
     return S
@@ -313,9 +316,7 @@ def _decode(q, qi, k_cache, v_cache, ki_cache, cache_lens, block_size, topk, ki_
     values are checked in the checking mode only (a host sync)."""
     if _checking(cache_lens):
         check_cache_lens(cache_lens, k_cache.shape[2])
-    cache_lens = cache_lens.contiguous()                                  # the kernels read them as (B,), (B, Tmax)
-    if ki_scale is not None and ki_new is None:                           # (written in place: checked contiguous)
-        ki_scale = ki_scale.contiguous()
+    cache_lens = cache_lens.contiguous()                                  # the kernels read them as (B,)
     S = _block_scores(qi, ki_cache, cache_lens, block_size, ki_scale, ki_new)           # (B, Hkv, nb)
     o_part, lse_part, block_idx = _partials(q, k_cache, v_cache, cache_lens, S, block_size, topk)
     return _merge(o_part, lse_part, q), block_idx

@@ -285,6 +285,36 @@ def test_fp8_new_index_key_written_by_the_call(Tmax, bs, lens):
     assert torch.equal(held[rows, at], ki8.view(torch.uint8)[rows, at]) and torch.equal(stale_s[rows, at], ks[rows, at])
 
 
+def test_strided_new_index_key():
+    # ki_new read through its strides (here every other element of a wider row)
+    B, Hq, Hkv, Tmax, D, Di, bs, K, lens = CASES[0]
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(B, Hq, Hkv, Tmax, D, Di, lens)
+    want = dec.sparse_decode(q, qi, k, v, ki, cache_lens, bs, K)
+    stale, new = written_elsewhere(ki, cache_lens)
+    new_s = torch.stack([new, -new], dim=-1)[..., 0]          # (B, Di), stride 2 along Di
+    assert new_s.stride() == (2 * Di, 2)
+    out = dec.sparse_decode(q, qi, k, v, stale, cache_lens, bs, K, ki_new=new_s)
+    assert torch.equal(stale, ki) and rel_err(out, want) < 1e-6
+
+
+@requires_cuda
+def test_fp8_scale_read_and_written_through_its_strides():
+    # an fp8 cache whose ki_scale is a strided view (every other element of a wider tensor): read as it is, and the
+    # new key's scale written into it in place, both as with a contiguous ki_scale
+    B, K, bs, lens = 3, 4, 64, [4096, 1000, 129]
+    q, qi, k, v, ki, cache_lens, _, _ = make_case(B, 8, 2, 4096, 64, 64, lens, dtype=torch.bfloat16, seed=4)
+    ki8, ks = msa_ref.fp8_quantize(ki)
+    want = dec.sparse_decode(q, qi, k, v, ki8, cache_lens, bs, K, ki_scale=ks)
+    wide = torch.stack([ks, -ks], dim=-1)                    # (B, Tmax, 2)
+    assert torch.equal(dec.sparse_decode(q, qi, k, v, ki8, cache_lens, bs, K, ki_scale=wide[..., 0]), want)
+    stale, new = written_elsewhere(ki, cache_lens)
+    held, stale_s = msa_ref.fp8_quantize(stale)
+    wide = torch.stack([stale_s, -stale_s], dim=-1)
+    out = dec.sparse_decode(q, qi, k, v, held, cache_lens, bs, K, ki_scale=wide[..., 0], ki_new=new)
+    assert torch.equal(out, want) and torch.equal(wide[..., 0], ks) and torch.equal(wide[..., 1], -stale_s)
+    assert torch.equal(held.view(torch.uint8), ki8.view(torch.uint8))
+
+
 @requires_cuda
 def test_cuda_graph_replay_follows_new_lengths():
     # captured once, replayed after the lengths and the query change in place: no host sync inside
