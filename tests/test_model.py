@@ -195,6 +195,26 @@ def test_rope_rotates_dim_pairs():
     torch.testing.assert_close(half.float(), rope(x.bfloat16().float(), table), rtol=1e-2, atol=1e-2)
 
 
+def test_rope_table_exact_at_long_positions():
+    """rope_table is the float64 rotation rounded once to float32, also where a float32 angle would be far off
+    (position 40,000: its float32 angle is off by up to 2e-3 radians)."""
+    pos = torch.tensor([0, 1, 32767, 32768, 40000, 131071])
+    angle = pos[:, None].double() * 10000.0 ** (-torch.arange(32, dtype=torch.float64) / 32)  # (T, d/2)
+    cos, sin = rope_table(pos, 64, 10000.0)
+    assert torch.equal(cos, torch.cat([angle.cos(), angle.cos()], -1).float())
+    assert torch.equal(sin, torch.cat([-angle.sin(), angle.sin()], -1).float())
+
+
+@requires_cuda
+def test_rope_table_compiled_as_eager():
+    """On a GPU the table torch.compile builds equals the eager one bit for bit at positions up to 128K, for the
+    head and the index widths: a compiled decode step writes the keys the eager step writes."""
+    pos = torch.arange(0, 131072, 3, device="cuda")
+    compiled = torch.compile(rope_table, fullgraph=True, dynamic=False)
+    for d in (64, 128):
+        assert all(torch.equal(a, b) for a, b in zip(compiled(pos, d, 10000.0), rope_table(pos, d, 10000.0)))
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_dispatch_on_gpu(dtype):
