@@ -208,7 +208,7 @@ def test_rope_table_exact_at_long_positions():
 @requires_cuda
 def test_rope_table_compiled_as_eager():
     """On a GPU the table torch.compile builds equals the eager one bit for bit at positions up to 128K, for the
-    head and the index widths: a compiled decode step writes the keys the eager step writes."""
+    widths 64 and 128: a compiled decode step writes the keys the eager step writes."""
     pos = torch.arange(0, 131072, 3, device="cuda")
     compiled = torch.compile(rope_table, fullgraph=True, dynamic=False)
     for d in (64, 128):
