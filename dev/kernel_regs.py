@@ -19,30 +19,8 @@ import tempfile
 import torch
 import triton
 import triton.compiler
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
 
-
-class StandInDriver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-
-class NoLaunch:
-    """What the compile hook returns after building the real kernel: a kernel whose launch does nothing."""
-    function = packed_metadata = None
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, *args):
-        return None
+import stand_in
 
 
 class CudaLike(torch.Tensor):
@@ -56,9 +34,9 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 compile_for_real, found = triton.compiler.compile, {}
 
 
-def compile_and_read(src, target=None, options=None, _env_vars=None):
-    """Triton's compile, then the cubin's resource usage into found[kernel name] (one line per kernel and
-    configuration); the launch that follows does nothing."""
+def read_usage(src, target, options):
+    """Triton's compile of one kernel, then its cubin's resource usage into found[kernel name] (one entry per
+    configuration)."""
     kernel = compile_for_real(src, target=target, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -69,11 +47,9 @@ def compile_and_read(src, target=None, options=None, _env_vars=None):
     by_regs = 65536 // (max(regs, 1) * 32 * warps)
     by_shared = 232448 // shared if shared else 99
     found.setdefault(src.fn.__name__, set()).add((regs, stack, shared, warps, by_regs, min(by_shared, 32)))
-    return NoLaunch()
 
 
-driver.set_active(StandInDriver())
-triton.compiler.compile = compile_and_read
+stand_in.install(read_usage)
 sys.path.insert(0, os.getcwd())
 import msa_triton                                                              # noqa: E402 (after the stand-ins)
 from msa_triton import common, tile                                           # noqa: E402
