@@ -108,11 +108,8 @@ class GPTConfig:
 def rope_table(pos, d, theta):
     """The rotation of positions pos (T,) for rope(): cos, sin (T, d) float32, where position t turns dims i and
     i + d/2 together by the angle t * theta^(-i / (d/2)); sin holds -sin on the first half, +sin on the second.
-    GPT.forward builds it once for every layer (rope_tables), not 4 times a layer.
-    The angles and their cos and sin are float64, rounded to float32 once at the end. A float32 angle at position
-    32K is off by up to 2e-3 radians, and the float32 sin / cos of such an angle differ between PyTorch's kernels
-    and the ones torch.compile generates; in float64 both give the same float32 table, so a compiled decode step
-    writes the same keys as the eager one at any position."""
+    GPT.forward builds it once for every layer (rope_tables), not 4 times a layer. Computed in float64, rounded once:
+    float32 angles are off by ~2e-3 at position 32K, and compiled and eager float32 sin / cos differ there."""
     freqs = theta ** (-torch.arange(d // 2, device=pos.device, dtype=torch.float64) / (d // 2))  # (d/2,)
     angle = pos.to(torch.float64)[:, None] * freqs                                              # (T, d/2)
     cos, sin = angle.cos().float(), angle.sin().float()
