@@ -108,17 +108,25 @@ class GPTConfig:
 def rope_table(pos, d, theta):
     """The rotation of positions pos (T,) for rope(): cos, sin (T, d) float32, where position t turns dims i and
     i + d/2 together by the angle t * theta^(-i / (d/2)); sin holds -sin on the first half, +sin on the second.
-    GPT.forward builds it once for every layer (rope_tables), not 4 times a layer. Computed in float64, rounded once:
-    float32 angles are off by ~2e-3 at position 32K, and compiled and eager float32 sin / cos differ there."""
+    GPT keeps its rows for every layer to read (GPT.rope_reach). Computed in float64, rounded once: float32 angles
+    are off by ~2e-3 at position 32K, and compiled and eager float32 sin / cos differ there."""
     freqs = theta ** (-torch.arange(d // 2, device=pos.device, dtype=torch.float64) / (d // 2))  # (d/2,)
     angle = pos.to(torch.float64)[:, None] * freqs                                              # (T, d/2)
     cos, sin = angle.cos().float(), angle.sin().float()
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)                        # (T, d) each
 
 
+def rope_widths(cfg):
+    """The widths RoPE rotates: the head dim and index_dim (one width when they are equal)."""
+    return sorted({cfg.n_embd // cfg.n_head, cfg.index_dim})
+
+
 def rope_tables(pos, cfg):
-    """rope_table of pos for both rotated widths, the head dim and index_dim: {d: (cos, sin)}."""
-    return {d: rope_table(pos, d, cfg.rope_theta) for d in sorted({cfg.n_embd // cfg.n_head, cfg.index_dim})}
+    """rope_table of pos for every rotated width: {d: (cos, sin)}."""
+    return {d: rope_table(pos, d, cfg.rope_theta) for d in rope_widths(cfg)}
+
+
+ROPE_REACH = 8192  # positions a new model's RoPE tables cover (GPT.rope_reach extends them)
 
 
 def rope(x, table):
@@ -339,6 +347,20 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.patch_proj.bias)
         self.decoder = None  # generate's caches and compiled, graphed step, kept for its next call
+        self.rope_n = 0      # positions the RoPE tables cover
+        self.rope_reach(ROPE_REACH)
+
+    def rope_reach(self, n):
+        """Make the RoPE tables cover positions 0 .. n - 1. GPT.forward reads its rows of them: computed inside a
+        compiled step instead, the float64 angles would be recomputed in every kernel that rotates (up to 5% of a
+        training step). Buffers rope_{d} (2, n, d): cos and sin as the int32 bits of float32, so that
+        model.to(torch.bfloat16) leaves them exact; not saved in checkpoints (they follow from cfg)."""
+        if n <= self.rope_n:
+            return
+        pos = torch.arange(n, device=self.wte.weight.device)
+        for d, (cos, sin) in rope_tables(pos, self.cfg).items():
+            self.register_buffer(f"rope_{d}", torch.stack([cos, sin]).view(torch.int32), persistent=False)
+        self.rope_n = n
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -378,7 +400,13 @@ class GPT(nn.Module):
                              f"pos0={pos0}; continue a cache one token a call")
         h = self.embed(x, patches, decoding=cache is not None and T == 1)   # (B, T, C)
         pos = pos0 + torch.arange(T, device=x.device)                        # (T,); pos0 an int or a (1,) device tensor
-        rot = rope_tables(pos, self.cfg)                                     # once for every layer
+        end = pos0 + T if isinstance(pos0, int) else cache[0].max_len       # positions stay below it (host-known)
+        if end > self.rope_n and not torch.compiler.is_compiling():         # a compiled step cannot grow buffers:
+            self.rope_reach(max(end, 2 * self.rope_n))                       # it computes its rows (below) instead
+        if end <= self.rope_n:                                               # the tables' rows, once for every layer
+            rot = {d: tuple(getattr(self, f"rope_{d}")[:, pos].view(torch.float32)) for d in rope_widths(self.cfg)}
+        else:
+            rot = rope_tables(pos, self.cfg)
         kl_support = None if y is None else ("dense" if kl_dense else "sparse")
         kls, balances, loads = [], [], []                                    # balances, loads: with y only
         for i, block in enumerate(self.blocks):
@@ -491,6 +519,7 @@ class GPT(nn.Module):
             raise ValueError(f"expected a prompt idx (B, T0 >= 1) and max_new_tokens >= 0, got idx of shape "
                              f"{tuple(idx.shape)} and max_new_tokens={max_new_tokens}")
         B, T0 = idx.shape
+        self.rope_reach(T0 + max_new_tokens)                                 # before the step is compiled
         if max_new_tokens == 0:                                              # the prefill alone, in its own cache
             self(idx, patches=patches, cache=self.new_cache(T0, decode))
             return idx.clone()

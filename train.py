@@ -234,9 +234,10 @@ elif compile:
         say("compile: mode 'default' (CUDA graphs run in one process, not under DDP)")
     # training's forward and backward (evaluation and generation use raw_model); static shapes: the short-row
     # stages and the rows of seq_len compile once each, instead of one graph generalised over every length
+    raw_model.rope_reach(seq_len)  # the RoPE tables' rows are read, not computed, in the compiled step
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
-if ddp:
-    model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
+if ddp:  # the only buffers, the RoPE tables, are equal on every rank: nothing to broadcast each step
+    model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in device else None, broadcast_buffers=False)
 
 
 def fold_grads(sums, last):

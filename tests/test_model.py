@@ -9,6 +9,7 @@ import decoding
 import msa_ref
 from conftest import requires_cuda
 from decoding import KVCache
+import model as model_module
 from model import GPT, GPTConfig, get_backend, gpu_peak_flops, rope, rope_table
 from moe import GatherRows, grouped_mm, moe_all_experts, moe_dispatch, swiglu, top_k
 
@@ -203,6 +204,31 @@ def test_rope_table_exact_at_long_positions():
     cos, sin = rope_table(pos, 64, 10000.0)
     assert torch.equal(cos, torch.cat([angle.cos(), angle.cos()], -1).float())
     assert torch.equal(sin, torch.cat([-angle.sin(), angle.sin()], -1).float())
+
+
+def test_rope_rows_read_from_tables_that_casts_leave_exact():
+    """GPT keeps rope_table's rows for positions 0 .. rope_n - 1 as buffers of their int32 bits: equal to rope_table's
+    float32 tables after a bf16 cast of the model, and not in the state dict (checkpoints do not change)."""
+    model = tiny().to(torch.bfloat16)
+    cos, sin = rope_table(torch.arange(model.rope_n), 8, model.cfg.rope_theta)
+    assert model.rope_n >= 8192 and torch.equal(model.rope_8[0].view(torch.float32), cos)
+    assert torch.equal(model.rope_8[1].view(torch.float32), sin)
+    assert not [k for k in model.state_dict() if "rope" in k]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rope_tables_grow_eagerly_and_compiled_steps_compute_past_them(compiled, monkeypatch):
+    """A forward past the tables' reach grows them when eager; a compiled forward cannot, and computes its rows
+    instead. Both give the logits of a model whose tables covered the positions from the start."""
+    x, y, patches = batch()                                                    # (B, 40)
+    want = tiny(attention="dense")(x, y, patches)[1]["lm"]
+    monkeypatch.setattr(model_module, "ROPE_REACH", 16)
+    short = tiny(attention="dense")
+    run = torch.compile(short, fullgraph=True, backend="eager") if compiled else short
+    assert short.rope_n == 16
+    got = run(x, y, patches)[1]["lm"]
+    assert short.rope_n == (16 if compiled else 40)
+    assert torch.equal(got, want)
 
 
 @requires_cuda
