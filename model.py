@@ -512,7 +512,8 @@ class GPT(nn.Module):
         If it fails, one line says why and the step runs eagerly.
         On CUDA the step is captured in a CUDA graph after one run and replayed: the host only draws the uniforms
         and launches the replay. The caches, the step and its graph stay in self.decoder for the next call with the
-        same shapes, settings and weight tensors, which only prefills and replays; self.decoder = None frees them."""
+        same shapes, settings, weight and RoPE-table tensors, which only prefills and replays; self.decoder = None
+        frees them."""
         if decode not in ("sparse", "dense"):
             raise ValueError(f"decode must be 'sparse' or 'dense', got {decode!r}")
         if not (idx.dim() == 2 and idx.shape[1] >= 1 and max_new_tokens >= 0):
@@ -527,7 +528,7 @@ class GPT(nn.Module):
         kind = idx.device.type
         key = (B, T0 + max_new_tokens, decode, temperature, top_k, backend, str(idx.device),
                torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind),
-               tuple((p.data_ptr(), p.dtype) for p in self.parameters()))
+               tuple((t.data_ptr(), t.dtype) for t in (*self.parameters(), *self.buffers())))  # the RoPE tables too
         st = self.decoder
         if st is None or st.key != key:
             self.decoder = None                                              # the old state's memory goes first

@@ -332,7 +332,7 @@ def test_generate_keeps_its_state_for_the_next_call(decode):
     """A second call of the same shape reuses the first one's caches and step (self.decoder) and gives a fresh
     state's tokens: another prompt; a shorter prompt of the same total length, whose cache still holds the first
     call's keys past it; sampling; weights changed in place since (the stacked decode weights follow). The first
-    call's tokens are not overwritten. Another shape, setting or weight dtype builds a new state."""
+    call's tokens are not overwritten. Another shape, setting, weight dtype or RoPE table builds a new state."""
     model = tiny().eval()
     x = batch()[0][:, :21].clamp(max=PATCH - 1)
     y = batch(seed=2)[0][:, :21].clamp(max=PATCH - 1)
@@ -364,6 +364,10 @@ def test_generate_keeps_its_state_for_the_next_call(decode):
     model.double()
     model.generate(y, 19, temperature=0.5, decode=decode)                    # other weights: a new state
     assert model.decoder is not st and model.decoder.cache[0].k.dtype == torch.float64
+    st = model.decoder
+    model.rope_reach(2 * model.rope_n)                                       # new RoPE tables: a new state
+    model.generate(y, 19, temperature=0.5, decode=decode)
+    assert model.decoder is not st
     assert model.generate(y, 0).shape == (2, 21) and model.decoder.key[1] == 40   # a prefill alone keeps the state
 
 
