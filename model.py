@@ -398,6 +398,8 @@ class GPT(nn.Module):
         if cache is not None and T > 1 and not (isinstance(pos0, int) and pos0 == 0):  # the prefill attends within x
             raise ValueError(f"a cached call of T > 1 tokens is a prefill and starts at pos0 = 0, got T={T}, "
                              f"pos0={pos0}; continue a cache one token a call")
+        if cache is None and not isinstance(pos0, int):
+            raise ValueError("pos0 as a tensor is a decode step's position and comes with a cache; got cache=None")
         h = self.embed(x, patches, decoding=cache is not None and T == 1)   # (B, T, C)
         pos = pos0 + torch.arange(T, device=x.device)                        # (T,); pos0 an int or a (1,) device tensor
         end = pos0 + T if isinstance(pos0, int) else cache[0].max_len       # positions stay below it (host-known)

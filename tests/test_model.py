@@ -596,7 +596,8 @@ def test_generate_greedy_equals_reforward():
 
 
 def test_cached_call_of_several_tokens_is_a_prefill():
-    """A cached call of T > 1 tokens attends within its tokens only: from pos0 > 0 it would leave the cache out."""
+    """A cached call of T > 1 tokens attends within its tokens only: from pos0 > 0 it would leave the cache out.
+    A position held in a tensor is a decode step's and needs its cache."""
     model = tiny().eval()
     x = batch()[0].clamp(max=PATCH - 1)                                      # text tokens only
     cache = model.new_cache(40, "sparse")
@@ -604,6 +605,8 @@ def test_cached_call_of_several_tokens_is_a_prefill():
         model(x[:, :8], cache=cache)
         with pytest.raises(ValueError, match="a cached call of T > 1 tokens is a prefill and starts at pos0 = 0"):
             model(x[:, 8:12], cache=cache, pos0=8)
+        with pytest.raises(ValueError, match="pos0 as a tensor is a decode step's position and comes with a cache"):
+            model(x[:, 8:9], pos0=torch.tensor([8]))
 
 
 def test_bad_config():
