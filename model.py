@@ -351,9 +351,10 @@ class GPT(nn.Module):
         self.rope_reach(ROPE_REACH)
 
     def rope_reach(self, n):
-        """Make the RoPE tables cover positions 0 .. n - 1. GPT.forward reads its rows of them: computed inside a
-        compiled step instead, the float64 angles would be recomputed in every kernel that rotates (up to 5% of a
-        training step). Buffers rope_{d} (2, n, d): cos and sin as the int32 bits of float32, so that
+        """Make the RoPE tables cover positions 0 .. n - 1 (train.py and generate call it before they compile).
+        GPT.forward reads its rows of them, and computes the rows of positions past them: inside a compiled step
+        that costs up to 5% of a training step, as the compiler recomputes the float64 angles in every kernel that
+        rotates. Buffers rope_{d} (2, n, d): cos and sin as the int32 bits of float32, so that
         model.to(torch.bfloat16) leaves them exact; not saved in checkpoints (they follow from cfg)."""
         if n <= self.rope_n:
             return
@@ -403,11 +404,9 @@ class GPT(nn.Module):
         h = self.embed(x, patches, decoding=cache is not None and T == 1)   # (B, T, C)
         pos = pos0 + torch.arange(T, device=x.device)                        # (T,); pos0 an int or a (1,) device tensor
         end = pos0 + T if isinstance(pos0, int) else cache[0].max_len       # positions stay below it (host-known)
-        if end > self.rope_n and not torch.compiler.is_compiling():         # a compiled step cannot grow buffers:
-            self.rope_reach(max(end, 2 * self.rope_n))                       # it computes its rows (below) instead
         if end <= self.rope_n:                                               # the tables' rows, once for every layer
             rot = {d: tuple(getattr(self, f"rope_{d}")[:, pos].view(torch.float32)) for d in rope_widths(self.cfg)}
-        else:
+        else:                                                                # past them: computed here (rope_reach)
             rot = rope_tables(pos, self.cfg)
         kl_support = None if y is None else ("dense" if kl_dense else "sparse")
         kls, balances, loads = [], [], []                                    # balances, loads: with y only
