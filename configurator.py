@@ -28,7 +28,9 @@ def _set(settings, key, value, where):
         if isinstance(old, float) and type(value) is int:
             value = float(value)  # --learning_rate=1 means 1.0
         if type(value) is not type(old):
-            _fail(f"{key} expects a {type(old).__name__} (default {old!r}), got {value!r} in {where}")
+            kind = type(old).__name__
+            kind = ("an " if kind[0] in "aeiou" else "a ") + kind                    # an int, a float
+            _fail(f"{key} expects {kind} (default {old!r}), got {value!r} in {where}")
     settings[key] = value
 
 

@@ -56,7 +56,7 @@ def test_bad_settings_end_in_one_line(out_dir, tmp_path):
     png_header(tmp_path / "big.png", 3000, 3000)
     cases = [(["--num_samples=0"], "--num_samples must be >= 1, got 0"),
              (["--top_k=-1"], "--top_k must be >= 0 (0: no cut), got -1"),
-             (["--top_k=None"], "top_k expects a int (default 200), got None"),
+             (["--top_k=None"], "top_k expects an int (default 200), got None"),
              (["--temperature=-1"], "--temperature must be >= 0 (0 is greedy), got -1"),
              ([f"--start=FILE:{tmp_path / 'missing.txt'}"],
               f"--start=FILE:{tmp_path / 'missing.txt'}: expected a readable UTF-8 text file, got FileNotFoundError"),

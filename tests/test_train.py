@@ -391,8 +391,8 @@ def test_configurator(tmp_path):
         dict(seq_len=128, lr=1.0, name="out-shapes", flag=False, top_k=5)
     assert configure(dict(settings), ["--seq_len=5", str(cfg)])["seq_len"] == 5     # the override wins, wherever it is
     assert configure(dict(settings, top_k=None), ["--top_k=None"])["top_k"] is None  # None where the default is None
-    for argv, msg in [(["--seq_len=abc"], "seq_len expects a int"), (["--lr"], "expected --key=value"),
-                      (["--seq_len=None"], "seq_len expects a int .*, got None"),
+    for argv, msg in [(["--seq_len=abc"], "seq_len expects an int"), (["--lr"], "expected --key=value"),
+                      (["--seq_len=None"], "seq_len expects an int .*, got None"),
                       (["missing.py"], "config file 'missing.py' not found"), (["--sequence=3"], "unknown key 'sequence'")]:
         with pytest.raises(SystemExit, match=msg):
             configure(dict(settings), argv)
