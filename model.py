@@ -352,10 +352,10 @@ class GPT(nn.Module):
 
     def rope_reach(self, n):
         """Make the RoPE tables cover positions 0 .. n - 1 (train.py and generate call it before they compile).
-        GPT.forward reads its rows of them, and computes the rows of positions past them: inside a compiled step
-        that costs up to 5% of a training step, as the compiler recomputes the float64 angles in every kernel that
-        rotates. Buffers rope_{d} (2, n, d): cos and sin as the int32 bits of float32, so that
-        model.to(torch.bfloat16) leaves them exact; not saved in checkpoints (they follow from cfg)."""
+        GPT.forward reads its rows of them, and computes the rows of positions past them, which inside a compiled
+        step recomputes the float64 angles in every kernel that rotates. Buffers rope_{d} (2, n, d): cos and sin as
+        the int32 bits of float32, so that model.to(torch.bfloat16) leaves them exact; not saved in checkpoints (they
+        follow from cfg)."""
         if n <= self.rope_n:
             return
         pos = torch.arange(n, device=self.wte.weight.device)
